@@ -1,0 +1,125 @@
+use serde::{Deserialize, Serialize};
+
+/// A machine-readable reason: why a participant voted no, why a transaction
+/// aborted, or why a request was refused.
+///
+/// It travels as a postcard variant index inside protocol messages and as a
+/// snake_case string in JSON. Append new codes at the end; never reorder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Code {
+    /// The user's balance minus holds does not cover the amount.
+    InsufficientFunds,
+    /// The product's stock minus reservations does not cover the quantity.
+    OutOfStock,
+    /// `amount` is not price × qty at the order service.
+    PriceMismatch,
+    UnknownUser,
+    UnknownSku,
+    /// A participant did not answer within the prepare timeout. The
+    /// participant may still have prepared; it will learn the abort.
+    Timeout,
+    /// Nobody serves the participant's subject (NATS "no responders").
+    Unavailable,
+    /// The transaction was already aborted at this participant (for example a
+    /// prepare arriving after the abort): a tombstone answers no.
+    AlreadyAborted,
+    /// The coordinator recorded abort because a participant asked for the
+    /// decision of a transaction that had none yet (presumed abort).
+    PresumedAbort,
+    /// The request is not valid JSON.
+    MalformedJson,
+    /// The request is JSON but a field is missing, mistyped or out of range.
+    InvalidRequest,
+    /// The request is larger than the service accepts.
+    PayloadTooLarge,
+    /// The object to create exists already.
+    AlreadyExists,
+    /// The service is at its limit of work in flight; retry later.
+    Busy,
+    /// A protocol message did not decode (wrong version, kind or bytes).
+    BadMessage,
+    /// The request is well formed but contradicts recorded state (a commit
+    /// for an aborted branch, an abort for a committed one).
+    Conflict,
+    /// The transaction id is not known here.
+    UnknownTx,
+    /// Something failed inside the service; the request changed nothing.
+    Internal,
+    /// The service is shutting down and takes no new work.
+    ShuttingDown,
+}
+
+impl Code {
+    /// The snake_case name, as in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::InsufficientFunds => "insufficient_funds",
+            Code::OutOfStock => "out_of_stock",
+            Code::PriceMismatch => "price_mismatch",
+            Code::UnknownUser => "unknown_user",
+            Code::UnknownSku => "unknown_sku",
+            Code::Timeout => "timeout",
+            Code::Unavailable => "unavailable",
+            Code::AlreadyAborted => "already_aborted",
+            Code::PresumedAbort => "presumed_abort",
+            Code::MalformedJson => "malformed_json",
+            Code::InvalidRequest => "invalid_request",
+            Code::PayloadTooLarge => "payload_too_large",
+            Code::AlreadyExists => "already_exists",
+            Code::Busy => "busy",
+            Code::BadMessage => "bad_message",
+            Code::Conflict => "conflict",
+            Code::UnknownTx => "unknown_tx",
+            Code::Internal => "internal",
+            Code::ShuttingDown => "shutting_down",
+        }
+    }
+
+    /// Parses the snake_case name (used when reading codes back from SQLite).
+    pub fn parse(s: &str) -> Option<Code> {
+        serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
+    }
+}
+
+impl std::fmt::Display for Code {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn as_str_matches_serde_and_parses_back() {
+        let all = [
+            Code::InsufficientFunds,
+            Code::OutOfStock,
+            Code::PriceMismatch,
+            Code::UnknownUser,
+            Code::UnknownSku,
+            Code::Timeout,
+            Code::Unavailable,
+            Code::AlreadyAborted,
+            Code::PresumedAbort,
+            Code::MalformedJson,
+            Code::InvalidRequest,
+            Code::PayloadTooLarge,
+            Code::AlreadyExists,
+            Code::Busy,
+            Code::BadMessage,
+            Code::Conflict,
+            Code::UnknownTx,
+            Code::Internal,
+            Code::ShuttingDown,
+        ];
+        for code in all {
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+            assert_eq!(Code::parse(code.as_str()), Some(code));
+        }
+        assert_eq!(Code::parse("nope"), None);
+    }
+}

@@ -1,0 +1,316 @@
+//! The internal coordinator ↔ participant protocol: postcard in an envelope.
+//!
+//! Envelope bytes: `version` (postcard varint u16), `kind` (one byte naming
+//! the message type), then the postcard body, and nothing after it. A
+//! receiver checks all three, so a message of another version, another type
+//! or with trailing garbage is rejected as [`DecodeError`] rather than
+//! misread.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::Code;
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Upper bound on any protocol message, in bytes. Larger payloads are
+/// rejected before decoding.
+pub const MAX_MESSAGE_BYTES: usize = 8 * 1024;
+
+/// A transaction id: a UUIDv7, so ids sort by creation time.
+pub type TxId = Uuid;
+
+/// The 2PC decision. Not to be confused with a SQLite commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Decision {
+    Commit,
+    Abort,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Commit => "commit",
+            Decision::Abort => "abort",
+        }
+    }
+}
+
+/// What one participant is asked to do in a transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BranchOp {
+    /// Wallet: hold `amount` of `user`'s balance; commit debits it.
+    Debit { user: String, amount: u64 },
+    /// Order: reserve `qty` of `sku` for `user` at a total of `amount`
+    /// (must equal price × qty); commit records the order and takes stock.
+    Reserve {
+        user: String,
+        sku: String,
+        qty: u32,
+        amount: u64,
+    },
+}
+
+/// Phase 1 request, coordinator → participant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prepare {
+    pub tx: TxId,
+    pub op: BranchOp,
+}
+
+/// Phase 1 reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Vote {
+    /// The branch is durably prepared and will commit or abort as told.
+    Yes,
+    /// The branch cannot commit; nothing is held for it.
+    No { code: Code, message: String },
+}
+
+/// Phase 2 request, coordinator → participant: the recorded decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decide {
+    pub tx: TxId,
+    pub decision: Decision,
+}
+
+/// Phase 2 reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DecideReply {
+    /// The decision is durably applied (or was already).
+    Ack,
+    /// The decision was not applied; `code` says why.
+    Rejected { code: Code, message: String },
+}
+
+/// Participant → coordinator: what was decided for `tx`?
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecisionQuery {
+    pub tx: TxId,
+    pub participant: String,
+}
+
+/// Coordinator → participant: the answer to a [`DecisionQuery`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DecisionReply {
+    /// The durable decision.
+    Decided { tx: TxId, decision: Decision },
+    /// The query was not answered; ask again later.
+    Rejected { code: Code, message: String },
+}
+
+/// A protocol message type with its one-byte kind tag.
+pub trait Message: Serialize + DeserializeOwned {
+    /// Unique per message type; never reused.
+    const KIND: u8;
+    const NAME: &'static str;
+}
+
+macro_rules! message {
+    ($t:ty, $kind:expr) => {
+        impl Message for $t {
+            const KIND: u8 = $kind;
+            const NAME: &'static str = stringify!($t);
+        }
+    };
+}
+message!(Prepare, 1);
+message!(Vote, 2);
+message!(Decide, 3);
+message!(DecideReply, 4);
+message!(DecisionQuery, 5);
+message!(DecisionReply, 6);
+
+/// Why bytes are not a valid protocol message.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("message of {0} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")]
+    TooLarge(usize),
+    #[error("unsupported protocol version {0} (this build speaks {PROTOCOL_VERSION})")]
+    Version(u16),
+    #[error("expected a {expected} message (kind {expected_kind}), got kind {got}")]
+    Kind {
+        expected: &'static str,
+        expected_kind: u8,
+        got: u8,
+    },
+    #[error("message does not decode: {0}")]
+    Body(String),
+    #[error("{0} trailing bytes after the message")]
+    Trailing(usize),
+}
+
+/// Encodes a message in its envelope.
+pub fn encode<M: Message>(msg: &M) -> Vec<u8> {
+    let mut out = postcard::to_allocvec(&PROTOCOL_VERSION).expect("u16 encodes");
+    out.push(M::KIND);
+    // Serialising owned, in-memory protocol types into a Vec cannot fail.
+    out.extend(postcard::to_allocvec(msg).expect("protocol message encodes"));
+    out
+}
+
+/// Decodes a message, checking size, version, kind and that nothing trails.
+pub fn decode<M: Message>(bytes: &[u8]) -> Result<M, DecodeError> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(DecodeError::TooLarge(bytes.len()));
+    }
+    let (version, rest): (u16, _) =
+        postcard::take_from_bytes(bytes).map_err(|e| DecodeError::Body(e.to_string()))?;
+    if version != PROTOCOL_VERSION {
+        return Err(DecodeError::Version(version));
+    }
+    let (&kind, rest) = rest
+        .split_first()
+        .ok_or_else(|| DecodeError::Body("missing kind".into()))?;
+    if kind != M::KIND {
+        return Err(DecodeError::Kind {
+            expected: M::NAME,
+            expected_kind: M::KIND,
+            got: kind,
+        });
+    }
+    let (msg, rest) = postcard::take_from_bytes(rest).map_err(|e| DecodeError::Body(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(DecodeError::Trailing(rest.len()));
+    }
+    Ok(msg)
+}
+
+#[cfg(test)]
+mod golden {
+    //! Golden bytes: a change here is a wire-format change. Bump
+    //! PROTOCOL_VERSION instead of editing these.
+    use super::*;
+
+    fn tx() -> TxId {
+        Uuid::from_bytes([
+            0x01, 0x93, 0x00, 0x00, 0x00, 0x00, 0x70, 0x00, 0x80, 0x00, 0, 0, 0, 0, 0, 0x2a,
+        ])
+    }
+    const TX_BYTES: [u8; 17] = [
+        16, 0x01, 0x93, 0x00, 0x00, 0x00, 0x00, 0x70, 0x00, 0x80, 0x00, 0, 0, 0, 0, 0, 0x2a,
+    ];
+
+    fn check<M: Message + std::fmt::Debug + PartialEq>(msg: M, body: &[u8]) {
+        let mut want = vec![PROTOCOL_VERSION as u8, M::KIND];
+        want.extend_from_slice(body);
+        assert_eq!(encode(&msg), want, "{} bytes changed", M::NAME);
+        assert_eq!(decode::<M>(&want).unwrap(), msg);
+    }
+
+    fn with_tx(rest: &[u8]) -> Vec<u8> {
+        let mut v = TX_BYTES.to_vec();
+        v.extend_from_slice(rest);
+        v
+    }
+
+    #[test]
+    fn prepare_debit() {
+        let msg = Prepare {
+            tx: tx(),
+            op: BranchOp::Debit {
+                user: "al".into(),
+                amount: 300,
+            },
+        };
+        check(msg, &with_tx(&[0, 2, b'a', b'l', 0xac, 0x02]));
+    }
+
+    #[test]
+    fn prepare_reserve() {
+        let msg = Prepare {
+            tx: tx(),
+            op: BranchOp::Reserve {
+                user: "al".into(),
+                sku: "b".into(),
+                qty: 2,
+                amount: 5,
+            },
+        };
+        check(msg, &with_tx(&[1, 2, b'a', b'l', 1, b'b', 2, 5]));
+    }
+
+    #[test]
+    fn votes() {
+        check(Vote::Yes, &[0]);
+        check(
+            Vote::No {
+                code: Code::OutOfStock,
+                message: "x".into(),
+            },
+            &[1, 1, 1, b'x'],
+        );
+    }
+
+    #[test]
+    fn decide() {
+        let msg = Decide {
+            tx: tx(),
+            decision: Decision::Abort,
+        };
+        check(msg, &with_tx(&[1]));
+    }
+
+    #[test]
+    fn decide_replies() {
+        check(DecideReply::Ack, &[0]);
+        check(
+            DecideReply::Rejected {
+                code: Code::Conflict,
+                message: String::new(),
+            },
+            &[1, 15, 0],
+        );
+    }
+
+    #[test]
+    fn decision_query() {
+        let msg = DecisionQuery {
+            tx: tx(),
+            participant: "w".into(),
+        };
+        check(msg, &with_tx(&[1, b'w']));
+    }
+
+    #[test]
+    fn decision_replies() {
+        let mut body = vec![0];
+        body.extend(with_tx(&[0]));
+        check(
+            DecisionReply::Decided {
+                tx: tx(),
+                decision: Decision::Commit,
+            },
+            &body,
+        );
+        check(
+            DecisionReply::Rejected {
+                code: Code::Busy,
+                message: "b".into(),
+            },
+            &[1, 13, 1, b'b'],
+        );
+    }
+
+    #[test]
+    fn rejects_wrong_version_kind_trailing_and_garbage() {
+        let good = encode(&Vote::Yes);
+        let mut v2 = good.clone();
+        v2[0] = 2;
+        assert_eq!(decode::<Vote>(&v2), Err(DecodeError::Version(2)));
+        assert!(matches!(
+            decode::<Decide>(&good),
+            Err(DecodeError::Kind { got: 2, .. })
+        ));
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert_eq!(decode::<Vote>(&trailing), Err(DecodeError::Trailing(1)));
+        assert!(decode::<Prepare>(b"").is_err());
+        assert!(decode::<Prepare>(b"{\"tx\":1}").is_err());
+        assert!(matches!(
+            decode::<Prepare>(&vec![1u8; MAX_MESSAGE_BYTES + 1]),
+            Err(DecodeError::TooLarge(_))
+        ));
+    }
+}

@@ -1,0 +1,45 @@
+//! NATS subjects. Public subjects carry JSON; `twopc.` subjects carry the
+//! internal postcard protocol.
+
+/// Public: a purchase (JSON [`crate::api::PurchaseRequest`]), served by the
+/// coordinator.
+pub const PURCHASE: &str = "shop.purchase";
+/// Public: a transaction's status at the coordinator (JSON `{"tx": ...}`).
+pub const TX_STATUS: &str = "shop.tx";
+/// Internal: participants ask the coordinator for a transaction's decision.
+pub const DECISION_QUERY: &str = "twopc.decision";
+
+/// Public: a user's balance (JSON `{"user": ...}`), served by the wallet.
+pub const WALLET_BALANCE: &str = "wallet.balance";
+/// Public: create a user with an opening balance, served by the wallet.
+pub const WALLET_CREATE_USER: &str = "wallet.users.create";
+/// Public: a product's price and stock (JSON `{"sku": ...}`), served by order.
+pub const ORDER_STOCK: &str = "order.stock";
+/// Public: create a product with price and stock, served by order.
+pub const ORDER_CREATE_PRODUCT: &str = "order.products.create";
+
+/// The participants of a purchase, in the order the coordinator lists them.
+pub const WALLET: &str = "wallet";
+pub const ORDER: &str = "order";
+pub const PARTICIPANTS: [&str; 2] = [WALLET, ORDER];
+
+/// Internal: phase 1 requests to one participant.
+pub fn prepare(participant: &str) -> String {
+    format!("twopc.{participant}.prepare")
+}
+
+/// Internal: phase 2 (decision delivery) to one participant.
+pub fn decide(participant: &str) -> String {
+    format!("twopc.{participant}.decide")
+}
+
+/// Public: a transaction's state at one participant (JSON `{"tx": ...}`).
+pub fn participant_tx(participant: &str) -> String {
+    format!("{participant}.tx")
+}
+
+/// Queue group shared by all instances of one service, so each request is
+/// handled once.
+pub fn queue_group(service: &str) -> String {
+    format!("twopc-{service}")
+}
