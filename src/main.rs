@@ -1,1 +1,261 @@
-fn main() {}
+//! `twopc`: run a local system and talk to it.
+//!
+//! Reads `NATS_URL` as the nats CLI does. See `twopc --help`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use serde::Deserialize;
+use serde_json::Value;
+use twopc::client::{request, request_raw, Reply};
+use twopc::launcher::{Binaries, Kind, NatsServer, Service, Settings};
+use twopc_schemas::api::{
+    Balance, CreateProduct, CreateUser, PurchaseReply, PurchaseRequest, Stock, StockQuery,
+};
+use twopc_schemas::{subjects, Code};
+
+#[derive(Parser)]
+#[command(version, about = "twopc: atomic purchases across microservices over NATS")]
+struct Cli {
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, global = true, env = "NATS_URL", default_value = twopc_common::nats::DEFAULT_URL)]
+    nats_url: String,
+    /// How long to wait for a reply, in milliseconds.
+    #[arg(long, global = true, default_value_t = 10_000)]
+    timeout_ms: u64,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start nats-server (unless NATS_URL is set) and the three services
+    /// with demo users and products; Ctrl-C stops them.
+    Up {
+        /// Folder for the services' databases and logs.
+        #[arg(long, default_value = ".twopc")]
+        data_dir: PathBuf,
+        /// Port of the nats-server started here (when NATS_URL is not set).
+        #[arg(long, default_value_t = 4222)]
+        port: u16,
+        /// Do not create the demo users and products.
+        #[arg(long)]
+        no_demo: bool,
+    },
+    /// Buy `qty` of `sku` for `user`. The amount defaults to price × qty.
+    Purchase {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        sku: String,
+        #[arg(long, default_value_t = 1)]
+        qty: u64,
+        /// Total in minor units (cents); looked up when omitted.
+        #[arg(long)]
+        amount: Option<u64>,
+        /// Idempotency key: retrying with it never charges twice.
+        #[arg(long)]
+        request_id: Option<String>,
+    },
+    /// A user's balance.
+    Balance { user: String },
+    /// A product's price and stock.
+    Stock { sku: String },
+    /// A transaction's story: the coordinator's record and each participant.
+    Tx { id: String },
+    /// Create a user with an opening balance (minor units).
+    CreateUser {
+        user: String,
+        #[arg(long)]
+        balance: u64,
+    },
+    /// Create a product with a unit price (minor units) and stock.
+    CreateProduct {
+        sku: String,
+        #[arg(long)]
+        price: u64,
+        #[arg(long)]
+        stock: u64,
+    },
+    /// Create users and products from a JSON file:
+    /// `{"users": [{"user", "balance"}], "products": [{"sku", "price", "stock"}]}`.
+    Seed { file: PathBuf },
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct SeedFile {
+    #[serde(default)]
+    users: Vec<CreateUser>,
+    #[serde(default)]
+    products: Vec<CreateProduct>,
+}
+
+fn demo() -> SeedFile {
+    SeedFile {
+        users: vec![
+            CreateUser { user: "alice".into(), balance: 10_000 },
+            CreateUser { user: "bob".into(), balance: 5_000 },
+            CreateUser { user: "carol".into(), balance: 500 },
+        ],
+        products: vec![
+            CreateProduct { sku: "book-1".into(), price: 1_250, stock: 10 },
+            CreateProduct { sku: "pen-1".into(), price: 199, stock: 100 },
+            CreateProduct { sku: "lamp-1".into(), price: 4_500, stock: 2 },
+        ],
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serialises"));
+}
+
+/// Prints a reply; an error reply makes the command fail.
+fn print_reply<T: serde::Serialize>(r: Reply<T>) -> anyhow::Result<()> {
+    match r {
+        Reply::Ok(v) => {
+            print_json(&v);
+            Ok(())
+        }
+        Reply::Err(e) => {
+            print_json(&e);
+            bail!("{}: {}", e.error.code, e.error.message)
+        }
+    }
+}
+
+async fn seed(client: &async_nats::Client, seed: &SeedFile, timeout: Duration) -> anyhow::Result<()> {
+    for u in &seed.users {
+        match request::<_, Balance>(client, subjects::WALLET_CREATE_USER, u, timeout).await? {
+            Reply::Ok(b) => println!("user {} created with balance {}", b.user, b.balance),
+            Reply::Err(e) if e.error.code == Code::AlreadyExists => println!("user {} exists", u.user),
+            Reply::Err(e) => bail!("creating user {}: {}", u.user, e.error.message),
+        }
+    }
+    for p in &seed.products {
+        match request::<_, Stock>(client, subjects::ORDER_CREATE_PRODUCT, p, timeout).await? {
+            Reply::Ok(s) => println!("product {} created: price {}, stock {}", s.sku, s.price, s.stock),
+            Reply::Err(e) if e.error.code == Code::AlreadyExists => println!("product {} exists", p.sku),
+            Reply::Err(e) => bail!("creating product {}: {}", p.sku, e.error.message),
+        }
+    }
+    Ok(())
+}
+
+async fn up(data_dir: PathBuf, port: u16, no_demo: bool, nats_url_env: Option<String>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&data_dir)?;
+    let data_dir = data_dir.canonicalize()?;
+    let mut nats = None;
+    let url = match nats_url_env {
+        Some(url) => {
+            println!("using NATS at {url} (from NATS_URL)");
+            url
+        }
+        None => {
+            let s = NatsServer::start(&data_dir.join("nats"), Some(port))
+                .context("starting nats-server (is port in use? set NATS_URL to use a running one)")?;
+            println!("nats-server listening on {}", s.url());
+            let url = s.url();
+            nats = Some(s);
+            url
+        }
+    };
+    let bins = Binaries::beside_current_exe()?;
+    let client = twopc_common::nats::connect(&url, "twopc-up").await?;
+    let mut services = vec![];
+    for kind in Kind::ALL {
+        let mut s = Service::new(kind, &bins, &data_dir, &url, &Settings::default())?;
+        s.proc.start()?;
+        s.wait_ready(&client, Duration::from_secs(20)).await?;
+        println!("{:<12} running (pid {}), log {}", kind.name(), s.proc.pid().unwrap_or(0), s.proc.log_path().display());
+        services.push(s);
+    }
+    if !no_demo {
+        seed(&client, &demo(), Duration::from_secs(5)).await?;
+    }
+    println!(
+        "\ntwopc is up. Buy something:\n\
+         \n  nats --server {url} req shop.purchase '{{\"user\":\"alice\",\"sku\":\"book-1\",\"qty\":2,\"amount\":2500}}'\
+         \n  NATS_URL={url} twopc purchase --user alice --sku book-1 --qty 2\
+         \n  NATS_URL={url} twopc balance alice\
+         \n  NATS_URL={url} twopc stock book-1\n\
+         \nData and logs in {}. Ctrl-C stops everything.",
+        data_dir.display()
+    );
+    twopc_common::nats::shutdown_signal().await;
+    println!("stopping");
+    for s in services.iter_mut().rev() {
+        s.proc.terminate(Duration::from_secs(5))?;
+    }
+    drop(nats);
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    twopc_common::logging::init("warn");
+    let cli = Cli::parse();
+    let timeout = Duration::from_millis(cli.timeout_ms);
+    if let Cmd::Up { data_dir, port, no_demo } = cli.cmd {
+        let env_url = std::env::var("NATS_URL").ok().filter(|s| !s.is_empty());
+        return up(data_dir, port, no_demo, env_url).await;
+    }
+    let client = async_nats::ConnectOptions::new()
+        .name("twopc-cli")
+        .connect(twopc_common::nats::server_addrs(&cli.nats_url)?)
+        .await
+        .with_context(|| format!("connecting to NATS at {}", cli.nats_url))?;
+    match cli.cmd {
+        Cmd::Up { .. } => unreachable!(),
+        Cmd::Purchase { user, sku, qty, amount, request_id } => {
+            let amount = match amount {
+                Some(a) => a,
+                None => match request::<_, Stock>(&client, subjects::ORDER_STOCK, &StockQuery { sku: sku.clone() }, timeout).await? {
+                    Reply::Ok(s) => s.price.checked_mul(qty).context("amount overflows")?,
+                    Reply::Err(e) => return print_reply::<Value>(Reply::Err(e)),
+                },
+            };
+            let req = PurchaseRequest { user, sku, qty, amount, request_id };
+            match request::<_, PurchaseReply>(&client, subjects::PURCHASE, &req, timeout).await {
+                Ok(r) => print_reply(r),
+                Err(e) => bail!("{e:#}\nno reply in time: the purchase may or may not have happened; retry with the same --request-id, or check `twopc tx`"),
+            }
+        }
+        Cmd::Balance { user } => print_reply(
+            request::<_, Value>(&client, subjects::WALLET_BALANCE, &serde_json::json!({ "user": user }), timeout).await?,
+        ),
+        Cmd::Stock { sku } => print_reply(
+            request::<_, Value>(&client, subjects::ORDER_STOCK, &serde_json::json!({ "sku": sku }), timeout).await?,
+        ),
+        Cmd::Tx { id } => {
+            let body = serde_json::to_vec(&serde_json::json!({ "tx": id }))?;
+            let mut story = serde_json::Map::new();
+            for (label, subject) in [
+                ("coordinator", subjects::TX_STATUS.to_owned()),
+                ("wallet", subjects::participant_tx(subjects::WALLET)),
+                ("order", subjects::participant_tx(subjects::ORDER)),
+            ] {
+                let v = match request_raw(&client, &subject, body.clone(), timeout).await {
+                    Ok(raw) => serde_json::from_slice(&raw).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into())),
+                    Err(e) => serde_json::json!({ "unreachable": format!("{e:#}") }),
+                };
+                story.insert(label.into(), v);
+            }
+            print_json(&story);
+            Ok(())
+        }
+        Cmd::CreateUser { user, balance } => print_reply(
+            request::<_, Value>(&client, subjects::WALLET_CREATE_USER, &CreateUser { user, balance }, timeout).await?,
+        ),
+        Cmd::CreateProduct { sku, price, stock } => print_reply(
+            request::<_, Value>(&client, subjects::ORDER_CREATE_PRODUCT, &CreateProduct { sku, price, stock }, timeout).await?,
+        ),
+        Cmd::Seed { file } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let s: SeedFile = serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+            seed(&client, &s, timeout).await
+        }
+    }
+}

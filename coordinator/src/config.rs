@@ -1,0 +1,26 @@
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CoordinatorArgs {
+    /// NATS server URL(s), comma-separated, as the nats CLI reads them.
+    #[arg(long, env = "NATS_URL", default_value = twopc_common::nats::DEFAULT_URL)]
+    pub nats_url: String,
+    /// Folder for the coordinator's decision log (SQLite).
+    #[arg(long, env = "TWOPC_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+    /// How long to wait for each participant's vote. No answer is a no vote.
+    #[arg(long, env = "TWOPC_PREPARE_TIMEOUT_MS", default_value_t = 2_000)]
+    pub prepare_timeout_ms: u64,
+    /// Timeout of one decision delivery attempt (retried until acknowledged).
+    #[arg(long, env = "TWOPC_DECIDE_TIMEOUT_MS", default_value_t = 1_000)]
+    pub decide_timeout_ms: u64,
+    /// First retry delay of decision delivery; doubles up to the cap.
+    #[arg(long, env = "TWOPC_RETRY_BASE_MS", default_value_t = 50)]
+    pub retry_base_ms: u64,
+    /// Largest retry delay of decision delivery.
+    #[arg(long, env = "TWOPC_RETRY_CAP_MS", default_value_t = 5_000)]
+    pub retry_cap_ms: u64,
+    /// Most purchases in flight; more are answered `busy`.
+    #[arg(long, env = "TWOPC_MAX_INFLIGHT", default_value_t = 4_096)]
+    pub max_inflight: usize,
+}

@@ -1,0 +1,575 @@
+//! The coordinator's driver: NATS and the decision log around [`phase`].
+//!
+//! Subjects served (queue group `twopc-coordinator`):
+//! * `shop.purchase` — public JSON purchase → JSON reply;
+//! * `shop.tx` — public JSON status of one transaction;
+//! * `twopc.decision` — participants' in-doubt queries (postcard).
+//!
+//! A purchase: phase 1 (prepare to every participant in parallel, each with
+//! the prepare timeout) → decision → durable record → phase 2 (deliver to
+//! every participant that may have prepared, retried with capped, jittered
+//! backoff until acknowledged, also across restarts) → reply to the client
+//! after the first delivery round.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::{Client, RequestErrorKind};
+use bytes::Bytes;
+use tokio::sync::{oneshot, watch};
+use tracing::{error, info, warn, Instrument};
+use twopc_common::backoff::Backoff;
+use twopc_common::fault::crash_point;
+use twopc_common::now_ms;
+use twopc_schemas::api::{
+    AbortReason, ApiError, Delivery, Outcome as ApiOutcome, PurchaseReply, PurchaseRequest,
+    TxQuery, TxStatus,
+};
+use twopc_schemas::protocol::{
+    self, BranchOp, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Prepare, TxId,
+    Vote,
+};
+use twopc_schemas::{subjects, Code};
+
+use crate::config::CoordinatorArgs;
+use crate::log::{DecisionLog, LogError, Record, Recorded, SqliteLog};
+use crate::phase::{decide, Ballot};
+
+const SERVICE: &str = "coordinator";
+
+/// The coordinator's shared state.
+pub struct Coordinator<L: DecisionLog> {
+    /// The durable decision log.
+    log: L,
+    /// Connection to NATS.
+    client: Client,
+    /// Flags and environment.
+    args: CoordinatorArgs,
+    /// Transactions in phase 1 here, for status queries. Not durable: after
+    /// a crash they have no record and are aborted by presumption.
+    active: Mutex<HashMap<TxId, PurchaseRequest>>,
+    /// Request ids whose purchase is in flight here, with the reply to come,
+    /// so a client retry waits for the first attempt instead of racing it.
+    requests: Mutex<HashMap<String, watch::Receiver<Option<PurchaseReply>>>>,
+}
+
+fn reply_from_record(rec: &Record, duplicate: bool) -> PurchaseReply {
+    PurchaseReply {
+        tx: rec.tx.to_string(),
+        outcome: match rec.decision {
+            Decision::Commit => ApiOutcome::Committed,
+            Decision::Abort => ApiOutcome::Aborted,
+        },
+        request_id: rec.request_id.clone(),
+        reason: rec.reason.clone(),
+        delivered: rec.pending.is_empty(),
+        duplicate,
+    }
+}
+
+fn same_purchase(a: &PurchaseRequest, b: &PurchaseRequest) -> bool {
+    a.user == b.user && a.sku == b.sku && a.qty == b.qty && a.amount == b.amount
+}
+
+impl<L: DecisionLog> Coordinator<L> {
+    pub fn new(log: L, client: Client, args: CoordinatorArgs) -> Arc<Self> {
+        Arc::new(Coordinator {
+            log,
+            client,
+            args,
+            active: Mutex::new(HashMap::new()),
+            requests: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Serves until the NATS client closes or a task fails.
+    pub async fn serve(self: Arc<Self>) -> anyhow::Result<()> {
+        self.clone().resume_deliveries().await?;
+        let queue = subjects::queue_group(SERVICE);
+        let max = self.args.max_inflight;
+        let busy_json = Bytes::from(ApiError::new(Code::Busy, "too many purchases in flight").to_json());
+        let c = self.clone();
+        let purchase = twopc_common::serve::serve(
+            self.client.clone(),
+            subjects::PURCHASE.into(),
+            queue.clone(),
+            max,
+            busy_json.clone(),
+            move |m| {
+                let c = c.clone();
+                async move { Some(c.on_purchase(m.payload).await) }
+            },
+        );
+        let c = self.clone();
+        let status = twopc_common::serve::serve(
+            self.client.clone(),
+            subjects::TX_STATUS.into(),
+            queue.clone(),
+            max,
+            busy_json,
+            move |m| {
+                let c = c.clone();
+                async move { Some(c.on_tx_status(m.payload).await) }
+            },
+        );
+        let busy_decision = Bytes::from(protocol::encode(&DecisionReply::Rejected {
+            code: Code::Busy,
+            message: "coordinator is at its in-flight limit".into(),
+        }));
+        let c = self.clone();
+        let decision = twopc_common::serve::serve(
+            self.client.clone(),
+            subjects::DECISION_QUERY.into(),
+            queue,
+            max,
+            busy_decision,
+            move |m| {
+                let c = c.clone();
+                async move { Some(c.on_decision_query(m.payload).await) }
+            },
+        );
+        info!(faults = ?twopc_common::fault::armed(), "coordinator serving");
+        tokio::try_join!(purchase, status, decision)?;
+        Ok(())
+    }
+
+    /// After a restart: every recorded decision not yet acknowledged by all
+    /// its participants is delivered again.
+    async fn resume_deliveries(self: Arc<Self>) -> anyhow::Result<()> {
+        let incomplete = self.log.incomplete().await?;
+        if !incomplete.is_empty() {
+            info!(count = incomplete.len(), "resuming delivery of recorded decisions");
+        }
+        for rec in incomplete {
+            let (done, _) = oneshot::channel();
+            let span = tracing::info_span!("tx", tx = %rec.tx);
+            tokio::spawn(
+                self.clone()
+                    .deliver(rec.tx, rec.decision, rec.pending, done)
+                    .instrument(span),
+            );
+        }
+        Ok(())
+    }
+
+    async fn on_purchase(self: Arc<Self>, payload: Bytes) -> Bytes {
+        let req = match PurchaseRequest::parse(&payload) {
+            Ok(r) => r,
+            Err(e) => {
+                info!(code = %e.code, message = %e.message, "purchase refused");
+                return e.to_json().into();
+            }
+        };
+        let reply = match req.request_id.clone() {
+            None => Ok(self.transact(req).await),
+            Some(rid) => self.transact_once(rid, req).await,
+        };
+        match reply {
+            Ok(r) => serde_json::to_vec(&r).expect("reply serialises").into(),
+            Err(e) => e.to_json().into(),
+        }
+    }
+
+    /// A purchase with a request id: at most one transaction per id commits,
+    /// and every retry gets the first outcome.
+    async fn transact_once(
+        self: Arc<Self>,
+        rid: String,
+        req: PurchaseRequest,
+    ) -> Result<PurchaseReply, ApiError> {
+        let first = {
+            let mut requests = self.requests.lock().expect("lock");
+            match requests.get(&rid) {
+                Some(rx) => Err(rx.clone()),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    requests.insert(rid.clone(), rx);
+                    Ok(tx)
+                }
+            }
+        };
+        let sender = match first {
+            Ok(sender) => sender,
+            Err(mut rx) => {
+                // The first attempt is still running here: wait for it.
+                info!(request_id = %rid, "retry of a purchase in flight; waiting for it");
+                let r = rx.wait_for(|r| r.is_some()).await;
+                return match r {
+                    Ok(r) => {
+                        let mut reply = r.clone().expect("waited for Some");
+                        reply.duplicate = true;
+                        Ok(reply)
+                    }
+                    Err(_) => Err(ApiError::new(
+                        Code::Internal,
+                        "the first attempt of this request ended without a reply; retry",
+                    )),
+                };
+            }
+        };
+        let result = match self.log.by_request_id(rid.clone()).await {
+            Ok(Some(rec)) => {
+                if rec.purchase.as_ref().is_some_and(|p| !same_purchase(p, &req)) {
+                    Err(ApiError::new(
+                        Code::Conflict,
+                        format!("request_id {rid:?} was used for a different purchase (tx {})", rec.tx),
+                    ))
+                } else {
+                    info!(request_id = %rid, tx = %rec.tx, "repeated request; returning the first outcome");
+                    Ok(reply_from_record(&rec, true))
+                }
+            }
+            Ok(None) => Ok(self.clone().transact(req).await),
+            Err(e) => Err(log_error(e)),
+        };
+        if let Ok(reply) = &result {
+            let _ = sender.send(Some(reply.clone()));
+        }
+        self.requests.lock().expect("lock").remove(&rid);
+        result
+    }
+
+    /// One transaction, start to reply.
+    async fn transact(self: Arc<Self>, req: PurchaseRequest) -> PurchaseReply {
+        let tx = TxId::now_v7();
+        let span = tracing::info_span!("tx", %tx);
+        self.active.lock().expect("lock").insert(tx, req.clone());
+        let reply = self.clone().run_phases(tx, req).instrument(span).await;
+        self.active.lock().expect("lock").remove(&tx);
+        reply
+    }
+
+    async fn run_phases(self: Arc<Self>, tx: TxId, req: PurchaseRequest) -> PurchaseReply {
+        info!(user = %req.user, sku = %req.sku, qty = req.qty, amount = req.amount, request_id = ?req.request_id, "transaction begun");
+        let branches = [
+            (
+                subjects::WALLET.to_owned(),
+                BranchOp::Debit {
+                    user: req.user.clone(),
+                    amount: req.amount,
+                },
+            ),
+            (
+                subjects::ORDER.to_owned(),
+                BranchOp::Reserve {
+                    user: req.user.clone(),
+                    sku: req.sku.clone(),
+                    qty: u32::try_from(req.qty).expect("qty is validated below u32::MAX"),
+                    amount: req.amount,
+                },
+            ),
+        ];
+        // Phase 1: all prepares in parallel, each bounded by the timeout.
+        let ballots = futures::future::join_all(branches.into_iter().map(|(name, op)| {
+            let c = self.clone();
+            async move {
+                let ballot = c.prepare(&name, tx, op).await;
+                (name, ballot)
+            }
+        }))
+        .await;
+        for (name, ballot) in &ballots {
+            info!(participant = %name, ?ballot, "vote");
+        }
+        crash_point("coordinator.phase1.after_votes");
+
+        let outcome = decide(&ballots);
+        let rec = Record {
+            tx,
+            decision: outcome.decision,
+            request_id: req.request_id.clone(),
+            purchase: Some(req),
+            reason: outcome.reason.clone(),
+            deliver_to: outcome.deliver_to.clone(),
+            pending: outcome.deliver_to.clone(),
+            decided_at_ms: now_ms(),
+            completed_at_ms: None,
+        };
+        // Durable point: `record` returns after the decision is fsynced (or
+        // after finding an earlier decision, which wins). Nothing below may
+        // run before it: no participant and no client hears a decision that
+        // is not durable.
+        let recorded = self.log.record(rec).await;
+        let (decision, reason, mut reply) = match recorded {
+            Ok(Recorded::New(r)) => (r.decision, r.reason.clone(), reply_from_record(&r, false)),
+            Ok(Recorded::Existing(r)) => {
+                // Only a decision query writes first, and it writes abort.
+                assert_eq!(r.decision, Decision::Abort, "an earlier decision is a presumed abort");
+                warn!("a participant asked for the decision during phase 1; the transaction is aborted");
+                let mut reply = reply_from_record(&r, false);
+                reply.request_id = None;
+                (r.decision, r.reason.clone(), reply)
+            }
+            Ok(Recorded::DuplicateRequest(other)) => {
+                warn!(other = %other.tx, "request id taken by a concurrent transaction; this one aborts");
+                let (done, _) = oneshot::channel();
+                tokio::spawn(self.clone().deliver(tx, Decision::Abort, outcome.deliver_to, done));
+                return reply_from_record(&other, true);
+            }
+            Err(e) => {
+                // Nothing recorded: by presumed abort the transaction is
+                // aborted, and a decision query will record it so.
+                error!(error = %e, "decision not recorded; aborting by presumption");
+                let reason = AbortReason {
+                    participant: SERVICE.into(),
+                    code: if matches!(e, LogError::Busy) { Code::Busy } else { Code::Internal },
+                    message: format!("the decision could not be recorded: {e}"),
+                };
+                let reply = PurchaseReply {
+                    tx: tx.to_string(),
+                    outcome: ApiOutcome::Aborted,
+                    request_id: None,
+                    reason: Some(reason.clone()),
+                    delivered: false,
+                    duplicate: false,
+                };
+                (Decision::Abort, Some(reason), reply)
+            }
+        };
+        crash_point("coordinator.decision.after_durable");
+        info!(decision = decision.as_str(), reason = ?reason.as_ref().map(|r| r.code), "decision durable");
+
+        // Phase 2: the client hears back after the first delivery round, so
+        // a committed reply is normally already applied everywhere.
+        let (done, first_round) = oneshot::channel();
+        tokio::spawn(
+            self.clone()
+                .deliver(tx, decision, outcome.deliver_to, done)
+                .in_current_span(),
+        );
+        reply.delivered = first_round.await.unwrap_or(false);
+        reply
+    }
+
+    async fn prepare(&self, participant: &str, tx: TxId, op: BranchOp) -> Ballot {
+        let request = async_nats::Request::new()
+            .payload(protocol::encode(&Prepare { tx, op }).into())
+            .timeout(Some(Duration::from_millis(self.args.prepare_timeout_ms)));
+        match self
+            .client
+            .send_request(subjects::prepare(participant), request)
+            .await
+        {
+            Ok(msg) => match protocol::decode::<Vote>(&msg.payload) {
+                Ok(vote) => Ballot::Voted(vote),
+                Err(e) => Ballot::Garbled(e.to_string()),
+            },
+            Err(e) if e.kind() == RequestErrorKind::NoResponders => Ballot::NoResponders,
+            // A timeout, or a connection lost mid-request: the prepare may
+            // have arrived. Unknown, so the participant must hear the abort.
+            Err(_) => Ballot::TimedOut,
+        }
+    }
+
+    /// Phase 2 for one transaction: delivers `decision` to `participants`
+    /// until each acknowledges. `first_round` learns whether the first round
+    /// reached everyone.
+    async fn deliver(
+        self: Arc<Self>,
+        tx: TxId,
+        decision: Decision,
+        participants: Vec<String>,
+        first_round: oneshot::Sender<bool>,
+    ) {
+        let mut first_round = Some(first_round);
+        let mut pending = participants;
+        let mut backoff = Backoff::new(self.args.retry_base_ms.max(1), self.args.retry_cap_ms.max(self.args.retry_base_ms.max(1)));
+        loop {
+            if pending.is_empty() {
+                if let Some(f) = first_round.take() {
+                    let _ = f.send(true);
+                }
+                return;
+            }
+            let results = futures::future::join_all(
+                pending.iter().map(|p| self.send_decision(p, tx, decision)),
+            )
+            .await;
+            let acked: Vec<String> = pending
+                .iter()
+                .zip(&results)
+                .filter(|(_, ok)| **ok)
+                .map(|(p, _)| p.clone())
+                .collect();
+            if !acked.is_empty() {
+                crash_point("coordinator.phase2.after_ack");
+                if let Err(e) = self.log.acked(tx, acked.clone()).await {
+                    warn!(error = %e, "acknowledgement not noted; a restart will redeliver");
+                }
+                pending.retain(|p| !acked.contains(p));
+            }
+            if let Some(f) = first_round.take() {
+                let _ = f.send(pending.is_empty());
+            }
+            if pending.is_empty() {
+                info!(decision = decision.as_str(), "decision delivered to every participant");
+                return;
+            }
+            let delay = backoff.next_delay();
+            warn!(?pending, attempt = backoff.attempt(), delay_ms = delay.as_millis() as u64, "decision not acknowledged; retrying");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// One delivery attempt. True when acknowledged.
+    async fn send_decision(&self, participant: &str, tx: TxId, decision: Decision) -> bool {
+        let request = async_nats::Request::new()
+            .payload(protocol::encode(&Decide { tx, decision }).into())
+            .timeout(Some(Duration::from_millis(self.args.decide_timeout_ms)));
+        match self
+            .client
+            .send_request(subjects::decide(participant), request)
+            .await
+        {
+            Ok(msg) => match protocol::decode::<DecideReply>(&msg.payload) {
+                Ok(DecideReply::Ack) => true,
+                Ok(DecideReply::Rejected { code, message }) => {
+                    if matches!(code, Code::Conflict | Code::UnknownTx) {
+                        error!(%participant, %code, %message, "participant contradicts the recorded decision");
+                    } else {
+                        warn!(%participant, %code, %message, "decision refused; will retry");
+                    }
+                    false
+                }
+                Err(e) => {
+                    warn!(%participant, error = %e, "acknowledgement does not decode");
+                    false
+                }
+            },
+            Err(e) => {
+                warn!(%participant, error = %e, "decision delivery failed; will retry");
+                false
+            }
+        }
+    }
+
+    /// A participant in doubt asks for the decision. With none recorded, the
+    /// answer is abort, recorded first so the transaction can never commit.
+    async fn on_decision_query(self: Arc<Self>, payload: Bytes) -> Bytes {
+        let q = match protocol::decode::<DecisionQuery>(&payload) {
+            Ok(q) => q,
+            Err(e) => {
+                warn!(error = %e, "rejected decision query that does not decode");
+                return protocol::encode(&DecisionReply::Rejected {
+                    code: Code::BadMessage,
+                    message: e.to_string(),
+                })
+                .into();
+            }
+        };
+        let rec = Record {
+            tx: q.tx,
+            decision: Decision::Abort,
+            request_id: None,
+            purchase: None,
+            reason: Some(AbortReason {
+                participant: SERVICE.into(),
+                code: Code::PresumedAbort,
+                message: format!("{} asked before a decision was recorded", q.participant),
+            }),
+            deliver_to: vec![],
+            pending: vec![],
+            decided_at_ms: now_ms(),
+            completed_at_ms: None,
+        };
+        let reply = match self.log.record(rec).await {
+            Ok(Recorded::New(r)) => {
+                info!(tx = %q.tx, participant = %q.participant, "no decision recorded; recorded abort (presumed abort)");
+                DecisionReply::Decided { tx: q.tx, decision: r.decision }
+            }
+            Ok(Recorded::Existing(r)) => {
+                info!(tx = %q.tx, participant = %q.participant, decision = r.decision.as_str(), "answered decision query");
+                DecisionReply::Decided { tx: q.tx, decision: r.decision }
+            }
+            Ok(Recorded::DuplicateRequest(_)) => unreachable!("a decision query carries no request id"),
+            Err(e) => DecisionReply::Rejected {
+                code: Code::Busy,
+                message: e.to_string(),
+            },
+        };
+        protocol::encode(&reply).into()
+    }
+
+    async fn on_tx_status(self: Arc<Self>, payload: Bytes) -> Bytes {
+        let tx = match TxQuery::parse(&payload) {
+            Ok(tx) => tx,
+            Err(e) => return e.to_json().into(),
+        };
+        if let Some(p) = self.active.lock().expect("lock").get(&tx).cloned() {
+            let status = TxStatus {
+                tx: tx.to_string(),
+                state: "in_progress".into(),
+                request_id: p.request_id.clone(),
+                purchase: Some(p),
+                reason: None,
+                deliveries: vec![],
+                decided_at_ms: None,
+                completed_at_ms: None,
+            };
+            return serde_json::to_vec(&status).expect("serialises").into();
+        }
+        match self.log.get(tx).await {
+            Ok(rec) => {
+                let status = match rec {
+                    None => TxStatus {
+                        tx: tx.to_string(),
+                        state: "unknown".into(),
+                        request_id: None,
+                        purchase: None,
+                        reason: None,
+                        deliveries: vec![],
+                        decided_at_ms: None,
+                        completed_at_ms: None,
+                    },
+                    Some(r) => TxStatus {
+                        tx: tx.to_string(),
+                        state: match r.decision {
+                            Decision::Commit => "committed",
+                            Decision::Abort => "aborted",
+                        }
+                        .into(),
+                        request_id: r.request_id.clone(),
+                        purchase: r.purchase.clone(),
+                        reason: r.reason.clone(),
+                        deliveries: r
+                            .deliver_to
+                            .iter()
+                            .map(|p| Delivery {
+                                participant: p.clone(),
+                                acked: !r.pending.contains(p),
+                            })
+                            .collect(),
+                        decided_at_ms: Some(r.decided_at_ms),
+                        completed_at_ms: r.completed_at_ms,
+                    },
+                };
+                serde_json::to_vec(&status).expect("serialises").into()
+            }
+            Err(e) => log_error(e).to_json().into(),
+        }
+    }
+}
+
+fn log_error(e: LogError) -> ApiError {
+    match e {
+        LogError::Busy => ApiError::new(Code::Busy, "the decision log is overloaded; retry"),
+        LogError::Failed(m) => ApiError::new(Code::Internal, m),
+    }
+}
+
+/// Opens the log, connects and serves until SIGTERM/SIGINT.
+pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data_dir)?;
+    let log = SqliteLog::open(&args.data_dir.join("coordinator.db"))?;
+    info!(db = %log.path().display(), "decision log open (WAL, synchronous=FULL)");
+    let client = twopc_common::nats::connect(&args.nats_url, SERVICE).await?;
+    let c = Coordinator::new(log, client, args);
+    tokio::select! {
+        r = c.serve() => r,
+        _ = twopc_common::nats::shutdown_signal() => {
+            info!("shutting down");
+            Ok(())
+        }
+    }
+}

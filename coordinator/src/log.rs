@@ -1,0 +1,307 @@
+//! The decision log: the one durable thing the coordinator owns.
+//!
+//! **Invariant:** a transaction has at most one decision, ever. Recording is
+//! first writer wins: a second `record` for the same id returns the first
+//! decision unchanged. By presumed abort, no record means abort, and a
+//! decision query for an undecided id records abort, so a later commit of
+//! that id is impossible.
+
+use std::future::Future;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use twopc_common::db::{self, Db, DbError};
+use twopc_common::now_ms;
+use twopc_schemas::api::{AbortReason, PurchaseRequest};
+use twopc_schemas::protocol::{Decision, TxId};
+
+/// One transaction's durable record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub tx: TxId,
+    pub decision: Decision,
+    /// The client's idempotency key, unique across records.
+    pub request_id: Option<String>,
+    /// The purchase, for status queries and duplicate replies.
+    pub purchase: Option<PurchaseRequest>,
+    /// Why it aborted (abort only).
+    pub reason: Option<AbortReason>,
+    /// Participants the decision must reach.
+    pub deliver_to: Vec<String>,
+    /// Those of `deliver_to` that have not acknowledged yet.
+    pub pending: Vec<String>,
+    pub decided_at_ms: i64,
+    pub completed_at_ms: Option<i64>,
+}
+
+/// What `record` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recorded {
+    /// This call's decision is now durable.
+    New(Record),
+    /// A decision for this id existed already (it wins).
+    Existing(Record),
+    /// Another transaction holds this request id; this one was recorded as
+    /// aborted (with no request id) and the other's record is returned.
+    DuplicateRequest(Record),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("decision log is overloaded")]
+    Busy,
+    #[error("decision log failed: {0}")]
+    Failed(String),
+}
+
+impl From<DbError> for LogError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Busy => LogError::Busy,
+            other => LogError::Failed(other.to_string()),
+        }
+    }
+}
+
+/// The decision log's interface, so that a replicated store can replace
+/// SQLite without touching the protocol.
+pub trait DecisionLog: Clone + Send + Sync + 'static {
+    /// Records `rec` unless `rec.tx` has a decision already; durable before
+    /// it returns.
+    fn record(&self, rec: Record) -> impl Future<Output = Result<Recorded, LogError>> + Send;
+    fn get(&self, tx: TxId) -> impl Future<Output = Result<Option<Record>, LogError>> + Send;
+    fn by_request_id(
+        &self,
+        request_id: String,
+    ) -> impl Future<Output = Result<Option<Record>, LogError>> + Send;
+    /// Notes the acknowledgements of `participants`; the record completes
+    /// when none is pending. Losing this write only causes a redundant (and
+    /// idempotent) redelivery after a restart.
+    fn acked(
+        &self,
+        tx: TxId,
+        participants: Vec<String>,
+    ) -> impl Future<Output = Result<(), LogError>> + Send;
+    /// Records whose decision has not reached every participant.
+    fn incomplete(&self) -> impl Future<Output = Result<Vec<Record>, LogError>> + Send;
+}
+
+const MIGRATIONS: &[&str] = &["
+CREATE TABLE decisions (
+    tx BLOB PRIMARY KEY CHECK (length(tx) = 16),
+    decision TEXT NOT NULL CHECK (decision IN ('commit', 'abort')),
+    request_id TEXT UNIQUE,
+    purchase TEXT,
+    reason TEXT,
+    deliver_to TEXT NOT NULL,
+    pending TEXT NOT NULL,
+    decided_at_ms INTEGER NOT NULL,
+    completed_at_ms INTEGER
+);
+CREATE INDEX decisions_incomplete ON decisions (decided_at_ms) WHERE completed_at_ms IS NULL;
+"];
+
+/// The SQLite decision log (WAL, synchronous=FULL, group commit).
+#[derive(Clone)]
+pub struct SqliteLog {
+    db: Db,
+}
+
+impl SqliteLog {
+    pub fn open(path: &std::path::Path) -> anyhow::Result<Self> {
+        let conn = db::open(path, MIGRATIONS)?;
+        Ok(SqliteLog {
+            db: Db::start(conn, "coordinator"),
+        })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        self.db.path()
+    }
+}
+
+const COLUMNS: &str = "tx, decision, request_id, purchase, reason, deliver_to, pending, decided_at_ms, completed_at_ms";
+
+fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
+    let tx: Vec<u8> = r.get(0)?;
+    let decision: String = r.get(1)?;
+    let purchase: Option<String> = r.get(3)?;
+    let reason: Option<String> = r.get(4)?;
+    let deliver_to: String = r.get(5)?;
+    let pending: String = r.get(6)?;
+    // Paired with the checks on write: what we wrote must read back.
+    Ok(Record {
+        tx: TxId::from_slice(&tx).expect("16-byte tx id"),
+        decision: match decision.as_str() {
+            "commit" => Decision::Commit,
+            "abort" => Decision::Abort,
+            other => panic!("corrupt decision {other:?}"),
+        },
+        request_id: r.get(2)?,
+        purchase: purchase.map(|s| serde_json::from_str(&s).expect("stored purchase decodes")),
+        reason: reason.map(|s| serde_json::from_str(&s).expect("stored reason decodes")),
+        deliver_to: serde_json::from_str(&deliver_to).expect("stored list decodes"),
+        pending: serde_json::from_str(&pending).expect("stored list decodes"),
+        decided_at_ms: r.get(7)?,
+        completed_at_ms: r.get(8)?,
+    })
+}
+
+fn get(c: &Connection, tx: TxId) -> rusqlite::Result<Option<Record>> {
+    c.prepare_cached(&format!("SELECT {COLUMNS} FROM decisions WHERE tx = ?1"))?
+        .query_row([tx.as_bytes().as_slice()], row_to_record)
+        .optional()
+}
+
+fn insert(c: &Connection, rec: &Record) -> rusqlite::Result<()> {
+    assert!(rec.pending.iter().all(|p| rec.deliver_to.contains(p)));
+    assert!(rec.decision == Decision::Abort || rec.reason.is_none());
+    c.prepare_cached(&format!(
+        "INSERT INTO decisions ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+    ))?
+    .execute(params![
+        rec.tx.as_bytes().as_slice(),
+        rec.decision.as_str(),
+        rec.request_id,
+        rec.purchase.as_ref().map(|p| serde_json::to_string(p).expect("serialises")),
+        rec.reason.as_ref().map(|r| serde_json::to_string(r).expect("serialises")),
+        serde_json::to_string(&rec.deliver_to).expect("serialises"),
+        serde_json::to_string(&rec.pending).expect("serialises"),
+        rec.decided_at_ms,
+        rec.completed_at_ms,
+    ])?;
+    Ok(())
+}
+
+fn record(c: &Connection, mut rec: Record) -> rusqlite::Result<Recorded> {
+    if let Some(existing) = get(c, rec.tx)? {
+        return Ok(Recorded::Existing(existing));
+    }
+    if let Some(rid) = rec.request_id.clone() {
+        let other = c
+            .prepare_cached(&format!("SELECT {COLUMNS} FROM decisions WHERE request_id = ?1"))?
+            .query_row([&rid], row_to_record)
+            .optional()?;
+        if let Some(other) = other {
+            // Two transactions raced for one request id: the first recorded
+            // keeps it; this one aborts so that the client is charged once.
+            rec.request_id = None;
+            rec.decision = Decision::Abort;
+            rec.reason = Some(AbortReason {
+                participant: "coordinator".into(),
+                code: twopc_schemas::Code::AlreadyExists,
+                message: format!("request_id {rid:?} belongs to transaction {}", other.tx),
+            });
+            insert(c, &rec)?;
+            return Ok(Recorded::DuplicateRequest(other));
+        }
+    }
+    if rec.pending.is_empty() && rec.completed_at_ms.is_none() {
+        rec.completed_at_ms = Some(now_ms());
+    }
+    insert(c, &rec)?;
+    Ok(Recorded::New(rec))
+}
+
+impl DecisionLog for SqliteLog {
+    async fn record(&self, rec: Record) -> Result<Recorded, LogError> {
+        Ok(self.db.run(move |c| record(c, rec)).await?)
+    }
+
+    async fn get(&self, tx: TxId) -> Result<Option<Record>, LogError> {
+        Ok(self.db.run(move |c| get(c, tx)).await?)
+    }
+
+    async fn by_request_id(&self, request_id: String) -> Result<Option<Record>, LogError> {
+        Ok(self
+            .db
+            .run(move |c| {
+                c.prepare_cached(&format!("SELECT {COLUMNS} FROM decisions WHERE request_id = ?1"))?
+                    .query_row([&request_id], row_to_record)
+                    .optional()
+            })
+            .await?)
+    }
+
+    async fn acked(&self, tx: TxId, participants: Vec<String>) -> Result<(), LogError> {
+        Ok(self
+            .db
+            .run(move |c| {
+                let Some(mut rec) = get(c, tx)? else {
+                    return Ok(());
+                };
+                rec.pending.retain(|p| !participants.contains(p));
+                let completed = rec.pending.is_empty().then(now_ms);
+                c.execute(
+                    "UPDATE decisions SET pending = ?2, completed_at_ms = coalesce(completed_at_ms, ?3) WHERE tx = ?1",
+                    params![
+                        tx.as_bytes().as_slice(),
+                        serde_json::to_string(&rec.pending).expect("serialises"),
+                        completed
+                    ],
+                )?;
+                Ok(())
+            })
+            .await?)
+    }
+
+    async fn incomplete(&self) -> Result<Vec<Record>, LogError> {
+        Ok(self
+            .db
+            .run(|c| {
+                let mut stmt = c.prepare(&format!(
+                    "SELECT {COLUMNS} FROM decisions WHERE completed_at_ms IS NULL ORDER BY decided_at_ms"
+                ))?;
+                let rows = stmt.query_map([], row_to_record)?;
+                rows.collect()
+            })
+            .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(tx: TxId, decision: Decision, rid: Option<&str>) -> Record {
+        Record {
+            tx,
+            decision,
+            request_id: rid.map(Into::into),
+            purchase: None,
+            reason: None,
+            deliver_to: vec!["wallet".into(), "order".into()],
+            pending: vec!["wallet".into(), "order".into()],
+            decided_at_ms: 1,
+            completed_at_ms: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn first_writer_wins_and_request_ids_are_unique() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SqliteLog::open(&dir.path().join("c.db")).unwrap();
+        let tx = TxId::now_v7();
+        assert!(matches!(log.record(rec(tx, Decision::Abort, None)).await.unwrap(), Recorded::New(_)));
+        match log.record(rec(tx, Decision::Commit, None)).await.unwrap() {
+            Recorded::Existing(r) => assert_eq!(r.decision, Decision::Abort),
+            other => panic!("{other:?}"),
+        }
+        let a = TxId::now_v7();
+        let b = TxId::now_v7();
+        assert!(matches!(log.record(rec(a, Decision::Commit, Some("k"))).await.unwrap(), Recorded::New(_)));
+        match log.record(rec(b, Decision::Commit, Some("k"))).await.unwrap() {
+            Recorded::DuplicateRequest(r) => assert_eq!(r.tx, a),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(log.get(b).await.unwrap().unwrap().decision, Decision::Abort);
+        assert_eq!(log.by_request_id("k".into()).await.unwrap().unwrap().tx, a);
+
+        assert_eq!(log.incomplete().await.unwrap().len(), 3);
+        log.acked(a, vec!["wallet".into()]).await.unwrap();
+        assert_eq!(log.get(a).await.unwrap().unwrap().pending, vec!["order"]);
+        log.acked(a, vec!["order".into()]).await.unwrap();
+        let done = log.get(a).await.unwrap().unwrap();
+        assert!(done.pending.is_empty() && done.completed_at_ms.is_some());
+        assert_eq!(log.incomplete().await.unwrap().len(), 2);
+    }
+}

@@ -1,0 +1,201 @@
+//! The participant's protocol state machine, without I/O.
+//!
+//! A branch is one participant's part of one transaction. Its states are
+//! the literature's: (Working, not stored) → Prepared → Committed | Aborted.
+//! An Aborted row with no hold is also a tombstone: the abort arrived before
+//! (or instead of) the prepare, so a late prepare must vote no.
+//!
+//! Each handler takes the stored state and the message and says what to do;
+//! the driver in [`crate::participant`] does it inside one SQLite
+//! transaction.
+
+use twopc_schemas::protocol::{BranchOp, Decision, Vote};
+use twopc_schemas::Code;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BranchState {
+    Prepared,
+    Committed,
+    Aborted,
+}
+
+impl BranchState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BranchState::Prepared => "prepared",
+            BranchState::Committed => "committed",
+            BranchState::Aborted => "aborted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "prepared" => Some(BranchState::Prepared),
+            "committed" => Some(BranchState::Committed),
+            "aborted" => Some(BranchState::Aborted),
+            _ => None,
+        }
+    }
+}
+
+/// A stored branch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Branch {
+    pub state: BranchState,
+    /// The operation prepared; `None` for a tombstone.
+    pub op: Option<BranchOp>,
+    /// Why it aborted here, if it did.
+    pub code: Option<Code>,
+    pub message: Option<String>,
+}
+
+/// What to do with a prepare.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OnPrepare {
+    /// First prepare of this transaction: ask the resource to hold.
+    Hold,
+    /// Already answered: repeat the vote, write nothing.
+    Repeat(Vote),
+}
+
+pub fn on_prepare(stored: Option<&Branch>, op: &BranchOp) -> OnPrepare {
+    let Some(b) = stored else {
+        return OnPrepare::Hold;
+    };
+    match b.state {
+        BranchState::Prepared | BranchState::Committed => {
+            if b.op.as_ref() == Some(op) {
+                OnPrepare::Repeat(Vote::Yes)
+            } else {
+                // Same id, other content: forged or corrupt. Never say yes to
+                // something that was not prepared.
+                OnPrepare::Repeat(Vote::No {
+                    code: Code::Conflict,
+                    message: "transaction id already prepared with another operation".into(),
+                })
+            }
+        }
+        BranchState::Aborted => OnPrepare::Repeat(Vote::No {
+            code: b.code.unwrap_or(Code::AlreadyAborted),
+            message: b
+                .message
+                .clone()
+                .unwrap_or_else(|| "transaction already aborted here".into()),
+        }),
+    }
+}
+
+/// What to do with a decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OnDecide {
+    /// Prepared: apply the decision to the resource and store the new state.
+    Apply(Decision),
+    /// Already in the decided state: acknowledge again, write nothing.
+    Ack,
+    /// Abort of a transaction never prepared here: store a tombstone so a
+    /// late prepare votes no, and acknowledge.
+    Tombstone,
+    /// The decision contradicts the stored state, or commits a transaction
+    /// never prepared. Reply with an error and change nothing.
+    Reject(Code, String),
+}
+
+pub fn on_decide(stored: Option<&Branch>, decision: Decision) -> OnDecide {
+    match (stored.map(|b| b.state), decision) {
+        (Some(BranchState::Prepared), d) => OnDecide::Apply(d),
+        (Some(BranchState::Committed), Decision::Commit) => OnDecide::Ack,
+        (Some(BranchState::Aborted), Decision::Abort) => OnDecide::Ack,
+        (None, Decision::Abort) => OnDecide::Tombstone,
+        (None, Decision::Commit) => OnDecide::Reject(
+            Code::UnknownTx,
+            "commit for a transaction never prepared here".into(),
+        ),
+        (Some(BranchState::Committed), Decision::Abort) => OnDecide::Reject(
+            Code::Conflict,
+            "abort for a transaction committed here".into(),
+        ),
+        (Some(BranchState::Aborted), Decision::Commit) => OnDecide::Reject(
+            Code::Conflict,
+            "commit for a transaction aborted here".into(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op() -> BranchOp {
+        BranchOp::Debit {
+            user: "a".into(),
+            amount: 1,
+        }
+    }
+    fn branch(state: BranchState) -> Branch {
+        Branch {
+            state,
+            op: Some(op()),
+            code: None,
+            message: None,
+        }
+    }
+
+    #[test]
+    fn first_prepare_holds_repeat_gets_same_vote() {
+        assert_eq!(on_prepare(None, &op()), OnPrepare::Hold);
+        assert_eq!(
+            on_prepare(Some(&branch(BranchState::Prepared)), &op()),
+            OnPrepare::Repeat(Vote::Yes)
+        );
+        assert_eq!(
+            on_prepare(Some(&branch(BranchState::Committed)), &op()),
+            OnPrepare::Repeat(Vote::Yes)
+        );
+    }
+
+    #[test]
+    fn prepare_with_other_op_is_refused() {
+        let other = BranchOp::Debit {
+            user: "a".into(),
+            amount: 2,
+        };
+        assert!(matches!(
+            on_prepare(Some(&branch(BranchState::Prepared)), &other),
+            OnPrepare::Repeat(Vote::No {
+                code: Code::Conflict,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn late_prepare_after_tombstone_votes_no() {
+        let tomb = Branch {
+            state: BranchState::Aborted,
+            op: None,
+            code: None,
+            message: None,
+        };
+        assert!(matches!(
+            on_prepare(Some(&tomb), &op()),
+            OnPrepare::Repeat(Vote::No {
+                code: Code::AlreadyAborted,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn decisions_are_idempotent_and_never_flip() {
+        use BranchState::*;
+        use Decision::*;
+        assert_eq!(on_decide(Some(&branch(Prepared)), Commit), OnDecide::Apply(Commit));
+        assert_eq!(on_decide(Some(&branch(Prepared)), Abort), OnDecide::Apply(Abort));
+        assert_eq!(on_decide(Some(&branch(Committed)), Commit), OnDecide::Ack);
+        assert_eq!(on_decide(Some(&branch(Aborted)), Abort), OnDecide::Ack);
+        assert_eq!(on_decide(None, Abort), OnDecide::Tombstone);
+        assert!(matches!(on_decide(None, Commit), OnDecide::Reject(Code::UnknownTx, _)));
+        assert!(matches!(on_decide(Some(&branch(Committed)), Abort), OnDecide::Reject(Code::Conflict, _)));
+        assert!(matches!(on_decide(Some(&branch(Aborted)), Commit), OnDecide::Reject(Code::Conflict, _)));
+    }
+}

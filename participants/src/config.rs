@@ -1,0 +1,26 @@
+//! Flags and environment shared by the participant services.
+
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ParticipantArgs {
+    /// NATS server URL(s), comma-separated, as the nats CLI reads them.
+    #[arg(long, env = "NATS_URL", default_value = twopc_common::nats::DEFAULT_URL)]
+    pub nats_url: String,
+    /// Folder for this service's SQLite database.
+    #[arg(long, env = "TWOPC_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+    /// A prepared transaction older than this is in doubt and is resolved by
+    /// asking the coordinator.
+    #[arg(long, env = "TWOPC_IN_DOUBT_AFTER_MS", default_value_t = 5_000)]
+    pub in_doubt_after_ms: u64,
+    /// How often to look for in-doubt transactions.
+    #[arg(long, env = "TWOPC_RECOVERY_INTERVAL_MS", default_value_t = 1_000)]
+    pub recovery_interval_ms: u64,
+    /// Timeout of one decision query to the coordinator.
+    #[arg(long, env = "TWOPC_DECISION_TIMEOUT_MS", default_value_t = 2_000)]
+    pub decision_timeout_ms: u64,
+    /// Most requests handled at once per subject; more get `busy`.
+    #[arg(long, env = "TWOPC_MAX_INFLIGHT", default_value_t = 4_096)]
+    pub max_inflight: usize,
+}

@@ -1,0 +1,237 @@
+//! The order service: products with price and stock. Prepare checks that
+//! the amount is price × qty and reserves stock (stock minus reservations
+//! must cover qty); commit records the order and takes the stock; abort
+//! releases the reservation.
+//!
+//! Public subjects: `order.stock` `{"sku"}`, `order.products.create`
+//! `{"sku", "price", "stock"}`.
+
+use bytes::Bytes;
+use rusqlite::{params, Connection, OptionalExtension};
+use twopc_common::db::Db;
+use twopc_common::now_ms;
+use twopc_schemas::api::{check_id, parse_json, ApiError, CreateProduct, Stock, StockQuery};
+use twopc_schemas::protocol::{BranchOp, TxId};
+use twopc_schemas::{subjects, Code};
+
+use crate::participant::{db_error, json_reply, Refusal, Resource};
+
+pub struct Order;
+
+const MIGRATIONS: &[&str] = &["
+CREATE TABLE products (
+    sku TEXT PRIMARY KEY,
+    price INTEGER NOT NULL CHECK (price > 0),
+    stock INTEGER NOT NULL CHECK (stock >= 0),
+    reserved INTEGER NOT NULL DEFAULT 0 CHECK (reserved >= 0 AND reserved <= stock)
+);
+-- One row per prepared, undecided purchase.
+CREATE TABLE reservations (
+    tx BLOB PRIMARY KEY,
+    sku TEXT NOT NULL REFERENCES products (sku),
+    qty INTEGER NOT NULL CHECK (qty > 0)
+);
+-- One row per committed purchase: the order service's side of it.
+CREATE TABLE orders (
+    tx BLOB PRIMARY KEY,
+    user TEXT NOT NULL,
+    sku TEXT NOT NULL REFERENCES products (sku),
+    qty INTEGER NOT NULL CHECK (qty > 0),
+    amount INTEGER NOT NULL CHECK (amount > 0),
+    created_at_ms INTEGER NOT NULL
+);
+"];
+
+fn reserve(op: &BranchOp) -> Option<(&str, &str, u32, u64)> {
+    match op {
+        BranchOp::Reserve {
+            user,
+            sku,
+            qty,
+            amount,
+        } => Some((user, sku, *qty, *amount)),
+        _ => None,
+    }
+}
+
+impl Resource for Order {
+    fn name(&self) -> &'static str {
+        subjects::ORDER
+    }
+
+    fn migrations(&self) -> &'static [&'static str] {
+        MIGRATIONS
+    }
+
+    fn hold(
+        &self,
+        conn: &Connection,
+        tx: TxId,
+        op: &BranchOp,
+    ) -> rusqlite::Result<Result<(), Refusal>> {
+        let Some((_, sku, qty, amount)) = reserve(op) else {
+            return Ok(Err((Code::BadMessage, "the order service only reserves".into())));
+        };
+        let row: Option<(i64, i64, i64)> = conn
+            .query_row(
+                "SELECT price, stock, reserved FROM products WHERE sku = ?1",
+                [sku],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let Some((price, stock, reserved)) = row else {
+            return Ok(Err((Code::UnknownSku, format!("no product {sku:?}"))));
+        };
+        let due = (price as u64).checked_mul(qty as u64);
+        if due != Some(amount) {
+            return Ok(Err((
+                Code::PriceMismatch,
+                format!(
+                    "{sku} costs {price} × {qty} = {}, the purchase says {amount}",
+                    due.map_or("overflow".to_string(), |d| d.to_string())
+                ),
+            )));
+        }
+        let available = (stock - reserved) as u64;
+        if available < qty as u64 {
+            return Ok(Err((
+                Code::OutOfStock,
+                format!("{sku} has {available} available, the purchase needs {qty}"),
+            )));
+        }
+        conn.execute(
+            "UPDATE products SET reserved = reserved + ?2 WHERE sku = ?1",
+            params![sku, qty],
+        )?;
+        conn.execute(
+            "INSERT INTO reservations (tx, sku, qty) VALUES (?1, ?2, ?3)",
+            params![tx.as_bytes().as_slice(), sku, qty],
+        )?;
+        Ok(Ok(()))
+    }
+
+    fn apply(&self, conn: &Connection, tx: TxId, op: &BranchOp) -> rusqlite::Result<()> {
+        let (user, sku, qty, amount) = reserve(op).expect("a prepared order op is a reservation");
+        let n = conn.execute(
+            "DELETE FROM reservations WHERE tx = ?1",
+            [tx.as_bytes().as_slice()],
+        )?;
+        assert_eq!(n, 1, "a prepared order has its reservation");
+        conn.execute(
+            "UPDATE products SET stock = stock - ?2, reserved = reserved - ?2 WHERE sku = ?1",
+            params![sku, qty],
+        )?;
+        conn.execute(
+            "INSERT INTO orders (tx, user, sku, qty, amount, created_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![tx.as_bytes().as_slice(), user, sku, qty, amount as i64, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    fn release(&self, conn: &Connection, tx: TxId, op: &BranchOp) -> rusqlite::Result<()> {
+        let (_, sku, qty, _) = reserve(op).expect("a prepared order op is a reservation");
+        let n = conn.execute(
+            "DELETE FROM reservations WHERE tx = ?1",
+            [tx.as_bytes().as_slice()],
+        )?;
+        assert_eq!(n, 1, "a prepared order has its reservation");
+        conn.execute(
+            "UPDATE products SET reserved = reserved - ?2 WHERE sku = ?1",
+            params![sku, qty],
+        )?;
+        Ok(())
+    }
+}
+
+async fn stock(db: Db, payload: Bytes) -> Result<Stock, ApiError> {
+    let q: StockQuery = parse_json(&payload)?;
+    check_id("sku", &q.sku)?;
+    let sku = q.sku.clone();
+    let row = db
+        .run(move |c| {
+            c.query_row(
+                "SELECT price, stock, reserved FROM products WHERE sku = ?1",
+                [&sku],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)),
+            )
+            .optional()
+        })
+        .await
+        .map_err(db_error)?;
+    let (price, stock, reserved) =
+        row.ok_or_else(|| ApiError::new(Code::UnknownSku, format!("no product {:?}", q.sku)))?;
+    Ok(Stock {
+        sku: q.sku,
+        price: price as u64,
+        stock: stock as u64,
+        reserved: reserved as u64,
+        available: (stock - reserved) as u64,
+    })
+}
+
+async fn create_product(db: Db, payload: Bytes) -> Result<Stock, ApiError> {
+    let req: CreateProduct = parse_json(&payload)?;
+    req.validate()?;
+    let r = req.clone();
+    let inserted = db
+        .run(move |c| {
+            c.execute(
+                "INSERT INTO products (sku, price, stock) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                params![r.sku, r.price as i64, r.stock as i64],
+            )
+        })
+        .await
+        .map_err(db_error)?;
+    if inserted == 0 {
+        return Err(ApiError::new(
+            Code::AlreadyExists,
+            format!("product {:?} exists already", req.sku),
+        ));
+    }
+    tracing::info!(sku = %req.sku, price = req.price, stock = req.stock, "product created");
+    Ok(Stock {
+        sku: req.sku,
+        price: req.price,
+        stock: req.stock,
+        reserved: 0,
+        available: req.stock,
+    })
+}
+
+/// Serves the order service's public subjects.
+pub async fn serve_public(client: async_nats::Client, db: Db, max_inflight: usize) -> anyhow::Result<()> {
+    let queue = subjects::queue_group(subjects::ORDER);
+    let busy = Bytes::from(ApiError::new(Code::Busy, "too many requests in flight").to_json());
+    let d = db.clone();
+    let stock = twopc_common::serve::serve(
+        client.clone(),
+        subjects::ORDER_STOCK.into(),
+        queue.clone(),
+        max_inflight,
+        busy.clone(),
+        move |m| {
+            let d = d.clone();
+            async move { Some(json_reply(stock(d, m.payload).await)) }
+        },
+    );
+    let create = twopc_common::serve::serve(
+        client,
+        subjects::ORDER_CREATE_PRODUCT.into(),
+        queue,
+        max_inflight,
+        busy,
+        move |m| {
+            let d = db.clone();
+            async move { Some(json_reply(create_product(d, m.payload).await)) }
+        },
+    );
+    tokio::try_join!(stock, create)?;
+    Ok(())
+}
+
+/// Runs the order service until SIGTERM/SIGINT.
+pub async fn run(args: crate::ParticipantArgs) -> anyhow::Result<()> {
+    let max = args.max_inflight;
+    crate::participant::run_service(args, Order, move |client, db| serve_public(client, db, max)).await
+}

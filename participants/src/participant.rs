@@ -1,0 +1,567 @@
+//! The participant library: everything about the protocol that the wallet
+//! and the order service share. A service implements [`Resource`] (hold,
+//! apply, release) and calls [`Participant::run`].
+//!
+//! Subjects served (queue group `twopc-<name>`):
+//! * `twopc.<name>.prepare` — phase 1, postcard [`Prepare`] → [`Vote`];
+//! * `twopc.<name>.decide` — phase 2, postcard [`Decide`] → [`DecideReply`];
+//! * `<name>.tx` — public JSON status of one transaction here.
+//!
+//! And one background task: in-doubt recovery, which asks the coordinator's
+//! decision subject about every branch prepared for longer than
+//! `in_doubt_after_ms` (every prepared branch at start) until it is answered.
+//! A participant never decides a prepared branch on its own.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rusqlite::{params, Connection, OptionalExtension};
+use tracing::{error, info, warn, Instrument};
+use twopc_common::backoff::Backoff;
+use twopc_common::db::{self, Db, DbError};
+use twopc_common::fault::{crash_point, delay_point};
+use twopc_common::now_ms;
+use twopc_schemas::api::{ApiError, BranchStatus, TxQuery};
+use twopc_schemas::protocol::{
+    self, BranchOp, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Prepare, TxId,
+    Vote,
+};
+use twopc_schemas::{subjects, Code};
+
+use crate::branch::{on_decide, on_prepare, Branch, BranchState, OnDecide, OnPrepare};
+use crate::config::ParticipantArgs;
+
+/// A refusal to prepare: the vote's code and message.
+pub type Refusal = (Code, String);
+
+/// What a participant service manages. All three methods run on the
+/// database's writer thread inside the transaction's SQLite transaction; the
+/// library records the branch state in the same SQLite transaction, so the
+/// resource change and the protocol state are durable together.
+pub trait Resource: Send + Sync + 'static {
+    /// The participant's name (`wallet`, `order`): subjects and logs.
+    fn name(&self) -> &'static str;
+    /// Schema of the resource's own tables, applied in order once each.
+    fn migrations(&self) -> &'static [&'static str];
+    /// Checks `op` and holds what it needs. `Ok(Err(refusal))` means a no
+    /// vote, and the resource must have written nothing.
+    fn hold(&self, conn: &Connection, tx: TxId, op: &BranchOp)
+        -> rusqlite::Result<Result<(), Refusal>>;
+    /// Makes a held operation permanent (decision commit).
+    fn apply(&self, conn: &Connection, tx: TxId, op: &BranchOp) -> rusqlite::Result<()>;
+    /// Releases what `hold` took (decision abort).
+    fn release(&self, conn: &Connection, tx: TxId, op: &BranchOp) -> rusqlite::Result<()>;
+}
+
+/// The library's own table, shared by every participant database.
+const BRANCHES_SQL: &str = "
+CREATE TABLE IF NOT EXISTS branches (
+    tx BLOB PRIMARY KEY CHECK (length(tx) = 16),
+    state TEXT NOT NULL CHECK (state IN ('prepared', 'committed', 'aborted')),
+    op TEXT,
+    code TEXT,
+    message TEXT,
+    prepared_at_ms INTEGER,
+    updated_at_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS branches_in_doubt ON branches (prepared_at_ms) WHERE state = 'prepared';
+";
+
+/// Reads one branch.
+pub fn load_branch(conn: &Connection, tx: TxId) -> rusqlite::Result<Option<Branch>> {
+    conn.query_row(
+        "SELECT state, op, code, message FROM branches WHERE tx = ?1",
+        [tx.as_bytes().as_slice()],
+        |r| {
+            let state: String = r.get(0)?;
+            let op: Option<String> = r.get(1)?;
+            let code: Option<String> = r.get(2)?;
+            Ok(Branch {
+                // Paired with the CHECK constraint on write: a state we do not
+                // know means the file is not ours or is corrupt.
+                state: BranchState::parse(&state).expect("branch state is valid"),
+                op: op.map(|s| serde_json::from_str(&s).expect("stored op decodes")),
+                code: code.and_then(|c| Code::parse(&c)),
+                message: r.get(3)?,
+            })
+        },
+    )
+    .optional()
+}
+
+fn set_state(conn: &Connection, tx: TxId, state: BranchState) -> rusqlite::Result<()> {
+    let n = conn.execute(
+        "UPDATE branches SET state = ?2, updated_at_ms = ?3 WHERE tx = ?1",
+        params![tx.as_bytes().as_slice(), state.as_str(), now_ms()],
+    )?;
+    assert_eq!(n, 1, "branch row exists");
+    Ok(())
+}
+
+/// Phase 1 inside one SQLite transaction: returns the vote to send once the
+/// batch is durable.
+fn prepare_job<R: Resource>(
+    resource: &R,
+    conn: &Connection,
+    tx: TxId,
+    op: &BranchOp,
+) -> rusqlite::Result<Vote> {
+    let stored = load_branch(conn, tx)?;
+    match on_prepare(stored.as_ref(), op) {
+        OnPrepare::Repeat(vote) => Ok(vote),
+        OnPrepare::Hold => {
+            let op_json = serde_json::to_string(op).expect("op serialises");
+            let now = now_ms();
+            match resource.hold(conn, tx, op)? {
+                Ok(()) => {
+                    conn.execute(
+                        "INSERT INTO branches (tx, state, op, prepared_at_ms, updated_at_ms)
+                         VALUES (?1, 'prepared', ?2, ?3, ?3)",
+                        params![tx.as_bytes().as_slice(), op_json, now],
+                    )?;
+                    Ok(Vote::Yes)
+                }
+                Err((code, message)) => {
+                    // Remember the no vote, so a repeated prepare gets the
+                    // same answer even if the resource changed meanwhile.
+                    conn.execute(
+                        "INSERT INTO branches (tx, state, op, code, message, updated_at_ms)
+                         VALUES (?1, 'aborted', ?2, ?3, ?4, ?5)",
+                        params![tx.as_bytes().as_slice(), op_json, code.as_str(), message, now],
+                    )?;
+                    Ok(Vote::No { code, message })
+                }
+            }
+        }
+    }
+}
+
+/// Phase 2 inside one SQLite transaction.
+fn decide_job<R: Resource>(
+    resource: &R,
+    conn: &Connection,
+    tx: TxId,
+    decision: Decision,
+) -> rusqlite::Result<DecideReply> {
+    let stored = load_branch(conn, tx)?;
+    match on_decide(stored.as_ref(), decision) {
+        OnDecide::Ack => Ok(DecideReply::Ack),
+        OnDecide::Reject(code, message) => Ok(DecideReply::Rejected { code, message }),
+        OnDecide::Tombstone => {
+            conn.execute(
+                "INSERT INTO branches (tx, state, code, message, updated_at_ms)
+                 VALUES (?1, 'aborted', ?2, ?3, ?4)",
+                params![
+                    tx.as_bytes().as_slice(),
+                    Code::AlreadyAborted.as_str(),
+                    "aborted before it was prepared here",
+                    now_ms()
+                ],
+            )?;
+            Ok(DecideReply::Ack)
+        }
+        OnDecide::Apply(d) => {
+            let op = stored
+                .and_then(|b| b.op)
+                .expect("a prepared branch has its operation");
+            match d {
+                Decision::Commit => {
+                    resource.apply(conn, tx, &op)?;
+                    set_state(conn, tx, BranchState::Committed)?;
+                }
+                Decision::Abort => {
+                    resource.release(conn, tx, &op)?;
+                    set_state(conn, tx, BranchState::Aborted)?;
+                }
+            }
+            Ok(DecideReply::Ack)
+        }
+    }
+}
+
+/// A running participant's shared state.
+pub struct Participant<R: Resource> {
+    /// The service's resource logic.
+    resource: Arc<R>,
+    /// The writer thread of the service's database.
+    db: Db,
+    /// Connection to NATS.
+    client: async_nats::Client,
+    /// Flags and environment.
+    args: ParticipantArgs,
+}
+
+impl<R: Resource> Participant<R> {
+    /// Opens (or creates) the database in `args.data_dir`.
+    pub fn open_db(args: &ParticipantArgs, resource: &R) -> anyhow::Result<Db> {
+        std::fs::create_dir_all(&args.data_dir)?;
+        let path = args.data_dir.join(format!("{}.db", resource.name()));
+        let conn = db::open(&path, resource.migrations())?;
+        conn.execute_batch(BRANCHES_SQL)?;
+        Ok(Db::start(conn, resource.name()))
+    }
+
+    pub fn new(resource: R, db: Db, client: async_nats::Client, args: ParticipantArgs) -> Arc<Self> {
+        Arc::new(Participant {
+            resource: Arc::new(resource),
+            db,
+            client,
+            args,
+        })
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    fn name(&self) -> &'static str {
+        self.resource.name()
+    }
+
+    /// Serves the protocol subjects and runs recovery until the client
+    /// closes or a task fails.
+    pub async fn run(self: Arc<Self>) -> anyhow::Result<()> {
+        let name = self.name();
+        let queue = subjects::queue_group(name);
+        let busy_vote = Bytes::from(protocol::encode(&Vote::No {
+            code: Code::Busy,
+            message: format!("{name} is at its in-flight limit"),
+        }));
+        let busy_decide = Bytes::from(protocol::encode(&DecideReply::Rejected {
+            code: Code::Busy,
+            message: format!("{name} is at its in-flight limit"),
+        }));
+        let busy_json = Bytes::from(ApiError::new(Code::Busy, "too many requests in flight").to_json());
+        let max = self.args.max_inflight;
+
+        let p = self.clone();
+        let prepare = twopc_common::serve::serve(
+            self.client.clone(),
+            subjects::prepare(name),
+            queue.clone(),
+            max,
+            busy_vote,
+            move |msg| {
+                let p = p.clone();
+                async move { Some(p.on_prepare(msg.payload).await) }
+            },
+        );
+        let p = self.clone();
+        let decide = twopc_common::serve::serve(
+            self.client.clone(),
+            subjects::decide(name),
+            queue.clone(),
+            max,
+            busy_decide,
+            move |msg| {
+                let p = p.clone();
+                async move { Some(p.on_decide(msg.payload).await) }
+            },
+        );
+        let p = self.clone();
+        let status = twopc_common::serve::serve(
+            self.client.clone(),
+            subjects::participant_tx(name),
+            queue,
+            max,
+            busy_json,
+            move |msg| {
+                let p = p.clone();
+                async move { Some(p.on_tx_status(msg.payload).await) }
+            },
+        );
+        let recovery = self.clone().recovery_loop();
+        info!(participant = name, faults = ?twopc_common::fault::armed(), "participant serving");
+        tokio::try_join!(prepare, decide, status, recovery)?;
+        Ok(())
+    }
+
+    async fn on_prepare(&self, payload: Bytes) -> Bytes {
+        let name = self.name();
+        let msg = match protocol::decode::<Prepare>(&payload) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(participant = name, error = %e, "rejected prepare that does not decode");
+                return protocol::encode(&Vote::No {
+                    code: Code::BadMessage,
+                    message: e.to_string(),
+                })
+                .into();
+            }
+        };
+        let span = tracing::info_span!("prepare", participant = name, tx = %msg.tx);
+        async move {
+            delay_point(&format!("{name}.prepare")).await;
+            let resource = self.resource.clone();
+            let Prepare { tx, op } = msg;
+            let vote = match self
+                .db
+                .run(move |c| prepare_job(&*resource, c, tx, &op))
+                .await
+            {
+                Ok(v) => v,
+                Err(DbError::Busy) => Vote::No {
+                    code: Code::Busy,
+                    message: format!("{name}'s log is at its queue limit"),
+                },
+                Err(e) => {
+                    error!(error = %e, "prepare failed; voting no");
+                    Vote::No {
+                        code: Code::Internal,
+                        message: format!("{name} could not prepare: {e}"),
+                    }
+                }
+            };
+            // Durable point: `db.run` returned only after the batch holding
+            // this prepare was fsynced, so the yes vote below announces a
+            // durable prepared record.
+            crash_point(&format!("{name}.prepare.after_durable"));
+            match &vote {
+                Vote::Yes => info!("prepared, voting yes"),
+                Vote::No { code, message } => info!(%code, %message, "voting no"),
+            }
+            Bytes::from(protocol::encode(&vote))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn on_decide(&self, payload: Bytes) -> Bytes {
+        let name = self.name();
+        let msg = match protocol::decode::<Decide>(&payload) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(participant = name, error = %e, "rejected decision that does not decode");
+                return protocol::encode(&DecideReply::Rejected {
+                    code: Code::BadMessage,
+                    message: e.to_string(),
+                })
+                .into();
+            }
+        };
+        delay_point(&format!("{name}.decide")).await;
+        let reply = self.apply_decision(msg.tx, msg.decision).await;
+        protocol::encode(&reply).into()
+    }
+
+    /// Applies a decision durably (phase 2 delivery and recovery share it).
+    async fn apply_decision(&self, tx: TxId, decision: Decision) -> DecideReply {
+        let name = self.name();
+        let span = tracing::info_span!("decide", participant = name, %tx, decision = decision.as_str());
+        async move {
+            let resource = self.resource.clone();
+            let reply = match self
+                .db
+                .run(move |c| decide_job(&*resource, c, tx, decision))
+                .await
+            {
+                Ok(r) => r,
+                Err(DbError::Busy) => DecideReply::Rejected {
+                    code: Code::Busy,
+                    message: format!("{name}'s log is at its queue limit"),
+                },
+                Err(e) => {
+                    error!(error = %e, "applying the decision failed");
+                    DecideReply::Rejected {
+                        code: Code::Internal,
+                        message: e.to_string(),
+                    }
+                }
+            };
+            // Durable point: the decision's effect is fsynced before the ack
+            // leaves, so the coordinator may forget the transaction after it.
+            crash_point(&format!("{name}.decide.after_durable"));
+            match &reply {
+                DecideReply::Ack => info!("decision applied"),
+                DecideReply::Rejected { code, message } => {
+                    warn!(%code, %message, "decision rejected")
+                }
+            }
+            reply
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn on_tx_status(&self, payload: Bytes) -> Bytes {
+        let tx = match TxQuery::parse(&payload) {
+            Ok(tx) => tx,
+            Err(e) => return e.to_json().into(),
+        };
+        let name = self.name();
+        let res = self
+            .db
+            .run(move |c| {
+                let b = load_branch(c, tx)?;
+                let at: Option<i64> = c
+                    .query_row(
+                        "SELECT updated_at_ms FROM branches WHERE tx = ?1",
+                        [tx.as_bytes().as_slice()],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                Ok((b, at))
+            })
+            .await;
+        match res {
+            Ok((b, at)) => {
+                let status = BranchStatus {
+                    tx: tx.to_string(),
+                    participant: name.to_owned(),
+                    state: b.as_ref().map_or("unknown", |b| b.state.as_str()).to_owned(),
+                    code: b.as_ref().and_then(|b| b.code),
+                    message: b.as_ref().and_then(|b| b.message.clone()),
+                    op: b
+                        .as_ref()
+                        .and_then(|b| b.op.as_ref())
+                        .map(|op| serde_json::to_value(op).expect("op serialises")),
+                    updated_at_ms: at,
+                };
+                serde_json::to_vec(&status).expect("status serialises").into()
+            }
+            Err(e) => ApiError::new(Code::Internal, e.to_string()).to_json().into(),
+        }
+    }
+
+    /// In-doubt recovery. At start every prepared branch is in doubt; after
+    /// that, those prepared longer than `in_doubt_after_ms`. Each is asked
+    /// about with its own capped, jittered backoff until answered.
+    async fn recovery_loop(self: Arc<Self>) -> anyhow::Result<()> {
+        let name = self.name();
+        let interval = Duration::from_millis(self.args.recovery_interval_ms.max(10));
+        let mut threshold_ms = 0i64; // everything prepared is in doubt at start
+        let mut retry: HashMap<TxId, (Backoff, Instant)> = HashMap::new();
+        loop {
+            let cutoff = now_ms() - threshold_ms;
+            let in_doubt = self
+                .db
+                .run(move |c| {
+                    let mut stmt = c.prepare_cached(
+                        "SELECT tx FROM branches WHERE state = 'prepared' AND prepared_at_ms <= ?1
+                         ORDER BY prepared_at_ms LIMIT 1000",
+                    )?;
+                    let rows = stmt.query_map([cutoff], |r| r.get::<_, Vec<u8>>(0))?;
+                    rows.map(|r| r.map(|b| TxId::from_slice(&b).expect("16-byte tx id")))
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .await;
+            let in_doubt = match in_doubt {
+                Ok(v) => v,
+                Err(e) => {
+                    warn!(participant = name, error = %e, "could not list in-doubt branches");
+                    vec![]
+                }
+            };
+            retry.retain(|tx, _| in_doubt.contains(tx));
+            let now = Instant::now();
+            let due: Vec<TxId> = in_doubt
+                .into_iter()
+                .filter(|tx| retry.get(tx).is_none_or(|(_, at)| *at <= now))
+                .collect();
+            if !due.is_empty() {
+                info!(participant = name, count = due.len(), "resolving in-doubt transactions");
+            }
+            let results = futures::future::join_all(
+                due.iter().map(|&tx| self.clone().resolve_in_doubt(tx)),
+            )
+            .await;
+            for (tx, resolved) in due.into_iter().zip(results) {
+                if resolved {
+                    retry.remove(&tx);
+                } else {
+                    let entry = retry
+                        .entry(tx)
+                        .or_insert_with(|| (Backoff::new(100, 10_000), Instant::now()));
+                    entry.1 = Instant::now() + entry.0.next_delay();
+                }
+            }
+            threshold_ms = self.args.in_doubt_after_ms as i64;
+            tokio::time::sleep(interval).await;
+        }
+    }
+
+    /// Asks the coordinator once; applies the answer. True when resolved.
+    async fn resolve_in_doubt(self: Arc<Self>, tx: TxId) -> bool {
+        let name = self.name();
+        let query = protocol::encode(&DecisionQuery {
+            tx,
+            participant: name.to_owned(),
+        });
+        let request = async_nats::Request::new()
+            .payload(query.into())
+            .timeout(Some(Duration::from_millis(self.args.decision_timeout_ms)));
+        let reply = match self
+            .client
+            .send_request(subjects::DECISION_QUERY, request)
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                // A timeout is "unknown": ask again later, never guess.
+                warn!(participant = name, %tx, error = %e, "decision query unanswered; will retry");
+                return false;
+            }
+        };
+        match protocol::decode::<DecisionReply>(&reply.payload) {
+            Ok(DecisionReply::Decided { tx: got, decision }) if got == tx => {
+                info!(participant = name, %tx, decision = decision.as_str(), "in-doubt transaction resolved by the coordinator");
+                crash_point(&format!("{name}.recover.before_apply"));
+                matches!(self.apply_decision(tx, decision).await, DecideReply::Ack)
+            }
+            Ok(DecisionReply::Decided { tx: got, .. }) => {
+                error!(participant = name, %tx, %got, "decision reply for another transaction; ignored");
+                false
+            }
+            Ok(DecisionReply::Rejected { code, message }) => {
+                warn!(participant = name, %tx, %code, %message, "decision query refused; will retry");
+                false
+            }
+            Err(e) => {
+                warn!(participant = name, %tx, error = %e, "decision reply does not decode; will retry");
+                false
+            }
+        }
+    }
+}
+
+/// Opens the participant's database, connects to NATS and serves until
+/// SIGTERM/SIGINT or failure. `extra` adds the service's own subjects.
+pub async fn run_service<R, F, Fut>(args: ParticipantArgs, resource: R, extra: F) -> anyhow::Result<()>
+where
+    R: Resource,
+    F: FnOnce(async_nats::Client, Db) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let name = resource.name();
+    let db = Participant::open_db(&args, &resource)?;
+    info!(participant = name, db = %db.path().display(), "database open (WAL, synchronous=FULL)");
+    let client = twopc_common::nats::connect(&args.nats_url, name).await?;
+    let extra = extra(client.clone(), db.clone());
+    let p = Participant::new(resource, db, client, args);
+    tokio::select! {
+        r = p.run() => r,
+        r = extra => r,
+        _ = twopc_common::nats::shutdown_signal() => {
+            info!(participant = name, "shutting down");
+            Ok(())
+        }
+    }
+}
+
+/// Helper for services' JSON endpoints: parse, run on the database, reply.
+pub fn json_reply<T: serde::Serialize>(r: Result<T, ApiError>) -> Bytes {
+    match r {
+        Ok(v) => serde_json::to_vec(&v).expect("reply serialises").into(),
+        Err(e) => e.to_json().into(),
+    }
+}
+
+/// Maps a database failure to a public error.
+pub fn db_error(e: DbError) -> ApiError {
+    match e {
+        DbError::Busy => ApiError::new(Code::Busy, "too many requests in flight"),
+        other => ApiError::new(Code::Internal, other.to_string()),
+    }
+}

@@ -1,0 +1,210 @@
+//! The wallet: users with balances. Prepare holds part of a balance
+//! (balance minus holds must cover the amount), commit debits the hold,
+//! abort releases it. Holds let concurrent purchases of one user prepare
+//! without waiting for each other's decisions.
+//!
+//! Public subjects: `wallet.balance` `{"user"}`, `wallet.users.create`
+//! `{"user", "balance"}`.
+
+use bytes::Bytes;
+use rusqlite::{params, Connection, OptionalExtension};
+use twopc_common::db::Db;
+use twopc_common::now_ms;
+use twopc_schemas::api::{check_id, parse_json, ApiError, Balance, BalanceQuery, CreateUser};
+use twopc_schemas::protocol::{BranchOp, TxId};
+use twopc_schemas::{subjects, Code};
+
+use crate::participant::{db_error, json_reply, Refusal, Resource};
+
+pub struct Wallet;
+
+const MIGRATIONS: &[&str] = &["
+CREATE TABLE users (
+    user TEXT PRIMARY KEY,
+    balance INTEGER NOT NULL CHECK (balance >= 0),
+    held INTEGER NOT NULL DEFAULT 0 CHECK (held >= 0 AND held <= balance)
+);
+-- One row per prepared, undecided debit.
+CREATE TABLE holds (
+    tx BLOB PRIMARY KEY,
+    user TEXT NOT NULL REFERENCES users (user),
+    amount INTEGER NOT NULL CHECK (amount > 0)
+);
+-- One row per committed debit: the wallet's side of each purchase.
+CREATE TABLE debits (
+    tx BLOB PRIMARY KEY,
+    user TEXT NOT NULL REFERENCES users (user),
+    amount INTEGER NOT NULL CHECK (amount > 0),
+    applied_at_ms INTEGER NOT NULL
+);
+"];
+
+fn debit(op: &BranchOp) -> Option<(&str, u64)> {
+    match op {
+        BranchOp::Debit { user, amount } => Some((user, *amount)),
+        _ => None,
+    }
+}
+
+impl Resource for Wallet {
+    fn name(&self) -> &'static str {
+        subjects::WALLET
+    }
+
+    fn migrations(&self) -> &'static [&'static str] {
+        MIGRATIONS
+    }
+
+    fn hold(
+        &self,
+        conn: &Connection,
+        tx: TxId,
+        op: &BranchOp,
+    ) -> rusqlite::Result<Result<(), Refusal>> {
+        let Some((user, amount)) = debit(op) else {
+            return Ok(Err((Code::BadMessage, "the wallet only debits".into())));
+        };
+        let row: Option<(i64, i64)> = conn
+            .query_row(
+                "SELECT balance, held FROM users WHERE user = ?1",
+                [user],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((balance, held)) = row else {
+            return Ok(Err((Code::UnknownUser, format!("no user {user:?}"))));
+        };
+        let available = (balance - held) as u64;
+        if available < amount {
+            return Ok(Err((
+                Code::InsufficientFunds,
+                format!("{user} has {available} available, the purchase needs {amount}"),
+            )));
+        }
+        conn.execute(
+            "UPDATE users SET held = held + ?2 WHERE user = ?1",
+            params![user, amount as i64],
+        )?;
+        conn.execute(
+            "INSERT INTO holds (tx, user, amount) VALUES (?1, ?2, ?3)",
+            params![tx.as_bytes().as_slice(), user, amount as i64],
+        )?;
+        Ok(Ok(()))
+    }
+
+    fn apply(&self, conn: &Connection, tx: TxId, op: &BranchOp) -> rusqlite::Result<()> {
+        let (user, amount) = debit(op).expect("a prepared wallet op is a debit");
+        let n = conn.execute("DELETE FROM holds WHERE tx = ?1", [tx.as_bytes().as_slice()])?;
+        assert_eq!(n, 1, "a prepared debit has its hold");
+        conn.execute(
+            "UPDATE users SET balance = balance - ?2, held = held - ?2 WHERE user = ?1",
+            params![user, amount as i64],
+        )?;
+        conn.execute(
+            "INSERT INTO debits (tx, user, amount, applied_at_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![tx.as_bytes().as_slice(), user, amount as i64, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    fn release(&self, conn: &Connection, tx: TxId, op: &BranchOp) -> rusqlite::Result<()> {
+        let (user, amount) = debit(op).expect("a prepared wallet op is a debit");
+        let n = conn.execute("DELETE FROM holds WHERE tx = ?1", [tx.as_bytes().as_slice()])?;
+        assert_eq!(n, 1, "a prepared debit has its hold");
+        conn.execute(
+            "UPDATE users SET held = held - ?2 WHERE user = ?1",
+            params![user, amount as i64],
+        )?;
+        Ok(())
+    }
+}
+
+async fn balance(db: Db, payload: Bytes) -> Result<Balance, ApiError> {
+    let q: BalanceQuery = parse_json(&payload)?;
+    check_id("user", &q.user)?;
+    let user = q.user.clone();
+    let row = db
+        .run(move |c| {
+            c.query_row(
+                "SELECT balance, held FROM users WHERE user = ?1",
+                [&user],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+            )
+            .optional()
+        })
+        .await
+        .map_err(db_error)?;
+    let (balance, held) =
+        row.ok_or_else(|| ApiError::new(Code::UnknownUser, format!("no user {:?}", q.user)))?;
+    Ok(Balance {
+        user: q.user,
+        balance: balance as u64,
+        held: held as u64,
+        available: (balance - held) as u64,
+    })
+}
+
+async fn create_user(db: Db, payload: Bytes) -> Result<Balance, ApiError> {
+    let req: CreateUser = parse_json(&payload)?;
+    req.validate()?;
+    let r = req.clone();
+    let inserted = db
+        .run(move |c| {
+            c.execute(
+                "INSERT INTO users (user, balance) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                params![r.user, r.balance as i64],
+            )
+        })
+        .await
+        .map_err(db_error)?;
+    if inserted == 0 {
+        return Err(ApiError::new(
+            Code::AlreadyExists,
+            format!("user {:?} exists already", req.user),
+        ));
+    }
+    tracing::info!(user = %req.user, balance = req.balance, "user created");
+    Ok(Balance {
+        user: req.user,
+        balance: req.balance,
+        held: 0,
+        available: req.balance,
+    })
+}
+
+/// Serves the wallet's public subjects.
+pub async fn serve_public(client: async_nats::Client, db: Db, max_inflight: usize) -> anyhow::Result<()> {
+    let queue = subjects::queue_group(subjects::WALLET);
+    let busy = Bytes::from(ApiError::new(Code::Busy, "too many requests in flight").to_json());
+    let d = db.clone();
+    let balance = twopc_common::serve::serve(
+        client.clone(),
+        subjects::WALLET_BALANCE.into(),
+        queue.clone(),
+        max_inflight,
+        busy.clone(),
+        move |m| {
+            let d = d.clone();
+            async move { Some(json_reply(balance(d, m.payload).await)) }
+        },
+    );
+    let create = twopc_common::serve::serve(
+        client,
+        subjects::WALLET_CREATE_USER.into(),
+        queue,
+        max_inflight,
+        busy,
+        move |m| {
+            let d = db.clone();
+            async move { Some(json_reply(create_user(d, m.payload).await)) }
+        },
+    );
+    tokio::try_join!(balance, create)?;
+    Ok(())
+}
+
+/// Runs the wallet service until SIGTERM/SIGINT.
+pub async fn run(args: crate::ParticipantArgs) -> anyhow::Result<()> {
+    let max = args.max_inflight;
+    crate::participant::run_service(args, Wallet, move |client, db| serve_public(client, db, max)).await
+}

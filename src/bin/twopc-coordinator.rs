@@ -1,0 +1,16 @@
+//! The coordinator service. Flags or environment; see `--help`.
+use clap::Parser;
+
+/// twopc coordinator: serves shop.purchase, decides, delivers decisions.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(flatten)]
+    args: twopc_coordinator::CoordinatorArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    twopc_common::logging::init("info");
+    twopc_coordinator::run(Cli::parse().args).await
+}

@@ -1,0 +1,16 @@
+//! The order participant service. Flags or environment; see `--help`.
+use clap::Parser;
+
+/// twopc order: products, prices and stock, reservations while prepared.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(flatten)]
+    args: twopc_participants::ParticipantArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    twopc_common::logging::init("info");
+    twopc_participants::order::run(Cli::parse().args).await
+}

@@ -1,0 +1,16 @@
+//! The wallet participant service. Flags or environment; see `--help`.
+use clap::Parser;
+
+/// twopc wallet: user balances, holds while a purchase is prepared.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(flatten)]
+    args: twopc_participants::ParticipantArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    twopc_common::logging::init("info");
+    twopc_participants::wallet::run(Cli::parse().args).await
+}
