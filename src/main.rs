@@ -194,9 +194,18 @@ async fn up(data_dir: PathBuf, port: u16, no_demo: bool, nats_url_env: Option<St
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     twopc_common::logging::init("warn");
-    let cli = Cli::parse();
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let timeout = Duration::from_millis(cli.timeout_ms);
     if let Cmd::Up { data_dir, port, no_demo } = cli.cmd {
         let env_url = std::env::var("NATS_URL").ok().filter(|s| !s.is_empty());

@@ -1,0 +1,312 @@
+//! End-to-end test harness: a real `nats-server` and the three real
+//! service binaries per test, each in its own temporary folder, with SQLite
+//! files the tests read directly. Processes are killed, stopped and
+//! restarted with real signals.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use twopc::check::{self, Initial, Snapshot, Told};
+use twopc::client::{request, request_raw, Reply};
+use twopc::launcher::{Binaries, Kind, NatsServer, Service, Settings};
+use twopc_schemas::api::{
+    Balance, CreateProduct, CreateUser, Outcome, PurchaseReply, PurchaseRequest, Stock,
+};
+use twopc_schemas::subjects;
+
+pub fn bins() -> Binaries {
+    Binaries {
+        coordinator: env!("CARGO_BIN_EXE_twopc-coordinator").into(),
+        wallet: env!("CARGO_BIN_EXE_twopc-wallet").into(),
+        order: env!("CARGO_BIN_EXE_twopc-order").into(),
+    }
+}
+
+/// Per-service environment for a test system.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub coordinator: Vec<(String, String)>,
+    pub wallet: Vec<(String, String)>,
+    pub order: Vec<(String, String)>,
+}
+
+fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+impl Default for Options {
+    /// Short timeouts so that fault tests finish quickly.
+    fn default() -> Self {
+        let participant = kv(&[
+            ("RUST_LOG", "info"),
+            ("TWOPC_IN_DOUBT_AFTER_MS", "3000"),
+            ("TWOPC_RECOVERY_INTERVAL_MS", "200"),
+            ("TWOPC_DECISION_TIMEOUT_MS", "1000"),
+        ]);
+        Options {
+            coordinator: kv(&[
+                ("RUST_LOG", "info"),
+                ("TWOPC_PREPARE_TIMEOUT_MS", "2000"),
+                ("TWOPC_DECIDE_TIMEOUT_MS", "1000"),
+                ("TWOPC_RETRY_BASE_MS", "20"),
+                ("TWOPC_RETRY_CAP_MS", "500"),
+            ]),
+            wallet: participant.clone(),
+            order: participant,
+        }
+    }
+}
+
+impl Options {
+    pub fn set(mut self, kind: Kind, key: &str, value: &str) -> Self {
+        let env = match kind {
+            Kind::Coordinator => &mut self.coordinator,
+            Kind::Wallet => &mut self.wallet,
+            Kind::Order => &mut self.order,
+        };
+        env.retain(|(k, _)| k != key);
+        env.push((key.into(), value.into()));
+        self
+    }
+}
+
+/// A running system.
+pub struct System {
+    pub dir: tempfile::TempDir,
+    pub nats: NatsServer,
+    pub services: BTreeMap<&'static str, Service>,
+    pub client: async_nats::Client,
+    pub initial: Initial,
+}
+
+/// The user and product set most tests use.
+pub fn standard_seed() -> (Vec<(&'static str, u64)>, Vec<(&'static str, u64, u64)>) {
+    (
+        vec![("alice", 10_000), ("bob", 5_000), ("carol", 500)],
+        vec![("book-1", 1_250, 10), ("pen-1", 199, 100), ("lamp-1", 4_500, 2)],
+    )
+}
+
+impl System {
+    pub async fn start(opts: Options) -> anyhow::Result<System> {
+        let dir = tempfile::Builder::new().prefix("twopc-test-").tempdir()?;
+        let nats = NatsServer::start(&dir.path().join("nats"), None)?;
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .reconnect_delay_callback(|_| Duration::from_millis(50))
+            .connect(nats.url())
+            .await?;
+        let mut services = BTreeMap::new();
+        for kind in Kind::ALL {
+            let env = match kind {
+                Kind::Coordinator => opts.coordinator.clone(),
+                Kind::Wallet => opts.wallet.clone(),
+                Kind::Order => opts.order.clone(),
+            };
+            let mut s = Service::new(kind, &bins(), dir.path(), &nats.url(), &Settings { env })?;
+            s.proc.start()?;
+            services.insert(kind.name(), s);
+        }
+        let mut sys = System {
+            dir,
+            nats,
+            services,
+            client,
+            initial: Initial::default(),
+        };
+        for kind in Kind::ALL {
+            sys.wait_ready(kind).await?;
+        }
+        Ok(sys)
+    }
+
+    pub fn service(&mut self, kind: Kind) -> &mut Service {
+        self.services.get_mut(kind.name()).expect("service exists")
+    }
+
+    pub async fn wait_ready(&mut self, kind: Kind) -> anyhow::Result<()> {
+        let client = self.client.clone();
+        self.service(kind).wait_ready(&client, Duration::from_secs(30)).await
+    }
+
+    /// SIGKILL then start again with the same settings, and wait until ready.
+    pub async fn restart(&mut self, kind: Kind) -> anyhow::Result<()> {
+        tracing_line(&format!("--- kill and restart {}", kind.name()));
+        let s = self.service(kind);
+        s.proc.kill()?;
+        s.proc.start()?;
+        self.wait_ready(kind).await
+    }
+
+    pub async fn seed(&mut self, users: &[(&str, u64)], products: &[(&str, u64, u64)]) -> anyhow::Result<()> {
+        for (user, balance) in users {
+            let r: Reply<Balance> = request(
+                &self.client,
+                subjects::WALLET_CREATE_USER,
+                &CreateUser { user: user.to_string(), balance: *balance },
+                Duration::from_secs(5),
+            )
+            .await?;
+            if let Reply::Err(e) = r {
+                bail!("create user {user}: {e:?}");
+            }
+            self.initial.balances.insert(user.to_string(), *balance);
+        }
+        for (sku, price, stock) in products {
+            let r: Reply<Stock> = request(
+                &self.client,
+                subjects::ORDER_CREATE_PRODUCT,
+                &CreateProduct { sku: sku.to_string(), price: *price, stock: *stock },
+                Duration::from_secs(5),
+            )
+            .await?;
+            if let Reply::Err(e) = r {
+                bail!("create product {sku}: {e:?}");
+            }
+            self.initial.products.insert(sku.to_string(), (*price, *stock));
+        }
+        Ok(())
+    }
+
+    pub async fn seed_standard(&mut self) -> anyhow::Result<()> {
+        let (u, p) = standard_seed();
+        self.seed(&u, &p).await
+    }
+
+    /// A purchase; `Err` means no reply in time (unknown outcome).
+    pub async fn purchase_with(
+        &self,
+        req: &PurchaseRequest,
+        timeout: Duration,
+    ) -> anyhow::Result<Reply<PurchaseReply>> {
+        request(&self.client, subjects::PURCHASE, req, timeout).await
+    }
+
+    /// A purchase that must get a purchase reply (not an error reply).
+    pub async fn purchase(&self, user: &str, sku: &str, qty: u64, amount: u64) -> PurchaseReply {
+        let req = PurchaseRequest {
+            user: user.into(),
+            sku: sku.into(),
+            qty,
+            amount,
+            request_id: None,
+        };
+        match self.purchase_with(&req, Duration::from_secs(15)).await {
+            Ok(Reply::Ok(r)) => r,
+            other => panic!("purchase {req:?}: {other:?}"),
+        }
+    }
+
+    pub async fn raw(&self, subject: &str, payload: &[u8]) -> anyhow::Result<Vec<u8>> {
+        request_raw(&self.client, subject, payload.to_vec(), Duration::from_secs(10)).await
+    }
+
+    pub async fn balance(&self, user: &str) -> Balance {
+        let r = request(&self.client, subjects::WALLET_BALANCE, &serde_json::json!({ "user": user }), Duration::from_secs(5)).await;
+        match r {
+            Ok(Reply::Ok(b)) => b,
+            other => panic!("balance {user}: {other:?}"),
+        }
+    }
+
+    pub async fn stock(&self, sku: &str) -> Stock {
+        let r = request(&self.client, subjects::ORDER_STOCK, &serde_json::json!({ "sku": sku }), Duration::from_secs(5)).await;
+        match r {
+            Ok(Reply::Ok(s)) => s,
+            other => panic!("stock {sku}: {other:?}"),
+        }
+    }
+
+    /// A participant's or the coordinator's JSON view of a transaction.
+    pub async fn tx_status(&self, subject: &str, tx: &str) -> serde_json::Value {
+        let raw = self
+            .raw(subject, serde_json::json!({ "tx": tx }).to_string().as_bytes())
+            .await
+            .expect("status reply");
+        serde_json::from_slice(&raw).expect("status is JSON")
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot::read(self.dir.path()).expect("databases readable")
+    }
+
+    /// Waits (bounded) until nothing is in flight anywhere.
+    pub async fn wait_quiescent(&self, timeout: Duration) -> anyhow::Result<Snapshot> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.snapshot();
+            if s.quiescent() {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!("not quiescent after {timeout:?}: {:?}", check::no_holds_left(&s));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for quiescence and asserts every invariant.
+    pub async fn assert_consistent(&self, told: &[Told]) -> Snapshot {
+        let s = self
+            .wait_quiescent(Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", self.logs()));
+        let violations = check::all(&self.initial, told, &s);
+        assert!(violations.is_empty(), "invariants violated:\n{}", violations.join("\n"));
+        s
+    }
+
+    /// All service logs, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for (name, s) in &self.services {
+            let log = s.proc.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            out.push_str(&format!("===== {name} (last 40 lines)\n"));
+            for l in tail.into_iter().rev() {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// Waits until `pred` holds of the service's log.
+    pub async fn wait_log(&mut self, kind: Kind, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.service(kind).proc.log().contains(needle) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{} log never said {needle:?}:\n{}", kind.name(), self.service(kind).proc.log());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// What a purchase reply told the client, for the client-view invariant.
+pub fn told(r: &anyhow::Result<Reply<PurchaseReply>>) -> Told {
+    match r {
+        Ok(Reply::Ok(p)) => {
+            let tx = p.tx.parse().expect("tx id");
+            match p.outcome {
+                Outcome::Committed => Told::Committed(tx),
+                Outcome::Aborted => Told::Aborted(tx),
+            }
+        }
+        _ => Told::Unknown,
+    }
+}
+
+/// Narrates a scenario step in the test output.
+pub fn tracing_line(s: &str) {
+    eprintln!("{s}");
+}
+
+pub fn tx_id(r: &PurchaseReply) -> uuid::Uuid {
+    r.tx.parse().context("tx id").unwrap()
+}
