@@ -134,8 +134,8 @@ async fn retry_with_same_request_id_after_client_timeout_charges_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_purchases_are_atomic_and_conserve_money_and_stock() {
     let mut sys = System::start(Options::default()).await.unwrap();
-    let users: Vec<(String, u64)> = (0..10).map(|i| (format!("user-{i}"), 2_000 + 1_000 * i as u64)).collect();
-    let products: Vec<(String, u64, u64)> = (0..5).map(|i| (format!("sku-{i}"), 100 + 50 * i as u64, 8 + 6 * i as u64)).collect();
+    let users: Vec<(String, u64)> = (0..10).map(|i| (format!("user-{i}"), 5_000 + 2_000 * i as u64)).collect();
+    let products: Vec<(String, u64, u64)> = (0..5).map(|i| (format!("sku-{i}"), 100 + 50 * i as u64, 30 + 15 * i as u64)).collect();
     let u: Vec<(&str, u64)> = users.iter().map(|(n, b)| (n.as_str(), *b)).collect();
     let p: Vec<(&str, u64, u64)> = products.iter().map(|(s, pr, st)| (s.as_str(), *pr, *st)).collect();
     sys.seed(&u, &p).await.unwrap();

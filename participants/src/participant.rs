@@ -342,6 +342,9 @@ impl<R: Resource> Participant<R> {
             }
         };
         delay_point(&format!("{name}.decide")).await;
+        // Crash point: the decision arrived but is not applied (the
+        // participant stays prepared, in doubt, until it recovers).
+        crash_point(&format!("{name}.decide.before_apply"));
         let reply = self.apply_decision(msg.tx, msg.decision).await;
         protocol::encode(&reply).into()
     }
