@@ -96,7 +96,10 @@ impl Snapshot {
             s.orders = t
                 .prepare("SELECT tx, user, sku, qty, amount FROM orders")?
                 .query_map([], |r| {
-                    Ok((uuid(r.get(0)?), (r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+                    Ok((
+                        uuid(r.get(0)?),
+                        (r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?),
+                    ))
                 })?
                 .collect::<rusqlite::Result<_>>()?;
             s.order_branches = branches(&t)?;
@@ -135,18 +138,28 @@ pub fn atomicity(s: &Snapshot) -> Vec<String> {
     let committed_w: BTreeSet<_> = s.debits.keys().collect();
     let committed_o: BTreeSet<_> = s.orders.keys().collect();
     for tx in committed_w.symmetric_difference(&committed_o) {
-        v.push(format!("tx {tx} committed at one participant only (wallet: {}, order: {})",
-            s.debits.contains_key(tx), s.orders.contains_key(tx)));
+        v.push(format!(
+            "tx {tx} committed at one participant only (wallet: {}, order: {})",
+            s.debits.contains_key(tx),
+            s.orders.contains_key(tx)
+        ));
     }
     for tx in committed_w.union(&committed_o) {
         match s.decisions.get(tx) {
             Some((d, _, _)) if d == "commit" => {}
-            other => v.push(format!("tx {tx} applied but the coordinator's decision is {other:?}")),
+            other => v.push(format!(
+                "tx {tx} applied but the coordinator's decision is {other:?}"
+            )),
         }
     }
     for (tx, (d, pending, _)) in &s.decisions {
-        if d == "commit" && pending.is_empty() && !(s.debits.contains_key(tx) && s.orders.contains_key(tx)) {
-            v.push(format!("tx {tx} decided commit and delivered, but not applied at both"));
+        if d == "commit"
+            && pending.is_empty()
+            && !(s.debits.contains_key(tx) && s.orders.contains_key(tx))
+        {
+            v.push(format!(
+                "tx {tx} decided commit and delivered, but not applied at both"
+            ));
         }
         if d == "abort" && (s.debits.contains_key(tx) || s.orders.contains_key(tx)) {
             v.push(format!("tx {tx} decided abort but applied"));
@@ -155,7 +168,9 @@ pub fn atomicity(s: &Snapshot) -> Vec<String> {
     for (tx, (user, amount)) in &s.debits {
         if let Some((ouser, _, _, oamount)) = s.orders.get(tx) {
             if ouser != user || oamount != amount {
-                v.push(format!("tx {tx}: wallet debited {user} {amount}, order recorded {ouser} {oamount}"));
+                v.push(format!(
+                    "tx {tx}: wallet debited {user} {amount}, order recorded {ouser} {oamount}"
+                ));
             }
         }
     }
@@ -172,12 +187,21 @@ pub fn conservation(init: &Initial, s: &Snapshot) -> Vec<String> {
             v.push(format!("user {user} missing"));
             continue;
         };
-        let debited: i64 = s.debits.values().filter(|(u, _)| u == user).map(|(_, a)| a).sum();
+        let debited: i64 = s
+            .debits
+            .values()
+            .filter(|(u, _)| u == user)
+            .map(|(_, a)| a)
+            .sum();
         if *opening as i64 - debited != *balance {
-            v.push(format!("{user}: opening {opening} - debits {debited} != balance {balance}"));
+            v.push(format!(
+                "{user}: opening {opening} - debits {debited} != balance {balance}"
+            ));
         }
         if *balance < 0 || *held < 0 || held > balance {
-            v.push(format!("{user}: balance {balance}, held {held} out of range"));
+            v.push(format!(
+                "{user}: balance {balance}, held {held} out of range"
+            ));
         }
     }
     for (sku, (_, opening)) in &init.products {
@@ -185,12 +209,21 @@ pub fn conservation(init: &Initial, s: &Snapshot) -> Vec<String> {
             v.push(format!("product {sku} missing"));
             continue;
         };
-        let sold: i64 = s.orders.values().filter(|(_, k, _, _)| k == sku).map(|(_, _, q, _)| q).sum();
+        let sold: i64 = s
+            .orders
+            .values()
+            .filter(|(_, k, _, _)| k == sku)
+            .map(|(_, _, q, _)| q)
+            .sum();
         if *opening as i64 - sold != *stock {
-            v.push(format!("{sku}: opening {opening} - sold {sold} != stock {stock}"));
+            v.push(format!(
+                "{sku}: opening {opening} - sold {sold} != stock {stock}"
+            ));
         }
         if *stock < 0 || *reserved < 0 || reserved > stock {
-            v.push(format!("{sku}: stock {stock}, reserved {reserved} out of range"));
+            v.push(format!(
+                "{sku}: stock {stock}, reserved {reserved} out of range"
+            ));
         }
     }
     let paid: i64 = s.debits.values().map(|(_, a)| a).sum();
@@ -237,7 +270,9 @@ pub fn no_holds_left(s: &Snapshot) -> Vec<String> {
     }
     for (tx, (d, pending, _)) in &s.decisions {
         if !pending.is_empty() {
-            v.push(format!("{d} of tx {tx} not yet acknowledged by {pending:?}"));
+            v.push(format!(
+                "{d} of tx {tx} not yet acknowledged by {pending:?}"
+            ));
         }
     }
     v
@@ -260,7 +295,9 @@ pub fn client_view(told: &[Told], s: &Snapshot) -> Vec<String> {
         match t {
             Told::Committed(tx) => {
                 if !(s.debits.contains_key(tx) && s.orders.contains_key(tx)) {
-                    v.push(format!("client told committed for {tx}, not applied at both"));
+                    v.push(format!(
+                        "client told committed for {tx}, not applied at both"
+                    ));
                 }
             }
             Told::Aborted(tx) => {
@@ -281,7 +318,9 @@ pub fn request_ids_applied_once(s: &Snapshot) -> Vec<String> {
     for (tx, (d, _, rid)) in &s.decisions {
         if let (Some(rid), "commit") = (rid.as_deref(), d.as_str()) {
             if let Some(other) = seen.insert(rid, *tx) {
-                v.push(format!("request_id {rid} committed twice: {other} and {tx}"));
+                v.push(format!(
+                    "request_id {rid} committed twice: {other} and {tx}"
+                ));
             }
         }
     }

@@ -65,7 +65,10 @@ pub fn signal(pid: u32, sig: i32) -> anyhow::Result<()> {
     // SAFETY: kill(2) with a pid of a child we spawned and still own.
     let rc = unsafe { libc::kill(pid as i32, sig) };
     if rc != 0 {
-        bail!("kill({pid}, {sig}) failed: {}", std::io::Error::last_os_error());
+        bail!(
+            "kill({pid}, {sig}) failed: {}",
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }
@@ -82,7 +85,13 @@ pub struct Proc {
 }
 
 impl Proc {
-    pub fn new(name: &str, program: &Path, args: Vec<String>, env: Vec<(String, String)>, log_path: PathBuf) -> Self {
+    pub fn new(
+        name: &str,
+        program: &Path,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        log_path: PathBuf,
+    ) -> Self {
         Proc {
             name: name.to_owned(),
             program: program.to_owned(),
@@ -96,7 +105,10 @@ impl Proc {
     /// Starts the process; its stdout and stderr append to its log file.
     pub fn start(&mut self) -> anyhow::Result<()> {
         assert!(self.child.is_none(), "{} is already running", self.name);
-        let log = File::options().create(true).append(true).open(&self.log_path)?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
         let child = Command::new(&self.program)
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -219,7 +231,13 @@ impl NatsServer {
             "-n".into(),
             format!("twopc-{port}"),
         ];
-        let mut proc = Proc::new("nats-server", &bin, args, vec![], dir.join("nats-server.log"));
+        let mut proc = Proc::new(
+            "nats-server",
+            &bin,
+            args,
+            vec![],
+            dir.join("nats-server.log"),
+        );
         proc.start()?;
         let mut s = NatsServer { port, proc };
         s.wait_listening(Duration::from_secs(10))?;
@@ -241,7 +259,10 @@ impl NatsServer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        bail!("nats-server not listening on {} after {timeout:?}", self.port)
+        bail!(
+            "nats-server not listening on {} after {timeout:?}",
+            self.port
+        )
     }
 
     /// Kills (SIGKILL) and starts again on the same port.
@@ -304,7 +325,13 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn new(kind: Kind, bins: &Binaries, root: &Path, nats_url: &str, settings: &Settings) -> anyhow::Result<Self> {
+    pub fn new(
+        kind: Kind,
+        bins: &Binaries,
+        root: &Path,
+        nats_url: &str,
+        settings: &Settings,
+    ) -> anyhow::Result<Self> {
         let data = root.join(kind.name());
         std::fs::create_dir_all(&data)?;
         let program = match kind {
@@ -317,7 +344,13 @@ impl Service {
             ("TWOPC_DATA_DIR".to_owned(), data.display().to_string()),
         ];
         env.extend(settings.env.iter().cloned());
-        let proc = Proc::new(kind.name(), program, vec![], env, root.join(format!("{}.log", kind.name())));
+        let proc = Proc::new(
+            kind.name(),
+            program,
+            vec![],
+            env,
+            root.join(format!("{}.log", kind.name())),
+        );
         Ok(Service { kind, proc })
     }
 
@@ -331,7 +364,11 @@ impl Service {
     }
 
     /// Waits until the service answers its probe subject.
-    pub async fn wait_ready(&mut self, client: &async_nats::Client, timeout: Duration) -> anyhow::Result<()> {
+    pub async fn wait_ready(
+        &mut self,
+        client: &async_nats::Client,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
         let (subject, body) = self.kind.probe();
         let deadline = Instant::now() + timeout;
         loop {
@@ -342,10 +379,18 @@ impl Service {
                 return Ok(());
             }
             if !self.proc.is_running() {
-                bail!("{} exited during start; log:\n{}", self.kind.name(), self.proc.log());
+                bail!(
+                    "{} exited during start; log:\n{}",
+                    self.kind.name(),
+                    self.proc.log()
+                );
             }
             if Instant::now() > deadline {
-                bail!("{} not ready after {timeout:?}; log:\n{}", self.kind.name(), self.proc.log());
+                bail!(
+                    "{} not ready after {timeout:?}; log:\n{}",
+                    self.kind.name(),
+                    self.proc.log()
+                );
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }

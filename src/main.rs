@@ -17,7 +17,10 @@ use twopc_schemas::api::{
 use twopc_schemas::{subjects, Code};
 
 #[derive(Parser)]
-#[command(version, about = "twopc: atomic purchases across microservices over NATS")]
+#[command(
+    version,
+    about = "twopc: atomic purchases across microservices over NATS"
+)]
 struct Cli {
     /// NATS server URL(s), comma-separated.
     #[arg(long, global = true, env = "NATS_URL", default_value = twopc_common::nats::DEFAULT_URL)]
@@ -96,14 +99,35 @@ struct SeedFile {
 fn demo() -> SeedFile {
     SeedFile {
         users: vec![
-            CreateUser { user: "alice".into(), balance: 10_000 },
-            CreateUser { user: "bob".into(), balance: 5_000 },
-            CreateUser { user: "carol".into(), balance: 500 },
+            CreateUser {
+                user: "alice".into(),
+                balance: 10_000,
+            },
+            CreateUser {
+                user: "bob".into(),
+                balance: 5_000,
+            },
+            CreateUser {
+                user: "carol".into(),
+                balance: 500,
+            },
         ],
         products: vec![
-            CreateProduct { sku: "book-1".into(), price: 1_250, stock: 10 },
-            CreateProduct { sku: "pen-1".into(), price: 199, stock: 100 },
-            CreateProduct { sku: "lamp-1".into(), price: 4_500, stock: 2 },
+            CreateProduct {
+                sku: "book-1".into(),
+                price: 1_250,
+                stock: 10,
+            },
+            CreateProduct {
+                sku: "pen-1".into(),
+                price: 199,
+                stock: 100,
+            },
+            CreateProduct {
+                sku: "lamp-1".into(),
+                price: 4_500,
+                stock: 2,
+            },
         ],
     }
 }
@@ -126,25 +150,41 @@ fn print_reply<T: serde::Serialize>(r: Reply<T>) -> anyhow::Result<()> {
     }
 }
 
-async fn seed(client: &async_nats::Client, seed: &SeedFile, timeout: Duration) -> anyhow::Result<()> {
+async fn seed(
+    client: &async_nats::Client,
+    seed: &SeedFile,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     for u in &seed.users {
         match request::<_, Balance>(client, subjects::WALLET_CREATE_USER, u, timeout).await? {
             Reply::Ok(b) => println!("user {} created with balance {}", b.user, b.balance),
-            Reply::Err(e) if e.error.code == Code::AlreadyExists => println!("user {} exists", u.user),
+            Reply::Err(e) if e.error.code == Code::AlreadyExists => {
+                println!("user {} exists", u.user)
+            }
             Reply::Err(e) => bail!("creating user {}: {}", u.user, e.error.message),
         }
     }
     for p in &seed.products {
         match request::<_, Stock>(client, subjects::ORDER_CREATE_PRODUCT, p, timeout).await? {
-            Reply::Ok(s) => println!("product {} created: price {}, stock {}", s.sku, s.price, s.stock),
-            Reply::Err(e) if e.error.code == Code::AlreadyExists => println!("product {} exists", p.sku),
+            Reply::Ok(s) => println!(
+                "product {} created: price {}, stock {}",
+                s.sku, s.price, s.stock
+            ),
+            Reply::Err(e) if e.error.code == Code::AlreadyExists => {
+                println!("product {} exists", p.sku)
+            }
             Reply::Err(e) => bail!("creating product {}: {}", p.sku, e.error.message),
         }
     }
     Ok(())
 }
 
-async fn up(data_dir: PathBuf, port: u16, no_demo: bool, nats_url_env: Option<String>) -> anyhow::Result<()> {
+async fn up(
+    data_dir: PathBuf,
+    port: u16,
+    no_demo: bool,
+    nats_url_env: Option<String>,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data_dir)?;
     let data_dir = data_dir.canonicalize()?;
     let mut nats = None;
@@ -154,8 +194,9 @@ async fn up(data_dir: PathBuf, port: u16, no_demo: bool, nats_url_env: Option<St
             url
         }
         None => {
-            let s = NatsServer::start(&data_dir.join("nats"), Some(port))
-                .context("starting nats-server (is port in use? set NATS_URL to use a running one)")?;
+            let s = NatsServer::start(&data_dir.join("nats"), Some(port)).context(
+                "starting nats-server (is port in use? set NATS_URL to use a running one)",
+            )?;
             println!("nats-server listening on {}", s.url());
             let url = s.url();
             nats = Some(s);
@@ -169,7 +210,12 @@ async fn up(data_dir: PathBuf, port: u16, no_demo: bool, nats_url_env: Option<St
         let mut s = Service::new(kind, &bins, &data_dir, &url, &Settings::default())?;
         s.proc.start()?;
         s.wait_ready(&client, Duration::from_secs(20)).await?;
-        println!("{:<12} running (pid {}), log {}", kind.name(), s.proc.pid().unwrap_or(0), s.proc.log_path().display());
+        println!(
+            "{:<12} running (pid {}), log {}",
+            kind.name(),
+            s.proc.pid().unwrap_or(0),
+            s.proc.log_path().display()
+        );
         services.push(s);
     }
     if !no_demo {
@@ -207,7 +253,12 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let timeout = Duration::from_millis(cli.timeout_ms);
-    if let Cmd::Up { data_dir, port, no_demo } = cli.cmd {
+    if let Cmd::Up {
+        data_dir,
+        port,
+        no_demo,
+    } = cli.cmd
+    {
         let env_url = std::env::var("NATS_URL").ok().filter(|s| !s.is_empty());
         return up(data_dir, port, no_demo, env_url).await;
     }
@@ -218,25 +269,56 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .with_context(|| format!("connecting to NATS at {}", cli.nats_url))?;
     match cli.cmd {
         Cmd::Up { .. } => unreachable!(),
-        Cmd::Purchase { user, sku, qty, amount, request_id } => {
+        Cmd::Purchase {
+            user,
+            sku,
+            qty,
+            amount,
+            request_id,
+        } => {
             let amount = match amount {
                 Some(a) => a,
-                None => match request::<_, Stock>(&client, subjects::ORDER_STOCK, &StockQuery { sku: sku.clone() }, timeout).await? {
+                None => match request::<_, Stock>(
+                    &client,
+                    subjects::ORDER_STOCK,
+                    &StockQuery { sku: sku.clone() },
+                    timeout,
+                )
+                .await?
+                {
                     Reply::Ok(s) => s.price.checked_mul(qty).context("amount overflows")?,
                     Reply::Err(e) => return print_reply::<Value>(Reply::Err(e)),
                 },
             };
-            let req = PurchaseRequest { user, sku, qty, amount, request_id };
+            let req = PurchaseRequest {
+                user,
+                sku,
+                qty,
+                amount,
+                request_id,
+            };
             match request::<_, PurchaseReply>(&client, subjects::PURCHASE, &req, timeout).await {
                 Ok(r) => print_reply(r),
                 Err(e) => bail!("{e:#}\nno reply in time: the purchase may or may not have happened; retry with the same --request-id, or check `twopc tx`"),
             }
         }
         Cmd::Balance { user } => print_reply(
-            request::<_, Value>(&client, subjects::WALLET_BALANCE, &serde_json::json!({ "user": user }), timeout).await?,
+            request::<_, Value>(
+                &client,
+                subjects::WALLET_BALANCE,
+                &serde_json::json!({ "user": user }),
+                timeout,
+            )
+            .await?,
         ),
         Cmd::Stock { sku } => print_reply(
-            request::<_, Value>(&client, subjects::ORDER_STOCK, &serde_json::json!({ "sku": sku }), timeout).await?,
+            request::<_, Value>(
+                &client,
+                subjects::ORDER_STOCK,
+                &serde_json::json!({ "sku": sku }),
+                timeout,
+            )
+            .await?,
         ),
         Cmd::Tx { id } => {
             let body = serde_json::to_vec(&serde_json::json!({ "tx": id }))?;
@@ -247,7 +329,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ("order", subjects::participant_tx(subjects::ORDER)),
             ] {
                 let v = match request_raw(&client, &subject, body.clone(), timeout).await {
-                    Ok(raw) => serde_json::from_slice(&raw).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into())),
+                    Ok(raw) => serde_json::from_slice(&raw)
+                        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into())),
                     Err(e) => serde_json::json!({ "unreachable": format!("{e:#}") }),
                 };
                 story.insert(label.into(), v);
@@ -256,14 +339,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::CreateUser { user, balance } => print_reply(
-            request::<_, Value>(&client, subjects::WALLET_CREATE_USER, &CreateUser { user, balance }, timeout).await?,
+            request::<_, Value>(
+                &client,
+                subjects::WALLET_CREATE_USER,
+                &CreateUser { user, balance },
+                timeout,
+            )
+            .await?,
         ),
         Cmd::CreateProduct { sku, price, stock } => print_reply(
-            request::<_, Value>(&client, subjects::ORDER_CREATE_PRODUCT, &CreateProduct { sku, price, stock }, timeout).await?,
+            request::<_, Value>(
+                &client,
+                subjects::ORDER_CREATE_PRODUCT,
+                &CreateProduct { sku, price, stock },
+                timeout,
+            )
+            .await?,
         ),
         Cmd::Seed { file } => {
-            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-            let s: SeedFile = serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let s: SeedFile = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", file.display()))?;
             seed(&client, &s, timeout).await
         }
     }

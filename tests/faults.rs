@@ -6,7 +6,7 @@ mod harness;
 
 use std::time::{Duration, Instant};
 
-use harness::{told, tx_id, tracing_line, Options, System};
+use harness::{told, tracing_line, tx_id, Options, System};
 use twopc::check::Told;
 use twopc::client::Reply;
 use twopc::launcher::Kind;
@@ -43,7 +43,11 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wallet_killed_after_durable_prepare_resolves_to_abort() {
     let opts = Options::default()
-        .set(Kind::Wallet, "TWOPC_CRASH_AT", "wallet.prepare.after_durable")
+        .set(
+            Kind::Wallet,
+            "TWOPC_CRASH_AT",
+            "wallet.prepare.after_durable",
+        )
         .set(Kind::Coordinator, "TWOPC_PREPARE_TIMEOUT_MS", "1000");
     let mut sys = System::start(opts).await.unwrap();
     sys.seed_standard().await.unwrap();
@@ -53,20 +57,38 @@ async fn wallet_killed_after_durable_prepare_resolves_to_abort() {
     assert_eq!(r.outcome, Outcome::Aborted);
     assert_eq!(r.reason.as_ref().unwrap().code, Code::Timeout, "{r:?}");
     let tx = tx_id(&r);
-    let status = sys.service(Kind::Wallet).proc.wait_exit(Duration::from_secs(5)).unwrap();
-    assert!(sys.service(Kind::Wallet).proc.log().contains("CRASH POINT wallet.prepare.after_durable"), "{status}");
+    let status = sys
+        .service(Kind::Wallet)
+        .proc
+        .wait_exit(Duration::from_secs(5))
+        .unwrap();
+    assert!(
+        sys.service(Kind::Wallet)
+            .proc
+            .log()
+            .contains("CRASH POINT wallet.prepare.after_durable"),
+        "{status}"
+    );
 
     // The crash happened after the prepare was durable: the file says so.
     let s = sys.snapshot();
-    assert_eq!(s.wallet_branches.get(&tx).map(String::as_str), Some("prepared"));
+    assert_eq!(
+        s.wallet_branches.get(&tx).map(String::as_str),
+        Some("prepared")
+    );
     assert_eq!(s.holds.get(&tx), Some(&2_500));
 
     tracing_line("--- restart the wallet without the crash point");
-    sys.service(Kind::Wallet).proc.set_env("TWOPC_CRASH_AT", None);
+    sys.service(Kind::Wallet)
+        .proc
+        .set_env("TWOPC_CRASH_AT", None);
     sys.service(Kind::Wallet).proc.start().unwrap();
     sys.wait_ready(Kind::Wallet).await.unwrap();
     let s = sys.assert_consistent(&[Told::Aborted(tx)]).await;
-    assert_eq!(s.wallet_branches.get(&tx).map(String::as_str), Some("aborted"));
+    assert_eq!(
+        s.wallet_branches.get(&tx).map(String::as_str),
+        Some("aborted")
+    );
     assert_eq!(s.decisions.get(&tx).map(|d| d.0.as_str()), Some("abort"));
     assert_eq!(sys.balance("alice").await.balance, 10_000);
     assert_eq!(sys.balance("alice").await.held, 0);
@@ -91,14 +113,22 @@ async fn wallet_killed_before_applying_commit_resolves_to_commit() {
     assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
     assert!(!r.delivered, "the wallet died before acknowledging");
     let tx = tx_id(&r);
-    sys.service(Kind::Wallet).proc.wait_exit(Duration::from_secs(5)).unwrap();
+    sys.service(Kind::Wallet)
+        .proc
+        .wait_exit(Duration::from_secs(5))
+        .unwrap();
     let s = sys.snapshot();
-    assert_eq!(s.wallet_branches.get(&tx).map(String::as_str), Some("prepared"));
+    assert_eq!(
+        s.wallet_branches.get(&tx).map(String::as_str),
+        Some("prepared")
+    );
     assert_eq!(s.orders.len(), 1, "the order service applied the commit");
     assert!(s.debits.is_empty(), "the wallet did not");
 
     tracing_line("--- restart the wallet; it resolves the in-doubt transaction");
-    sys.service(Kind::Wallet).proc.set_env("TWOPC_CRASH_AT", None);
+    sys.service(Kind::Wallet)
+        .proc
+        .set_env("TWOPC_CRASH_AT", None);
     sys.service(Kind::Wallet).proc.start().unwrap();
     sys.wait_ready(Kind::Wallet).await.unwrap();
     let client = sys.client.clone();
@@ -117,7 +147,11 @@ async fn wallet_killed_before_applying_commit_resolves_to_commit() {
         }
     })
     .await;
-    assert!(sys.service(Kind::Wallet).proc.log().contains("in-doubt transaction resolved by the coordinator"));
+    assert!(sys
+        .service(Kind::Wallet)
+        .proc
+        .log()
+        .contains("in-doubt transaction resolved by the coordinator"));
     // The coordinator still owes the wallet an acknowledgement round; once
     // its (slow) retry lands, everything is quiescent. Restart it to
     // redeliver now: redelivery of an applied commit is acknowledged again.
@@ -133,7 +167,11 @@ async fn wallet_killed_before_applying_commit_resolves_to_commit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_killed_after_durable_decision_delivers_after_restart() {
     let opts = Options::default()
-        .set(Kind::Coordinator, "TWOPC_CRASH_AT", "coordinator.decision.after_durable")
+        .set(
+            Kind::Coordinator,
+            "TWOPC_CRASH_AT",
+            "coordinator.decision.after_durable",
+        )
         // Participants must not resolve it themselves: the coordinator's
         // redelivery is what this test is about.
         .set(Kind::Wallet, "TWOPC_IN_DOUBT_AFTER_MS", "600000")
@@ -141,27 +179,50 @@ async fn coordinator_killed_after_durable_decision_delivers_after_restart() {
     let mut sys = System::start(opts).await.unwrap();
     sys.seed_standard().await.unwrap();
 
-    let r = sys.purchase_with(&book(Some("k-3")), Duration::from_secs(3)).await;
-    assert!(r.is_err() || matches!(r, Ok(Reply::Err(_))), "no purchase reply can come: {r:?}");
-    sys.service(Kind::Coordinator).proc.wait_exit(Duration::from_secs(5)).unwrap();
+    let r = sys
+        .purchase_with(&book(Some("k-3")), Duration::from_secs(3))
+        .await;
+    assert!(
+        r.is_err() || matches!(r, Ok(Reply::Err(_))),
+        "no purchase reply can come: {r:?}"
+    );
+    sys.service(Kind::Coordinator)
+        .proc
+        .wait_exit(Duration::from_secs(5))
+        .unwrap();
     let s = sys.snapshot();
     let (&tx, d) = s.decisions.iter().next().expect("the decision is durable");
     assert_eq!(d.0, "commit");
-    assert_eq!(s.wallet_branches.get(&tx).map(String::as_str), Some("prepared"));
-    assert_eq!(s.order_branches.get(&tx).map(String::as_str), Some("prepared"));
+    assert_eq!(
+        s.wallet_branches.get(&tx).map(String::as_str),
+        Some("prepared")
+    );
+    assert_eq!(
+        s.order_branches.get(&tx).map(String::as_str),
+        Some("prepared")
+    );
 
     tracing_line("--- restart the coordinator");
-    sys.service(Kind::Coordinator).proc.set_env("TWOPC_CRASH_AT", None);
+    sys.service(Kind::Coordinator)
+        .proc
+        .set_env("TWOPC_CRASH_AT", None);
     sys.service(Kind::Coordinator).proc.start().unwrap();
     sys.wait_ready(Kind::Coordinator).await.unwrap();
     let s = sys.assert_consistent(&[Told::Committed(tx)]).await;
     assert!(s.debits.contains_key(&tx) && s.orders.contains_key(&tx));
-    assert!(sys.service(Kind::Coordinator).proc.log().contains("resuming delivery"));
+    assert!(sys
+        .service(Kind::Coordinator)
+        .proc
+        .log()
+        .contains("resuming delivery"));
     assert_eq!(sys.balance("alice").await.balance, 7_500);
     assert_eq!(sys.stock("book-1").await.stock, 8);
 
     // The client retries with its request id and learns the outcome.
-    match sys.purchase_with(&book(Some("k-3")), Duration::from_secs(5)).await {
+    match sys
+        .purchase_with(&book(Some("k-3")), Duration::from_secs(5))
+        .await
+    {
         Ok(Reply::Ok(p)) => {
             assert_eq!(p.tx, tx.to_string());
             assert_eq!(p.outcome, Outcome::Committed);
@@ -169,7 +230,11 @@ async fn coordinator_killed_after_durable_decision_delivers_after_restart() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(sys.balance("alice").await.balance, 7_500, "not charged twice");
+    assert_eq!(
+        sys.balance("alice").await.balance,
+        7_500,
+        "not charged twice"
+    );
 }
 
 /// Scenario 4: the coordinator dies after collecting yes votes, before
@@ -178,29 +243,58 @@ async fn coordinator_killed_after_durable_decision_delivers_after_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_killed_before_deciding_participants_presume_abort() {
     let opts = Options::default()
-        .set(Kind::Coordinator, "TWOPC_CRASH_AT", "coordinator.phase1.after_votes")
+        .set(
+            Kind::Coordinator,
+            "TWOPC_CRASH_AT",
+            "coordinator.phase1.after_votes",
+        )
         .set(Kind::Wallet, "TWOPC_IN_DOUBT_AFTER_MS", "500")
         .set(Kind::Order, "TWOPC_IN_DOUBT_AFTER_MS", "500");
     let mut sys = System::start(opts).await.unwrap();
     sys.seed_standard().await.unwrap();
 
     let r = sys.purchase_with(&book(None), Duration::from_secs(3)).await;
-    assert!(!matches!(r, Ok(Reply::Ok(_))), "no purchase reply can come: {r:?}");
-    sys.service(Kind::Coordinator).proc.wait_exit(Duration::from_secs(5)).unwrap();
+    assert!(
+        !matches!(r, Ok(Reply::Ok(_))),
+        "no purchase reply can come: {r:?}"
+    );
+    sys.service(Kind::Coordinator)
+        .proc
+        .wait_exit(Duration::from_secs(5))
+        .unwrap();
     let s = sys.snapshot();
-    assert!(s.decisions.is_empty(), "the coordinator died before deciding");
-    let (&tx, state) = s.wallet_branches.iter().next().expect("the wallet prepared");
+    assert!(
+        s.decisions.is_empty(),
+        "the coordinator died before deciding"
+    );
+    let (&tx, state) = s
+        .wallet_branches
+        .iter()
+        .next()
+        .expect("the wallet prepared");
     assert_eq!(state, "prepared");
-    assert_eq!(sys.balance("alice").await.held, 2_500, "the hold is in place while in doubt");
+    assert_eq!(
+        sys.balance("alice").await.held,
+        2_500,
+        "the hold is in place while in doubt"
+    );
 
     tracing_line("--- restart the coordinator; participants ask and learn abort");
-    sys.service(Kind::Coordinator).proc.set_env("TWOPC_CRASH_AT", None);
+    sys.service(Kind::Coordinator)
+        .proc
+        .set_env("TWOPC_CRASH_AT", None);
     sys.service(Kind::Coordinator).proc.start().unwrap();
     sys.wait_ready(Kind::Coordinator).await.unwrap();
     let s = sys.assert_consistent(&[Told::Aborted(tx)]).await;
     assert_eq!(s.decisions.get(&tx).map(|d| d.0.as_str()), Some("abort"));
-    assert_eq!(s.wallet_branches.get(&tx).map(String::as_str), Some("aborted"));
-    assert_eq!(s.order_branches.get(&tx).map(String::as_str), Some("aborted"));
+    assert_eq!(
+        s.wallet_branches.get(&tx).map(String::as_str),
+        Some("aborted")
+    );
+    assert_eq!(
+        s.order_branches.get(&tx).map(String::as_str),
+        Some("aborted")
+    );
     let status = sys.tx_status(subjects::TX_STATUS, &tx.to_string()).await;
     assert_eq!(status["reason"]["code"], "presumed_abort", "{status}");
     assert_eq!(sys.balance("alice").await.held, 0);
@@ -221,17 +315,25 @@ async fn participant_slower_than_prepare_timeout_aborts_and_holds_nothing() {
     let r = sys.purchase("alice", "book-1", 2, 2_500).await;
     assert_eq!(r.outcome, Outcome::Aborted);
     let reason = r.reason.clone().unwrap();
-    assert_eq!((reason.participant.as_str(), reason.code), ("order", Code::Timeout));
+    assert_eq!(
+        (reason.participant.as_str(), reason.code),
+        ("order", Code::Timeout)
+    );
     let tx = tx_id(&r);
     // The late prepare is handled after the injected delay; whichever came
     // first at the order service (the abort or the prepare), it must end
     // aborted with nothing reserved.
     sys.wait_log(Kind::Order, "voting no", Duration::from_secs(10))
         .await
-        .or(sys.wait_log(Kind::Order, "prepared, voting yes", Duration::from_secs(1)).await)
+        .or(sys
+            .wait_log(Kind::Order, "prepared, voting yes", Duration::from_secs(1))
+            .await)
         .unwrap();
     let s = sys.assert_consistent(&[Told::Aborted(tx)]).await;
-    assert_eq!(s.order_branches.get(&tx).map(String::as_str), Some("aborted"));
+    assert_eq!(
+        s.order_branches.get(&tx).map(String::as_str),
+        Some("aborted")
+    );
     assert_eq!(sys.stock("book-1").await.reserved, 0);
     assert_eq!(sys.stock("book-1").await.stock, 10);
     assert_eq!(sys.balance("alice").await.balance, 10_000);
@@ -244,7 +346,9 @@ async fn participant_slower_than_prepare_timeout_aborts_and_holds_nothing() {
 async fn nats_server_restart_mid_run_ends_consistent() {
     let mut sys = System::start(Options::default()).await.unwrap();
     sys.seed_standard().await.unwrap();
-    sys.seed(&[("erin", 1_000_000)], &[("mug-1", 300, 1_000)]).await.unwrap();
+    sys.seed(&[("erin", 1_000_000)], &[("mug-1", 300, 1_000)])
+        .await
+        .unwrap();
 
     let client = sys.client.clone();
     let workload = tokio::spawn(async move {
@@ -275,7 +379,10 @@ async fn nats_server_restart_mid_run_ends_consistent() {
     let results = workload.await.unwrap();
     let told_all: Vec<Told> = results.iter().map(told).collect();
     let unknown = told_all.iter().filter(|t| **t == Told::Unknown).count();
-    eprintln!("{} purchases, {unknown} without a reply during the outage", told_all.len());
+    eprintln!(
+        "{} purchases, {unknown} without a reply during the outage",
+        told_all.len()
+    );
 
     // Services reconnected: a new purchase commits.
     for kind in [Kind::Coordinator, Kind::Wallet, Kind::Order] {
@@ -286,7 +393,13 @@ async fn nats_server_restart_mid_run_ends_consistent() {
     let mut told_all = told_all;
     told_all.push(Told::Committed(tx_id(&r)));
     let s = sys.assert_consistent(&told_all).await;
-    let committed = told_all.iter().filter(|t| matches!(t, Told::Committed(_))).count();
-    assert!(committed >= 2, "purchases before and after the restart commit");
+    let committed = told_all
+        .iter()
+        .filter(|t| matches!(t, Told::Committed(_)))
+        .count();
+    assert!(
+        committed >= 2,
+        "purchases before and after the restart commit"
+    );
     assert!(s.decisions.len() >= committed);
 }

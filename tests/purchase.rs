@@ -25,16 +25,36 @@ async fn happy_path_and_every_refusal_leave_balances_and_stock_right() {
     told_all.push(Told::Committed(tx_id(&r)));
     assert_eq!(sys.balance("alice").await.balance, 7_500);
     assert_eq!(sys.stock("book-1").await.stock, 8);
-    for subject in [subjects::participant_tx("wallet"), subjects::participant_tx("order")] {
+    for subject in [
+        subjects::participant_tx("wallet"),
+        subjects::participant_tx("order"),
+    ] {
         assert_eq!(sys.tx_status(&subject, &r.tx).await["state"], "committed");
     }
-    assert_eq!(sys.tx_status(subjects::TX_STATUS, &r.tx).await["state"], "committed");
+    assert_eq!(
+        sys.tx_status(subjects::TX_STATUS, &r.tx).await["state"],
+        "committed"
+    );
 
     // Each refusal: aborted with the right participant and code, and
     // nothing moves.
     let refusals: [(&str, &str, u64, u64, &str, Code); 5] = [
-        ("carol", "book-1", 1, 1_250, "wallet", Code::InsufficientFunds),
-        ("bob", "lamp-1", 3, 13_500, "wallet", Code::InsufficientFunds),
+        (
+            "carol",
+            "book-1",
+            1,
+            1_250,
+            "wallet",
+            Code::InsufficientFunds,
+        ),
+        (
+            "bob",
+            "lamp-1",
+            3,
+            13_500,
+            "wallet",
+            Code::InsufficientFunds,
+        ),
         ("alice", "pen-1", 3, 500, "order", Code::PriceMismatch),
         ("dave", "pen-1", 1, 199, "wallet", Code::UnknownUser),
         ("alice", "sofa-9", 1, 100, "order", Code::UnknownSku),
@@ -46,7 +66,11 @@ async fn happy_path_and_every_refusal_leave_balances_and_stock_right() {
         let r = sys.purchase(user, sku, qty, amount).await;
         assert_eq!(r.outcome, Outcome::Aborted, "{user} {sku}: {r:?}");
         let reason = r.reason.clone().expect("an abort says why");
-        assert_eq!((reason.participant.as_str(), reason.code), (who, code), "{r:?}");
+        assert_eq!(
+            (reason.participant.as_str(), reason.code),
+            (who, code),
+            "{r:?}"
+        );
         told_all.push(Told::Aborted(tx_id(&r)));
         assert_eq!(sys.balance("alice").await, before_user);
         assert_eq!(sys.stock("book-1").await, before_book);
@@ -65,7 +89,10 @@ async fn happy_path_and_every_refusal_leave_balances_and_stock_right() {
     let r = sys.purchase("dora", "lamp-1", 1, 4_500).await;
     assert_eq!(r.outcome, Outcome::Aborted);
     let reason = r.reason.clone().unwrap();
-    assert_eq!((reason.participant.as_str(), reason.code), ("order", Code::OutOfStock));
+    assert_eq!(
+        (reason.participant.as_str(), reason.code),
+        ("order", Code::OutOfStock)
+    );
     told_all.push(Told::Aborted(tx_id(&r)));
     assert_eq!(sys.balance("dora").await, before);
     assert_eq!(sys.balance("dora").await.balance, 20_000 - 9_000);
@@ -94,7 +121,10 @@ async fn retry_with_same_request_id_after_client_timeout_charges_once() {
         request_id: Some("order-42".into()),
     };
     let first = sys.purchase_with(&req, Duration::from_millis(300)).await;
-    assert!(first.is_err(), "the first attempt must time out at the client: {first:?}");
+    assert!(
+        first.is_err(),
+        "the first attempt must time out at the client: {first:?}"
+    );
 
     // Retry while the first attempt is still in flight: waits for it.
     let second = match sys.purchase_with(&req, Duration::from_secs(10)).await {
@@ -102,7 +132,10 @@ async fn retry_with_same_request_id_after_client_timeout_charges_once() {
         other => panic!("{other:?}"),
     };
     assert_eq!(second.outcome, Outcome::Committed, "{second:?}");
-    assert!(second.duplicate, "the retry repeats the first attempt: {second:?}");
+    assert!(
+        second.duplicate,
+        "the retry repeats the first attempt: {second:?}"
+    );
 
     // Retry after it finished: the durable record answers.
     let third = match sys.purchase_with(&req, Duration::from_secs(10)).await {
@@ -124,7 +157,9 @@ async fn retry_with_same_request_id_after_client_timeout_charges_once() {
 
     assert_eq!(sys.balance("alice").await.balance, 10_000 - 1_250);
     assert_eq!(sys.stock("book-1").await.stock, 9);
-    let s = sys.assert_consistent(&[Told::Committed(tx_id(&second))]).await;
+    let s = sys
+        .assert_consistent(&[Told::Committed(tx_id(&second))])
+        .await;
     assert_eq!(s.debits.len(), 1, "charged exactly once");
     assert_eq!(s.orders.len(), 1);
 }
@@ -134,10 +169,17 @@ async fn retry_with_same_request_id_after_client_timeout_charges_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_purchases_are_atomic_and_conserve_money_and_stock() {
     let mut sys = System::start(Options::default()).await.unwrap();
-    let users: Vec<(String, u64)> = (0..10).map(|i| (format!("user-{i}"), 5_000 + 2_000 * i as u64)).collect();
-    let products: Vec<(String, u64, u64)> = (0..5).map(|i| (format!("sku-{i}"), 100 + 50 * i as u64, 30 + 15 * i as u64)).collect();
+    let users: Vec<(String, u64)> = (0..10)
+        .map(|i| (format!("user-{i}"), 5_000 + 2_000 * i as u64))
+        .collect();
+    let products: Vec<(String, u64, u64)> = (0..5)
+        .map(|i| (format!("sku-{i}"), 100 + 50 * i as u64, 30 + 15 * i as u64))
+        .collect();
     let u: Vec<(&str, u64)> = users.iter().map(|(n, b)| (n.as_str(), *b)).collect();
-    let p: Vec<(&str, u64, u64)> = products.iter().map(|(s, pr, st)| (s.as_str(), *pr, *st)).collect();
+    let p: Vec<(&str, u64, u64)> = products
+        .iter()
+        .map(|(s, pr, st)| (s.as_str(), *pr, *st))
+        .collect();
     sys.seed(&u, &p).await.unwrap();
 
     const N: usize = 240;
@@ -148,7 +190,11 @@ async fn concurrent_purchases_are_atomic_and_conserve_money_and_stock() {
         let qty = 1 + (i % 4) as u64;
         // Every 9th purchase quotes a wrong price; the others may still run
         // out of money or stock.
-        let amount = if i % 9 == 0 { price * qty + 1 } else { price * qty };
+        let amount = if i % 9 == 0 {
+            price * qty + 1
+        } else {
+            price * qty
+        };
         let req = PurchaseRequest {
             user: user.clone(),
             sku: sku.clone(),
@@ -158,7 +204,13 @@ async fn concurrent_purchases_are_atomic_and_conserve_money_and_stock() {
         };
         let client = sys.client.clone();
         tasks.push(tokio::spawn(async move {
-            twopc::client::request::<_, twopc_schemas::api::PurchaseReply>(&client, subjects::PURCHASE, &req, Duration::from_secs(30)).await
+            twopc::client::request::<_, twopc_schemas::api::PurchaseReply>(
+                &client,
+                subjects::PURCHASE,
+                &req,
+                Duration::from_secs(30),
+            )
+            .await
         }));
     }
     let mut told_all = vec![];
@@ -175,7 +227,10 @@ async fn concurrent_purchases_are_atomic_and_conserve_money_and_stock() {
     eprintln!("{committed} committed, {aborted} aborted");
     assert_eq!(committed + aborted, N);
     assert!(committed >= 20, "most purchases should fit: {committed}");
-    assert!(aborted >= N / 9, "the wrong prices at least abort: {aborted}");
+    assert!(
+        aborted >= N / 9,
+        "the wrong prices at least abort: {aborted}"
+    );
     let s = sys.assert_consistent(&told_all).await;
     assert_eq!(s.debits.len(), committed);
     assert_eq!(s.orders.len(), committed);

@@ -60,7 +60,8 @@ pub fn open(path: &Path, migrations: &[&str]) -> rusqlite::Result<Connection> {
     conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
     let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
     assert_eq!(sync, 2, "synchronous must be FULL");
-    let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    let version: usize =
+        conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
     for (i, sql) in migrations.iter().enumerate().skip(version) {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute_batch(sql)?;
@@ -169,7 +170,11 @@ mod tests {
     #[tokio::test]
     async fn jobs_commit_and_failed_jobs_roll_back_alone() {
         let dir = tempfile_dir();
-        let conn = open(&dir.join("t.db"), &["CREATE TABLE t (k INTEGER PRIMARY KEY)"]).unwrap();
+        let conn = open(
+            &dir.join("t.db"),
+            &["CREATE TABLE t (k INTEGER PRIMARY KEY)"],
+        )
+        .unwrap();
         let db = Db::start(conn, "test");
         let mut handles = vec![];
         for k in 0..100i64 {
@@ -200,8 +205,14 @@ mod tests {
         assert_eq!(n, 90);
         drop(db);
         // Reopening applies no migration twice and sees the rows.
-        let conn = open(&dir.join("t.db"), &["CREATE TABLE t (k INTEGER PRIMARY KEY)"]).unwrap();
-        let n: i64 = conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
+        let conn = open(
+            &dir.join("t.db"),
+            &["CREATE TABLE t (k INTEGER PRIMARY KEY)"],
+        )
+        .unwrap();
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(n, 90);
     }
 

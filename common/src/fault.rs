@@ -71,7 +71,11 @@ pub fn crash_point(name: &str) {
 /// Sleeps here if the delay point `name` is armed.
 pub async fn delay_point(name: &str) {
     if let Some(d) = faults().delay.get(name) {
-        tracing::warn!(point = name, delay_ms = d.as_millis() as u64, "injected delay");
+        tracing::warn!(
+            point = name,
+            delay_ms = d.as_millis() as u64,
+            "injected delay"
+        );
         tokio::time::sleep(*d).await;
     }
 }

@@ -88,7 +88,8 @@ impl<L: DecisionLog> Coordinator<L> {
         self.clone().resume_deliveries().await?;
         let queue = subjects::queue_group(SERVICE);
         let max = self.args.max_inflight;
-        let busy_json = Bytes::from(ApiError::new(Code::Busy, "too many purchases in flight").to_json());
+        let busy_json =
+            Bytes::from(ApiError::new(Code::Busy, "too many purchases in flight").to_json());
         let c = self.clone();
         let purchase = twopc_common::serve::serve(
             self.client.clone(),
@@ -139,7 +140,10 @@ impl<L: DecisionLog> Coordinator<L> {
     async fn resume_deliveries(self: Arc<Self>) -> anyhow::Result<()> {
         let incomplete = self.log.incomplete().await?;
         if !incomplete.is_empty() {
-            info!(count = incomplete.len(), "resuming delivery of recorded decisions");
+            info!(
+                count = incomplete.len(),
+                "resuming delivery of recorded decisions"
+            );
         }
         for rec in incomplete {
             let (done, _) = oneshot::channel();
@@ -210,10 +214,17 @@ impl<L: DecisionLog> Coordinator<L> {
         };
         let result = match self.log.by_request_id(rid.clone()).await {
             Ok(Some(rec)) => {
-                if rec.purchase.as_ref().is_some_and(|p| !same_purchase(p, &req)) {
+                if rec
+                    .purchase
+                    .as_ref()
+                    .is_some_and(|p| !same_purchase(p, &req))
+                {
                     Err(ApiError::new(
                         Code::Conflict,
-                        format!("request_id {rid:?} was used for a different purchase (tx {})", rec.tx),
+                        format!(
+                            "request_id {rid:?} was used for a different purchase (tx {})",
+                            rec.tx
+                        ),
                     ))
                 } else {
                     info!(request_id = %rid, tx = %rec.tx, "repeated request; returning the first outcome");
@@ -295,7 +306,11 @@ impl<L: DecisionLog> Coordinator<L> {
             Ok(Recorded::New(r)) => (r.decision, r.reason.clone(), reply_from_record(&r, false)),
             Ok(Recorded::Existing(r)) => {
                 // Only a decision query writes first, and it writes abort.
-                assert_eq!(r.decision, Decision::Abort, "an earlier decision is a presumed abort");
+                assert_eq!(
+                    r.decision,
+                    Decision::Abort,
+                    "an earlier decision is a presumed abort"
+                );
                 warn!("a participant asked for the decision during phase 1; the transaction is aborted");
                 let mut reply = reply_from_record(&r, false);
                 reply.request_id = None;
@@ -304,7 +319,10 @@ impl<L: DecisionLog> Coordinator<L> {
             Ok(Recorded::DuplicateRequest(other)) => {
                 warn!(other = %other.tx, "request id taken by a concurrent transaction; this one aborts");
                 let (done, _) = oneshot::channel();
-                tokio::spawn(self.clone().deliver(tx, Decision::Abort, outcome.deliver_to, done));
+                tokio::spawn(
+                    self.clone()
+                        .deliver(tx, Decision::Abort, outcome.deliver_to, done),
+                );
                 return reply_from_record(&other, true);
             }
             Err(e) => {
@@ -313,7 +331,11 @@ impl<L: DecisionLog> Coordinator<L> {
                 error!(error = %e, "decision not recorded; aborting by presumption");
                 let reason = AbortReason {
                     participant: SERVICE.into(),
-                    code: if matches!(e, LogError::Busy) { Code::Busy } else { Code::Internal },
+                    code: if matches!(e, LogError::Busy) {
+                        Code::Busy
+                    } else {
+                        Code::Internal
+                    },
                     message: format!("the decision could not be recorded: {e}"),
                 };
                 let reply = PurchaseReply {
@@ -374,7 +396,10 @@ impl<L: DecisionLog> Coordinator<L> {
     ) {
         let mut first_round = Some(first_round);
         let mut pending = participants;
-        let mut backoff = Backoff::new(self.args.retry_base_ms.max(1), self.args.retry_cap_ms.max(self.args.retry_base_ms.max(1)));
+        let mut backoff = Backoff::new(
+            self.args.retry_base_ms.max(1),
+            self.args.retry_cap_ms.max(self.args.retry_base_ms.max(1)),
+        );
         loop {
             if pending.is_empty() {
                 if let Some(f) = first_round.take() {
@@ -403,11 +428,19 @@ impl<L: DecisionLog> Coordinator<L> {
                 let _ = f.send(pending.is_empty());
             }
             if pending.is_empty() {
-                info!(decision = decision.as_str(), "decision delivered to every participant");
+                info!(
+                    decision = decision.as_str(),
+                    "decision delivered to every participant"
+                );
                 return;
             }
             let delay = backoff.next_delay();
-            warn!(?pending, attempt = backoff.attempt(), delay_ms = delay.as_millis() as u64, "decision not acknowledged; retrying");
+            warn!(
+                ?pending,
+                attempt = backoff.attempt(),
+                delay_ms = delay.as_millis() as u64,
+                "decision not acknowledged; retrying"
+            );
             tokio::time::sleep(delay).await;
         }
     }
@@ -476,13 +509,21 @@ impl<L: DecisionLog> Coordinator<L> {
         let reply = match self.log.record(rec).await {
             Ok(Recorded::New(r)) => {
                 info!(tx = %q.tx, participant = %q.participant, "no decision recorded; recorded abort (presumed abort)");
-                DecisionReply::Decided { tx: q.tx, decision: r.decision }
+                DecisionReply::Decided {
+                    tx: q.tx,
+                    decision: r.decision,
+                }
             }
             Ok(Recorded::Existing(r)) => {
                 info!(tx = %q.tx, participant = %q.participant, decision = r.decision.as_str(), "answered decision query");
-                DecisionReply::Decided { tx: q.tx, decision: r.decision }
+                DecisionReply::Decided {
+                    tx: q.tx,
+                    decision: r.decision,
+                }
             }
-            Ok(Recorded::DuplicateRequest(_)) => unreachable!("a decision query carries no request id"),
+            Ok(Recorded::DuplicateRequest(_)) => {
+                unreachable!("a decision query carries no request id")
+            }
             Err(e) => DecisionReply::Rejected {
                 code: Code::Busy,
                 message: e.to_string(),

@@ -162,8 +162,12 @@ fn insert(c: &Connection, rec: &Record) -> rusqlite::Result<()> {
         rec.tx.as_bytes().as_slice(),
         rec.decision.as_str(),
         rec.request_id,
-        rec.purchase.as_ref().map(|p| serde_json::to_string(p).expect("serialises")),
-        rec.reason.as_ref().map(|r| serde_json::to_string(r).expect("serialises")),
+        rec.purchase
+            .as_ref()
+            .map(|p| serde_json::to_string(p).expect("serialises")),
+        rec.reason
+            .as_ref()
+            .map(|r| serde_json::to_string(r).expect("serialises")),
         serde_json::to_string(&rec.deliver_to).expect("serialises"),
         serde_json::to_string(&rec.pending).expect("serialises"),
         rec.decided_at_ms,
@@ -178,7 +182,9 @@ fn record(c: &Connection, mut rec: Record) -> rusqlite::Result<Recorded> {
     }
     if let Some(rid) = rec.request_id.clone() {
         let other = c
-            .prepare_cached(&format!("SELECT {COLUMNS} FROM decisions WHERE request_id = ?1"))?
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM decisions WHERE request_id = ?1"
+            ))?
             .query_row([&rid], row_to_record)
             .optional()?;
         if let Some(other) = other {
@@ -215,9 +221,11 @@ impl DecisionLog for SqliteLog {
         Ok(self
             .db
             .run(move |c| {
-                c.prepare_cached(&format!("SELECT {COLUMNS} FROM decisions WHERE request_id = ?1"))?
-                    .query_row([&request_id], row_to_record)
-                    .optional()
+                c.prepare_cached(&format!(
+                    "SELECT {COLUMNS} FROM decisions WHERE request_id = ?1"
+                ))?
+                .query_row([&request_id], row_to_record)
+                .optional()
             })
             .await?)
     }
@@ -281,15 +289,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = SqliteLog::open(&dir.path().join("c.db")).unwrap();
         let tx = TxId::now_v7();
-        assert!(matches!(log.record(rec(tx, Decision::Abort, None)).await.unwrap(), Recorded::New(_)));
+        assert!(matches!(
+            log.record(rec(tx, Decision::Abort, None)).await.unwrap(),
+            Recorded::New(_)
+        ));
         match log.record(rec(tx, Decision::Commit, None)).await.unwrap() {
             Recorded::Existing(r) => assert_eq!(r.decision, Decision::Abort),
             other => panic!("{other:?}"),
         }
         let a = TxId::now_v7();
         let b = TxId::now_v7();
-        assert!(matches!(log.record(rec(a, Decision::Commit, Some("k"))).await.unwrap(), Recorded::New(_)));
-        match log.record(rec(b, Decision::Commit, Some("k"))).await.unwrap() {
+        assert!(matches!(
+            log.record(rec(a, Decision::Commit, Some("k")))
+                .await
+                .unwrap(),
+            Recorded::New(_)
+        ));
+        match log
+            .record(rec(b, Decision::Commit, Some("k")))
+            .await
+            .unwrap()
+        {
             Recorded::DuplicateRequest(r) => assert_eq!(r.tx, a),
             other => panic!("{other:?}"),
         }

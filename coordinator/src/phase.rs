@@ -41,8 +41,13 @@ pub fn decide(ballots: &[(String, Ballot)]) -> Outcome {
             Ballot::Voted(Vote::Yes) => None,
             Ballot::Voted(Vote::No { code, message }) => Some((*code, message.clone())),
             Ballot::TimedOut => Some((Code::Timeout, format!("{name} did not vote in time"))),
-            Ballot::NoResponders => Some((Code::Unavailable, format!("no {name} service is running"))),
-            Ballot::Garbled(e) => Some((Code::BadMessage, format!("{name}'s vote does not decode: {e}"))),
+            Ballot::NoResponders => {
+                Some((Code::Unavailable, format!("no {name} service is running")))
+            }
+            Ballot::Garbled(e) => Some((
+                Code::BadMessage,
+                format!("{name}'s vote does not decode: {e}"),
+            )),
         };
         let needs_decision = matches!(
             ballot,
@@ -80,7 +85,10 @@ mod tests {
 
     #[test]
     fn all_yes_commits_to_all() {
-        let o = decide(&[b("wallet", Ballot::Voted(Vote::Yes)), b("order", Ballot::Voted(Vote::Yes))]);
+        let o = decide(&[
+            b("wallet", Ballot::Voted(Vote::Yes)),
+            b("order", Ballot::Voted(Vote::Yes)),
+        ]);
         assert_eq!(o.decision, Decision::Commit);
         assert_eq!(o.reason, None);
         assert_eq!(o.deliver_to, vec!["wallet", "order"]);
@@ -92,7 +100,10 @@ mod tests {
             code: Code::OutOfStock,
             message: "none".into(),
         };
-        let o = decide(&[b("wallet", Ballot::Voted(Vote::Yes)), b("order", Ballot::Voted(no))]);
+        let o = decide(&[
+            b("wallet", Ballot::Voted(Vote::Yes)),
+            b("order", Ballot::Voted(no)),
+        ]);
         assert_eq!(o.decision, Decision::Abort);
         assert_eq!(o.reason.as_ref().unwrap().code, Code::OutOfStock);
         assert_eq!(o.reason.unwrap().participant, "order");
@@ -101,7 +112,10 @@ mod tests {
 
     #[test]
     fn a_timeout_aborts_and_still_delivers_to_the_silent_one() {
-        let o = decide(&[b("wallet", Ballot::TimedOut), b("order", Ballot::Voted(Vote::Yes))]);
+        let o = decide(&[
+            b("wallet", Ballot::TimedOut),
+            b("order", Ballot::Voted(Vote::Yes)),
+        ]);
         assert_eq!(o.decision, Decision::Abort);
         assert_eq!(o.reason.unwrap().code, Code::Timeout);
         assert_eq!(o.deliver_to, vec!["wallet", "order"]);
@@ -109,7 +123,10 @@ mod tests {
 
     #[test]
     fn no_responders_abort_without_delivery_to_the_absent() {
-        let o = decide(&[b("wallet", Ballot::NoResponders), b("order", Ballot::Garbled("x".into()))]);
+        let o = decide(&[
+            b("wallet", Ballot::NoResponders),
+            b("order", Ballot::Garbled("x".into())),
+        ]);
         assert_eq!(o.decision, Decision::Abort);
         assert_eq!(o.reason.unwrap().code, Code::Unavailable);
         assert_eq!(o.deliver_to, vec!["order"]);

@@ -189,13 +189,28 @@ mod tests {
     fn decisions_are_idempotent_and_never_flip() {
         use BranchState::*;
         use Decision::*;
-        assert_eq!(on_decide(Some(&branch(Prepared)), Commit), OnDecide::Apply(Commit));
-        assert_eq!(on_decide(Some(&branch(Prepared)), Abort), OnDecide::Apply(Abort));
+        assert_eq!(
+            on_decide(Some(&branch(Prepared)), Commit),
+            OnDecide::Apply(Commit)
+        );
+        assert_eq!(
+            on_decide(Some(&branch(Prepared)), Abort),
+            OnDecide::Apply(Abort)
+        );
         assert_eq!(on_decide(Some(&branch(Committed)), Commit), OnDecide::Ack);
         assert_eq!(on_decide(Some(&branch(Aborted)), Abort), OnDecide::Ack);
         assert_eq!(on_decide(None, Abort), OnDecide::Tombstone);
-        assert!(matches!(on_decide(None, Commit), OnDecide::Reject(Code::UnknownTx, _)));
-        assert!(matches!(on_decide(Some(&branch(Committed)), Abort), OnDecide::Reject(Code::Conflict, _)));
-        assert!(matches!(on_decide(Some(&branch(Aborted)), Commit), OnDecide::Reject(Code::Conflict, _)));
+        assert!(matches!(
+            on_decide(None, Commit),
+            OnDecide::Reject(Code::UnknownTx, _)
+        ));
+        assert!(matches!(
+            on_decide(Some(&branch(Committed)), Abort),
+            OnDecide::Reject(Code::Conflict, _)
+        ));
+        assert!(matches!(
+            on_decide(Some(&branch(Aborted)), Commit),
+            OnDecide::Reject(Code::Conflict, _)
+        ));
     }
 }

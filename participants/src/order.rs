@@ -70,7 +70,10 @@ impl Resource for Order {
         op: &BranchOp,
     ) -> rusqlite::Result<Result<(), Refusal>> {
         let Some((_, sku, qty, amount)) = reserve(op) else {
-            return Ok(Err((Code::BadMessage, "the order service only reserves".into())));
+            return Ok(Err((
+                Code::BadMessage,
+                "the order service only reserves".into(),
+            )));
         };
         let row: Option<(i64, i64, i64)> = conn
             .query_row(
@@ -124,7 +127,14 @@ impl Resource for Order {
         conn.execute(
             "INSERT INTO orders (tx, user, sku, qty, amount, created_at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![tx.as_bytes().as_slice(), user, sku, qty, amount as i64, now_ms()],
+            params![
+                tx.as_bytes().as_slice(),
+                user,
+                sku,
+                qty,
+                amount as i64,
+                now_ms()
+            ],
         )?;
         Ok(())
     }
@@ -153,7 +163,13 @@ async fn stock(db: Db, payload: Bytes) -> Result<Stock, ApiError> {
             c.query_row(
                 "SELECT price, stock, reserved FROM products WHERE sku = ?1",
                 [&sku],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)),
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                },
             )
             .optional()
         })
@@ -200,7 +216,11 @@ async fn create_product(db: Db, payload: Bytes) -> Result<Stock, ApiError> {
 }
 
 /// Serves the order service's public subjects.
-pub async fn serve_public(client: async_nats::Client, db: Db, max_inflight: usize) -> anyhow::Result<()> {
+pub async fn serve_public(
+    client: async_nats::Client,
+    db: Db,
+    max_inflight: usize,
+) -> anyhow::Result<()> {
     let queue = subjects::queue_group(subjects::ORDER);
     let busy = Bytes::from(ApiError::new(Code::Busy, "too many requests in flight").to_json());
     let d = db.clone();
@@ -233,5 +253,6 @@ pub async fn serve_public(client: async_nats::Client, db: Db, max_inflight: usiz
 /// Runs the order service until SIGTERM/SIGINT.
 pub async fn run(args: crate::ParticipantArgs) -> anyhow::Result<()> {
     let max = args.max_inflight;
-    crate::participant::run_service(args, Order, move |client, db| serve_public(client, db, max)).await
+    crate::participant::run_service(args, Order, move |client, db| serve_public(client, db, max))
+        .await
 }

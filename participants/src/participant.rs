@@ -47,8 +47,12 @@ pub trait Resource: Send + Sync + 'static {
     fn migrations(&self) -> &'static [&'static str];
     /// Checks `op` and holds what it needs. `Ok(Err(refusal))` means a no
     /// vote, and the resource must have written nothing.
-    fn hold(&self, conn: &Connection, tx: TxId, op: &BranchOp)
-        -> rusqlite::Result<Result<(), Refusal>>;
+    fn hold(
+        &self,
+        conn: &Connection,
+        tx: TxId,
+        op: &BranchOp,
+    ) -> rusqlite::Result<Result<(), Refusal>>;
     /// Makes a held operation permanent (decision commit).
     fn apply(&self, conn: &Connection, tx: TxId, op: &BranchOp) -> rusqlite::Result<()>;
     /// Releases what `hold` took (decision abort).
@@ -129,7 +133,13 @@ fn prepare_job<R: Resource>(
                     conn.execute(
                         "INSERT INTO branches (tx, state, op, code, message, updated_at_ms)
                          VALUES (?1, 'aborted', ?2, ?3, ?4, ?5)",
-                        params![tx.as_bytes().as_slice(), op_json, code.as_str(), message, now],
+                        params![
+                            tx.as_bytes().as_slice(),
+                            op_json,
+                            code.as_str(),
+                            message,
+                            now
+                        ],
                     )?;
                     Ok(Vote::No { code, message })
                 }
@@ -203,7 +213,12 @@ impl<R: Resource> Participant<R> {
         Ok(Db::start(conn, resource.name()))
     }
 
-    pub fn new(resource: R, db: Db, client: async_nats::Client, args: ParticipantArgs) -> Arc<Self> {
+    pub fn new(
+        resource: R,
+        db: Db,
+        client: async_nats::Client,
+        args: ParticipantArgs,
+    ) -> Arc<Self> {
         Arc::new(Participant {
             resource: Arc::new(resource),
             db,
@@ -233,7 +248,8 @@ impl<R: Resource> Participant<R> {
             code: Code::Busy,
             message: format!("{name} is at its in-flight limit"),
         }));
-        let busy_json = Bytes::from(ApiError::new(Code::Busy, "too many requests in flight").to_json());
+        let busy_json =
+            Bytes::from(ApiError::new(Code::Busy, "too many requests in flight").to_json());
         let max = self.args.max_inflight;
 
         let p = self.clone();
@@ -352,7 +368,8 @@ impl<R: Resource> Participant<R> {
     /// Applies a decision durably (phase 2 delivery and recovery share it).
     async fn apply_decision(&self, tx: TxId, decision: Decision) -> DecideReply {
         let name = self.name();
-        let span = tracing::info_span!("decide", participant = name, %tx, decision = decision.as_str());
+        let span =
+            tracing::info_span!("decide", participant = name, %tx, decision = decision.as_str());
         async move {
             let resource = self.resource.clone();
             let reply = match self
@@ -413,7 +430,10 @@ impl<R: Resource> Participant<R> {
                 let status = BranchStatus {
                     tx: tx.to_string(),
                     participant: name.to_owned(),
-                    state: b.as_ref().map_or("unknown", |b| b.state.as_str()).to_owned(),
+                    state: b
+                        .as_ref()
+                        .map_or("unknown", |b| b.state.as_str())
+                        .to_owned(),
                     code: b.as_ref().and_then(|b| b.code),
                     message: b.as_ref().and_then(|b| b.message.clone()),
                     op: b
@@ -422,9 +442,13 @@ impl<R: Resource> Participant<R> {
                         .map(|op| serde_json::to_value(op).expect("op serialises")),
                     updated_at_ms: at,
                 };
-                serde_json::to_vec(&status).expect("status serialises").into()
+                serde_json::to_vec(&status)
+                    .expect("status serialises")
+                    .into()
             }
-            Err(e) => ApiError::new(Code::Internal, e.to_string()).to_json().into(),
+            Err(e) => ApiError::new(Code::Internal, e.to_string())
+                .to_json()
+                .into(),
         }
     }
 
@@ -464,12 +488,15 @@ impl<R: Resource> Participant<R> {
                 .filter(|tx| retry.get(tx).is_none_or(|(_, at)| *at <= now))
                 .collect();
             if !due.is_empty() {
-                info!(participant = name, count = due.len(), "resolving in-doubt transactions");
+                info!(
+                    participant = name,
+                    count = due.len(),
+                    "resolving in-doubt transactions"
+                );
             }
-            let results = futures::future::join_all(
-                due.iter().map(|&tx| self.clone().resolve_in_doubt(tx)),
-            )
-            .await;
+            let results =
+                futures::future::join_all(due.iter().map(|&tx| self.clone().resolve_in_doubt(tx)))
+                    .await;
             for (tx, resolved) in due.into_iter().zip(results) {
                 if resolved {
                     retry.remove(&tx);
@@ -531,7 +558,11 @@ impl<R: Resource> Participant<R> {
 
 /// Opens the participant's database, connects to NATS and serves until
 /// SIGTERM/SIGINT or failure. `extra` adds the service's own subjects.
-pub async fn run_service<R, F, Fut>(args: ParticipantArgs, resource: R, extra: F) -> anyhow::Result<()>
+pub async fn run_service<R, F, Fut>(
+    args: ParticipantArgs,
+    resource: R,
+    extra: F,
+) -> anyhow::Result<()>
 where
     R: Resource,
     F: FnOnce(async_nats::Client, Db) -> Fut,

@@ -94,7 +94,10 @@ impl Resource for Wallet {
 
     fn apply(&self, conn: &Connection, tx: TxId, op: &BranchOp) -> rusqlite::Result<()> {
         let (user, amount) = debit(op).expect("a prepared wallet op is a debit");
-        let n = conn.execute("DELETE FROM holds WHERE tx = ?1", [tx.as_bytes().as_slice()])?;
+        let n = conn.execute(
+            "DELETE FROM holds WHERE tx = ?1",
+            [tx.as_bytes().as_slice()],
+        )?;
         assert_eq!(n, 1, "a prepared debit has its hold");
         conn.execute(
             "UPDATE users SET balance = balance - ?2, held = held - ?2 WHERE user = ?1",
@@ -109,7 +112,10 @@ impl Resource for Wallet {
 
     fn release(&self, conn: &Connection, tx: TxId, op: &BranchOp) -> rusqlite::Result<()> {
         let (user, amount) = debit(op).expect("a prepared wallet op is a debit");
-        let n = conn.execute("DELETE FROM holds WHERE tx = ?1", [tx.as_bytes().as_slice()])?;
+        let n = conn.execute(
+            "DELETE FROM holds WHERE tx = ?1",
+            [tx.as_bytes().as_slice()],
+        )?;
         assert_eq!(n, 1, "a prepared debit has its hold");
         conn.execute(
             "UPDATE users SET held = held - ?2 WHERE user = ?1",
@@ -173,7 +179,11 @@ async fn create_user(db: Db, payload: Bytes) -> Result<Balance, ApiError> {
 }
 
 /// Serves the wallet's public subjects.
-pub async fn serve_public(client: async_nats::Client, db: Db, max_inflight: usize) -> anyhow::Result<()> {
+pub async fn serve_public(
+    client: async_nats::Client,
+    db: Db,
+    max_inflight: usize,
+) -> anyhow::Result<()> {
     let queue = subjects::queue_group(subjects::WALLET);
     let busy = Bytes::from(ApiError::new(Code::Busy, "too many requests in flight").to_json());
     let d = db.clone();
@@ -206,5 +216,8 @@ pub async fn serve_public(client: async_nats::Client, db: Db, max_inflight: usiz
 /// Runs the wallet service until SIGTERM/SIGINT.
 pub async fn run(args: crate::ParticipantArgs) -> anyhow::Result<()> {
     let max = args.max_inflight;
-    crate::participant::run_service(args, Wallet, move |client, db| serve_public(client, db, max)).await
+    crate::participant::run_service(args, Wallet, move |client, db| {
+        serve_public(client, db, max)
+    })
+    .await
 }

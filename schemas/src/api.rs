@@ -69,9 +69,10 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| {
         use serde_json::error::Category;
         match e.classify() {
-            Category::Syntax | Category::Eof | Category::Io => {
-                ApiError::new(Code::MalformedJson, format!("request is not valid JSON: {e}"))
-            }
+            Category::Syntax | Category::Eof | Category::Io => ApiError::new(
+                Code::MalformedJson,
+                format!("request is not valid JSON: {e}"),
+            ),
             Category::Data => ApiError::invalid(format!("invalid request: {e}")),
         }
     })
@@ -324,9 +325,7 @@ mod tests {
         assert_eq!(err("{").code, Code::MalformedJson);
         assert_eq!(err("").code, Code::MalformedJson);
         assert_eq!(err("[]").code, Code::InvalidRequest);
-        let base = |f: &str| {
-            format!(r#"{{"user":"a","sku":"b","qty":1,{f}}}"#)
-        };
+        let base = |f: &str| format!(r#"{{"user":"a","sku":"b","qty":1,{f}}}"#);
         for bad in [
             r#""amount":2.5"#,
             r#""amount":"25""#,
@@ -355,7 +354,10 @@ mod tests {
             err(r#"{"user":"a b","sku":"b","qty":1,"amount":1}"#).code,
             Code::InvalidRequest
         );
-        assert_eq!(err(r#"{"sku":"b","qty":1,"amount":1}"#).code, Code::InvalidRequest);
+        assert_eq!(
+            err(r#"{"sku":"b","qty":1,"amount":1}"#).code,
+            Code::InvalidRequest
+        );
         let huge = format!(r#"{{"user":"{}"}}"#, "a".repeat(MAX_REQUEST_BYTES));
         assert_eq!(err(&huge).code, Code::PayloadTooLarge);
     }

@@ -170,7 +170,8 @@ pub fn decode<M: Message>(bytes: &[u8]) -> Result<M, DecodeError> {
             got: kind,
         });
     }
-    let (msg, rest) = postcard::take_from_bytes(rest).map_err(|e| DecodeError::Body(e.to_string()))?;
+    let (msg, rest) =
+        postcard::take_from_bytes(rest).map_err(|e| DecodeError::Body(e.to_string()))?;
     if !rest.is_empty() {
         return Err(DecodeError::Trailing(rest.len()));
     }

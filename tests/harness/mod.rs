@@ -33,7 +33,10 @@ pub struct Options {
 }
 
 fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 impl Default for Options {
@@ -81,11 +84,20 @@ pub struct System {
     pub initial: Initial,
 }
 
+/// Users with opening balances.
+pub type Users = Vec<(&'static str, u64)>;
+/// Products with price and stock.
+pub type Products = Vec<(&'static str, u64, u64)>;
+
 /// The user and product set most tests use.
-pub fn standard_seed() -> (Vec<(&'static str, u64)>, Vec<(&'static str, u64, u64)>) {
+pub fn standard_seed() -> (Users, Products) {
     (
         vec![("alice", 10_000), ("bob", 5_000), ("carol", 500)],
-        vec![("book-1", 1_250, 10), ("pen-1", 199, 100), ("lamp-1", 4_500, 2)],
+        vec![
+            ("book-1", 1_250, 10),
+            ("pen-1", 199, 100),
+            ("lamp-1", 4_500, 2),
+        ],
     )
 }
 
@@ -128,7 +140,9 @@ impl System {
 
     pub async fn wait_ready(&mut self, kind: Kind) -> anyhow::Result<()> {
         let client = self.client.clone();
-        self.service(kind).wait_ready(&client, Duration::from_secs(30)).await
+        self.service(kind)
+            .wait_ready(&client, Duration::from_secs(30))
+            .await
     }
 
     /// SIGKILL then start again with the same settings, and wait until ready.
@@ -140,12 +154,19 @@ impl System {
         self.wait_ready(kind).await
     }
 
-    pub async fn seed(&mut self, users: &[(&str, u64)], products: &[(&str, u64, u64)]) -> anyhow::Result<()> {
+    pub async fn seed(
+        &mut self,
+        users: &[(&str, u64)],
+        products: &[(&str, u64, u64)],
+    ) -> anyhow::Result<()> {
         for (user, balance) in users {
             let r: Reply<Balance> = request(
                 &self.client,
                 subjects::WALLET_CREATE_USER,
-                &CreateUser { user: user.to_string(), balance: *balance },
+                &CreateUser {
+                    user: user.to_string(),
+                    balance: *balance,
+                },
                 Duration::from_secs(5),
             )
             .await?;
@@ -158,14 +179,20 @@ impl System {
             let r: Reply<Stock> = request(
                 &self.client,
                 subjects::ORDER_CREATE_PRODUCT,
-                &CreateProduct { sku: sku.to_string(), price: *price, stock: *stock },
+                &CreateProduct {
+                    sku: sku.to_string(),
+                    price: *price,
+                    stock: *stock,
+                },
                 Duration::from_secs(5),
             )
             .await?;
             if let Reply::Err(e) = r {
                 bail!("create product {sku}: {e:?}");
             }
-            self.initial.products.insert(sku.to_string(), (*price, *stock));
+            self.initial
+                .products
+                .insert(sku.to_string(), (*price, *stock));
         }
         Ok(())
     }
@@ -200,11 +227,23 @@ impl System {
     }
 
     pub async fn raw(&self, subject: &str, payload: &[u8]) -> anyhow::Result<Vec<u8>> {
-        request_raw(&self.client, subject, payload.to_vec(), Duration::from_secs(10)).await
+        request_raw(
+            &self.client,
+            subject,
+            payload.to_vec(),
+            Duration::from_secs(10),
+        )
+        .await
     }
 
     pub async fn balance(&self, user: &str) -> Balance {
-        let r = request(&self.client, subjects::WALLET_BALANCE, &serde_json::json!({ "user": user }), Duration::from_secs(5)).await;
+        let r = request(
+            &self.client,
+            subjects::WALLET_BALANCE,
+            &serde_json::json!({ "user": user }),
+            Duration::from_secs(5),
+        )
+        .await;
         match r {
             Ok(Reply::Ok(b)) => b,
             other => panic!("balance {user}: {other:?}"),
@@ -212,7 +251,13 @@ impl System {
     }
 
     pub async fn stock(&self, sku: &str) -> Stock {
-        let r = request(&self.client, subjects::ORDER_STOCK, &serde_json::json!({ "sku": sku }), Duration::from_secs(5)).await;
+        let r = request(
+            &self.client,
+            subjects::ORDER_STOCK,
+            &serde_json::json!({ "sku": sku }),
+            Duration::from_secs(5),
+        )
+        .await;
         match r {
             Ok(Reply::Ok(s)) => s,
             other => panic!("stock {sku}: {other:?}"),
@@ -222,7 +267,10 @@ impl System {
     /// A participant's or the coordinator's JSON view of a transaction.
     pub async fn tx_status(&self, subject: &str, tx: &str) -> serde_json::Value {
         let raw = self
-            .raw(subject, serde_json::json!({ "tx": tx }).to_string().as_bytes())
+            .raw(
+                subject,
+                serde_json::json!({ "tx": tx }).to_string().as_bytes(),
+            )
             .await
             .expect("status reply");
         serde_json::from_slice(&raw).expect("status is JSON")
@@ -241,7 +289,10 @@ impl System {
                 return Ok(s);
             }
             if Instant::now() > deadline {
-                bail!("not quiescent after {timeout:?}: {:?}", check::no_holds_left(&s));
+                bail!(
+                    "not quiescent after {timeout:?}: {:?}",
+                    check::no_holds_left(&s)
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -254,7 +305,11 @@ impl System {
             .await
             .unwrap_or_else(|e| panic!("{e:#}\n{}", self.logs()));
         let violations = check::all(&self.initial, told, &s);
-        assert!(violations.is_empty(), "invariants violated:\n{}", violations.join("\n"));
+        assert!(
+            violations.is_empty(),
+            "invariants violated:\n{}",
+            violations.join("\n")
+        );
         s
     }
 
@@ -274,14 +329,23 @@ impl System {
     }
 
     /// Waits until `pred` holds of the service's log.
-    pub async fn wait_log(&mut self, kind: Kind, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+    pub async fn wait_log(
+        &mut self,
+        kind: Kind,
+        needle: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             if self.service(kind).proc.log().contains(needle) {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("{} log never said {needle:?}:\n{}", kind.name(), self.service(kind).proc.log());
+                bail!(
+                    "{} log never said {needle:?}:\n{}",
+                    kind.name(),
+                    self.service(kind).proc.log()
+                );
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs every test: unit tests, golden bytes, and the end-to-end scenarios
+# against a real nats-server and real service processes.
+# Installs nats-server first if it is missing.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+NATS_SERVER_BIN="$(./scripts/install-nats.sh)"
+export NATS_SERVER_BIN
+echo "using $("$NATS_SERVER_BIN" --version) at $NATS_SERVER_BIN"
+cargo test --workspace --all-targets "$@"

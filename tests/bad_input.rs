@@ -1,0 +1,673 @@
+//! Bad input end to end: malformed, mistyped, out-of-range, oversized and
+//! unknown public requests, undecodable internal protocol messages, and
+//! forged or replayed protocol messages. Each gets a clear error reply (or a
+//! no vote / rejection plus a logged warning on internal subjects), changes
+//! nothing, and the service keeps serving.
+
+mod harness;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use harness::{tx_id, Options, System};
+use twopc::check::{Snapshot, Told};
+use twopc::launcher::Kind;
+use twopc_schemas::api::{Outcome, MAX_REQUEST_BYTES};
+use twopc_schemas::protocol::{
+    self, BranchOp, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Message, Prepare,
+    TxId, Vote, MAX_MESSAGE_BYTES,
+};
+use twopc_schemas::{subjects, Code};
+
+/// Users and products, the part of the state bad input must not touch.
+type Resources = (BTreeMap<String, (i64, i64)>, BTreeMap<String, (i64, i64, i64)>);
+
+fn resources(s: &Snapshot) -> Resources {
+    (s.users.clone(), s.products.clone())
+}
+
+/// Asserts `raw` is exactly `{"error":{"code":<code>,"message":<non-empty>}}`
+/// and, when given, that the message mentions `hint`.
+fn assert_error_reply(case: &str, raw: &[u8], code: Code, hint: Option<&str>) {
+    let text = String::from_utf8_lossy(raw);
+    let v: serde_json::Value =
+        serde_json::from_slice(raw).unwrap_or_else(|e| panic!("{case}: reply is not JSON ({e}): {text}"));
+    let top = v.as_object().unwrap_or_else(|| panic!("{case}: reply is not an object: {text}"));
+    assert_eq!(top.len(), 1, "{case}: the reply has only `error`: {text}");
+    let err = top
+        .get("error")
+        .and_then(|e| e.as_object())
+        .unwrap_or_else(|| panic!("{case}: no `error` object in the reply: {text}"));
+    assert_eq!(err.len(), 2, "{case}: `error` has exactly code and message: {text}");
+    assert_eq!(err.get("code").and_then(|c| c.as_str()), Some(code.as_str()), "{case}: wrong code: {text}");
+    let message = err
+        .get("message")
+        .and_then(|m| m.as_str())
+        .unwrap_or_else(|| panic!("{case}: `message` is not a string: {text}"));
+    assert!(!message.trim().is_empty(), "{case}: empty message: {text}");
+    if let Some(hint) = hint {
+        assert!(message.contains(hint), "{case}: message should mention {hint:?}: {text}");
+    }
+}
+
+/// How many times `needle` occurs in a service's log.
+fn log_count(sys: &mut System, kind: Kind, needle: &str) -> usize {
+    sys.service(kind).proc.log().matches(needle).count()
+}
+
+/// Waits (bounded) until `needle` occurs `want` times in the service's log.
+async fn wait_log_count(sys: &mut System, kind: Kind, needle: &str, want: usize, case: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = log_count(sys, kind, needle);
+        if n == want {
+            return;
+        }
+        if n > want || Instant::now() > deadline {
+            panic!(
+                "{case}: expected {want} log lines {needle:?} in {}, found {n}:\n{}",
+                kind.name(),
+                sys.service(kind).proc.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn send_decide(sys: &System, participant: &str, tx: TxId, decision: Decision) -> DecideReply {
+    let raw = sys
+        .raw(&subjects::decide(participant), &protocol::encode(&Decide { tx, decision }))
+        .await
+        .unwrap_or_else(|e| panic!("decide {decision:?} {tx} to {participant}: {e:#}"));
+    protocol::decode(&raw).unwrap_or_else(|e| panic!("decide reply from {participant} does not decode: {e}"))
+}
+
+async fn send_prepare(sys: &System, participant: &str, tx: TxId, op: BranchOp) -> Vote {
+    let raw = sys
+        .raw(&subjects::prepare(participant), &protocol::encode(&Prepare { tx, op }))
+        .await
+        .unwrap_or_else(|e| panic!("prepare {tx} to {participant}: {e:#}"));
+    protocol::decode(&raw).unwrap_or_else(|e| panic!("vote from {participant} does not decode: {e}"))
+}
+
+fn debit(amount: u64) -> BranchOp {
+    BranchOp::Debit {
+        user: "alice".into(),
+        amount,
+    }
+}
+
+fn reserve(qty: u32, amount: u64) -> BranchOp {
+    BranchOp::Reserve {
+        user: "alice".into(),
+        sku: "book-1".into(),
+        qty,
+        amount,
+    }
+}
+
+fn purchase_json(user: &str, sku: &str, qty: u64, amount: u64) -> String {
+    format!(r#"{{"user":"{user}","sku":"{sku}","qty":{qty},"amount":{amount}}}"#)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_purchase_requests_get_error_replies_and_change_nothing() {
+    let mut sys = System::start(Options::default()).await.unwrap();
+    sys.seed_standard().await.unwrap();
+    let before = sys.snapshot();
+    let mut told_all = vec![];
+
+    let base = |field: &str| format!(r#"{{"user":"alice","sku":"book-1","qty":1,{field}}}"#);
+    let with_id = |id: &str| format!(r#"{{"user":"alice","sku":"book-1","qty":1,"amount":1250,"request_id":{id}}}"#);
+    let valid = purchase_json("alice", "book-1", 1, 1_250);
+    // A purchase that would commit if the size limit were not enforced.
+    let padded_over = format!("{valid}{}", " ".repeat(5 * 1024 - valid.len()));
+    let huge = format!("{valid}{}", " ".repeat(64 * 1024));
+    let long_sku = "s".repeat(65);
+    let long_id = format!("\"{}\"", "r".repeat(65));
+
+    let malformed = Code::MalformedJson;
+    let invalid = Code::InvalidRequest;
+    let cases: Vec<(&str, Vec<u8>, Code, Option<&str>)> = vec![
+        ("malformed JSON", br#"{"user":"alice","sku":"#.to_vec(), malformed, Some("JSON")),
+        ("not JSON at all", b"buy me a book".to_vec(), malformed, Some("JSON")),
+        ("invalid UTF-8", vec![0xff, 0xfe, 0x00, 0x7b], malformed, Some("JSON")),
+        ("empty payload", vec![], malformed, Some("JSON")),
+        ("JSON array", b"[]".to_vec(), invalid, None),
+        ("JSON array of the fields", br#"["alice","book-1",1,1250]"#.to_vec(), invalid, None),
+        ("JSON null", b"null".to_vec(), invalid, None),
+        ("JSON string", br#""alice""#.to_vec(), invalid, None),
+        ("missing qty", br#"{"user":"alice","sku":"book-1","amount":1250}"#.to_vec(), invalid, Some("qty")),
+        ("missing user", br#"{"sku":"book-1","qty":1,"amount":1250}"#.to_vec(), invalid, Some("user")),
+        ("extra unknown field", base(r#""amount":1250,"coupon":"free""#).into_bytes(), invalid, Some("coupon")),
+        ("duplicate field", base(r#""amount":1250,"amount":1"#).into_bytes(), invalid, Some("amount")),
+        ("amount float 2.5", base(r#""amount":2.5"#).into_bytes(), invalid, Some("2.5")),
+        ("amount float 1250.0", base(r#""amount":1250.0"#).into_bytes(), invalid, None),
+        ("amount exponent 1e3", base(r#""amount":1e3"#).into_bytes(), invalid, None),
+        ("amount string \"25\"", base(r#""amount":"25""#).into_bytes(), invalid, Some("string")),
+        ("amount null", base(r#""amount":null"#).into_bytes(), invalid, None),
+        ("amount bool", base(r#""amount":true"#).into_bytes(), invalid, None),
+        ("amount negative", base(r#""amount":-1250"#).into_bytes(), invalid, Some("-1250")),
+        ("amount zero", base(r#""amount":0"#).into_bytes(), invalid, Some("amount")),
+        ("amount overflowing u64", base(r#""amount":99999999999999999999999"#).into_bytes(), invalid, None),
+        ("amount u64::MAX", base(&format!(r#""amount":{}"#, u64::MAX)).into_bytes(), invalid, Some("amount")),
+        ("amount over MAX_AMOUNT", base(r#""amount":1000000000000000001"#).into_bytes(), invalid, Some("amount")),
+        ("qty zero", purchase_json("alice", "book-1", 0, 1_250).into_bytes(), invalid, Some("qty")),
+        ("qty negative", br#"{"user":"alice","sku":"book-1","qty":-1,"amount":1250}"#.to_vec(), invalid, Some("-1")),
+        ("qty over 1_000_000", purchase_json("alice", "book-1", 1_000_001, 1_250).into_bytes(), invalid, Some("qty")),
+        ("qty over u32", purchase_json("alice", "book-1", 1 << 32, 1_250).into_bytes(), invalid, Some("qty")),
+        ("qty float", br#"{"user":"alice","sku":"book-1","qty":1.5,"amount":1250}"#.to_vec(), invalid, None),
+        ("user empty", purchase_json("", "book-1", 1, 1_250).into_bytes(), invalid, Some("user")),
+        ("user with spaces", purchase_json("al ice", "book-1", 1, 1_250).into_bytes(), invalid, Some("user")),
+        ("user non-ASCII", purchase_json("ålice", "book-1", 1, 1_250).into_bytes(), invalid, Some("user")),
+        ("user a number", br#"{"user":7,"sku":"book-1","qty":1,"amount":1250}"#.to_vec(), invalid, None),
+        ("sku 65 bytes", purchase_json("alice", &long_sku, 1, 1_250).into_bytes(), invalid, Some("sku")),
+        ("sku with a slash", purchase_json("alice", "book/1", 1, 1_250).into_bytes(), invalid, Some("sku")),
+        ("request_id empty", with_id(r#""""#).into_bytes(), invalid, Some("request_id")),
+        ("request_id with spaces", with_id(r#""order 42""#).into_bytes(), invalid, Some("request_id")),
+        ("request_id 65 bytes", with_id(&long_id).into_bytes(), invalid, Some("request_id")),
+        ("request_id a number", with_id("42").into_bytes(), invalid, None),
+        ("valid purchase padded to 5 KiB", padded_over.into_bytes(), Code::PayloadTooLarge, Some("limit")),
+        ("valid purchase padded to 64 KiB", huge.into_bytes(), Code::PayloadTooLarge, Some("limit")),
+    ];
+    for (case, payload, code, hint) in &cases {
+        let raw = sys
+            .raw(subjects::PURCHASE, payload)
+            .await
+            .unwrap_or_else(|e| panic!("{case}: no reply: {e:#}\n{}", sys.logs()));
+        assert_error_reply(case, &raw, *code, *hint);
+    }
+
+    // Nothing changed anywhere: no balance, stock, hold, branch or decision.
+    let after = sys.snapshot();
+    assert_eq!(resources(&after), resources(&before), "bad purchases changed balances or stock");
+    assert!(after.decisions.is_empty(), "bad purchases reached the decision log: {:?}", after.decisions);
+    assert!(after.wallet_branches.is_empty(), "a bad purchase reached the wallet: {:?}", after.wallet_branches);
+    assert!(after.order_branches.is_empty(), "a bad purchase reached the order service: {:?}", after.order_branches);
+    assert!(after.debits.is_empty() && after.orders.is_empty());
+
+    // Well-formed purchases of unknown things are votes, not error replies.
+    let unknown: [(&str, &str, &str, u64, &str, Code); 3] = [
+        ("unknown user", "mallory", "book-1", 1_250, "wallet", Code::UnknownUser),
+        ("unknown sku", "alice", "sofa-9", 100, "order", Code::UnknownSku),
+        ("unknown 64-byte sku", "alice", &"k".repeat(64), 100, "order", Code::UnknownSku),
+    ];
+    for (case, user, sku, amount, who, code) in unknown {
+        let r = sys.purchase(user, sku, 1, amount).await;
+        assert_eq!(r.outcome, Outcome::Aborted, "{case}: {r:?}");
+        let reason = r.reason.clone().unwrap_or_else(|| panic!("{case}: an abort says why: {r:?}"));
+        assert_eq!((reason.participant.as_str(), reason.code), (who, code), "{case}: {r:?}");
+        assert!(!reason.message.is_empty(), "{case}: {r:?}");
+        told_all.push(Told::Aborted(tx_id(&r)));
+    }
+    assert_eq!(resources(&sys.snapshot()), resources(&before), "unknown user/sku changed something");
+
+    // The coordinator keeps serving: a valid purchase commits, and so does
+    // one padded to exactly the size limit.
+    let r = sys.purchase("alice", "book-1", 1, 1_250).await;
+    assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
+    told_all.push(Told::Committed(tx_id(&r)));
+    let at_limit = format!("{valid}{}", " ".repeat(MAX_REQUEST_BYTES - valid.len()));
+    assert_eq!(at_limit.len(), MAX_REQUEST_BYTES);
+    let raw = sys.raw(subjects::PURCHASE, at_limit.as_bytes()).await.unwrap();
+    let r: twopc_schemas::api::PurchaseReply = serde_json::from_slice(&raw)
+        .unwrap_or_else(|e| panic!("a request of exactly {MAX_REQUEST_BYTES} bytes is accepted ({e}): {}", String::from_utf8_lossy(&raw)));
+    assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
+    told_all.push(Told::Committed(tx_id(&r)));
+    assert_eq!(sys.balance("alice").await.balance, 10_000 - 2 * 1_250);
+    assert_eq!(sys.stock("book-1").await.stock, 10 - 2);
+
+    let s = sys.assert_consistent(&told_all).await;
+    assert_eq!(s.debits.len(), 2, "only the two valid purchases were charged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_on_read_and_admin_subjects_get_error_replies_and_change_nothing() {
+    let mut sys = System::start(Options::default()).await.unwrap();
+    sys.seed_standard().await.unwrap();
+    let before = sys.snapshot();
+
+    let big = format!(r#"{{"user":"alice"}}{}"#, " ".repeat(MAX_REQUEST_BYTES));
+    let big_sku = format!(r#"{{"sku":"book-1"}}{}"#, " ".repeat(MAX_REQUEST_BYTES));
+    let wallet_tx = subjects::participant_tx("wallet");
+    let order_tx = subjects::participant_tx("order");
+    let fresh = TxId::now_v7().to_string();
+    let tx_ok = format!(r#"{{"tx":"{fresh}"}}"#);
+
+    use Code::{AlreadyExists, InvalidRequest as Invalid, MalformedJson as Malformed, PayloadTooLarge as TooLarge};
+    let cases: Vec<(&str, String, Code, Option<&str>)> = vec![
+        // wallet.balance
+        (subjects::WALLET_BALANCE, "{\"user\":".into(), Malformed, None),
+        (subjects::WALLET_BALANCE, "".into(), Malformed, None),
+        (subjects::WALLET_BALANCE, "{}".into(), Invalid, Some("user")),
+        (subjects::WALLET_BALANCE, r#"{"user":5}"#.into(), Invalid, None),
+        (subjects::WALLET_BALANCE, r#"{"user":"alice","all":true}"#.into(), Invalid, Some("all")),
+        (subjects::WALLET_BALANCE, r#"{"user":"a b"}"#.into(), Invalid, Some("user")),
+        (subjects::WALLET_BALANCE, r#"{"user":""}"#.into(), Invalid, Some("user")),
+        (subjects::WALLET_BALANCE, r#"{"user":"mallory"}"#.into(), Code::UnknownUser, Some("mallory")),
+        (subjects::WALLET_BALANCE, big, TooLarge, None),
+        // order.stock
+        (subjects::ORDER_STOCK, "[".into(), Malformed, None),
+        (subjects::ORDER_STOCK, "[]".into(), Invalid, None),
+        (subjects::ORDER_STOCK, r#"{"sku":["book-1"]}"#.into(), Invalid, None),
+        (subjects::ORDER_STOCK, r#"{"sku":"book-1","price":1}"#.into(), Invalid, Some("price")),
+        (subjects::ORDER_STOCK, format!(r#"{{"sku":"{}"}}"#, "s".repeat(65)), Invalid, Some("sku")),
+        (subjects::ORDER_STOCK, r#"{"sku":"sofa-9"}"#.into(), Code::UnknownSku, Some("sofa-9")),
+        (subjects::ORDER_STOCK, big_sku, TooLarge, None),
+        // wallet.users.create: every refused creation names a new user, so a
+        // validation gap would show up as an extra row.
+        (subjects::WALLET_CREATE_USER, r#"{"user":"eve","balance":}"#.into(), Malformed, None),
+        (subjects::WALLET_CREATE_USER, r#"{"user":"eve"}"#.into(), Invalid, Some("balance")),
+        (subjects::WALLET_CREATE_USER, r#"{"user":"eve","balance":-100}"#.into(), Invalid, Some("-100")),
+        (subjects::WALLET_CREATE_USER, r#"{"user":"eve","balance":2.5}"#.into(), Invalid, Some("2.5")),
+        (subjects::WALLET_CREATE_USER, r#"{"user":"eve","balance":"100"}"#.into(), Invalid, Some("string")),
+        (subjects::WALLET_CREATE_USER, r#"{"user":"eve","balance":99999999999999999999999}"#.into(), Invalid, None),
+        (subjects::WALLET_CREATE_USER, r#"{"user":"eve","balance":1000000000000000001}"#.into(), Invalid, Some("balance")),
+        (subjects::WALLET_CREATE_USER, r#"{"user":"eve","balance":1,"admin":true}"#.into(), Invalid, Some("admin")),
+        (subjects::WALLET_CREATE_USER, r#"{"user":"e ve","balance":1}"#.into(), Invalid, Some("user")),
+        (subjects::WALLET_CREATE_USER, r#"{"user":"","balance":1}"#.into(), Invalid, Some("user")),
+        (subjects::WALLET_CREATE_USER, r#"{"user":"alice","balance":1}"#.into(), AlreadyExists, Some("alice")),
+        (subjects::WALLET_CREATE_USER, r#"{"user":"alice","balance":10000}"#.into(), AlreadyExists, Some("alice")),
+        // order.products.create
+        (subjects::ORDER_CREATE_PRODUCT, r#"{"sku":"mug-1","price":100,"stock":5"#.into(), Malformed, None),
+        (subjects::ORDER_CREATE_PRODUCT, r#"{"sku":"mug-1","price":0,"stock":5}"#.into(), Invalid, Some("price")),
+        (subjects::ORDER_CREATE_PRODUCT, r#"{"sku":"mug-1","price":-100,"stock":5}"#.into(), Invalid, Some("-100")),
+        (subjects::ORDER_CREATE_PRODUCT, r#"{"sku":"mug-1","price":1.99,"stock":5}"#.into(), Invalid, Some("1.99")),
+        (subjects::ORDER_CREATE_PRODUCT, r#"{"sku":"mug-1","price":"100","stock":5}"#.into(), Invalid, Some("string")),
+        (subjects::ORDER_CREATE_PRODUCT, r#"{"sku":"mug-1","price":100,"stock":-1}"#.into(), Invalid, Some("-1")),
+        (subjects::ORDER_CREATE_PRODUCT, r#"{"sku":"mug-1","price":100,"stock":1000000001}"#.into(), Invalid, Some("stock")),
+        (subjects::ORDER_CREATE_PRODUCT, r#"{"sku":"mug-1","price":100}"#.into(), Invalid, Some("stock")),
+        (subjects::ORDER_CREATE_PRODUCT, r#"{"sku":"mug 1","price":100,"stock":5}"#.into(), Invalid, Some("sku")),
+        (subjects::ORDER_CREATE_PRODUCT, r#"{"sku":"mug-1","price":100,"stock":5,"tax":0}"#.into(), Invalid, Some("tax")),
+        (subjects::ORDER_CREATE_PRODUCT, r#"{"sku":"book-1","price":1,"stock":1000}"#.into(), AlreadyExists, Some("book-1")),
+        // shop.tx, wallet.tx, order.tx
+        (subjects::TX_STATUS, "{\"tx\"".into(), Malformed, None),
+        (subjects::TX_STATUS, r#"{"tx":"not-a-uuid"}"#.into(), Invalid, Some("tx")),
+        (subjects::TX_STATUS, r#"{"tx":42}"#.into(), Invalid, None),
+        (subjects::TX_STATUS, "{}".into(), Invalid, Some("tx")),
+        (subjects::TX_STATUS, format!(r#"{{"tx":"{fresh}","verbose":true}}"#), Invalid, Some("verbose")),
+        (&wallet_tx, "tx".into(), Malformed, None),
+        (&wallet_tx, r#"{"tx":"0193-nope"}"#.into(), Invalid, Some("tx")),
+        (&wallet_tx, r#"{"tx":null}"#.into(), Invalid, None),
+        (&order_tx, "".into(), Malformed, None),
+        (&order_tx, r#"{"tx":"zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz"}"#.into(), Invalid, Some("tx")),
+        (&order_tx, format!(r#"{{"tx":"{fresh}"}}{}"#, " ".repeat(MAX_REQUEST_BYTES)), TooLarge, None),
+    ];
+    for (subject, payload, code, hint) in &cases {
+        let case = format!("{subject} {:?}", truncate(payload));
+        let raw = sys
+            .raw(subject, payload.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("{case}: no reply: {e:#}\n{}", sys.logs()));
+        assert_error_reply(&case, &raw, *code, *hint);
+    }
+
+    let after = sys.snapshot();
+    assert_eq!(resources(&after), resources(&before), "bad requests changed users or products");
+    assert!(after.decisions.is_empty(), "{:?}", after.decisions);
+    assert!(after.wallet_branches.is_empty() && after.order_branches.is_empty());
+
+    // Every service keeps serving, valid requests of each kind included.
+    assert_eq!(sys.balance("alice").await.balance, 10_000);
+    let book = sys.stock("book-1").await;
+    assert_eq!((book.price, book.stock), (1_250, 10));
+    for subject in [subjects::TX_STATUS, wallet_tx.as_str(), order_tx.as_str()] {
+        let raw = sys.raw(subject, tx_ok.as_bytes()).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+        assert_eq!(v["state"], "unknown", "{subject}: {v}");
+    }
+    sys.seed(&[("eve", 300)], &[("mug-1", 100, 5)]).await.unwrap();
+    let r = sys.purchase("eve", "mug-1", 3, 300).await;
+    assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
+    sys.assert_consistent(&[Told::Committed(tx_id(&r))]).await;
+}
+
+fn truncate(s: &str) -> String {
+    if s.len() > 80 {
+        format!("{}... ({} bytes)", &s[..80], s.len())
+    } else {
+        s.to_owned()
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so a failure reproduces.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.max(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Payloads that are not a valid `M`, built around a valid one: garbage,
+/// JSON, another version, another kind, trailing bytes, truncation, size.
+fn garbage_for<M: Message + std::fmt::Debug>(valid: &M, json: &str, other_kind: Vec<u8>) -> Vec<(String, Vec<u8>)> {
+    let good = protocol::encode(valid);
+    let mut v2 = good.clone();
+    v2[0] = 2;
+    let mut trailing = good.clone();
+    trailing.push(0);
+    let truncated = good[..good.len() - 1].to_vec();
+    let mut oversized = good.clone();
+    oversized.resize(MAX_MESSAGE_BYTES + 1, 0);
+    let cases = vec![
+        ("empty payload".to_string(), vec![]),
+        ("random bytes".into(), noise(0x5eed_0001, 48)),
+        ("more random bytes".into(), noise(0x5eed_0002, 300)),
+        ("version only".into(), vec![1]),
+        ("JSON".into(), json.as_bytes().to_vec()),
+        ("envelope of version 2".into(), v2),
+        ("envelope of version 0".into(), {
+            let mut b = good.clone();
+            b[0] = 0;
+            b
+        }),
+        ("envelope of another kind".into(), other_kind),
+        ("valid message with a trailing byte".into(), trailing),
+        ("valid message truncated".into(), truncated),
+        (format!("valid message padded past {MAX_MESSAGE_BYTES} bytes"), oversized),
+    ];
+    for (case, bytes) in &cases {
+        // Keep the table honest: none of these may be a valid `M`.
+        assert!(protocol::decode::<M>(bytes).is_err(), "test bug: {case} decodes as {}", M::NAME);
+    }
+    cases
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_protocol_messages_are_rejected_logged_and_change_nothing() {
+    let mut sys = System::start(Options::default()).await.unwrap();
+    sys.seed_standard().await.unwrap();
+    let before = sys.snapshot();
+    let tx = TxId::now_v7();
+
+    // Each valid message below would hold, reserve or tombstone something,
+    // so if a garbled variant were accepted the snapshot would show it.
+    let prepare_wallet = Prepare { tx, op: debit(1_250) };
+    let prepare_order = Prepare { tx, op: reserve(1, 1_250) };
+    let decide = Decide {
+        tx,
+        decision: Decision::Abort,
+    };
+    let query = DecisionQuery {
+        tx,
+        participant: "wallet".into(),
+    };
+    let prepare_json = format!(r#"{{"tx":"{tx}","op":{{"Debit":{{"user":"alice","amount":1250}}}}}}"#);
+    let decide_json = format!(r#"{{"tx":"{tx}","decision":"Abort"}}"#);
+    let query_json = format!(r#"{{"tx":"{tx}","participant":"wallet"}}"#);
+
+    enum Reply {
+        Vote,
+        Decide,
+        Decision,
+    }
+    let targets = [
+        (
+            subjects::prepare("wallet"),
+            Kind::Wallet,
+            "rejected prepare that does not decode",
+            Reply::Vote,
+            garbage_for(&prepare_wallet, &prepare_json, protocol::encode(&Vote::Yes)),
+        ),
+        (
+            subjects::prepare("order"),
+            Kind::Order,
+            "rejected prepare that does not decode",
+            Reply::Vote,
+            garbage_for(&prepare_order, &prepare_json, protocol::encode(&decide)),
+        ),
+        (
+            subjects::decide("wallet"),
+            Kind::Wallet,
+            "rejected decision that does not decode",
+            Reply::Decide,
+            garbage_for(&decide, &decide_json, protocol::encode(&prepare_wallet)),
+        ),
+        (
+            subjects::decide("order"),
+            Kind::Order,
+            "rejected decision that does not decode",
+            Reply::Decide,
+            garbage_for(&decide, &decide_json, protocol::encode(&DecideReply::Ack)),
+        ),
+        (
+            subjects::DECISION_QUERY.to_string(),
+            Kind::Coordinator,
+            "rejected decision query that does not decode",
+            Reply::Decision,
+            garbage_for(&query, &query_json, protocol::encode(&decide)),
+        ),
+    ];
+
+    for (subject, kind, needle, reply, cases) in &targets {
+        for (case, payload) in cases {
+            let case = format!("{subject}: {case}");
+            let logged = log_count(&mut sys, *kind, needle);
+            let raw = sys
+                .raw(subject, payload)
+                .await
+                .unwrap_or_else(|e| panic!("{case}: no reply: {e:#}\n{}", sys.logs()));
+            let (code, message) = match reply {
+                Reply::Vote => match protocol::decode::<Vote>(&raw) {
+                    Ok(Vote::No { code, message }) => (code, message),
+                    other => panic!("{case}: expected a no vote, got {other:?}"),
+                },
+                Reply::Decide => match protocol::decode::<DecideReply>(&raw) {
+                    Ok(DecideReply::Rejected { code, message }) => (code, message),
+                    other => panic!("{case}: expected a rejection, got {other:?}"),
+                },
+                Reply::Decision => match protocol::decode::<DecisionReply>(&raw) {
+                    Ok(DecisionReply::Rejected { code, message }) => (code, message),
+                    other => panic!("{case}: expected a rejection, got {other:?}"),
+                },
+            };
+            assert_eq!(code, Code::BadMessage, "{case}: {message}");
+            assert!(!message.is_empty(), "{case}: the rejection says why");
+            wait_log_count(&mut sys, *kind, needle, logged + 1, &case).await;
+        }
+    }
+
+    // Nothing was held, reserved, tombstoned or decided.
+    let after = sys.snapshot();
+    assert_eq!(resources(&after), resources(&before), "garbled messages changed balances or stock");
+    assert!(after.holds.is_empty() && after.reservations.is_empty());
+    assert!(after.wallet_branches.is_empty(), "wallet recorded a branch: {:?}", after.wallet_branches);
+    assert!(after.order_branches.is_empty(), "order recorded a branch: {:?}", after.order_branches);
+    assert!(after.decisions.is_empty(), "coordinator recorded a decision: {:?}", after.decisions);
+
+    // All three services keep serving the protocol: a purchase commits, and
+    // a valid decision query about it is answered.
+    let r = sys.purchase("alice", "book-1", 2, 2_500).await;
+    assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
+    let committed = tx_id(&r);
+    let raw = sys
+        .raw(
+            subjects::DECISION_QUERY,
+            &protocol::encode(&DecisionQuery {
+                tx: committed,
+                participant: "wallet".into(),
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        protocol::decode::<DecisionReply>(&raw),
+        Ok(DecisionReply::Decided {
+            tx: committed,
+            decision: Decision::Commit
+        })
+    );
+    assert_eq!(sys.balance("alice").await.balance, 10_000 - 2_500);
+    sys.assert_consistent(&[Told::Committed(committed)]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_replayed_protocol_messages_are_refused_and_change_nothing() {
+    let mut sys = System::start(Options::default()).await.unwrap();
+    sys.seed_standard().await.unwrap();
+    let mut told_all = vec![];
+
+    // (a) A forged commit for a transaction never prepared anywhere.
+    let start = sys.snapshot();
+    let forged = TxId::now_v7();
+    for p in subjects::PARTICIPANTS {
+        match send_decide(&sys, p, forged, Decision::Commit).await {
+            DecideReply::Rejected {
+                code: Code::UnknownTx,
+                message,
+            } => assert!(!message.is_empty()),
+            other => panic!("(a) forged commit of an unknown tx at {p}: {other:?}"),
+        }
+    }
+    let s = sys.snapshot();
+    assert_eq!(resources(&s), resources(&start), "(a) a forged commit changed something");
+    assert!(s.wallet_branches.is_empty() && s.order_branches.is_empty(), "(a) a forged commit left a branch");
+    assert!(s.debits.is_empty() && s.orders.is_empty());
+
+    // A real purchase commits.
+    let r = sys.purchase("alice", "book-1", 2, 2_500).await;
+    assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
+    let tx = tx_id(&r);
+    told_all.push(Told::Committed(tx));
+    let committed = sys.wait_quiescent(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(committed.users["alice"], (7_500, 0));
+    assert_eq!(committed.products["book-1"], (1_250, 8, 0));
+    let unchanged = |s: &Snapshot, case: &str| {
+        assert_eq!(resources(s), resources(&committed), "{case}: balances or stock changed");
+        assert_eq!(s.debits, committed.debits, "{case}: debits changed");
+        assert_eq!(s.orders, committed.orders, "{case}: orders changed");
+        assert!(s.holds.is_empty() && s.reservations.is_empty(), "{case}: something is held");
+        assert_eq!(s.wallet_branches.get(&tx).map(String::as_str), Some("committed"), "{case}");
+        assert_eq!(s.order_branches.get(&tx).map(String::as_str), Some("committed"), "{case}");
+    };
+
+    // (b) Replayed commit: acknowledged again, applied once.
+    for round in 0..2 {
+        for p in subjects::PARTICIPANTS {
+            let reply = send_decide(&sys, p, tx, Decision::Commit).await;
+            assert_eq!(reply, DecideReply::Ack, "(b) replayed commit #{round} at {p}");
+        }
+    }
+    unchanged(&sys.snapshot(), "(b) replayed commit");
+    assert_eq!(sys.balance("alice").await.balance, 7_500, "(b) charged once");
+    assert_eq!(sys.stock("book-1").await.stock, 8, "(b) stock taken once");
+
+    // (b') Replayed identical prepares repeat the vote and hold nothing new.
+    assert_eq!(send_prepare(&sys, "wallet", tx, debit(2_500)).await, Vote::Yes, "(b') replayed wallet prepare");
+    assert_eq!(send_prepare(&sys, "order", tx, reserve(2, 2_500)).await, Vote::Yes, "(b') replayed order prepare");
+    unchanged(&sys.snapshot(), "(b') replayed prepare");
+
+    // (c) A forged abort of the committed transaction.
+    for p in subjects::PARTICIPANTS {
+        match send_decide(&sys, p, tx, Decision::Abort).await {
+            DecideReply::Rejected {
+                code: Code::Conflict,
+                message,
+            } => assert!(!message.is_empty()),
+            other => panic!("(c) forged abort of a committed tx at {p}: {other:?}"),
+        }
+    }
+    unchanged(&sys.snapshot(), "(c) forged abort");
+
+    // (d) A forged prepare reusing the committed id with other content.
+    let forged_prepares = [
+        ("wallet", debit(1)),
+        ("wallet", debit(5_000)),
+        (
+            "wallet",
+            BranchOp::Debit {
+                user: "bob".into(),
+                amount: 2_500,
+            },
+        ),
+        ("order", reserve(1, 1_250)),
+        ("order", reserve(8, 10_000)),
+        // The wrong kind of operation for the participant.
+        ("wallet", reserve(2, 2_500)),
+        ("order", debit(2_500)),
+    ];
+    for (p, op) in forged_prepares {
+        let case = format!("(d) forged prepare {op:?} to {p} for the committed tx");
+        match send_prepare(&sys, p, tx, op).await {
+            Vote::No {
+                code: Code::Conflict,
+                message,
+            } => assert!(!message.is_empty(), "{case}"),
+            other => panic!("{case}: {other:?}"),
+        }
+        unchanged(&sys.snapshot(), &case);
+    }
+    assert_eq!(sys.balance("alice").await.held, 0, "(d) nothing held");
+    assert_eq!(sys.balance("bob").await.held, 0, "(d) nothing held");
+    assert_eq!(sys.stock("book-1").await.reserved, 0, "(d) nothing reserved");
+
+    // (e) A forged abort of an unknown transaction leaves a tombstone, and a
+    // prepare for that id afterwards votes no and holds nothing.
+    let ghost = TxId::now_v7();
+    for p in subjects::PARTICIPANTS {
+        assert_eq!(send_decide(&sys, p, ghost, Decision::Abort).await, DecideReply::Ack, "(e) forged abort at {p}");
+    }
+    let s = sys.snapshot();
+    assert_eq!(s.wallet_branches.get(&ghost).map(String::as_str), Some("aborted"), "(e) wallet tombstone");
+    assert_eq!(s.order_branches.get(&ghost).map(String::as_str), Some("aborted"), "(e) order tombstone");
+    for (p, op) in [("wallet", debit(1_250)), ("order", reserve(1, 1_250))] {
+        match send_prepare(&sys, p, ghost, op).await {
+            Vote::No {
+                code: Code::AlreadyAborted,
+                message,
+            } => assert!(!message.is_empty()),
+            other => panic!("(e) prepare after the tombstone at {p}: {other:?}"),
+        }
+        // A forged commit cannot revive it either.
+        match send_decide(&sys, p, ghost, Decision::Commit).await {
+            DecideReply::Rejected {
+                code: Code::Conflict,
+                ..
+            } => {}
+            other => panic!("(e) forged commit of the tombstoned tx at {p}: {other:?}"),
+        }
+    }
+    let s = sys.snapshot();
+    assert_eq!(s.users["alice"], (7_500, 0), "(e) nothing held");
+    assert_eq!(s.products["book-1"], (1_250, 8, 0), "(e) nothing reserved");
+    assert_eq!(sys.balance("alice").await.held, 0);
+    assert!(s.holds.is_empty() && s.reservations.is_empty());
+    assert_eq!(s.wallet_branches.get(&ghost).map(String::as_str), Some("aborted"));
+
+    // (f) A forged commit of a transaction the coordinator aborted: carol
+    // cannot pay, so the wallet voted no while the order service prepared
+    // and then released.
+    let r = sys.purchase("carol", "book-1", 1, 1_250).await;
+    assert_eq!(r.outcome, Outcome::Aborted, "{r:?}");
+    let aborted = tx_id(&r);
+    told_all.push(Told::Aborted(aborted));
+    let s_aborted = sys.wait_quiescent(Duration::from_secs(10)).await.unwrap();
+    for p in subjects::PARTICIPANTS {
+        match send_decide(&sys, p, aborted, Decision::Commit).await {
+            DecideReply::Rejected {
+                code: Code::Conflict,
+                ..
+            } => {}
+            other => panic!("(f) forged commit of an aborted tx at {p}: {other:?}"),
+        }
+    }
+    let s = sys.snapshot();
+    assert_eq!(resources(&s), resources(&s_aborted), "(f) a forged commit changed something");
+    assert_eq!(s.debits, committed.debits);
+    assert_eq!(s.orders, committed.orders);
+    assert_eq!(sys.balance("carol").await.balance, 500);
+
+    // The coordinator's record is untouched and the system still works.
+    let raw = sys.tx_status(subjects::TX_STATUS, &tx.to_string()).await;
+    assert_eq!(raw["state"], "committed");
+    let r = sys.purchase("bob", "pen-1", 1, 199).await;
+    assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
+    told_all.push(Told::Committed(tx_id(&r)));
+    let s = sys.assert_consistent(&told_all).await;
+    assert_eq!(s.debits.len(), 2, "two purchases charged, each once");
+}
