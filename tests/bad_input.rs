@@ -20,34 +20,75 @@ use twopc_schemas::protocol::{
 use twopc_schemas::{subjects, Code};
 
 /// Users and products, the part of the state bad input must not touch.
-type Resources = (BTreeMap<String, (i64, i64)>, BTreeMap<String, (i64, i64, i64)>);
+type Resources = (
+    BTreeMap<String, (i64, i64)>,
+    BTreeMap<String, (i64, i64, i64)>,
+);
 
 fn resources(s: &Snapshot) -> Resources {
     (s.users.clone(), s.products.clone())
 }
 
-/// Asserts `raw` is exactly `{"error":{"code":<code>,"message":<non-empty>}}`
-/// and, when given, that the message mentions `hint`.
-fn assert_error_reply(case: &str, raw: &[u8], code: Code, hint: Option<&str>) {
+/// Checks `raw` is exactly `{"error":{"code":<code>,"message":<non-empty>}}`
+/// and, when given, that the message mentions `hint`. `Err` says what is
+/// wrong, naming the case.
+fn check_error_reply(case: &str, raw: &[u8], code: Code, hint: Option<&str>) -> Result<(), String> {
     let text = String::from_utf8_lossy(raw);
-    let v: serde_json::Value =
-        serde_json::from_slice(raw).unwrap_or_else(|e| panic!("{case}: reply is not JSON ({e}): {text}"));
-    let top = v.as_object().unwrap_or_else(|| panic!("{case}: reply is not an object: {text}"));
-    assert_eq!(top.len(), 1, "{case}: the reply has only `error`: {text}");
-    let err = top
-        .get("error")
-        .and_then(|e| e.as_object())
-        .unwrap_or_else(|| panic!("{case}: no `error` object in the reply: {text}"));
-    assert_eq!(err.len(), 2, "{case}: `error` has exactly code and message: {text}");
-    assert_eq!(err.get("code").and_then(|c| c.as_str()), Some(code.as_str()), "{case}: wrong code: {text}");
-    let message = err
-        .get("message")
-        .and_then(|m| m.as_str())
-        .unwrap_or_else(|| panic!("{case}: `message` is not a string: {text}"));
-    assert!(!message.trim().is_empty(), "{case}: empty message: {text}");
-    if let Some(hint) = hint {
-        assert!(message.contains(hint), "{case}: message should mention {hint:?}: {text}");
+    let fail = |what: &str| Err(format!("{case}: {what}: {text}"));
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(raw) else {
+        return fail("reply is not JSON");
+    };
+    let Some(top) = v.as_object() else {
+        return fail("reply is not an object");
+    };
+    let Some(err) = top.get("error").and_then(|e| e.as_object()) else {
+        return fail("not an error reply");
+    };
+    if top.len() != 1 || err.len() != 2 {
+        return fail("an error reply has exactly error.code and error.message");
     }
+    if err.get("code").and_then(|c| c.as_str()) != Some(code.as_str()) {
+        return fail(&format!("expected code {code}"));
+    }
+    let Some(message) = err.get("message").and_then(|m| m.as_str()) else {
+        return fail("message is not a string");
+    };
+    if message.trim().is_empty() {
+        return fail("empty message");
+    }
+    if let Some(hint) = hint {
+        if !message.contains(hint) {
+            return fail(&format!("message should mention {hint:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// A bad public request: case name, subject, payload, expected code, and a
+/// word the error message must contain.
+type Case<'a> = (String, &'a str, Vec<u8>, Code, Option<&'a str>);
+
+/// Sends every case and asserts each got its error reply; all failures are
+/// reported together.
+async fn assert_error_replies(sys: &System, cases: &[Case<'_>]) {
+    let mut failures = vec![];
+    for (case, subject, payload, code, hint) in cases {
+        match sys.raw(subject, payload).await {
+            Ok(raw) => {
+                if let Err(e) = check_error_reply(case, &raw, *code, *hint) {
+                    failures.push(e);
+                }
+            }
+            Err(e) => failures.push(format!("{case}: no reply: {e:#}")),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} bad requests were not refused as expected:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }
 
 /// How many times `needle` occurs in a service's log.
@@ -76,18 +117,26 @@ async fn wait_log_count(sys: &mut System, kind: Kind, needle: &str, want: usize,
 
 async fn send_decide(sys: &System, participant: &str, tx: TxId, decision: Decision) -> DecideReply {
     let raw = sys
-        .raw(&subjects::decide(participant), &protocol::encode(&Decide { tx, decision }))
+        .raw(
+            &subjects::decide(participant),
+            &protocol::encode(&Decide { tx, decision }),
+        )
         .await
         .unwrap_or_else(|e| panic!("decide {decision:?} {tx} to {participant}: {e:#}"));
-    protocol::decode(&raw).unwrap_or_else(|e| panic!("decide reply from {participant} does not decode: {e}"))
+    protocol::decode(&raw)
+        .unwrap_or_else(|e| panic!("decide reply from {participant} does not decode: {e}"))
 }
 
 async fn send_prepare(sys: &System, participant: &str, tx: TxId, op: BranchOp) -> Vote {
     let raw = sys
-        .raw(&subjects::prepare(participant), &protocol::encode(&Prepare { tx, op }))
+        .raw(
+            &subjects::prepare(participant),
+            &protocol::encode(&Prepare { tx, op }),
+        )
         .await
         .unwrap_or_else(|e| panic!("prepare {tx} to {participant}: {e:#}"));
-    protocol::decode(&raw).unwrap_or_else(|e| panic!("vote from {participant} does not decode: {e}"))
+    protocol::decode(&raw)
+        .unwrap_or_else(|e| panic!("vote from {participant} does not decode: {e}"))
 }
 
 fn debit(amount: u64) -> BranchOp {
@@ -118,7 +167,9 @@ async fn bad_purchase_requests_get_error_replies_and_change_nothing() {
     let mut told_all = vec![];
 
     let base = |field: &str| format!(r#"{{"user":"alice","sku":"book-1","qty":1,{field}}}"#);
-    let with_id = |id: &str| format!(r#"{{"user":"alice","sku":"book-1","qty":1,"amount":1250,"request_id":{id}}}"#);
+    let with_id = |id: &str| {
+        format!(r#"{{"user":"alice","sku":"book-1","qty":1,"amount":1250,"request_id":{id}}}"#)
+    };
     let valid = purchase_json("alice", "book-1", 1, 1_250);
     // A purchase that would commit if the size limit were not enforced.
     let padded_over = format!("{valid}{}", " ".repeat(5 * 1024 - valid.len()));
@@ -129,78 +180,313 @@ async fn bad_purchase_requests_get_error_replies_and_change_nothing() {
     let malformed = Code::MalformedJson;
     let invalid = Code::InvalidRequest;
     let cases: Vec<(&str, Vec<u8>, Code, Option<&str>)> = vec![
-        ("malformed JSON", br#"{"user":"alice","sku":"#.to_vec(), malformed, Some("JSON")),
-        ("not JSON at all", b"buy me a book".to_vec(), malformed, Some("JSON")),
-        ("invalid UTF-8", vec![0xff, 0xfe, 0x00, 0x7b], malformed, Some("JSON")),
+        (
+            "malformed JSON",
+            br#"{"user":"alice","sku":"#.to_vec(),
+            malformed,
+            Some("JSON"),
+        ),
+        (
+            "not JSON at all",
+            b"buy me a book".to_vec(),
+            malformed,
+            Some("JSON"),
+        ),
+        (
+            "invalid UTF-8",
+            vec![0xff, 0xfe, 0x00, 0x7b],
+            malformed,
+            Some("JSON"),
+        ),
         ("empty payload", vec![], malformed, Some("JSON")),
         ("JSON array", b"[]".to_vec(), invalid, None),
-        ("JSON array of the fields", br#"["alice","book-1",1,1250]"#.to_vec(), invalid, None),
+        (
+            "JSON array of the fields",
+            br#"["alice","book-1",1,1250]"#.to_vec(),
+            invalid,
+            None,
+        ),
         ("JSON null", b"null".to_vec(), invalid, None),
         ("JSON string", br#""alice""#.to_vec(), invalid, None),
-        ("missing qty", br#"{"user":"alice","sku":"book-1","amount":1250}"#.to_vec(), invalid, Some("qty")),
-        ("missing user", br#"{"sku":"book-1","qty":1,"amount":1250}"#.to_vec(), invalid, Some("user")),
-        ("extra unknown field", base(r#""amount":1250,"coupon":"free""#).into_bytes(), invalid, Some("coupon")),
-        ("duplicate field", base(r#""amount":1250,"amount":1"#).into_bytes(), invalid, Some("amount")),
-        ("amount float 2.5", base(r#""amount":2.5"#).into_bytes(), invalid, Some("2.5")),
-        ("amount float 1250.0", base(r#""amount":1250.0"#).into_bytes(), invalid, None),
-        ("amount exponent 1e3", base(r#""amount":1e3"#).into_bytes(), invalid, None),
-        ("amount string \"25\"", base(r#""amount":"25""#).into_bytes(), invalid, Some("string")),
-        ("amount null", base(r#""amount":null"#).into_bytes(), invalid, None),
-        ("amount bool", base(r#""amount":true"#).into_bytes(), invalid, None),
-        ("amount negative", base(r#""amount":-1250"#).into_bytes(), invalid, Some("-1250")),
-        ("amount zero", base(r#""amount":0"#).into_bytes(), invalid, Some("amount")),
-        ("amount overflowing u64", base(r#""amount":99999999999999999999999"#).into_bytes(), invalid, None),
-        ("amount u64::MAX", base(&format!(r#""amount":{}"#, u64::MAX)).into_bytes(), invalid, Some("amount")),
-        ("amount over MAX_AMOUNT", base(r#""amount":1000000000000000001"#).into_bytes(), invalid, Some("amount")),
-        ("qty zero", purchase_json("alice", "book-1", 0, 1_250).into_bytes(), invalid, Some("qty")),
-        ("qty negative", br#"{"user":"alice","sku":"book-1","qty":-1,"amount":1250}"#.to_vec(), invalid, Some("-1")),
-        ("qty over 1_000_000", purchase_json("alice", "book-1", 1_000_001, 1_250).into_bytes(), invalid, Some("qty")),
-        ("qty over u32", purchase_json("alice", "book-1", 1 << 32, 1_250).into_bytes(), invalid, Some("qty")),
-        ("qty float", br#"{"user":"alice","sku":"book-1","qty":1.5,"amount":1250}"#.to_vec(), invalid, None),
-        ("user empty", purchase_json("", "book-1", 1, 1_250).into_bytes(), invalid, Some("user")),
-        ("user with spaces", purchase_json("al ice", "book-1", 1, 1_250).into_bytes(), invalid, Some("user")),
-        ("user non-ASCII", purchase_json("ålice", "book-1", 1, 1_250).into_bytes(), invalid, Some("user")),
-        ("user a number", br#"{"user":7,"sku":"book-1","qty":1,"amount":1250}"#.to_vec(), invalid, None),
-        ("sku 65 bytes", purchase_json("alice", &long_sku, 1, 1_250).into_bytes(), invalid, Some("sku")),
-        ("sku with a slash", purchase_json("alice", "book/1", 1, 1_250).into_bytes(), invalid, Some("sku")),
-        ("request_id empty", with_id(r#""""#).into_bytes(), invalid, Some("request_id")),
-        ("request_id with spaces", with_id(r#""order 42""#).into_bytes(), invalid, Some("request_id")),
-        ("request_id 65 bytes", with_id(&long_id).into_bytes(), invalid, Some("request_id")),
-        ("request_id a number", with_id("42").into_bytes(), invalid, None),
-        ("valid purchase padded to 5 KiB", padded_over.into_bytes(), Code::PayloadTooLarge, Some("limit")),
-        ("valid purchase padded to 64 KiB", huge.into_bytes(), Code::PayloadTooLarge, Some("limit")),
+        (
+            "missing qty",
+            br#"{"user":"alice","sku":"book-1","amount":1250}"#.to_vec(),
+            invalid,
+            Some("qty"),
+        ),
+        (
+            "missing user",
+            br#"{"sku":"book-1","qty":1,"amount":1250}"#.to_vec(),
+            invalid,
+            Some("user"),
+        ),
+        (
+            "extra unknown field",
+            base(r#""amount":1250,"coupon":"free""#).into_bytes(),
+            invalid,
+            Some("coupon"),
+        ),
+        (
+            "duplicate field",
+            base(r#""amount":1250,"amount":1"#).into_bytes(),
+            invalid,
+            Some("amount"),
+        ),
+        (
+            "amount float 2.5",
+            base(r#""amount":2.5"#).into_bytes(),
+            invalid,
+            Some("2.5"),
+        ),
+        (
+            "amount float 1250.0",
+            base(r#""amount":1250.0"#).into_bytes(),
+            invalid,
+            None,
+        ),
+        (
+            "amount exponent 1e3",
+            base(r#""amount":1e3"#).into_bytes(),
+            invalid,
+            None,
+        ),
+        (
+            "amount string \"25\"",
+            base(r#""amount":"25""#).into_bytes(),
+            invalid,
+            Some("string"),
+        ),
+        (
+            "amount null",
+            base(r#""amount":null"#).into_bytes(),
+            invalid,
+            None,
+        ),
+        (
+            "amount bool",
+            base(r#""amount":true"#).into_bytes(),
+            invalid,
+            None,
+        ),
+        (
+            "amount negative",
+            base(r#""amount":-1250"#).into_bytes(),
+            invalid,
+            Some("-1250"),
+        ),
+        (
+            "amount zero",
+            base(r#""amount":0"#).into_bytes(),
+            invalid,
+            Some("amount"),
+        ),
+        (
+            "amount overflowing u64",
+            base(r#""amount":99999999999999999999999"#).into_bytes(),
+            invalid,
+            None,
+        ),
+        (
+            "amount u64::MAX",
+            base(&format!(r#""amount":{}"#, u64::MAX)).into_bytes(),
+            invalid,
+            Some("amount"),
+        ),
+        (
+            "amount over MAX_AMOUNT",
+            base(r#""amount":1000000000000000001"#).into_bytes(),
+            invalid,
+            Some("amount"),
+        ),
+        (
+            "qty zero",
+            purchase_json("alice", "book-1", 0, 1_250).into_bytes(),
+            invalid,
+            Some("qty"),
+        ),
+        (
+            "qty negative",
+            br#"{"user":"alice","sku":"book-1","qty":-1,"amount":1250}"#.to_vec(),
+            invalid,
+            Some("-1"),
+        ),
+        (
+            "qty over 1_000_000",
+            purchase_json("alice", "book-1", 1_000_001, 1_250).into_bytes(),
+            invalid,
+            Some("qty"),
+        ),
+        (
+            "qty over u32",
+            purchase_json("alice", "book-1", 1 << 32, 1_250).into_bytes(),
+            invalid,
+            Some("qty"),
+        ),
+        (
+            "qty float",
+            br#"{"user":"alice","sku":"book-1","qty":1.5,"amount":1250}"#.to_vec(),
+            invalid,
+            None,
+        ),
+        (
+            "user empty",
+            purchase_json("", "book-1", 1, 1_250).into_bytes(),
+            invalid,
+            Some("user"),
+        ),
+        (
+            "user with spaces",
+            purchase_json("al ice", "book-1", 1, 1_250).into_bytes(),
+            invalid,
+            Some("user"),
+        ),
+        (
+            "user non-ASCII",
+            purchase_json("ålice", "book-1", 1, 1_250).into_bytes(),
+            invalid,
+            Some("user"),
+        ),
+        (
+            "user a number",
+            br#"{"user":7,"sku":"book-1","qty":1,"amount":1250}"#.to_vec(),
+            invalid,
+            None,
+        ),
+        (
+            "sku 65 bytes",
+            purchase_json("alice", &long_sku, 1, 1_250).into_bytes(),
+            invalid,
+            Some("sku"),
+        ),
+        (
+            "sku with a slash",
+            purchase_json("alice", "book/1", 1, 1_250).into_bytes(),
+            invalid,
+            Some("sku"),
+        ),
+        (
+            "request_id empty",
+            with_id(r#""""#).into_bytes(),
+            invalid,
+            Some("request_id"),
+        ),
+        (
+            "request_id with spaces",
+            with_id(r#""order 42""#).into_bytes(),
+            invalid,
+            Some("request_id"),
+        ),
+        (
+            "request_id 65 bytes",
+            with_id(&long_id).into_bytes(),
+            invalid,
+            Some("request_id"),
+        ),
+        (
+            "request_id a number",
+            with_id("42").into_bytes(),
+            invalid,
+            None,
+        ),
+        (
+            "valid purchase padded to 5 KiB",
+            padded_over.into_bytes(),
+            Code::PayloadTooLarge,
+            Some("limit"),
+        ),
+        (
+            "valid purchase padded to 64 KiB",
+            huge.into_bytes(),
+            Code::PayloadTooLarge,
+            Some("limit"),
+        ),
     ];
-    for (case, payload, code, hint) in &cases {
-        let raw = sys
-            .raw(subjects::PURCHASE, payload)
-            .await
-            .unwrap_or_else(|e| panic!("{case}: no reply: {e:#}\n{}", sys.logs()));
-        assert_error_reply(case, &raw, *code, *hint);
-    }
+    let cases: Vec<_> = cases
+        .into_iter()
+        .map(|(case, payload, code, hint)| {
+            (
+                format!("{} {case}", subjects::PURCHASE),
+                subjects::PURCHASE,
+                payload,
+                code,
+                hint,
+            )
+        })
+        .collect();
+    assert_error_replies(&sys, &cases).await;
 
     // Nothing changed anywhere: no balance, stock, hold, branch or decision.
     let after = sys.snapshot();
-    assert_eq!(resources(&after), resources(&before), "bad purchases changed balances or stock");
-    assert!(after.decisions.is_empty(), "bad purchases reached the decision log: {:?}", after.decisions);
-    assert!(after.wallet_branches.is_empty(), "a bad purchase reached the wallet: {:?}", after.wallet_branches);
-    assert!(after.order_branches.is_empty(), "a bad purchase reached the order service: {:?}", after.order_branches);
+    assert_eq!(
+        resources(&after),
+        resources(&before),
+        "bad purchases changed balances or stock"
+    );
+    assert!(
+        after.decisions.is_empty(),
+        "bad purchases reached the decision log: {:?}",
+        after.decisions
+    );
+    assert!(
+        after.wallet_branches.is_empty(),
+        "a bad purchase reached the wallet: {:?}",
+        after.wallet_branches
+    );
+    assert!(
+        after.order_branches.is_empty(),
+        "a bad purchase reached the order service: {:?}",
+        after.order_branches
+    );
     assert!(after.debits.is_empty() && after.orders.is_empty());
 
     // Well-formed purchases of unknown things are votes, not error replies.
     let unknown: [(&str, &str, &str, u64, &str, Code); 3] = [
-        ("unknown user", "mallory", "book-1", 1_250, "wallet", Code::UnknownUser),
-        ("unknown sku", "alice", "sofa-9", 100, "order", Code::UnknownSku),
-        ("unknown 64-byte sku", "alice", &"k".repeat(64), 100, "order", Code::UnknownSku),
+        (
+            "unknown user",
+            "mallory",
+            "book-1",
+            1_250,
+            "wallet",
+            Code::UnknownUser,
+        ),
+        (
+            "unknown sku",
+            "alice",
+            "sofa-9",
+            100,
+            "order",
+            Code::UnknownSku,
+        ),
+        (
+            "unknown 64-byte sku",
+            "alice",
+            &"k".repeat(64),
+            100,
+            "order",
+            Code::UnknownSku,
+        ),
     ];
     for (case, user, sku, amount, who, code) in unknown {
         let r = sys.purchase(user, sku, 1, amount).await;
         assert_eq!(r.outcome, Outcome::Aborted, "{case}: {r:?}");
-        let reason = r.reason.clone().unwrap_or_else(|| panic!("{case}: an abort says why: {r:?}"));
-        assert_eq!((reason.participant.as_str(), reason.code), (who, code), "{case}: {r:?}");
+        let reason = r
+            .reason
+            .clone()
+            .unwrap_or_else(|| panic!("{case}: an abort says why: {r:?}"));
+        assert_eq!(
+            (reason.participant.as_str(), reason.code),
+            (who, code),
+            "{case}: {r:?}"
+        );
         assert!(!reason.message.is_empty(), "{case}: {r:?}");
         told_all.push(Told::Aborted(tx_id(&r)));
     }
-    assert_eq!(resources(&sys.snapshot()), resources(&before), "unknown user/sku changed something");
+    let s = sys.wait_quiescent(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(
+        resources(&s),
+        resources(&before),
+        "unknown user/sku changed something"
+    );
 
     // The coordinator keeps serving: a valid purchase commits, and so does
     // one padded to exactly the size limit.
@@ -209,16 +495,27 @@ async fn bad_purchase_requests_get_error_replies_and_change_nothing() {
     told_all.push(Told::Committed(tx_id(&r)));
     let at_limit = format!("{valid}{}", " ".repeat(MAX_REQUEST_BYTES - valid.len()));
     assert_eq!(at_limit.len(), MAX_REQUEST_BYTES);
-    let raw = sys.raw(subjects::PURCHASE, at_limit.as_bytes()).await.unwrap();
-    let r: twopc_schemas::api::PurchaseReply = serde_json::from_slice(&raw)
-        .unwrap_or_else(|e| panic!("a request of exactly {MAX_REQUEST_BYTES} bytes is accepted ({e}): {}", String::from_utf8_lossy(&raw)));
+    let raw = sys
+        .raw(subjects::PURCHASE, at_limit.as_bytes())
+        .await
+        .unwrap();
+    let r: twopc_schemas::api::PurchaseReply = serde_json::from_slice(&raw).unwrap_or_else(|e| {
+        panic!(
+            "a request of exactly {MAX_REQUEST_BYTES} bytes is accepted ({e}): {}",
+            String::from_utf8_lossy(&raw)
+        )
+    });
     assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
     told_all.push(Told::Committed(tx_id(&r)));
     assert_eq!(sys.balance("alice").await.balance, 10_000 - 2 * 1_250);
     assert_eq!(sys.stock("book-1").await.stock, 10 - 2);
 
     let s = sys.assert_consistent(&told_all).await;
-    assert_eq!(s.debits.len(), 2, "only the two valid purchases were charged");
+    assert_eq!(
+        s.debits.len(),
+        2,
+        "only the two valid purchases were charged"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,76 +531,302 @@ async fn bad_requests_on_read_and_admin_subjects_get_error_replies_and_change_no
     let fresh = TxId::now_v7().to_string();
     let tx_ok = format!(r#"{{"tx":"{fresh}"}}"#);
 
-    use Code::{AlreadyExists, InvalidRequest as Invalid, MalformedJson as Malformed, PayloadTooLarge as TooLarge};
+    use Code::{
+        AlreadyExists, InvalidRequest as Invalid, MalformedJson as Malformed,
+        PayloadTooLarge as TooLarge,
+    };
     let cases: Vec<(&str, String, Code, Option<&str>)> = vec![
         // wallet.balance
-        (subjects::WALLET_BALANCE, "{\"user\":".into(), Malformed, None),
+        (
+            subjects::WALLET_BALANCE,
+            "{\"user\":".into(),
+            Malformed,
+            None,
+        ),
         (subjects::WALLET_BALANCE, "".into(), Malformed, None),
         (subjects::WALLET_BALANCE, "{}".into(), Invalid, Some("user")),
-        (subjects::WALLET_BALANCE, r#"{"user":5}"#.into(), Invalid, None),
-        (subjects::WALLET_BALANCE, r#"{"user":"alice","all":true}"#.into(), Invalid, Some("all")),
-        (subjects::WALLET_BALANCE, r#"{"user":"a b"}"#.into(), Invalid, Some("user")),
-        (subjects::WALLET_BALANCE, r#"{"user":""}"#.into(), Invalid, Some("user")),
-        (subjects::WALLET_BALANCE, r#"{"user":"mallory"}"#.into(), Code::UnknownUser, Some("mallory")),
+        (
+            subjects::WALLET_BALANCE,
+            r#"{"user":5}"#.into(),
+            Invalid,
+            None,
+        ),
+        (
+            subjects::WALLET_BALANCE,
+            r#"{"user":"alice","all":true}"#.into(),
+            Invalid,
+            Some("all"),
+        ),
+        (
+            subjects::WALLET_BALANCE,
+            r#"{"user":"a b"}"#.into(),
+            Invalid,
+            Some("user"),
+        ),
+        (
+            subjects::WALLET_BALANCE,
+            r#"{"user":""}"#.into(),
+            Invalid,
+            Some("user"),
+        ),
+        (
+            subjects::WALLET_BALANCE,
+            r#"{"user":"mallory"}"#.into(),
+            Code::UnknownUser,
+            Some("mallory"),
+        ),
+        (
+            subjects::WALLET_BALANCE,
+            r#"["alice"]"#.into(),
+            Invalid,
+            None,
+        ),
         (subjects::WALLET_BALANCE, big, TooLarge, None),
         // order.stock
         (subjects::ORDER_STOCK, "[".into(), Malformed, None),
         (subjects::ORDER_STOCK, "[]".into(), Invalid, None),
-        (subjects::ORDER_STOCK, r#"{"sku":["book-1"]}"#.into(), Invalid, None),
-        (subjects::ORDER_STOCK, r#"{"sku":"book-1","price":1}"#.into(), Invalid, Some("price")),
-        (subjects::ORDER_STOCK, format!(r#"{{"sku":"{}"}}"#, "s".repeat(65)), Invalid, Some("sku")),
-        (subjects::ORDER_STOCK, r#"{"sku":"sofa-9"}"#.into(), Code::UnknownSku, Some("sofa-9")),
+        (
+            subjects::ORDER_STOCK,
+            r#"{"sku":["book-1"]}"#.into(),
+            Invalid,
+            None,
+        ),
+        (
+            subjects::ORDER_STOCK,
+            r#"{"sku":"book-1","price":1}"#.into(),
+            Invalid,
+            Some("price"),
+        ),
+        (
+            subjects::ORDER_STOCK,
+            format!(r#"{{"sku":"{}"}}"#, "s".repeat(65)),
+            Invalid,
+            Some("sku"),
+        ),
+        (
+            subjects::ORDER_STOCK,
+            r#"{"sku":"sofa-9"}"#.into(),
+            Code::UnknownSku,
+            Some("sofa-9"),
+        ),
         (subjects::ORDER_STOCK, big_sku, TooLarge, None),
         // wallet.users.create: every refused creation names a new user, so a
         // validation gap would show up as an extra row.
-        (subjects::WALLET_CREATE_USER, r#"{"user":"eve","balance":}"#.into(), Malformed, None),
-        (subjects::WALLET_CREATE_USER, r#"{"user":"eve"}"#.into(), Invalid, Some("balance")),
-        (subjects::WALLET_CREATE_USER, r#"{"user":"eve","balance":-100}"#.into(), Invalid, Some("-100")),
-        (subjects::WALLET_CREATE_USER, r#"{"user":"eve","balance":2.5}"#.into(), Invalid, Some("2.5")),
-        (subjects::WALLET_CREATE_USER, r#"{"user":"eve","balance":"100"}"#.into(), Invalid, Some("string")),
-        (subjects::WALLET_CREATE_USER, r#"{"user":"eve","balance":99999999999999999999999}"#.into(), Invalid, None),
-        (subjects::WALLET_CREATE_USER, r#"{"user":"eve","balance":1000000000000000001}"#.into(), Invalid, Some("balance")),
-        (subjects::WALLET_CREATE_USER, r#"{"user":"eve","balance":1,"admin":true}"#.into(), Invalid, Some("admin")),
-        (subjects::WALLET_CREATE_USER, r#"{"user":"e ve","balance":1}"#.into(), Invalid, Some("user")),
-        (subjects::WALLET_CREATE_USER, r#"{"user":"","balance":1}"#.into(), Invalid, Some("user")),
-        (subjects::WALLET_CREATE_USER, r#"{"user":"alice","balance":1}"#.into(), AlreadyExists, Some("alice")),
-        (subjects::WALLET_CREATE_USER, r#"{"user":"alice","balance":10000}"#.into(), AlreadyExists, Some("alice")),
+        (
+            subjects::WALLET_CREATE_USER,
+            r#"{"user":"eve","balance":}"#.into(),
+            Malformed,
+            None,
+        ),
+        (
+            subjects::WALLET_CREATE_USER,
+            r#"{"user":"eve"}"#.into(),
+            Invalid,
+            Some("balance"),
+        ),
+        (
+            subjects::WALLET_CREATE_USER,
+            r#"{"user":"eve","balance":-100}"#.into(),
+            Invalid,
+            Some("-100"),
+        ),
+        (
+            subjects::WALLET_CREATE_USER,
+            r#"{"user":"eve","balance":2.5}"#.into(),
+            Invalid,
+            Some("2.5"),
+        ),
+        (
+            subjects::WALLET_CREATE_USER,
+            r#"{"user":"eve","balance":"100"}"#.into(),
+            Invalid,
+            Some("string"),
+        ),
+        (
+            subjects::WALLET_CREATE_USER,
+            r#"{"user":"eve","balance":99999999999999999999999}"#.into(),
+            Invalid,
+            None,
+        ),
+        (
+            subjects::WALLET_CREATE_USER,
+            r#"{"user":"eve","balance":1000000000000000001}"#.into(),
+            Invalid,
+            Some("balance"),
+        ),
+        (
+            subjects::WALLET_CREATE_USER,
+            r#"{"user":"eve","balance":1,"admin":true}"#.into(),
+            Invalid,
+            Some("admin"),
+        ),
+        (
+            subjects::WALLET_CREATE_USER,
+            r#"{"user":"e ve","balance":1}"#.into(),
+            Invalid,
+            Some("user"),
+        ),
+        (
+            subjects::WALLET_CREATE_USER,
+            r#"{"user":"","balance":1}"#.into(),
+            Invalid,
+            Some("user"),
+        ),
+        (
+            subjects::WALLET_CREATE_USER,
+            r#"["eve",100]"#.into(),
+            Invalid,
+            None,
+        ),
+        (
+            subjects::WALLET_CREATE_USER,
+            r#"{"user":"alice","balance":1}"#.into(),
+            AlreadyExists,
+            Some("alice"),
+        ),
+        (
+            subjects::WALLET_CREATE_USER,
+            r#"{"user":"alice","balance":10000}"#.into(),
+            AlreadyExists,
+            Some("alice"),
+        ),
         // order.products.create
-        (subjects::ORDER_CREATE_PRODUCT, r#"{"sku":"mug-1","price":100,"stock":5"#.into(), Malformed, None),
-        (subjects::ORDER_CREATE_PRODUCT, r#"{"sku":"mug-1","price":0,"stock":5}"#.into(), Invalid, Some("price")),
-        (subjects::ORDER_CREATE_PRODUCT, r#"{"sku":"mug-1","price":-100,"stock":5}"#.into(), Invalid, Some("-100")),
-        (subjects::ORDER_CREATE_PRODUCT, r#"{"sku":"mug-1","price":1.99,"stock":5}"#.into(), Invalid, Some("1.99")),
-        (subjects::ORDER_CREATE_PRODUCT, r#"{"sku":"mug-1","price":"100","stock":5}"#.into(), Invalid, Some("string")),
-        (subjects::ORDER_CREATE_PRODUCT, r#"{"sku":"mug-1","price":100,"stock":-1}"#.into(), Invalid, Some("-1")),
-        (subjects::ORDER_CREATE_PRODUCT, r#"{"sku":"mug-1","price":100,"stock":1000000001}"#.into(), Invalid, Some("stock")),
-        (subjects::ORDER_CREATE_PRODUCT, r#"{"sku":"mug-1","price":100}"#.into(), Invalid, Some("stock")),
-        (subjects::ORDER_CREATE_PRODUCT, r#"{"sku":"mug 1","price":100,"stock":5}"#.into(), Invalid, Some("sku")),
-        (subjects::ORDER_CREATE_PRODUCT, r#"{"sku":"mug-1","price":100,"stock":5,"tax":0}"#.into(), Invalid, Some("tax")),
-        (subjects::ORDER_CREATE_PRODUCT, r#"{"sku":"book-1","price":1,"stock":1000}"#.into(), AlreadyExists, Some("book-1")),
+        (
+            subjects::ORDER_CREATE_PRODUCT,
+            r#"{"sku":"mug-1","price":100,"stock":5"#.into(),
+            Malformed,
+            None,
+        ),
+        (
+            subjects::ORDER_CREATE_PRODUCT,
+            r#"{"sku":"mug-1","price":0,"stock":5}"#.into(),
+            Invalid,
+            Some("price"),
+        ),
+        (
+            subjects::ORDER_CREATE_PRODUCT,
+            r#"{"sku":"mug-1","price":-100,"stock":5}"#.into(),
+            Invalid,
+            Some("-100"),
+        ),
+        (
+            subjects::ORDER_CREATE_PRODUCT,
+            r#"{"sku":"mug-1","price":1.99,"stock":5}"#.into(),
+            Invalid,
+            Some("1.99"),
+        ),
+        (
+            subjects::ORDER_CREATE_PRODUCT,
+            r#"{"sku":"mug-1","price":"100","stock":5}"#.into(),
+            Invalid,
+            Some("string"),
+        ),
+        (
+            subjects::ORDER_CREATE_PRODUCT,
+            r#"{"sku":"mug-1","price":100,"stock":-1}"#.into(),
+            Invalid,
+            Some("-1"),
+        ),
+        (
+            subjects::ORDER_CREATE_PRODUCT,
+            r#"{"sku":"mug-1","price":100,"stock":1000000001}"#.into(),
+            Invalid,
+            Some("stock"),
+        ),
+        (
+            subjects::ORDER_CREATE_PRODUCT,
+            r#"{"sku":"mug-1","price":100}"#.into(),
+            Invalid,
+            Some("stock"),
+        ),
+        (
+            subjects::ORDER_CREATE_PRODUCT,
+            r#"{"sku":"mug 1","price":100,"stock":5}"#.into(),
+            Invalid,
+            Some("sku"),
+        ),
+        (
+            subjects::ORDER_CREATE_PRODUCT,
+            r#"{"sku":"mug-1","price":100,"stock":5,"tax":0}"#.into(),
+            Invalid,
+            Some("tax"),
+        ),
+        (
+            subjects::ORDER_CREATE_PRODUCT,
+            r#"["mug-1",100,5]"#.into(),
+            Invalid,
+            None,
+        ),
+        (
+            subjects::ORDER_CREATE_PRODUCT,
+            r#"{"sku":"book-1","price":1,"stock":1000}"#.into(),
+            AlreadyExists,
+            Some("book-1"),
+        ),
         // shop.tx, wallet.tx, order.tx
         (subjects::TX_STATUS, "{\"tx\"".into(), Malformed, None),
-        (subjects::TX_STATUS, r#"{"tx":"not-a-uuid"}"#.into(), Invalid, Some("tx")),
+        (
+            subjects::TX_STATUS,
+            r#"{"tx":"not-a-uuid"}"#.into(),
+            Invalid,
+            Some("tx"),
+        ),
         (subjects::TX_STATUS, r#"{"tx":42}"#.into(), Invalid, None),
         (subjects::TX_STATUS, "{}".into(), Invalid, Some("tx")),
-        (subjects::TX_STATUS, format!(r#"{{"tx":"{fresh}","verbose":true}}"#), Invalid, Some("verbose")),
-        (&wallet_tx, "tx".into(), Malformed, None),
-        (&wallet_tx, r#"{"tx":"0193-nope"}"#.into(), Invalid, Some("tx")),
-        (&wallet_tx, r#"{"tx":null}"#.into(), Invalid, None),
-        (&order_tx, "".into(), Malformed, None),
-        (&order_tx, r#"{"tx":"zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz"}"#.into(), Invalid, Some("tx")),
-        (&order_tx, format!(r#"{{"tx":"{fresh}"}}{}"#, " ".repeat(MAX_REQUEST_BYTES)), TooLarge, None),
+        (
+            subjects::TX_STATUS,
+            format!(r#"["{fresh}"]"#),
+            Invalid,
+            None,
+        ),
+        (
+            subjects::TX_STATUS,
+            format!(r#"{{"tx":"{fresh}","verbose":true}}"#),
+            Invalid,
+            Some("verbose"),
+        ),
+        (wallet_tx.as_str(), "tx".into(), Malformed, None),
+        (
+            wallet_tx.as_str(),
+            r#"{"tx":"0193-nope"}"#.into(),
+            Invalid,
+            Some("tx"),
+        ),
+        (wallet_tx.as_str(), r#"{"tx":null}"#.into(), Invalid, None),
+        (order_tx.as_str(), "".into(), Malformed, None),
+        (
+            order_tx.as_str(),
+            r#"{"tx":"zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz"}"#.into(),
+            Invalid,
+            Some("tx"),
+        ),
+        (
+            order_tx.as_str(),
+            format!(r#"{{"tx":"{fresh}"}}{}"#, " ".repeat(MAX_REQUEST_BYTES)),
+            TooLarge,
+            None,
+        ),
     ];
-    for (subject, payload, code, hint) in &cases {
-        let case = format!("{subject} {:?}", truncate(payload));
-        let raw = sys
-            .raw(subject, payload.as_bytes())
-            .await
-            .unwrap_or_else(|e| panic!("{case}: no reply: {e:#}\n{}", sys.logs()));
-        assert_error_reply(&case, &raw, *code, *hint);
-    }
+    let cases: Vec<_> = cases
+        .into_iter()
+        .map(|(subject, payload, code, hint)| {
+            (
+                format!("{subject} {:?}", truncate(&payload)),
+                subject,
+                payload.into_bytes(),
+                code,
+                hint,
+            )
+        })
+        .collect();
+    assert_error_replies(&sys, &cases).await;
 
     let after = sys.snapshot();
-    assert_eq!(resources(&after), resources(&before), "bad requests changed users or products");
+    assert_eq!(
+        resources(&after),
+        resources(&before),
+        "bad requests changed users or products"
+    );
     assert!(after.decisions.is_empty(), "{:?}", after.decisions);
     assert!(after.wallet_branches.is_empty() && after.order_branches.is_empty());
 
@@ -316,7 +839,9 @@ async fn bad_requests_on_read_and_admin_subjects_get_error_replies_and_change_no
         let v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
         assert_eq!(v["state"], "unknown", "{subject}: {v}");
     }
-    sys.seed(&[("eve", 300)], &[("mug-1", 100, 5)]).await.unwrap();
+    sys.seed(&[("eve", 300)], &[("mug-1", 100, 5)])
+        .await
+        .unwrap();
     let r = sys.purchase("eve", "mug-1", 3, 300).await;
     assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
     sys.assert_consistent(&[Told::Committed(tx_id(&r))]).await;
@@ -345,7 +870,11 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
 
 /// Payloads that are not a valid `M`, built around a valid one: garbage,
 /// JSON, another version, another kind, trailing bytes, truncation, size.
-fn garbage_for<M: Message + std::fmt::Debug>(valid: &M, json: &str, other_kind: Vec<u8>) -> Vec<(String, Vec<u8>)> {
+fn garbage_for<M: Message + std::fmt::Debug>(
+    valid: &M,
+    json: &str,
+    other_kind: Vec<u8>,
+) -> Vec<(String, Vec<u8>)> {
     let good = protocol::encode(valid);
     let mut v2 = good.clone();
     v2[0] = 2;
@@ -369,11 +898,18 @@ fn garbage_for<M: Message + std::fmt::Debug>(valid: &M, json: &str, other_kind: 
         ("envelope of another kind".into(), other_kind),
         ("valid message with a trailing byte".into(), trailing),
         ("valid message truncated".into(), truncated),
-        (format!("valid message padded past {MAX_MESSAGE_BYTES} bytes"), oversized),
+        (
+            format!("valid message padded past {MAX_MESSAGE_BYTES} bytes"),
+            oversized,
+        ),
     ];
     for (case, bytes) in &cases {
         // Keep the table honest: none of these may be a valid `M`.
-        assert!(protocol::decode::<M>(bytes).is_err(), "test bug: {case} decodes as {}", M::NAME);
+        assert!(
+            protocol::decode::<M>(bytes).is_err(),
+            "test bug: {case} decodes as {}",
+            M::NAME
+        );
     }
     cases
 }
@@ -387,8 +923,14 @@ async fn undecodable_protocol_messages_are_rejected_logged_and_change_nothing() 
 
     // Each valid message below would hold, reserve or tombstone something,
     // so if a garbled variant were accepted the snapshot would show it.
-    let prepare_wallet = Prepare { tx, op: debit(1_250) };
-    let prepare_order = Prepare { tx, op: reserve(1, 1_250) };
+    let prepare_wallet = Prepare {
+        tx,
+        op: debit(1_250),
+    };
+    let prepare_order = Prepare {
+        tx,
+        op: reserve(1, 1_250),
+    };
     let decide = Decide {
         tx,
         decision: Decision::Abort,
@@ -397,7 +939,8 @@ async fn undecodable_protocol_messages_are_rejected_logged_and_change_nothing() 
         tx,
         participant: "wallet".into(),
     };
-    let prepare_json = format!(r#"{{"tx":"{tx}","op":{{"Debit":{{"user":"alice","amount":1250}}}}}}"#);
+    let prepare_json =
+        format!(r#"{{"tx":"{tx}","op":{{"Debit":{{"user":"alice","amount":1250}}}}}}"#);
     let decide_json = format!(r#"{{"tx":"{tx}","decision":"Abort"}}"#);
     let query_json = format!(r#"{{"tx":"{tx}","participant":"wallet"}}"#);
 
@@ -474,11 +1017,27 @@ async fn undecodable_protocol_messages_are_rejected_logged_and_change_nothing() 
 
     // Nothing was held, reserved, tombstoned or decided.
     let after = sys.snapshot();
-    assert_eq!(resources(&after), resources(&before), "garbled messages changed balances or stock");
+    assert_eq!(
+        resources(&after),
+        resources(&before),
+        "garbled messages changed balances or stock"
+    );
     assert!(after.holds.is_empty() && after.reservations.is_empty());
-    assert!(after.wallet_branches.is_empty(), "wallet recorded a branch: {:?}", after.wallet_branches);
-    assert!(after.order_branches.is_empty(), "order recorded a branch: {:?}", after.order_branches);
-    assert!(after.decisions.is_empty(), "coordinator recorded a decision: {:?}", after.decisions);
+    assert!(
+        after.wallet_branches.is_empty(),
+        "wallet recorded a branch: {:?}",
+        after.wallet_branches
+    );
+    assert!(
+        after.order_branches.is_empty(),
+        "order recorded a branch: {:?}",
+        after.order_branches
+    );
+    assert!(
+        after.decisions.is_empty(),
+        "coordinator recorded a decision: {:?}",
+        after.decisions
+    );
 
     // All three services keep serving the protocol: a purchase commits, and
     // a valid decision query about it is answered.
@@ -525,8 +1084,15 @@ async fn forged_and_replayed_protocol_messages_are_refused_and_change_nothing() 
         }
     }
     let s = sys.snapshot();
-    assert_eq!(resources(&s), resources(&start), "(a) a forged commit changed something");
-    assert!(s.wallet_branches.is_empty() && s.order_branches.is_empty(), "(a) a forged commit left a branch");
+    assert_eq!(
+        resources(&s),
+        resources(&start),
+        "(a) a forged commit changed something"
+    );
+    assert!(
+        s.wallet_branches.is_empty() && s.order_branches.is_empty(),
+        "(a) a forged commit left a branch"
+    );
     assert!(s.debits.is_empty() && s.orders.is_empty());
 
     // A real purchase commits.
@@ -538,28 +1104,59 @@ async fn forged_and_replayed_protocol_messages_are_refused_and_change_nothing() 
     assert_eq!(committed.users["alice"], (7_500, 0));
     assert_eq!(committed.products["book-1"], (1_250, 8, 0));
     let unchanged = |s: &Snapshot, case: &str| {
-        assert_eq!(resources(s), resources(&committed), "{case}: balances or stock changed");
+        assert_eq!(
+            resources(s),
+            resources(&committed),
+            "{case}: balances or stock changed"
+        );
         assert_eq!(s.debits, committed.debits, "{case}: debits changed");
         assert_eq!(s.orders, committed.orders, "{case}: orders changed");
-        assert!(s.holds.is_empty() && s.reservations.is_empty(), "{case}: something is held");
-        assert_eq!(s.wallet_branches.get(&tx).map(String::as_str), Some("committed"), "{case}");
-        assert_eq!(s.order_branches.get(&tx).map(String::as_str), Some("committed"), "{case}");
+        assert!(
+            s.holds.is_empty() && s.reservations.is_empty(),
+            "{case}: something is held"
+        );
+        assert_eq!(
+            s.wallet_branches.get(&tx).map(String::as_str),
+            Some("committed"),
+            "{case}"
+        );
+        assert_eq!(
+            s.order_branches.get(&tx).map(String::as_str),
+            Some("committed"),
+            "{case}"
+        );
     };
 
     // (b) Replayed commit: acknowledged again, applied once.
     for round in 0..2 {
         for p in subjects::PARTICIPANTS {
             let reply = send_decide(&sys, p, tx, Decision::Commit).await;
-            assert_eq!(reply, DecideReply::Ack, "(b) replayed commit #{round} at {p}");
+            assert_eq!(
+                reply,
+                DecideReply::Ack,
+                "(b) replayed commit #{round} at {p}"
+            );
         }
     }
     unchanged(&sys.snapshot(), "(b) replayed commit");
-    assert_eq!(sys.balance("alice").await.balance, 7_500, "(b) charged once");
+    assert_eq!(
+        sys.balance("alice").await.balance,
+        7_500,
+        "(b) charged once"
+    );
     assert_eq!(sys.stock("book-1").await.stock, 8, "(b) stock taken once");
 
     // (b') Replayed identical prepares repeat the vote and hold nothing new.
-    assert_eq!(send_prepare(&sys, "wallet", tx, debit(2_500)).await, Vote::Yes, "(b') replayed wallet prepare");
-    assert_eq!(send_prepare(&sys, "order", tx, reserve(2, 2_500)).await, Vote::Yes, "(b') replayed order prepare");
+    assert_eq!(
+        send_prepare(&sys, "wallet", tx, debit(2_500)).await,
+        Vote::Yes,
+        "(b') replayed wallet prepare"
+    );
+    assert_eq!(
+        send_prepare(&sys, "order", tx, reserve(2, 2_500)).await,
+        Vote::Yes,
+        "(b') replayed order prepare"
+    );
     unchanged(&sys.snapshot(), "(b') replayed prepare");
 
     // (c) A forged abort of the committed transaction.
@@ -604,17 +1201,33 @@ async fn forged_and_replayed_protocol_messages_are_refused_and_change_nothing() 
     }
     assert_eq!(sys.balance("alice").await.held, 0, "(d) nothing held");
     assert_eq!(sys.balance("bob").await.held, 0, "(d) nothing held");
-    assert_eq!(sys.stock("book-1").await.reserved, 0, "(d) nothing reserved");
+    assert_eq!(
+        sys.stock("book-1").await.reserved,
+        0,
+        "(d) nothing reserved"
+    );
 
     // (e) A forged abort of an unknown transaction leaves a tombstone, and a
     // prepare for that id afterwards votes no and holds nothing.
     let ghost = TxId::now_v7();
     for p in subjects::PARTICIPANTS {
-        assert_eq!(send_decide(&sys, p, ghost, Decision::Abort).await, DecideReply::Ack, "(e) forged abort at {p}");
+        assert_eq!(
+            send_decide(&sys, p, ghost, Decision::Abort).await,
+            DecideReply::Ack,
+            "(e) forged abort at {p}"
+        );
     }
     let s = sys.snapshot();
-    assert_eq!(s.wallet_branches.get(&ghost).map(String::as_str), Some("aborted"), "(e) wallet tombstone");
-    assert_eq!(s.order_branches.get(&ghost).map(String::as_str), Some("aborted"), "(e) order tombstone");
+    assert_eq!(
+        s.wallet_branches.get(&ghost).map(String::as_str),
+        Some("aborted"),
+        "(e) wallet tombstone"
+    );
+    assert_eq!(
+        s.order_branches.get(&ghost).map(String::as_str),
+        Some("aborted"),
+        "(e) order tombstone"
+    );
     for (p, op) in [("wallet", debit(1_250)), ("order", reserve(1, 1_250))] {
         match send_prepare(&sys, p, ghost, op).await {
             Vote::No {
@@ -637,7 +1250,10 @@ async fn forged_and_replayed_protocol_messages_are_refused_and_change_nothing() 
     assert_eq!(s.products["book-1"], (1_250, 8, 0), "(e) nothing reserved");
     assert_eq!(sys.balance("alice").await.held, 0);
     assert!(s.holds.is_empty() && s.reservations.is_empty());
-    assert_eq!(s.wallet_branches.get(&ghost).map(String::as_str), Some("aborted"));
+    assert_eq!(
+        s.wallet_branches.get(&ghost).map(String::as_str),
+        Some("aborted")
+    );
 
     // (f) A forged commit of a transaction the coordinator aborted: carol
     // cannot pay, so the wallet voted no while the order service prepared
@@ -657,7 +1273,11 @@ async fn forged_and_replayed_protocol_messages_are_refused_and_change_nothing() 
         }
     }
     let s = sys.snapshot();
-    assert_eq!(resources(&s), resources(&s_aborted), "(f) a forged commit changed something");
+    assert_eq!(
+        resources(&s),
+        resources(&s_aborted),
+        "(f) a forged commit changed something"
+    );
     assert_eq!(s.debits, committed.debits);
     assert_eq!(s.orders, committed.orders);
     assert_eq!(sys.balance("carol").await.balance, 500);

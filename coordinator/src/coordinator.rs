@@ -38,6 +38,10 @@ use crate::phase::{decide, Ballot};
 
 const SERVICE: &str = "coordinator";
 
+/// A purchase in flight under a request id: what it buys, and its reply
+/// once there is one.
+type InFlight = (PurchaseRequest, watch::Receiver<Option<PurchaseReply>>);
+
 /// The coordinator's shared state.
 pub struct Coordinator<L: DecisionLog> {
     /// The durable decision log.
@@ -51,7 +55,7 @@ pub struct Coordinator<L: DecisionLog> {
     active: Mutex<HashMap<TxId, PurchaseRequest>>,
     /// Request ids whose purchase is in flight here, with the reply to come,
     /// so a client retry waits for the first attempt instead of racing it.
-    requests: Mutex<HashMap<String, watch::Receiver<Option<PurchaseReply>>>>,
+    requests: Mutex<HashMap<String, InFlight>>,
 }
 
 fn reply_from_record(rec: &Record, duplicate: bool) -> PurchaseReply {
@@ -185,17 +189,23 @@ impl<L: DecisionLog> Coordinator<L> {
         let first = {
             let mut requests = self.requests.lock().expect("lock");
             match requests.get(&rid) {
-                Some(rx) => Err(rx.clone()),
+                Some((first, rx)) => Err((first.clone(), rx.clone())),
                 None => {
                     let (tx, rx) = watch::channel(None);
-                    requests.insert(rid.clone(), rx);
+                    requests.insert(rid.clone(), (req.clone(), rx));
                     Ok(tx)
                 }
             }
         };
         let sender = match first {
             Ok(sender) => sender,
-            Err(mut rx) => {
+            Err((first, mut rx)) => {
+                if !same_purchase(&first, &req) {
+                    return Err(ApiError::new(
+                        Code::Conflict,
+                        format!("request_id {rid:?} is in use by a different purchase"),
+                    ));
+                }
                 // The first attempt is still running here: wait for it.
                 info!(request_id = %rid, "retry of a purchase in flight; waiting for it");
                 let r = rx.wait_for(|r| r.is_some()).await;

@@ -14,7 +14,7 @@ use twopc_schemas::api::{check_id, parse_json, ApiError, CreateProduct, Stock, S
 use twopc_schemas::protocol::{BranchOp, TxId};
 use twopc_schemas::{subjects, Code};
 
-use crate::participant::{db_error, json_reply, Refusal, Resource};
+use crate::participant::{db_error, serve_json, Refusal, Resource};
 
 pub struct Order;
 
@@ -221,32 +221,25 @@ pub async fn serve_public(
     db: Db,
     max_inflight: usize,
 ) -> anyhow::Result<()> {
-    let queue = subjects::queue_group(subjects::ORDER);
-    let busy = Bytes::from(ApiError::new(Code::Busy, "too many requests in flight").to_json());
-    let d = db.clone();
-    let stock = twopc_common::serve::serve(
-        client.clone(),
-        subjects::ORDER_STOCK.into(),
-        queue.clone(),
-        max_inflight,
-        busy.clone(),
-        move |m| {
-            let d = d.clone();
-            async move { Some(json_reply(stock(d, m.payload).await)) }
-        },
-    );
-    let create = twopc_common::serve::serve(
-        client,
-        subjects::ORDER_CREATE_PRODUCT.into(),
-        queue,
-        max_inflight,
-        busy,
-        move |m| {
-            let d = db.clone();
-            async move { Some(json_reply(create_product(d, m.payload).await)) }
-        },
-    );
-    tokio::try_join!(stock, create)?;
+    let service = subjects::ORDER;
+    tokio::try_join!(
+        serve_json(
+            client.clone(),
+            service,
+            subjects::ORDER_STOCK,
+            db.clone(),
+            max_inflight,
+            stock
+        ),
+        serve_json(
+            client,
+            service,
+            subjects::ORDER_CREATE_PRODUCT,
+            db,
+            max_inflight,
+            create_product
+        ),
+    )?;
     Ok(())
 }
 

@@ -584,7 +584,37 @@ where
     }
 }
 
-/// Helper for services' JSON endpoints: parse, run on the database, reply.
+/// Serves one public JSON subject of a participant service: `handler`
+/// gets the database and the payload and returns a value or an error reply.
+pub async fn serve_json<T, H, F>(
+    client: async_nats::Client,
+    service: &'static str,
+    subject: &'static str,
+    db: Db,
+    max_inflight: usize,
+    handler: H,
+) -> anyhow::Result<()>
+where
+    T: serde::Serialize,
+    H: Fn(Db, Bytes) -> F + Copy + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+{
+    let busy = Bytes::from(ApiError::new(Code::Busy, "too many requests in flight").to_json());
+    twopc_common::serve::serve(
+        client,
+        subject.into(),
+        subjects::queue_group(service),
+        max_inflight,
+        busy,
+        move |m| {
+            let db = db.clone();
+            async move { Some(json_reply(handler(db, m.payload).await)) }
+        },
+    )
+    .await
+}
+
+/// Encodes a JSON endpoint's result as its reply.
 pub fn json_reply<T: serde::Serialize>(r: Result<T, ApiError>) -> Bytes {
     match r {
         Ok(v) => serde_json::to_vec(&v).expect("reply serialises").into(),

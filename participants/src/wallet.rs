@@ -14,7 +14,7 @@ use twopc_schemas::api::{check_id, parse_json, ApiError, Balance, BalanceQuery, 
 use twopc_schemas::protocol::{BranchOp, TxId};
 use twopc_schemas::{subjects, Code};
 
-use crate::participant::{db_error, json_reply, Refusal, Resource};
+use crate::participant::{db_error, serve_json, Refusal, Resource};
 
 pub struct Wallet;
 
@@ -178,38 +178,31 @@ async fn create_user(db: Db, payload: Bytes) -> Result<Balance, ApiError> {
     })
 }
 
-/// Serves the wallet's public subjects.
+/// Serves the wallet service's public subjects.
 pub async fn serve_public(
     client: async_nats::Client,
     db: Db,
     max_inflight: usize,
 ) -> anyhow::Result<()> {
-    let queue = subjects::queue_group(subjects::WALLET);
-    let busy = Bytes::from(ApiError::new(Code::Busy, "too many requests in flight").to_json());
-    let d = db.clone();
-    let balance = twopc_common::serve::serve(
-        client.clone(),
-        subjects::WALLET_BALANCE.into(),
-        queue.clone(),
-        max_inflight,
-        busy.clone(),
-        move |m| {
-            let d = d.clone();
-            async move { Some(json_reply(balance(d, m.payload).await)) }
-        },
-    );
-    let create = twopc_common::serve::serve(
-        client,
-        subjects::WALLET_CREATE_USER.into(),
-        queue,
-        max_inflight,
-        busy,
-        move |m| {
-            let d = db.clone();
-            async move { Some(json_reply(create_user(d, m.payload).await)) }
-        },
-    );
-    tokio::try_join!(balance, create)?;
+    let service = subjects::WALLET;
+    tokio::try_join!(
+        serve_json(
+            client.clone(),
+            service,
+            subjects::WALLET_BALANCE,
+            db.clone(),
+            max_inflight,
+            balance
+        ),
+        serve_json(
+            client,
+            service,
+            subjects::WALLET_CREATE_USER,
+            db,
+            max_inflight,
+            create_user
+        ),
+    )?;
     Ok(())
 }
 

@@ -1,0 +1,117 @@
+//! The `twopc` CLI as a user runs it: `twopc up` from nothing, then
+//! purchases and queries through the CLI.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use twopc::launcher::{free_port, signal};
+
+const SIGTERM: i32 = 15;
+
+fn twopc(url: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_twopc"))
+        .args(args)
+        .env("NATS_URL", url)
+        .output()
+        .expect("run twopc");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn twopc_up_starts_everything_and_the_cli_buys() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().unwrap();
+    let mut up = Command::new(env!("CARGO_BIN_EXE_twopc"))
+        .args([
+            "up",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--port",
+            &port.to_string(),
+        ])
+        .env_remove("NATS_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = up.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = vec![];
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("twopc up prints");
+        seen.push(line.clone());
+        if line.contains("twopc is up") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "twopc up never came up: {seen:#?}"
+        );
+    }
+    let url = format!("nats://127.0.0.1:{port}");
+
+    let (ok, out, err) = twopc(
+        &url,
+        &[
+            "purchase", "--user", "alice", "--sku", "book-1", "--qty", "2",
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    let reply: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(reply["outcome"], "committed", "{out}");
+    let tx = reply["tx"].as_str().unwrap().to_owned();
+
+    let (ok, out, _) = twopc(&url, &["balance", "alice"]);
+    assert!(ok);
+    let b: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(b["balance"], 10_000 - 2_500);
+
+    let (ok, out, _) = twopc(&url, &["stock", "book-1"]);
+    assert!(ok);
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(s["stock"], 8);
+
+    let (ok, out, _) = twopc(&url, &["tx", &tx]);
+    assert!(ok);
+    let story: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for part in ["coordinator", "wallet", "order"] {
+        assert_eq!(story[part]["state"], "committed", "{part}: {out}");
+    }
+
+    // Accounts from a seed file, then a refusal shown as an aborted reply.
+    let seed = dir.path().join("seed.json");
+    std::fs::write(&seed, r#"{"users":[{"user":"zed","balance":100}],"products":[{"sku":"mug-1","price":300,"stock":5}]}"#).unwrap();
+    let (ok, out, err) = twopc(&url, &["seed", seed.to_str().unwrap()]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, _) = twopc(&url, &["purchase", "--user", "zed", "--sku", "mug-1"]);
+    assert!(ok);
+    let reply: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(reply["outcome"], "aborted");
+    assert_eq!(reply["reason"]["code"], "insufficient_funds");
+
+    // An error reply makes the CLI fail with the code.
+    let (ok, _, err) = twopc(&url, &["balance", "nobody"]);
+    assert!(!ok);
+    assert!(err.contains("unknown_user"), "{err}");
+
+    signal(up.id(), SIGTERM).unwrap();
+    let status = up.wait().unwrap();
+    assert!(
+        status.success(),
+        "twopc up exits cleanly on SIGTERM: {status:?}"
+    );
+}
