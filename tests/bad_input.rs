@@ -233,6 +233,19 @@ async fn bad_purchase_requests_get_error_replies_and_change_nothing() {
             Some("amount"),
         ),
         (
+            // Ambiguous: committing either value would be wrong.
+            "duplicate field, the last one a valid amount",
+            base(r#""amount":1,"amount":1250"#).into_bytes(),
+            invalid,
+            Some("amount"),
+        ),
+        (
+            "duplicate user",
+            br#"{"user":"carol","user":"alice","sku":"book-1","qty":1,"amount":1250}"#.to_vec(),
+            invalid,
+            Some("user"),
+        ),
+        (
             "amount float 2.5",
             base(r#""amount":2.5"#).into_bytes(),
             invalid,
@@ -677,6 +690,12 @@ async fn bad_requests_on_read_and_admin_subjects_get_error_replies_and_change_no
             r#"["eve",100]"#.into(),
             Invalid,
             None,
+        ),
+        (
+            subjects::WALLET_CREATE_USER,
+            r#"{"user":"eve","balance":0,"balance":1000}"#.into(),
+            Invalid,
+            Some("balance"),
         ),
         (
             subjects::WALLET_CREATE_USER,

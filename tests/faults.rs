@@ -323,12 +323,13 @@ async fn participant_slower_than_prepare_timeout_aborts_and_holds_nothing() {
     // The late prepare is handled after the injected delay; whichever came
     // first at the order service (the abort or the prepare), it must end
     // aborted with nothing reserved.
-    sys.wait_log(Kind::Order, "voting no", Duration::from_secs(10))
-        .await
-        .or(sys
-            .wait_log(Kind::Order, "prepared, voting yes", Duration::from_secs(1))
-            .await)
-        .unwrap();
+    sys.wait_log_any(
+        Kind::Order,
+        &["voting no", "prepared, voting yes"],
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
     let s = sys.assert_consistent(&[Told::Aborted(tx)]).await;
     assert_eq!(
         s.order_branches.get(&tx).map(String::as_str),

@@ -10,3 +10,16 @@ pub fn init(default_level: &str) {
         .with_target(false)
         .try_init();
 }
+
+/// Makes any panic abort the whole process after printing it. A panic
+/// means a broken invariant (or a dead writer thread); a service that lost
+/// a thread or a task must not keep answering. The process restarts and
+/// recovers from its durable log instead.
+pub fn abort_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        tracing::error!(%info, "panic: aborting the process");
+        std::process::abort();
+    }));
+}

@@ -66,18 +66,32 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             ),
         ));
     }
-    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
-        ApiError::new(
-            Code::MalformedJson,
-            format!("request is not valid JSON: {e}"),
-        )
-    })?;
     // serde would also accept a struct as a JSON array of its fields in
-    // order; a request is an object with named fields, nothing else.
-    if !value.is_object() {
-        return Err(ApiError::invalid("request must be a JSON object"));
+    // order; a request is an object with named fields, nothing else. (Not
+    // parsed through `serde_json::Value`, which would keep the last of two
+    // repeated keys instead of refusing them.)
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+                Ok(_) => ApiError::invalid("request must be a JSON object"),
+                Err(e) => ApiError::new(
+                    Code::MalformedJson,
+                    format!("request is not valid JSON: {e}"),
+                ),
+            },
+        );
     }
-    T::deserialize(value).map_err(|e| ApiError::invalid(format!("invalid request: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Syntax | Category::Eof | Category::Io => ApiError::new(
+                Code::MalformedJson,
+                format!("request is not valid JSON: {e}"),
+            ),
+            Category::Data => ApiError::invalid(format!("invalid request: {e}")),
+        }
+    })
 }
 
 /// Checks a user name, sku or request id: 1–64 bytes of `[A-Za-z0-9._:@-]`.
@@ -329,6 +343,10 @@ mod tests {
         assert_eq!(err("[]").code, Code::InvalidRequest);
         assert_eq!(err(r#"["a","b",1,1]"#).code, Code::InvalidRequest);
         assert_eq!(err("42").code, Code::InvalidRequest);
+        assert_eq!(
+            err(r#"{"user":"a","sku":"b","qty":1,"amount":1,"amount":5}"#).code,
+            Code::InvalidRequest
+        );
         let base = |f: &str| format!(r#"{{"user":"a","sku":"b","qty":1,{f}}}"#);
         for bad in [
             r#""amount":2.5"#,

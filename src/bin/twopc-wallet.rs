@@ -12,5 +12,6 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     twopc_common::logging::init("info");
+    twopc_common::logging::abort_on_panic();
     twopc_participants::wallet::run(Cli::parse().args).await
 }

@@ -328,24 +328,21 @@ impl System {
         out
     }
 
-    /// Waits until `pred` holds of the service's log.
-    pub async fn wait_log(
+    /// Waits until the service's log contains one of `needles`.
+    pub async fn wait_log_any(
         &mut self,
         kind: Kind,
-        needle: &str,
+        needles: &[&str],
         timeout: Duration,
     ) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.service(kind).proc.log().contains(needle) {
+            let log = self.service(kind).proc.log();
+            if needles.iter().any(|n| log.contains(n)) {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!(
-                    "{} log never said {needle:?}:\n{}",
-                    kind.name(),
-                    self.service(kind).proc.log()
-                );
+                bail!("{} log never said any of {needles:?}:\n{log}", kind.name());
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
