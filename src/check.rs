@@ -165,6 +165,21 @@ pub fn atomicity(s: &Snapshot) -> Vec<String> {
             v.push(format!("tx {tx} decided abort but applied"));
         }
     }
+    for (name, branches) in [("wallet", &s.wallet_branches), ("order", &s.order_branches)] {
+        for (tx, state) in branches {
+            let decided = s.decisions.get(tx).map(|d| d.0.as_str());
+            match (state.as_str(), decided) {
+                ("committed", Some("commit")) => {}
+                ("committed", other) => v.push(format!(
+                    "{name} committed tx {tx}, coordinator decided {other:?}"
+                )),
+                ("aborted", Some("commit")) => v.push(format!(
+                    "{name} aborted tx {tx}, coordinator decided commit"
+                )),
+                _ => {}
+            }
+        }
+    }
     for (tx, (user, amount)) in &s.debits {
         if let Some((ouser, _, _, oamount)) = s.orders.get(tx) {
             if ouser != user || oamount != amount {

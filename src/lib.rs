@@ -3,6 +3,8 @@
 //! [`launcher`], which starts a whole system of real processes — used by
 //! `twopc up` and by the end-to-end tests alike.
 
+pub mod chaos;
 pub mod check;
 pub mod client;
 pub mod launcher;
+pub mod proxy;

@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
 use serde_json::Value;
+use twopc::chaos::FaultKind;
 use twopc::client::{request, request_raw, Reply};
 use twopc::launcher::{Binaries, Kind, NatsServer, Service, Settings};
 use twopc_schemas::api::{
@@ -82,9 +83,112 @@ enum Cmd {
         #[arg(long)]
         stock: u64,
     },
+    /// Run a real system under a purchase workload while a seeded nemesis
+    /// injects faults; then heal, wait for quiescence and check every
+    /// invariant. Exits 1 if any invariant is violated.
+    Chaos(ChaosArgs),
     /// Create users and products from a JSON file:
     /// `{"users": [{"user", "balance"}], "products": [{"sku", "price", "stock"}]}`.
     Seed { file: PathBuf },
+}
+
+#[derive(clap::Args)]
+struct ChaosArgs {
+    /// How long to inject faults: `90s`, `10m`, `1h` (or seconds).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Seed of the fault schedule and workload (random when omitted; printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Purchases in flight at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 10)]
+    users: usize,
+    #[arg(long, default_value_t = 5)]
+    products: usize,
+    /// Opening balance of each user (minor units).
+    #[arg(long, default_value_t = 1_000_000)]
+    balance: u64,
+    /// Opening stock of each product.
+    #[arg(long, default_value_t = 10_000)]
+    stock: u64,
+    /// Share of purchases quoting a wrong price (bound to abort), 0 to 1.
+    #[arg(long, default_value_t = 0.1)]
+    bad_share: f64,
+    /// Mean time between faults, in milliseconds.
+    #[arg(long, default_value_t = 700)]
+    fault_interval_ms: u64,
+    /// Fault kinds with weights, e.g. `kill=2,pause,partition=1`
+    /// (kinds: kill, pause, nats_restart, partition, slow, crash_point).
+    #[arg(
+        long,
+        default_value = "kill,pause,nats_restart,partition,slow,crash_point"
+    )]
+    faults: String,
+    /// Keep databases and logs here (default: a temporary folder, removed).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("bad duration unit in {s:?} (use s, m or h)")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+fn parse_weights(s: &str) -> anyhow::Result<std::collections::BTreeMap<FaultKind, u32>> {
+    let mut w = std::collections::BTreeMap::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (name, weight) = item.split_once('=').unwrap_or((item, "1"));
+        let kind =
+            FaultKind::parse(name).with_context(|| format!("unknown fault kind {name:?}"))?;
+        w.insert(
+            kind,
+            weight
+                .parse()
+                .with_context(|| format!("bad weight in {item:?}"))?,
+        );
+    }
+    Ok(w)
+}
+
+async fn chaos(a: ChaosArgs) -> anyhow::Result<()> {
+    let mut cfg = twopc::chaos::Config::new(Binaries::beside_current_exe()?);
+    if let Some(seed) = a.seed {
+        cfg.seed = seed;
+    }
+    cfg.duration = a.duration;
+    cfg.concurrency = a.concurrency.max(1);
+    cfg.users = a.users.max(1);
+    cfg.products = a.products.max(1);
+    cfg.balance = a.balance;
+    cfg.stock = a.stock;
+    cfg.bad_share = a.bad_share.clamp(0.0, 1.0);
+    cfg.fault_interval = Duration::from_millis(a.fault_interval_ms.max(10));
+    cfg.weights = parse_weights(&a.faults)?;
+    cfg.data_dir = a.data_dir;
+    cfg.verbose = !a.json;
+    let report = twopc::chaos::run(cfg).await?;
+    if a.json {
+        print_json(&report);
+    } else {
+        print!("{}", report.text());
+    }
+    if !report.ok {
+        bail!("invariants violated (seed {})", report.seed);
+    }
+    Ok(())
 }
 
 #[derive(Deserialize, Default)]
@@ -253,6 +357,9 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let timeout = Duration::from_millis(cli.timeout_ms);
+    if let Cmd::Chaos(a) = cli.cmd {
+        return chaos(a).await;
+    }
     if let Cmd::Up {
         data_dir,
         port,
@@ -268,7 +375,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("connecting to NATS at {}", cli.nats_url))?;
     match cli.cmd {
-        Cmd::Up { .. } => unreachable!(),
+        Cmd::Up { .. } | Cmd::Chaos(_) => unreachable!(),
         Cmd::Purchase {
             user,
             sku,

@@ -7,16 +7,26 @@
 //! * `TWOPC_DELAY=name:ms[,name:ms...]` — every time the process reaches the
 //!   delay point `name` it sleeps `ms` milliseconds (a slow participant).
 //!
+//! * `TWOPC_FAULTS_FILE=path` — points armed at run time (the chaos runner
+//!   writes this file): one entry per line or comma, `crash:name` or
+//!   `delay:name:ms`. Re-read at most every [`FILE_REFRESH_MS`].
+//! * `TWOPC_BREAK=name[,name]` — deliberately broken protocol behaviour,
+//!   only for proving that the checkers catch it (see [`broken`]).
+//!
 //! Point names are `<service>.<step>.<moment>`, listed in ARCHITECTURE.md.
 //! Unarmed points cost one hash lookup in a map that is usually empty.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
-use std::time::Duration;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 pub const CRASH_ENV: &str = "TWOPC_CRASH_AT";
 pub const DELAY_ENV: &str = "TWOPC_DELAY";
+pub const FILE_ENV: &str = "TWOPC_FAULTS_FILE";
+pub const BREAK_ENV: &str = "TWOPC_BREAK";
+/// How stale the faults file may be.
+pub const FILE_REFRESH_MS: u64 = 100;
 
 struct Faults {
     /// Crash point name → hits remaining before the crash.
@@ -55,29 +65,112 @@ fn faults() -> &'static Faults {
     })
 }
 
+/// Points armed through the faults file.
+#[derive(Default)]
+struct FileFaults {
+    crash: Vec<String>,
+    delay: HashMap<String, Duration>,
+}
+
+struct FileState {
+    path: Option<std::path::PathBuf>,
+    read_at: Option<Instant>,
+    faults: FileFaults,
+}
+
+fn parse_file(text: &str) -> FileFaults {
+    let mut f = FileFaults::default();
+    for item in text
+        .split([',', '\n'])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        if let Some(name) = item.strip_prefix("crash:") {
+            f.crash.push(name.to_owned());
+        } else if let Some(rest) = item.strip_prefix("delay:") {
+            if let Some((name, ms)) = rest.rsplit_once(':') {
+                if let Ok(ms) = ms.parse() {
+                    f.delay.insert(name.to_owned(), Duration::from_millis(ms));
+                }
+            }
+        }
+    }
+    f
+}
+
+/// Looks up the faults file (if configured), refreshing it when stale.
+fn with_file<T>(f: impl FnOnce(&FileFaults) -> T) -> Option<T> {
+    static STATE: OnceLock<Mutex<FileState>> = OnceLock::new();
+    let state = STATE.get_or_init(|| {
+        Mutex::new(FileState {
+            path: std::env::var_os(FILE_ENV).map(Into::into),
+            read_at: None,
+            faults: FileFaults::default(),
+        })
+    });
+    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+    let path = st.path.clone()?;
+    let stale = st
+        .read_at
+        .is_none_or(|t| t.elapsed() >= Duration::from_millis(FILE_REFRESH_MS));
+    if stale {
+        st.faults = parse_file(&std::fs::read_to_string(path).unwrap_or_default());
+        st.read_at = Some(Instant::now());
+    }
+    Some(f(&st.faults))
+}
+
+fn die(name: &str) -> ! {
+    // eprintln, not tracing: a non-blocking log writer might not flush
+    // before the abort, and tests read this line.
+    eprintln!("CRASH POINT {name}: aborting the process");
+    std::process::abort();
+}
+
 /// Aborts the process here if the crash point `name` is armed and due.
 pub fn crash_point(name: &str) {
-    let Some(remaining) = faults().crash.get(name) else {
-        return;
-    };
-    if remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
-        // eprintln, not tracing: a non-blocking log writer might not flush
-        // before the abort, and tests read this line.
-        eprintln!("CRASH POINT {name}: aborting the process");
-        std::process::abort();
+    if let Some(remaining) = faults().crash.get(name) {
+        if remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
+            die(name);
+        }
+    }
+    if with_file(|f| f.crash.iter().any(|c| c == name)) == Some(true) {
+        die(name);
     }
 }
 
 /// Sleeps here if the delay point `name` is armed.
 pub async fn delay_point(name: &str) {
-    if let Some(d) = faults().delay.get(name) {
+    let d = faults()
+        .delay
+        .get(name)
+        .copied()
+        .or_else(|| with_file(|f| f.delay.get(name).copied()).flatten());
+    if let Some(d) = d {
         tracing::warn!(
             point = name,
             delay_ms = d.as_millis() as u64,
             "injected delay"
         );
-        tokio::time::sleep(*d).await;
+        tokio::time::sleep(d).await;
     }
+}
+
+/// True when the deliberate protocol break `name` is switched on with
+/// `TWOPC_BREAK`. Breaks exist only so that tests can prove the invariant
+/// checkers catch a broken protocol; never set one in a deployment.
+pub fn broken(name: &str) -> bool {
+    static BREAKS: OnceLock<Vec<String>> = OnceLock::new();
+    BREAKS
+        .get_or_init(|| {
+            let v: Vec<String> = parse_list(BREAK_ENV).into_iter().map(|(n, _)| n).collect();
+            if !v.is_empty() {
+                eprintln!("WARNING: protocol deliberately broken for testing: {v:?}");
+            }
+            v
+        })
+        .iter()
+        .any(|b| b == name)
 }
 
 /// Lists the armed points, for the startup log line.
@@ -89,6 +182,27 @@ pub fn armed() -> Vec<String> {
         .map(|k| format!("crash:{k}"))
         .chain(f.delay.keys().map(|k| format!("delay:{k}")))
         .collect();
+    if let Some(path) = std::env::var_os(FILE_ENV) {
+        v.push(format!("file:{}", path.to_string_lossy()));
+    }
     v.sort();
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_file_entries_parse() {
+        let f = parse_file(
+            "crash:wallet.prepare.after_durable\ndelay:order.prepare:250, junk,delay:x:y",
+        );
+        assert_eq!(f.crash, vec!["wallet.prepare.after_durable"]);
+        assert_eq!(
+            f.delay.get("order.prepare"),
+            Some(&Duration::from_millis(250))
+        );
+        assert_eq!(f.delay.len(), 1);
+    }
 }

@@ -312,6 +312,15 @@ impl<R: Resource> Participant<R> {
             delay_point(&format!("{name}.prepare")).await;
             let resource = self.resource.clone();
             let Prepare { tx, op } = msg;
+            if twopc_common::fault::broken("vote_before_durable") {
+                // DELIBERATELY BROKEN (tests only): vote yes before the
+                // prepare is written, or even known to be possible.
+                let db = self.db.clone();
+                tokio::spawn(
+                    async move { db.run(move |c| prepare_job(&*resource, c, tx, &op)).await },
+                );
+                return Bytes::from(protocol::encode(&Vote::Yes));
+            }
             let vote = match self
                 .db
                 .run(move |c| prepare_job(&*resource, c, tx, &op))
@@ -515,6 +524,15 @@ impl<R: Resource> Participant<R> {
     /// Asks the coordinator once; applies the answer. True when resolved.
     async fn resolve_in_doubt(self: Arc<Self>, tx: TxId) -> bool {
         let name = self.name();
+        if twopc_common::fault::broken("decide_alone") {
+            // DELIBERATELY BROKEN (tests only): a participant in doubt
+            // aborts on its own instead of asking the coordinator.
+            warn!(participant = name, %tx, "BROKEN: aborting an in-doubt transaction alone");
+            return matches!(
+                self.apply_decision(tx, Decision::Abort).await,
+                DecideReply::Ack
+            );
+        }
         let query = protocol::encode(&DecisionQuery {
             tx,
             participant: name.to_owned(),

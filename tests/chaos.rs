@@ -1,0 +1,98 @@
+//! Chaos: a real system under load while a seeded nemesis kills, pauses,
+//! partitions and slows its processes; every invariant must hold. And the
+//! checker must be able to fail: with the protocol broken on purpose, the
+//! same run must report violations.
+//!
+//! `TWOPC_CHAOS_SECS` sets the length of the main run (default 60).
+
+use std::time::Duration;
+
+use twopc::chaos::{self, Config, FaultKind, Report};
+use twopc::launcher::{Binaries, Kind};
+
+fn config(seed: u64, secs: u64) -> Config {
+    let mut cfg = Config::new(Binaries {
+        coordinator: env!("CARGO_BIN_EXE_twopc-coordinator").into(),
+        wallet: env!("CARGO_BIN_EXE_twopc-wallet").into(),
+        order: env!("CARGO_BIN_EXE_twopc-order").into(),
+    });
+    cfg.seed = seed;
+    cfg.duration = Duration::from_secs(secs);
+    cfg
+}
+
+fn violated(report: &Report, name: &str) -> bool {
+    report.invariants.iter().any(|i| i.name == name && !i.ok)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_with_every_fault_kind_keeps_every_invariant() {
+    let secs = std::env::var("TWOPC_CHAOS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let report = chaos::run(config(20_261_126, secs)).await.unwrap();
+    eprintln!("{}", report.text());
+    assert!(report.ok, "invariants violated:\n{}", report.text());
+    for kind in FaultKind::ALL {
+        let n = report.faults.get(kind.name()).copied().unwrap_or(0);
+        assert!(
+            n >= 3,
+            "fault {} injected only {n} times:\n{}",
+            kind.name(),
+            report.text()
+        );
+    }
+    assert!(
+        report.committed > 100,
+        "the workload made progress:\n{}",
+        report.text()
+    );
+    assert!(report.heal_to_quiescent_ms.is_some());
+}
+
+/// Break: the wallet votes yes before its prepare is durable (before it
+/// even knows whether the user can pay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checker_catches_a_vote_before_the_prepare_is_durable() {
+    let mut cfg = config(7, 15);
+    cfg.extra_env = vec![(
+        Kind::Wallet,
+        "TWOPC_BREAK".into(),
+        "vote_before_durable".into(),
+    )];
+    // Small balances, so that some purchases cannot be paid for.
+    cfg.balance = 3_000;
+    cfg.weights = [(FaultKind::Kill, 1), (FaultKind::CrashPoint, 1)]
+        .into_iter()
+        .collect();
+    cfg.quiesce_timeout = Duration::from_secs(10);
+    let report = chaos::run(cfg).await.unwrap();
+    eprintln!("{}", report.text());
+    assert!(!report.ok, "the break went unnoticed:\n{}", report.text());
+    assert!(violated(&report, "atomicity"), "{}", report.text());
+}
+
+/// Break: a participant in doubt aborts on its own instead of asking the
+/// coordinator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checker_catches_a_participant_deciding_alone() {
+    let mut cfg = config(11, 15);
+    cfg.extra_env = vec![
+        (Kind::Wallet, "TWOPC_BREAK".into(), "decide_alone".into()),
+        (Kind::Wallet, "TWOPC_IN_DOUBT_AFTER_MS".into(), "300".into()),
+    ];
+    cfg.targets = vec![Kind::Coordinator];
+    cfg.weights = [
+        (FaultKind::CrashPoint, 2),
+        (FaultKind::Pause, 1),
+        (FaultKind::Kill, 1),
+    ]
+    .into_iter()
+    .collect();
+    cfg.quiesce_timeout = Duration::from_secs(10);
+    let report = chaos::run(cfg).await.unwrap();
+    eprintln!("{}", report.text());
+    assert!(!report.ok, "the break went unnoticed:\n{}", report.text());
+    assert!(violated(&report, "atomicity"), "{}", report.text());
+}
