@@ -564,6 +564,11 @@ async fn worker(
                         Outcome::Committed => Told::Committed(tx),
                         Outcome::Aborted => {
                             let code = r.reason.as_ref().map_or("none", |r| r.code.as_str());
+                            if matches!(code, "unavailable" | "timeout" | "busy") {
+                                // As a real client would, back off a little
+                                // before buying again from a sick system.
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
                             *stats
                                 .abort_codes
                                 .lock()
@@ -643,10 +648,8 @@ async fn sample(root: PathBuf, violations: Arc<Mutex<Vec<String>>>) {
 const TARGETS: [Kind; 3] = [Kind::Coordinator, Kind::Wallet, Kind::Order];
 const NATS: &str = "nats";
 
-/// Picks a fault and a free target, marks the target busy.
-fn pick(cfg: &Config, rng: &mut StdRng, shared: &Shared) -> Option<(FaultKind, &'static str)> {
-    let mut c = shared.cluster.lock().expect("lock");
-    let nats_busy = c.busy.contains(NATS);
+/// Draws a fault kind by weight.
+fn draw_kind(cfg: &Config, rng: &mut StdRng) -> Option<FaultKind> {
     let candidates: Vec<(FaultKind, u32)> = cfg
         .weights
         .iter()
@@ -658,7 +661,7 @@ fn pick(cfg: &Config, rng: &mut StdRng, shared: &Shared) -> Option<(FaultKind, &
         return None;
     }
     let mut x = rng.random_range(0..total);
-    let kind = candidates
+    candidates
         .iter()
         .find(|(_, w)| {
             if x < *w {
@@ -668,7 +671,18 @@ fn pick(cfg: &Config, rng: &mut StdRng, shared: &Shared) -> Option<(FaultKind, &
                 false
             }
         })
-        .map(|(k, _)| *k)?;
+        .map(|(k, _)| *k)
+}
+
+/// Picks a free target for `kind` and marks it busy.
+fn pick_target(
+    cfg: &Config,
+    kind: FaultKind,
+    rng: &mut StdRng,
+    shared: &Shared,
+) -> Option<&'static str> {
+    let mut c = shared.cluster.lock().expect("lock");
+    let nats_busy = c.busy.contains(NATS);
     let eligible: Vec<Kind> = match kind {
         FaultKind::NatsRestart => vec![],
         FaultKind::Slow => cfg
@@ -690,7 +704,7 @@ fn pick(cfg: &Config, rng: &mut StdRng, shared: &Shared) -> Option<(FaultKind, &
         return None;
     }
     c.busy.insert(target);
-    Some((kind, target))
+    Some(target)
 }
 
 fn kind_of(name: &str) -> Kind {
@@ -705,6 +719,9 @@ async fn nemesis(cfg: &Config, shared: Arc<Shared>, deadline: Instant) {
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut tasks = vec![];
     let mean = cfg.fault_interval.as_millis().max(2) as u64;
+    // A drawn kind waits until a target is free (a nats restart waits for
+    // every other fault to end), so the mix follows the weights.
+    let mut pending: Option<FaultKind> = None;
     loop {
         let wait = Duration::from_millis(rng.random_range(mean / 2..=mean * 3 / 2));
         if Instant::now() + wait >= deadline {
@@ -715,7 +732,11 @@ async fn nemesis(cfg: &Config, shared: Arc<Shared>, deadline: Instant) {
         if tasks.len() >= cfg.max_active_faults {
             continue;
         }
-        let Some((kind, target)) = pick(cfg, &mut rng, &shared) else {
+        let Some(kind) = pending.take().or_else(|| draw_kind(cfg, &mut rng)) else {
+            continue;
+        };
+        let Some(target) = pick_target(cfg, kind, &mut rng, &shared) else {
+            pending = Some(kind);
             continue;
         };
         // Every random choice of the fault is drawn here, from the seeded
