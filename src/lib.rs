@@ -3,6 +3,7 @@
 //! [`launcher`], which starts a whole system of real processes — used by
 //! `twopc up` and by the end-to-end tests alike.
 
+pub mod bench;
 pub mod chaos;
 pub mod check;
 pub mod client;

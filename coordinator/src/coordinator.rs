@@ -427,15 +427,17 @@ impl<L: DecisionLog> Coordinator<L> {
                 .filter(|(_, ok)| **ok)
                 .map(|(p, _)| p.clone())
                 .collect();
-            if !acked.is_empty() {
-                crash_point("coordinator.phase2.after_ack");
-                if let Err(e) = self.log.acked(tx, acked.clone()).await {
-                    warn!(error = %e, "acknowledgement not noted; a restart will redeliver");
-                }
-                pending.retain(|p| !acked.contains(p));
-            }
+            pending.retain(|p| !acked.contains(p));
+            // The client need not wait for the acknowledgements to be noted:
+            // losing that write only causes an idempotent redelivery.
             if let Some(f) = first_round.take() {
                 let _ = f.send(pending.is_empty());
+            }
+            if !acked.is_empty() {
+                crash_point("coordinator.phase2.after_ack");
+                if let Err(e) = self.log.acked(tx, acked).await {
+                    warn!(error = %e, "acknowledgement not noted; a restart will redeliver");
+                }
             }
             if pending.is_empty() {
                 info!(
