@@ -324,24 +324,43 @@ pub async fn purchases(
     }
 }
 
-/// Request-reply against an empty responder at `concurrency`.
+/// The empty responder of the NATS baseline: replies with nothing to every
+/// request on `subject`. Runs in its own process (`twopc echo`), so the
+/// baseline crosses processes as a purchase's request-replies do.
+pub async fn echo(client: async_nats::Client, subject: String) -> anyhow::Result<()> {
+    let mut sub = client.subscribe(subject).await?;
+    while let Some(m) = sub.next().await {
+        if let Some(reply) = m.reply {
+            client.publish(reply, bytes::Bytes::new()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Request-reply against an empty responder process at `concurrency`.
 pub async fn nats_baseline(
     client: &async_nats::Client,
+    nats_url: &str,
     concurrency: usize,
     duration: Duration,
     progress: bool,
 ) -> anyhow::Result<NatsBaseline> {
     let subject = format!("twopc.bench.echo.{}", uuid::Uuid::now_v7().simple());
-    let mut sub = client.subscribe(subject.clone()).await?;
-    let responder_client = client.clone();
-    let responder = tokio::spawn(async move {
-        while let Some(m) = sub.next().await {
-            if let Some(reply) = m.reply {
-                let _ = responder_client.publish(reply, bytes::Bytes::new()).await;
-            }
+    let mut responder = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["echo", "--subject", &subject])
+        .env("NATS_URL", nats_url)
+        .kill_on_drop(true)
+        .spawn()?;
+    // Ready when it answers.
+    let ready_by = Instant::now() + Duration::from_secs(10);
+    loop {
+        let req = async_nats::Request::new().timeout(Some(Duration::from_millis(200)));
+        if client.send_request(subject.clone(), req).await.is_ok() {
+            break;
         }
-    });
-    client.flush().await?;
+        anyhow::ensure!(Instant::now() < ready_by, "echo responder did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let hist = Arc::new(Mutex::new(histogram()));
     let count = Arc::new(AtomicU64::new(0));
     let pb = bar(
@@ -379,7 +398,7 @@ pub async fn nats_baseline(
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
-    responder.abort();
+    let _ = responder.kill().await;
     let secs = start.elapsed().as_secs_f64();
     let h = hist.lock().expect("lock");
     Ok(NatsBaseline {

@@ -90,6 +90,12 @@ enum Cmd {
     /// Measure purchases/s and latency against a running system (NATS_URL)
     /// or one started here (--start), with same-run baselines and ratios.
     Bench(BenchArgs),
+    /// The empty responder of the bench's NATS baseline (internal).
+    #[command(hide = true)]
+    Echo {
+        #[arg(long)]
+        subject: String,
+    },
     /// Create users and products from a JSON file:
     /// `{"users": [{"user", "balance"}], "products": [{"sku", "price", "stock"}]}`.
     Seed { file: PathBuf },
@@ -221,7 +227,7 @@ async fn bench(a: BenchArgs, nats_url: String) -> anyhow::Result<()> {
         move || bench::disk_baseline(&dir, d)
     })
     .await??;
-    let rtt1 = bench::nats_baseline(&client, 1, a.baseline_duration, progress).await?;
+    let rtt1 = bench::nats_baseline(&client, &url, 1, a.baseline_duration, progress).await?;
     let floor_us = 2 * rtt1.latency.p50_us + 2 * disk.latency.p50_us;
     let mut rows = vec![];
     for &c in &a.concurrency {
@@ -231,8 +237,14 @@ async fn bench(a: BenchArgs, nats_url: String) -> anyhow::Result<()> {
         warm.duration = Duration::from_secs(1).min(cfg.duration);
         warm.progress = false;
         bench::purchases(&client, &warm, &catalogue).await;
-        let nats =
-            bench::nats_baseline(&client, cfg.concurrency, a.baseline_duration, progress).await?;
+        let nats = bench::nats_baseline(
+            &client,
+            &url,
+            cfg.concurrency,
+            a.baseline_duration,
+            progress,
+        )
+        .await?;
         let load = bench::purchases(&client, &cfg, &catalogue).await;
         let ceiling = nats.requests_per_s / 5.0;
         let row = serde_json::json!({
@@ -526,6 +538,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .with_context(|| format!("connecting to NATS at {}", cli.nats_url))?;
     match cli.cmd {
         Cmd::Up { .. } | Cmd::Chaos(_) | Cmd::Bench(_) => unreachable!(),
+        Cmd::Echo { subject } => twopc::bench::echo(client, subject).await,
         Cmd::Purchase {
             user,
             sku,

@@ -115,3 +115,60 @@ fn twopc_up_starts_everything_and_the_cli_buys() {
         "twopc up exits cleanly on SIGTERM: {status:?}"
     );
 }
+
+/// `twopc bench` runs and reports (a benchmark is not a test: this checks
+/// that it works, not how fast anything is).
+#[test]
+fn twopc_bench_runs_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_twopc"))
+        .args([
+            "bench",
+            "--start",
+            "--concurrency",
+            "1,4",
+            "--duration",
+            "2s",
+            "--baseline-duration",
+            "1s",
+            "--abort-share",
+            "0.25",
+            "--json",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ])
+        .env_remove("NATS_URL")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(
+        r["disk_baseline"]["commits_per_s"].as_f64().unwrap() > 0.0,
+        "{r}"
+    );
+    assert!(r["latency_floor_us"].as_u64().unwrap() > 0, "{r}");
+    let runs = r["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for run in runs {
+        let load = &run["load"];
+        assert!(load["committed"].as_u64().unwrap() > 0, "{run}");
+        assert!(
+            load["aborted"].as_u64().unwrap() > 0,
+            "the abort share aborts: {run}"
+        );
+        assert!(load["latency"]["p50_us"].as_u64().unwrap() > 0, "{run}");
+        assert!(
+            run["nats_baseline"]["requests_per_s"].as_f64().unwrap() > 0.0,
+            "{run}"
+        );
+        assert!(run["throughput_ratio"].as_f64().unwrap() > 0.0, "{run}");
+        for service in ["coordinator", "wallet", "order"] {
+            assert!(run["rss_kib"][service].as_u64().unwrap() > 0, "{run}");
+        }
+    }
+}

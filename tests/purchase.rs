@@ -235,3 +235,25 @@ async fn concurrent_purchases_are_atomic_and_conserve_money_and_stock() {
     assert_eq!(s.debits.len(), committed);
     assert_eq!(s.orders.len(), committed);
 }
+
+/// The default reply mode answers at the commit point (the durable
+/// decision); the participants apply it right after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replying_at_the_decision_applies_right_after() {
+    let opts = Options::default().set(Kind::Coordinator, "TWOPC_REPLY_AFTER", "decision");
+    let mut sys = System::start(opts).await.unwrap();
+    sys.seed_standard().await.unwrap();
+    let r = sys.purchase("alice", "book-1", 2, 2_500).await;
+    assert_eq!(r.outcome, Outcome::Committed);
+    let refused = sys.purchase("carol", "book-1", 1, 1_250).await;
+    assert_eq!(refused.outcome, Outcome::Aborted);
+    // The hold is in place at once, so nothing can double-spend meanwhile.
+    let b = sys.balance("alice").await;
+    assert_eq!(b.available, 7_500, "{b:?}");
+    let s = sys
+        .assert_consistent(&[Told::Committed(tx_id(&r)), Told::Aborted(tx_id(&refused))])
+        .await;
+    assert_eq!(s.debits.len(), 1);
+    assert_eq!(sys.balance("alice").await.balance, 7_500);
+    assert_eq!(sys.stock("book-1").await.stock, 8);
+}

@@ -1,5 +1,12 @@
 use std::path::PathBuf;
 
+/// When the coordinator answers a purchase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReplyAfter {
+    Decision,
+    Delivery,
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct CoordinatorArgs {
     /// NATS server URL(s), comma-separated, as the nats CLI reads them.
@@ -20,6 +27,12 @@ pub struct CoordinatorArgs {
     /// Largest retry delay of decision delivery.
     #[arg(long, env = "TWOPC_RETRY_CAP_MS", default_value_t = 5_000)]
     pub retry_cap_ms: u64,
+    /// When the client hears the outcome: `decision` — as soon as the
+    /// decision is durable (the commit point; participants apply it within
+    /// a round trip), or `delivery` — after the first delivery round, so a
+    /// committed reply normally means applied everywhere.
+    #[arg(long, env = "TWOPC_REPLY_AFTER", value_enum, default_value = "decision")]
+    pub reply_after: ReplyAfter,
     /// Most purchases in flight; more are answered `busy`.
     #[arg(long, env = "TWOPC_MAX_INFLIGHT", default_value_t = 4_096)]
     pub max_inflight: usize,

@@ -32,7 +32,7 @@ use twopc_schemas::protocol::{
 };
 use twopc_schemas::{subjects, Code};
 
-use crate::config::CoordinatorArgs;
+use crate::config::{CoordinatorArgs, ReplyAfter};
 use crate::log::{DecisionLog, LogError, Record, Recorded, SqliteLog};
 use crate::phase::{decide, Ballot};
 
@@ -362,15 +362,20 @@ impl<L: DecisionLog> Coordinator<L> {
         crash_point("coordinator.decision.after_durable");
         info!(decision = decision.as_str(), reason = ?reason.as_ref().map(|r| r.code), "decision durable");
 
-        // Phase 2: the client hears back after the first delivery round, so
-        // a committed reply is normally already applied everywhere.
+        // Phase 2 runs on its own task until every participant has the
+        // decision; the client hears back now (the decision is durable) or
+        // after the first delivery round, as configured.
         let (done, first_round) = oneshot::channel();
+        let nothing_to_deliver = outcome.deliver_to.is_empty();
         tokio::spawn(
             self.clone()
                 .deliver(tx, decision, outcome.deliver_to, done)
                 .in_current_span(),
         );
-        reply.delivered = first_round.await.unwrap_or(false);
+        reply.delivered = match self.args.reply_after {
+            ReplyAfter::Decision => nothing_to_deliver,
+            ReplyAfter::Delivery => first_round.await.unwrap_or(false),
+        };
         reply
     }
 

@@ -55,6 +55,10 @@ impl Default for Options {
                 ("TWOPC_DECIDE_TIMEOUT_MS", "1000"),
                 ("TWOPC_RETRY_BASE_MS", "20"),
                 ("TWOPC_RETRY_CAP_MS", "500"),
+                // Tests read balances right after a reply: answer after the
+                // first delivery round. (`decision`, the default, has its own
+                // test.)
+                ("TWOPC_REPLY_AFTER", "delivery"),
             ]),
             wallet: participant.clone(),
             order: participant,
