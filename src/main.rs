@@ -117,10 +117,10 @@ struct ChaosArgs {
     #[arg(long, default_value_t = 5)]
     products: usize,
     /// Opening balance of each user (minor units).
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 1_000_000_000)]
     balance: u64,
     /// Opening stock of each product.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 1_000_000)]
     stock: u64,
     /// Share of purchases quoting a wrong price (bound to abort), 0 to 1.
     #[arg(long, default_value_t = 0.1)]
@@ -172,6 +172,9 @@ struct BenchArgs {
     /// Data folder for the disk baseline (and the started system).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// RUST_LOG of the services started with --start.
+    #[arg(long, default_value = "warn")]
+    service_log: String,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -196,7 +199,7 @@ async fn bench(a: BenchArgs, nats_url: String) -> anyhow::Result<()> {
         let client = twopc_common::nats::connect(&url, "twopc-bench").await?;
         let bins = Binaries::beside_current_exe()?;
         let settings = Settings {
-            env: vec![("RUST_LOG".into(), "warn".into())],
+            env: vec![("RUST_LOG".into(), a.service_log.clone())],
         };
         for kind in Kind::ALL {
             let mut s = Service::new(kind, &bins, &dir, &url, &settings)?;

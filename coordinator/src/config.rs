@@ -34,6 +34,6 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "TWOPC_REPLY_AFTER", value_enum, default_value = "decision")]
     pub reply_after: ReplyAfter,
     /// Most purchases in flight; more are answered `busy`.
-    #[arg(long, env = "TWOPC_MAX_INFLIGHT", default_value_t = 4_096)]
+    #[arg(long, env = "TWOPC_MAX_INFLIGHT", default_value_t = 1_024)]
     pub max_inflight: usize,
 }

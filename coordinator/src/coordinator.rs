@@ -281,6 +281,7 @@ impl<L: DecisionLog> Coordinator<L> {
                 },
             ),
         ];
+        let started = std::time::Instant::now();
         // Phase 1: all prepares in parallel, each bounded by the timeout.
         let ballots = futures::future::join_all(branches.into_iter().map(|(name, op)| {
             let c = self.clone();
@@ -294,6 +295,7 @@ impl<L: DecisionLog> Coordinator<L> {
             info!(participant = %name, ?ballot, "vote");
         }
         crash_point("coordinator.phase1.after_votes");
+        let phase1_us = started.elapsed().as_micros() as u64;
 
         let outcome = decide(&ballots);
         let rec = Record {
@@ -360,6 +362,11 @@ impl<L: DecisionLog> Coordinator<L> {
             }
         };
         crash_point("coordinator.decision.after_durable");
+        tracing::debug!(
+            phase1_us,
+            decision_us = started.elapsed().as_micros() as u64 - phase1_us,
+            "timings"
+        );
         info!(decision = decision.as_str(), reason = ?reason.as_ref().map(|r| r.code), "decision durable");
 
         // Phase 2 runs on its own task until every participant has the

@@ -8,7 +8,7 @@
 
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
-use twopc_common::db::Db;
+use twopc_common::db::{self, Db};
 use twopc_common::now_ms;
 use twopc_schemas::api::{check_id, parse_json, ApiError, CreateProduct, Stock, StockQuery};
 use twopc_schemas::protocol::{BranchOp, TxId};
@@ -102,11 +102,11 @@ impl Resource for Order {
                 format!("{sku} has {available} available, the purchase needs {qty}"),
             )));
         }
-        conn.execute(
+        db::exec(conn, 
             "UPDATE products SET reserved = reserved + ?2 WHERE sku = ?1",
             params![sku, qty],
         )?;
-        conn.execute(
+        db::exec(conn, 
             "INSERT INTO reservations (tx, sku, qty) VALUES (?1, ?2, ?3)",
             params![tx.as_bytes().as_slice(), sku, qty],
         )?;
@@ -115,16 +115,16 @@ impl Resource for Order {
 
     fn apply(&self, conn: &Connection, tx: TxId, op: &BranchOp) -> rusqlite::Result<()> {
         let (user, sku, qty, amount) = reserve(op).expect("a prepared order op is a reservation");
-        let n = conn.execute(
+        let n = db::exec(conn, 
             "DELETE FROM reservations WHERE tx = ?1",
             [tx.as_bytes().as_slice()],
         )?;
         assert_eq!(n, 1, "a prepared order has its reservation");
-        conn.execute(
+        db::exec(conn, 
             "UPDATE products SET stock = stock - ?2, reserved = reserved - ?2 WHERE sku = ?1",
             params![sku, qty],
         )?;
-        conn.execute(
+        db::exec(conn, 
             "INSERT INTO orders (tx, user, sku, qty, amount, created_at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
@@ -141,12 +141,12 @@ impl Resource for Order {
 
     fn release(&self, conn: &Connection, tx: TxId, op: &BranchOp) -> rusqlite::Result<()> {
         let (_, sku, qty, _) = reserve(op).expect("a prepared order op is a reservation");
-        let n = conn.execute(
+        let n = db::exec(conn, 
             "DELETE FROM reservations WHERE tx = ?1",
             [tx.as_bytes().as_slice()],
         )?;
         assert_eq!(n, 1, "a prepared order has its reservation");
-        conn.execute(
+        db::exec(conn, 
             "UPDATE products SET reserved = reserved - ?2 WHERE sku = ?1",
             params![sku, qty],
         )?;
@@ -160,7 +160,7 @@ async fn stock(db: Db, payload: Bytes) -> Result<Stock, ApiError> {
     let sku = q.sku.clone();
     let row = db
         .run(move |c| {
-            c.query_row(
+            db::row(c, 
                 "SELECT price, stock, reserved FROM products WHERE sku = ?1",
                 [&sku],
                 |r| {
@@ -192,7 +192,7 @@ async fn create_product(db: Db, payload: Bytes) -> Result<Stock, ApiError> {
     let r = req.clone();
     let inserted = db
         .run(move |c| {
-            c.execute(
+            db::exec(c, 
                 "INSERT INTO products (sku, price, stock) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
                 params![r.sku, r.price as i64, r.stock as i64],
             )

@@ -75,7 +75,7 @@ CREATE INDEX IF NOT EXISTS branches_in_doubt ON branches (prepared_at_ms) WHERE 
 
 /// Reads one branch.
 pub fn load_branch(conn: &Connection, tx: TxId) -> rusqlite::Result<Option<Branch>> {
-    conn.query_row(
+    db::row(conn, 
         "SELECT state, op, code, message FROM branches WHERE tx = ?1",
         [tx.as_bytes().as_slice()],
         |r| {
@@ -96,7 +96,7 @@ pub fn load_branch(conn: &Connection, tx: TxId) -> rusqlite::Result<Option<Branc
 }
 
 fn set_state(conn: &Connection, tx: TxId, state: BranchState) -> rusqlite::Result<()> {
-    let n = conn.execute(
+    let n = db::exec(conn, 
         "UPDATE branches SET state = ?2, updated_at_ms = ?3 WHERE tx = ?1",
         params![tx.as_bytes().as_slice(), state.as_str(), now_ms()],
     )?;
@@ -120,7 +120,7 @@ fn prepare_job<R: Resource>(
             let now = now_ms();
             match resource.hold(conn, tx, op)? {
                 Ok(()) => {
-                    conn.execute(
+                    db::exec(conn, 
                         "INSERT INTO branches (tx, state, op, prepared_at_ms, updated_at_ms)
                          VALUES (?1, 'prepared', ?2, ?3, ?3)",
                         params![tx.as_bytes().as_slice(), op_json, now],
@@ -130,7 +130,7 @@ fn prepare_job<R: Resource>(
                 Err((code, message)) => {
                     // Remember the no vote, so a repeated prepare gets the
                     // same answer even if the resource changed meanwhile.
-                    conn.execute(
+                    db::exec(conn, 
                         "INSERT INTO branches (tx, state, op, code, message, updated_at_ms)
                          VALUES (?1, 'aborted', ?2, ?3, ?4, ?5)",
                         params![
@@ -160,7 +160,7 @@ fn decide_job<R: Resource>(
         OnDecide::Ack => Ok(DecideReply::Ack),
         OnDecide::Reject(code, message) => Ok(DecideReply::Rejected { code, message }),
         OnDecide::Tombstone => {
-            conn.execute(
+            db::exec(conn, 
                 "INSERT INTO branches (tx, state, code, message, updated_at_ms)
                  VALUES (?1, 'aborted', ?2, ?3, ?4)",
                 params![
@@ -321,6 +321,7 @@ impl<R: Resource> Participant<R> {
                 );
                 return Bytes::from(protocol::encode(&Vote::Yes));
             }
+            let started = std::time::Instant::now();
             let vote = match self
                 .db
                 .run(move |c| prepare_job(&*resource, c, tx, &op))
@@ -343,6 +344,7 @@ impl<R: Resource> Participant<R> {
             // this prepare was fsynced, so the yes vote below announces a
             // durable prepared record.
             crash_point(&format!("{name}.prepare.after_durable"));
+            tracing::debug!(log_us = started.elapsed().as_micros() as u64, "timings");
             match &vote {
                 Vote::Yes => info!("prepared, voting yes"),
                 Vote::No { code, message } => info!(%code, %message, "voting no"),

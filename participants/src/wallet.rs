@@ -8,7 +8,7 @@
 
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
-use twopc_common::db::Db;
+use twopc_common::db::{self, Db};
 use twopc_common::now_ms;
 use twopc_schemas::api::{check_id, parse_json, ApiError, Balance, BalanceQuery, CreateUser};
 use twopc_schemas::protocol::{BranchOp, TxId};
@@ -81,11 +81,11 @@ impl Resource for Wallet {
                 format!("{user} has {available} available, the purchase needs {amount}"),
             )));
         }
-        conn.execute(
+        db::exec(conn, 
             "UPDATE users SET held = held + ?2 WHERE user = ?1",
             params![user, amount as i64],
         )?;
-        conn.execute(
+        db::exec(conn, 
             "INSERT INTO holds (tx, user, amount) VALUES (?1, ?2, ?3)",
             params![tx.as_bytes().as_slice(), user, amount as i64],
         )?;
@@ -94,16 +94,16 @@ impl Resource for Wallet {
 
     fn apply(&self, conn: &Connection, tx: TxId, op: &BranchOp) -> rusqlite::Result<()> {
         let (user, amount) = debit(op).expect("a prepared wallet op is a debit");
-        let n = conn.execute(
+        let n = db::exec(conn, 
             "DELETE FROM holds WHERE tx = ?1",
             [tx.as_bytes().as_slice()],
         )?;
         assert_eq!(n, 1, "a prepared debit has its hold");
-        conn.execute(
+        db::exec(conn, 
             "UPDATE users SET balance = balance - ?2, held = held - ?2 WHERE user = ?1",
             params![user, amount as i64],
         )?;
-        conn.execute(
+        db::exec(conn, 
             "INSERT INTO debits (tx, user, amount, applied_at_ms) VALUES (?1, ?2, ?3, ?4)",
             params![tx.as_bytes().as_slice(), user, amount as i64, now_ms()],
         )?;
@@ -112,12 +112,12 @@ impl Resource for Wallet {
 
     fn release(&self, conn: &Connection, tx: TxId, op: &BranchOp) -> rusqlite::Result<()> {
         let (user, amount) = debit(op).expect("a prepared wallet op is a debit");
-        let n = conn.execute(
+        let n = db::exec(conn, 
             "DELETE FROM holds WHERE tx = ?1",
             [tx.as_bytes().as_slice()],
         )?;
         assert_eq!(n, 1, "a prepared debit has its hold");
-        conn.execute(
+        db::exec(conn, 
             "UPDATE users SET held = held - ?2 WHERE user = ?1",
             params![user, amount as i64],
         )?;
@@ -131,7 +131,7 @@ async fn balance(db: Db, payload: Bytes) -> Result<Balance, ApiError> {
     let user = q.user.clone();
     let row = db
         .run(move |c| {
-            c.query_row(
+            db::row(c, 
                 "SELECT balance, held FROM users WHERE user = ?1",
                 [&user],
                 |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
@@ -156,7 +156,7 @@ async fn create_user(db: Db, payload: Bytes) -> Result<Balance, ApiError> {
     let r = req.clone();
     let inserted = db
         .run(move |c| {
-            c.execute(
+            db::exec(c, 
                 "INSERT INTO users (user, balance) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
                 params![r.user, r.balance as i64],
             )
