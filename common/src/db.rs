@@ -67,7 +67,14 @@ pub fn row<T>(
 /// Opens (creating if needed) a database for durable writes and applies the
 /// migrations not yet applied, tracked by `PRAGMA user_version`.
 pub fn open(path: &Path, migrations: &[&str]) -> rusqlite::Result<Connection> {
-    let mut conn = Connection::open(path)?;
+    // One thread owns the connection, so SQLite's own per-call mutexes
+    // (the "serialized" mode) are pure overhead.
+    let mut conn = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+            | rusqlite::OpenFlags::SQLITE_OPEN_CREATE
+            | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.set_prepared_statement_cache_capacity(128);
     // WAL with synchronous=FULL: the WAL is fsynced at every COMMIT, so a

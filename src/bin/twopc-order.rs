@@ -9,7 +9,7 @@ struct Cli {
     args: twopc_participants::ParticipantArgs,
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     twopc_common::logging::init("info");
     twopc_common::logging::abort_on_panic();
