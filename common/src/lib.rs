@@ -17,3 +17,4 @@ pub fn now_ms() -> i64 {
 }
 
 pub mod serve;
+pub mod micro;

@@ -1,56 +1,175 @@
-//! Serving a NATS subject with bounded concurrency.
+//! Serving a NATS subject with bounded concurrency, service statistics and
+//! graceful shutdown.
 //!
 //! The subscription loop only receives and spawns, so it never falls behind
 //! the 65,536-message subscription buffer because of slow handlers; a
 //! semaphore bounds the handlers in flight, and past the bound a request is
-//! answered at once with the caller's `busy` reply instead of queueing.
+//! answered at once with the endpoint's `busy` reply instead of queueing.
+//!
+//! Shutdown ([`begin_shutdown`], on SIGTERM): every endpoint stops taking
+//! messages (it unsubscribes), waits up to [`DRAIN_TIMEOUT`] for its handlers
+//! in flight, and returns.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
-use async_nats::{Client, Message};
+use async_nats::{Client, HeaderMap, Message};
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
+use twopc_schemas::api::ApiError;
+use twopc_schemas::Code;
 
-/// Subscribes `subject` in queue group `queue` and runs `handler` for each
-/// message; a returned `Some(bytes)` is published to the message's reply
-/// subject. Returns when the subscription ends (client closed).
-pub async fn serve<H, F>(
-    client: Client,
-    subject: String,
-    queue: String,
-    max_inflight: usize,
-    busy_reply: Bytes,
-    handler: H,
-) -> anyhow::Result<()>
+use crate::micro::Registry;
+
+/// Longest wait for handlers in flight at shutdown.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn shutdown_channel() -> &'static watch::Sender<bool> {
+    static SHUTDOWN: OnceLock<watch::Sender<bool>> = OnceLock::new();
+    SHUTDOWN.get_or_init(|| watch::channel(false).0)
+}
+
+/// Tells every endpoint (and background loop) of this process to drain and
+/// stop. One service per process, so the signal is process-wide.
+pub fn begin_shutdown() {
+    shutdown_channel().send_replace(true);
+}
+
+/// Resolves once shutdown has begun.
+pub async fn shutdown_begun() {
+    let mut rx = shutdown_channel().subscribe();
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// A handler's answer: the reply body and, for an error reply, the
+/// service-protocol status (`Nats-Service-Error-Code`) and description.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub body: Bytes,
+    pub error: Option<(u16, String)>,
+}
+
+impl Response {
+    pub fn ok(body: impl Into<Bytes>) -> Response {
+        Response {
+            body: body.into(),
+            error: None,
+        }
+    }
+
+    pub fn error(body: impl Into<Bytes>, status: u16, description: impl Into<String>) -> Response {
+        Response {
+            body: body.into(),
+            error: Some((status, description.into())),
+        }
+    }
+
+    /// A JSON reply: the value, or `{"error": ...}` with error headers.
+    pub fn json<T: serde::Serialize>(r: Result<T, ApiError>) -> Response {
+        match r {
+            Ok(v) => Response::ok(serde_json::to_vec(&v).expect("reply serialises")),
+            Err(e) => Response::api_error(&e),
+        }
+    }
+
+    pub fn api_error(e: &ApiError) -> Response {
+        Response::error(e.to_json(), status_of(e.code), format!("{}: {}", e.code, e.message))
+    }
+}
+
+/// The HTTP-like status carried in `Nats-Service-Error-Code`.
+pub fn status_of(code: Code) -> u16 {
+    match code {
+        Code::UnknownUser | Code::UnknownSku | Code::UnknownTx => 404,
+        Code::AlreadyExists | Code::Conflict => 409,
+        Code::PayloadTooLarge => 413,
+        Code::Busy | Code::ShuttingDown | Code::Unavailable => 503,
+        Code::Internal => 500,
+        Code::Timeout => 504,
+        _ => 400,
+    }
+}
+
+/// One endpoint to serve.
+pub struct Endpoint {
+    pub client: Client,
+    pub registry: Arc<Registry>,
+    /// Endpoint name in the service protocol.
+    pub name: &'static str,
+    pub subject: String,
+    pub queue: String,
+    pub max_inflight: usize,
+    /// Sent at once when `max_inflight` handlers are running.
+    pub busy: Response,
+}
+
+async fn reply(client: &Client, to: async_nats::Subject, r: Response) {
+    let result = match &r.error {
+        None => client.publish(to, r.body).await,
+        Some((status, description)) => {
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Service-Error", description.as_str());
+            headers.insert("Nats-Service-Error-Code", status.to_string().as_str());
+            client.publish_with_headers(to, headers, r.body).await
+        }
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "reply not sent");
+    }
+}
+
+/// Serves `ep` with `handler` until shutdown (then drains) or until the
+/// client closes.
+pub async fn serve<H, F>(ep: Endpoint, handler: H) -> anyhow::Result<()>
 where
     H: Fn(Message) -> F + Send + Sync + 'static,
-    F: Future<Output = Option<Bytes>> + Send + 'static,
+    F: Future<Output = Response> + Send + 'static,
 {
-    let mut sub = client.queue_subscribe(subject.clone(), queue).await?;
-    let permits = Arc::new(Semaphore::new(max_inflight));
+    let index = ep.registry.add(ep.name, &ep.subject, &ep.queue);
+    let mut sub = ep.client.queue_subscribe(ep.subject.clone(), ep.queue.clone()).await?;
+    let permits = Arc::new(Semaphore::new(ep.max_inflight));
     let handler = Arc::new(handler);
-    while let Some(msg) = sub.next().await {
+    let mut shutdown = shutdown_channel().subscribe();
+    loop {
+        let msg = tokio::select! {
+            m = sub.next() => match m {
+                Some(m) => m,
+                None => break,
+            },
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(%subject, "at the in-flight limit; answering busy");
-            if let Some(reply) = msg.reply {
-                let _ = client.publish(reply, busy_reply.clone()).await;
+            tracing::warn!(subject = %ep.subject, "at the in-flight limit; answering busy");
+            if let Some(to) = msg.reply {
+                let status = ep.busy.error.as_ref().map(|(_, d)| d.as_str());
+                ep.registry.record(index, Duration::ZERO, Some(status.unwrap_or("busy")));
+                reply(&ep.client, to, ep.busy.clone()).await;
             }
             continue;
         };
-        let client = client.clone();
+        let client = ep.client.clone();
         let handler = handler.clone();
+        let registry = ep.registry.clone();
         tokio::spawn(async move {
-            let reply = msg.reply.clone();
-            let out = handler(msg).await;
-            if let (Some(reply), Some(out)) = (reply, out) {
-                if let Err(e) = client.publish(reply, out).await {
-                    tracing::warn!(error = %e, "reply not sent");
-                }
+            let started = Instant::now();
+            let to = msg.reply.clone();
+            let r = handler(msg).await;
+            let error = r.error.as_ref().map(|(s, d)| format!("{s}:{d}"));
+            registry.record(index, started.elapsed(), error.as_deref());
+            if let Some(to) = to {
+                reply(&client, to, r).await;
             }
             drop(permit);
         });
+    }
+    // Draining: no new messages (unsubscribe), then wait for the handlers
+    // still running, bounded.
+    let _ = sub.unsubscribe().await;
+    let all = u32::try_from(ep.max_inflight).unwrap_or(u32::MAX);
+    if tokio::time::timeout(DRAIN_TIMEOUT, permits.acquire_many(all)).await.is_err() {
+        tracing::warn!(subject = %ep.subject, "handlers still running after the drain timeout");
     }
     Ok(())
 }

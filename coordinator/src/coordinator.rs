@@ -33,6 +33,8 @@ use twopc_schemas::protocol::{
 use twopc_schemas::{subjects, Code};
 
 use crate::config::{CoordinatorArgs, ReplyAfter};
+use twopc_common::micro::Registry;
+use twopc_common::serve::{serve, Endpoint, Response};
 use crate::log::{DecisionLog, LogError, Record, Recorded, SqliteLog};
 use crate::phase::{decide, Ballot};
 
@@ -50,6 +52,8 @@ pub struct Coordinator<L: DecisionLog> {
     client: Client,
     /// Flags and environment.
     args: CoordinatorArgs,
+    /// Service-protocol identity and statistics (`nats micro`).
+    registry: Arc<Registry>,
     /// Transactions in phase 1 here, for status queries. Not durable: after
     /// a crash they have no record and are aborted by presumption.
     active: Mutex<HashMap<TxId, PurchaseRequest>>,
@@ -77,11 +81,12 @@ fn same_purchase(a: &PurchaseRequest, b: &PurchaseRequest) -> bool {
 }
 
 impl<L: DecisionLog> Coordinator<L> {
-    pub fn new(log: L, client: Client, args: CoordinatorArgs) -> Arc<Self> {
+    pub fn new(log: L, client: Client, args: CoordinatorArgs, registry: Arc<Registry>) -> Arc<Self> {
         Arc::new(Coordinator {
             log,
             client,
             args,
+            registry,
             active: Mutex::new(HashMap::new()),
             requests: Mutex::new(HashMap::new()),
         })
@@ -91,49 +96,39 @@ impl<L: DecisionLog> Coordinator<L> {
     pub async fn serve(self: Arc<Self>) -> anyhow::Result<()> {
         self.clone().resume_deliveries().await?;
         let queue = subjects::queue_group(SERVICE);
-        let max = self.args.max_inflight;
-        let busy_json =
-            Bytes::from(ApiError::new(Code::Busy, "too many purchases in flight").to_json());
-        let c = self.clone();
-        let purchase = twopc_common::serve::serve(
-            self.client.clone(),
-            subjects::PURCHASE.into(),
-            queue.clone(),
-            max,
-            busy_json.clone(),
-            move |m| {
-                let c = c.clone();
-                async move { Some(c.on_purchase(m.payload).await) }
-            },
+        let endpoint = |name: &'static str, subject: &str, busy: Response| Endpoint {
+            client: self.client.clone(),
+            registry: self.registry.clone(),
+            name,
+            subject: subject.into(),
+            queue: queue.clone(),
+            max_inflight: self.args.max_inflight,
+            busy,
+        };
+        let busy_json = Response::api_error(&ApiError::new(Code::Busy, "too many purchases in flight"));
+        let busy_decision = Response::error(
+            protocol::encode(&DecisionReply::Rejected {
+                code: Code::Busy,
+                message: "coordinator is at its in-flight limit".into(),
+            }),
+            503,
+            "busy: coordinator is at its in-flight limit",
         );
         let c = self.clone();
-        let status = twopc_common::serve::serve(
-            self.client.clone(),
-            subjects::TX_STATUS.into(),
-            queue.clone(),
-            max,
-            busy_json,
-            move |m| {
-                let c = c.clone();
-                async move { Some(c.on_tx_status(m.payload).await) }
-            },
-        );
-        let busy_decision = Bytes::from(protocol::encode(&DecisionReply::Rejected {
-            code: Code::Busy,
-            message: "coordinator is at its in-flight limit".into(),
-        }));
+        let purchase = serve(endpoint("purchase", subjects::PURCHASE, busy_json.clone()), move |m| {
+            let c = c.clone();
+            async move { c.on_purchase(m.payload).await }
+        });
         let c = self.clone();
-        let decision = twopc_common::serve::serve(
-            self.client.clone(),
-            subjects::DECISION_QUERY.into(),
-            queue,
-            max,
-            busy_decision,
-            move |m| {
-                let c = c.clone();
-                async move { Some(c.on_decision_query(m.payload).await) }
-            },
-        );
+        let status = serve(endpoint("tx-status", subjects::TX_STATUS, busy_json), move |m| {
+            let c = c.clone();
+            async move { c.on_tx_status(m.payload).await }
+        });
+        let c = self.clone();
+        let decision = serve(endpoint("decision-query", subjects::DECISION_QUERY, busy_decision), move |m| {
+            let c = c.clone();
+            async move { c.on_decision_query(m.payload).await }
+        });
         info!(faults = ?twopc_common::fault::armed(), "coordinator serving");
         tokio::try_join!(purchase, status, decision)?;
         Ok(())
@@ -161,22 +156,19 @@ impl<L: DecisionLog> Coordinator<L> {
         Ok(())
     }
 
-    async fn on_purchase(self: Arc<Self>, payload: Bytes) -> Bytes {
+    async fn on_purchase(self: Arc<Self>, payload: Bytes) -> Response {
         let req = match PurchaseRequest::parse(&payload) {
             Ok(r) => r,
             Err(e) => {
                 info!(code = %e.code, message = %e.message, "purchase refused");
-                return e.to_json().into();
+                return Response::api_error(&e);
             }
         };
         let reply = match req.request_id.clone() {
             None => Ok(self.transact(req).await),
             Some(rid) => self.transact_once(rid, req).await,
         };
-        match reply {
-            Ok(r) => serde_json::to_vec(&r).expect("reply serialises").into(),
-            Err(e) => e.to_json().into(),
-        }
+        Response::json(reply)
     }
 
     /// A purchase with a request id: at most one transaction per id commits,
@@ -503,16 +495,16 @@ impl<L: DecisionLog> Coordinator<L> {
 
     /// A participant in doubt asks for the decision. With none recorded, the
     /// answer is abort, recorded first so the transaction can never commit.
-    async fn on_decision_query(self: Arc<Self>, payload: Bytes) -> Bytes {
+    async fn on_decision_query(self: Arc<Self>, payload: Bytes) -> Response {
         let q = match protocol::decode::<DecisionQuery>(&payload) {
             Ok(q) => q,
             Err(e) => {
                 warn!(error = %e, "rejected decision query that does not decode");
-                return protocol::encode(&DecisionReply::Rejected {
+                let body = protocol::encode(&DecisionReply::Rejected {
                     code: Code::BadMessage,
                     message: e.to_string(),
-                })
-                .into();
+                });
+                return Response::error(body, 400, format!("bad_message: {e}"));
             }
         };
         let rec = Record {
@@ -553,13 +545,20 @@ impl<L: DecisionLog> Coordinator<L> {
                 message: e.to_string(),
             },
         };
-        protocol::encode(&reply).into()
+        match &reply {
+            DecisionReply::Decided { .. } => Response::ok(protocol::encode(&reply)),
+            DecisionReply::Rejected { code, message } => Response::error(
+                protocol::encode(&reply),
+                twopc_common::serve::status_of(*code),
+                format!("{code}: {message}"),
+            ),
+        }
     }
 
-    async fn on_tx_status(self: Arc<Self>, payload: Bytes) -> Bytes {
+    async fn on_tx_status(self: Arc<Self>, payload: Bytes) -> Response {
         let tx = match TxQuery::parse(&payload) {
             Ok(tx) => tx,
-            Err(e) => return e.to_json().into(),
+            Err(e) => return Response::api_error(&e),
         };
         if let Some(p) = self.active.lock().expect("lock").get(&tx).cloned() {
             let status = TxStatus {
@@ -572,7 +571,7 @@ impl<L: DecisionLog> Coordinator<L> {
                 decided_at_ms: None,
                 completed_at_ms: None,
             };
-            return serde_json::to_vec(&status).expect("serialises").into();
+            return Response::ok(serde_json::to_vec(&status).expect("serialises"));
         }
         match self.log.get(tx).await {
             Ok(rec) => {
@@ -609,9 +608,9 @@ impl<L: DecisionLog> Coordinator<L> {
                         completed_at_ms: r.completed_at_ms,
                     },
                 };
-                serde_json::to_vec(&status).expect("serialises").into()
+                Response::ok(serde_json::to_vec(&status).expect("serialises"))
             }
-            Err(e) => log_error(e).to_json().into(),
+            Err(e) => Response::api_error(&log_error(e)),
         }
     }
 }
@@ -623,17 +622,31 @@ fn log_error(e: LogError) -> ApiError {
     }
 }
 
-/// Opens the log, connects and serves until SIGTERM/SIGINT.
+/// Opens the log, connects and serves until SIGTERM/SIGINT, then drains:
+/// no new purchases; those in flight finish (their decisions are durable
+/// and delivery resumes at the next start if it was cut short).
 pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)?;
     let log = SqliteLog::open(&args.data_dir.join("coordinator.db"))?;
     info!(db = %log.path().display(), "decision log open (WAL, synchronous=FULL)");
     let client = twopc_common::nats::connect(&args.nats_url, SERVICE).await?;
-    let c = Coordinator::new(log, client, args);
+    let registry = Arc::new(Registry::new(
+        SERVICE,
+        env!("CARGO_PKG_VERSION"),
+        "twopc coordinator: purchases as two-phase-commit transactions",
+    ));
+    let discovery = registry.clone().serve_discovery(client.clone());
+    let c = Coordinator::new(log, client.clone(), args, registry);
+    let work = async { tokio::try_join!(c.serve(), discovery).map(|_| ()) };
+    tokio::pin!(work);
     tokio::select! {
-        r = c.serve() => r,
+        r = &mut work => r,
         _ = twopc_common::nats::shutdown_signal() => {
-            info!("shutting down");
+            info!("SIGTERM: draining (no new purchases; in-flight ones finish)");
+            twopc_common::serve::begin_shutdown();
+            let _ = tokio::time::timeout(twopc_common::serve::DRAIN_TIMEOUT, &mut work).await;
+            let _ = client.flush().await;
+            info!("drained; exiting");
             Ok(())
         }
     }

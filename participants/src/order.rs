@@ -219,33 +219,22 @@ async fn create_product(db: Db, payload: Bytes) -> Result<Stock, ApiError> {
 pub async fn serve_public(
     client: async_nats::Client,
     db: Db,
+    registry: std::sync::Arc<twopc_common::micro::Registry>,
     max_inflight: usize,
 ) -> anyhow::Result<()> {
-    let service = subjects::ORDER;
+    let s = subjects::ORDER;
     tokio::try_join!(
-        serve_json(
-            client.clone(),
-            service,
-            subjects::ORDER_STOCK,
-            db.clone(),
-            max_inflight,
-            stock
-        ),
-        serve_json(
-            client,
-            service,
-            subjects::ORDER_CREATE_PRODUCT,
-            db,
-            max_inflight,
-            create_product
-        ),
+        serve_json(client.clone(), registry.clone(), s, "stock", subjects::ORDER_STOCK, db.clone(), max_inflight, stock),
+        serve_json(client, registry, s, "create-product", subjects::ORDER_CREATE_PRODUCT, db, max_inflight, create_product),
     )?;
     Ok(())
 }
 
-/// Runs the order service until SIGTERM/SIGINT.
+/// Runs the order service until SIGTERM/SIGINT (then drains).
 pub async fn run(args: crate::ParticipantArgs) -> anyhow::Result<()> {
     let max = args.max_inflight;
-    crate::participant::run_service(args, Order, move |client, db| serve_public(client, db, max))
-        .await
+    crate::participant::run_service(args, Order, "twopc order service: products, prices, stock and reservations", move |client, db, registry| {
+        serve_public(client, db, registry, max)
+    })
+    .await
 }

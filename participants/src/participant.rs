@@ -21,6 +21,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tracing::{error, info, warn, Instrument};
 use twopc_common::backoff::Backoff;
 use twopc_common::db::{self, Db, DbError};
+use twopc_common::micro::Registry;
+use twopc_common::serve::{serve, Endpoint, Response};
 use twopc_common::fault::{crash_point, delay_point};
 use twopc_common::now_ms;
 use twopc_schemas::api::{ApiError, BranchStatus, TxQuery};
@@ -201,6 +203,8 @@ pub struct Participant<R: Resource> {
     client: async_nats::Client,
     /// Flags and environment.
     args: ParticipantArgs,
+    /// Service-protocol identity and statistics (`nats micro`).
+    registry: Arc<Registry>,
 }
 
 impl<R: Resource> Participant<R> {
@@ -218,12 +222,14 @@ impl<R: Resource> Participant<R> {
         db: Db,
         client: async_nats::Client,
         args: ParticipantArgs,
+        registry: Arc<Registry>,
     ) -> Arc<Self> {
         Arc::new(Participant {
             resource: Arc::new(resource),
             db,
             client,
             args,
+            registry,
         })
     }
 
@@ -240,71 +246,60 @@ impl<R: Resource> Participant<R> {
     pub async fn run(self: Arc<Self>) -> anyhow::Result<()> {
         let name = self.name();
         let queue = subjects::queue_group(name);
-        let busy_vote = Bytes::from(protocol::encode(&Vote::No {
+        let busy = |body: Vec<u8>| {
+            Response::error(body, 503, format!("busy: {name} is at its in-flight limit"))
+        };
+        let endpoint = |ep: &'static str, subject: String, busy_reply: Response| Endpoint {
+            client: self.client.clone(),
+            registry: self.registry.clone(),
+            name: ep,
+            subject,
+            queue: queue.clone(),
+            max_inflight: self.args.max_inflight,
+            busy: busy_reply,
+        };
+        let busy_vote = busy(protocol::encode(&Vote::No {
             code: Code::Busy,
             message: format!("{name} is at its in-flight limit"),
         }));
-        let busy_decide = Bytes::from(protocol::encode(&DecideReply::Rejected {
+        let busy_decide = busy(protocol::encode(&DecideReply::Rejected {
             code: Code::Busy,
             message: format!("{name} is at its in-flight limit"),
         }));
-        let busy_json =
-            Bytes::from(ApiError::new(Code::Busy, "too many requests in flight").to_json());
-        let max = self.args.max_inflight;
+        let busy_json = Response::api_error(&ApiError::new(Code::Busy, "too many requests in flight"));
 
         let p = self.clone();
-        let prepare = twopc_common::serve::serve(
-            self.client.clone(),
-            subjects::prepare(name),
-            queue.clone(),
-            max,
-            busy_vote,
-            move |msg| {
-                let p = p.clone();
-                async move { Some(p.on_prepare(msg.payload).await) }
-            },
-        );
+        let prepare = serve(endpoint("prepare", subjects::prepare(name), busy_vote), move |msg| {
+            let p = p.clone();
+            async move { p.on_prepare(msg.payload).await }
+        });
         let p = self.clone();
-        let decide = twopc_common::serve::serve(
-            self.client.clone(),
-            subjects::decide(name),
-            queue.clone(),
-            max,
-            busy_decide,
-            move |msg| {
-                let p = p.clone();
-                async move { Some(p.on_decide(msg.payload).await) }
-            },
-        );
+        let decide = serve(endpoint("decide", subjects::decide(name), busy_decide), move |msg| {
+            let p = p.clone();
+            async move { p.on_decide(msg.payload).await }
+        });
         let p = self.clone();
-        let status = twopc_common::serve::serve(
-            self.client.clone(),
-            subjects::participant_tx(name),
-            queue,
-            max,
-            busy_json,
-            move |msg| {
-                let p = p.clone();
-                async move { Some(p.on_tx_status(msg.payload).await) }
-            },
-        );
+        let status = serve(endpoint("tx-status", subjects::participant_tx(name), busy_json), move |msg| {
+            let p = p.clone();
+            async move { p.on_tx_status(msg.payload).await }
+        });
         let recovery = self.clone().recovery_loop();
         info!(participant = name, faults = ?twopc_common::fault::armed(), "participant serving");
         tokio::try_join!(prepare, decide, status, recovery)?;
         Ok(())
     }
 
-    async fn on_prepare(&self, payload: Bytes) -> Bytes {
+    async fn on_prepare(&self, payload: Bytes) -> Response {
         let name = self.name();
         let msg = match protocol::decode::<Prepare>(&payload) {
             Ok(m) => m,
             Err(e) => {
                 warn!(participant = name, error = %e, "rejected prepare that does not decode");
-                return protocol::encode(&Vote::No {
+                let body = protocol::encode(&Vote::No {
                     code: Code::BadMessage,
                     message: e.to_string(),
-                })
-                .into();
+                });
+                return Response::error(body, 400, format!("bad_message: {e}"));
             }
         };
         let span = tracing::info_span!("prepare", participant = name, tx = %msg.tx);
@@ -319,7 +314,7 @@ impl<R: Resource> Participant<R> {
                 tokio::spawn(
                     async move { db.run(move |c| prepare_job(&*resource, c, tx, &op)).await },
                 );
-                return Bytes::from(protocol::encode(&Vote::Yes));
+                return Response::ok(protocol::encode(&Vote::Yes));
             }
             let started = std::time::Instant::now();
             let vote = match self
@@ -349,23 +344,23 @@ impl<R: Resource> Participant<R> {
                 Vote::Yes => info!("prepared, voting yes"),
                 Vote::No { code, message } => info!(%code, %message, "voting no"),
             }
-            Bytes::from(protocol::encode(&vote))
+            Response::ok(protocol::encode(&vote))
         }
         .instrument(span)
         .await
     }
 
-    async fn on_decide(&self, payload: Bytes) -> Bytes {
+    async fn on_decide(&self, payload: Bytes) -> Response {
         let name = self.name();
         let msg = match protocol::decode::<Decide>(&payload) {
             Ok(m) => m,
             Err(e) => {
                 warn!(participant = name, error = %e, "rejected decision that does not decode");
-                return protocol::encode(&DecideReply::Rejected {
+                let body = protocol::encode(&DecideReply::Rejected {
                     code: Code::BadMessage,
                     message: e.to_string(),
-                })
-                .into();
+                });
+                return Response::error(body, 400, format!("bad_message: {e}"));
             }
         };
         delay_point(&format!("{name}.decide")).await;
@@ -373,7 +368,14 @@ impl<R: Resource> Participant<R> {
         // participant stays prepared, in doubt, until it recovers).
         crash_point(&format!("{name}.decide.before_apply"));
         let reply = self.apply_decision(msg.tx, msg.decision).await;
-        protocol::encode(&reply).into()
+        match &reply {
+            DecideReply::Ack => Response::ok(protocol::encode(&reply)),
+            DecideReply::Rejected { code, message } => Response::error(
+                protocol::encode(&reply),
+                twopc_common::serve::status_of(*code),
+                format!("{code}: {message}"),
+            ),
+        }
     }
 
     /// Applies a decision durably (phase 2 delivery and recovery share it).
@@ -416,10 +418,10 @@ impl<R: Resource> Participant<R> {
         .await
     }
 
-    async fn on_tx_status(&self, payload: Bytes) -> Bytes {
+    async fn on_tx_status(&self, payload: Bytes) -> Response {
         let tx = match TxQuery::parse(&payload) {
             Ok(tx) => tx,
-            Err(e) => return e.to_json().into(),
+            Err(e) => return Response::api_error(&e),
         };
         let name = self.name();
         let res = self
@@ -453,13 +455,9 @@ impl<R: Resource> Participant<R> {
                         .map(|op| serde_json::to_value(op).expect("op serialises")),
                     updated_at_ms: at,
                 };
-                serde_json::to_vec(&status)
-                    .expect("status serialises")
-                    .into()
+                Response::ok(serde_json::to_vec(&status).expect("status serialises"))
             }
-            Err(e) => ApiError::new(Code::Internal, e.to_string())
-                .to_json()
-                .into(),
+            Err(e) => Response::api_error(&ApiError::new(Code::Internal, e.to_string())),
         }
     }
 
@@ -519,7 +517,10 @@ impl<R: Resource> Participant<R> {
                 }
             }
             threshold_ms = self.args.in_doubt_after_ms as i64;
-            tokio::time::sleep(interval).await;
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = twopc_common::serve::shutdown_begun() => return Ok(()),
+            }
         }
     }
 
@@ -581,24 +582,34 @@ impl<R: Resource> Participant<R> {
 pub async fn run_service<R, F, Fut>(
     args: ParticipantArgs,
     resource: R,
+    description: &str,
     extra: F,
 ) -> anyhow::Result<()>
 where
     R: Resource,
-    F: FnOnce(async_nats::Client, Db) -> Fut,
+    F: FnOnce(async_nats::Client, Db, Arc<Registry>) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
 {
     let name = resource.name();
     let db = Participant::open_db(&args, &resource)?;
     info!(participant = name, db = %db.path().display(), "database open (WAL, synchronous=FULL)");
     let client = twopc_common::nats::connect(&args.nats_url, name).await?;
-    let extra = extra(client.clone(), db.clone());
-    let p = Participant::new(resource, db, client, args);
+    let registry = Arc::new(Registry::new(name, env!("CARGO_PKG_VERSION"), description));
+    let discovery = registry.clone().serve_discovery(client.clone());
+    let extra = extra(client.clone(), db.clone(), registry.clone());
+    let p = Participant::new(resource, db, client.clone(), args, registry);
+    let work = async { tokio::try_join!(p.run(), extra, discovery).map(|_| ()) };
+    tokio::pin!(work);
     tokio::select! {
-        r = p.run() => r,
-        r = extra => r,
+        r = &mut work => r,
         _ = twopc_common::nats::shutdown_signal() => {
-            info!(participant = name, "shutting down");
+            info!(participant = name, "SIGTERM: draining (no new requests; in-flight ones finish)");
+            twopc_common::serve::begin_shutdown();
+            // Endpoints and recovery return once drained; discovery answers
+            // until the end, so stop waiting after the drain bound.
+            let _ = tokio::time::timeout(twopc_common::serve::DRAIN_TIMEOUT, &mut work).await;
+            let _ = client.flush().await;
+            info!(participant = name, "drained; exiting");
             Ok(())
         }
     }
@@ -606,9 +617,12 @@ where
 
 /// Serves one public JSON subject of a participant service: `handler`
 /// gets the database and the payload and returns a value or an error reply.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve_json<T, H, F>(
     client: async_nats::Client,
+    registry: Arc<Registry>,
     service: &'static str,
+    endpoint: &'static str,
     subject: &'static str,
     db: Db,
     max_inflight: usize,
@@ -619,27 +633,20 @@ where
     H: Fn(Db, Bytes) -> F + Copy + Send + Sync + 'static,
     F: std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
 {
-    let busy = Bytes::from(ApiError::new(Code::Busy, "too many requests in flight").to_json());
-    twopc_common::serve::serve(
+    let ep = Endpoint {
         client,
-        subject.into(),
-        subjects::queue_group(service),
+        registry,
+        name: endpoint,
+        subject: subject.into(),
+        queue: subjects::queue_group(service),
         max_inflight,
-        busy,
-        move |m| {
-            let db = db.clone();
-            async move { Some(json_reply(handler(db, m.payload).await)) }
-        },
-    )
+        busy: Response::api_error(&ApiError::new(Code::Busy, "too many requests in flight")),
+    };
+    serve(ep, move |m| {
+        let db = db.clone();
+        async move { Response::json(handler(db, m.payload).await) }
+    })
     .await
-}
-
-/// Encodes a JSON endpoint's result as its reply.
-pub fn json_reply<T: serde::Serialize>(r: Result<T, ApiError>) -> Bytes {
-    match r {
-        Ok(v) => serde_json::to_vec(&v).expect("reply serialises").into(),
-        Err(e) => e.to_json().into(),
-    }
 }
 
 /// Maps a database failure to a public error.

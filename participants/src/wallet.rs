@@ -182,35 +182,22 @@ async fn create_user(db: Db, payload: Bytes) -> Result<Balance, ApiError> {
 pub async fn serve_public(
     client: async_nats::Client,
     db: Db,
+    registry: std::sync::Arc<twopc_common::micro::Registry>,
     max_inflight: usize,
 ) -> anyhow::Result<()> {
-    let service = subjects::WALLET;
+    let s = subjects::WALLET;
     tokio::try_join!(
-        serve_json(
-            client.clone(),
-            service,
-            subjects::WALLET_BALANCE,
-            db.clone(),
-            max_inflight,
-            balance
-        ),
-        serve_json(
-            client,
-            service,
-            subjects::WALLET_CREATE_USER,
-            db,
-            max_inflight,
-            create_user
-        ),
+        serve_json(client.clone(), registry.clone(), s, "balance", subjects::WALLET_BALANCE, db.clone(), max_inflight, balance),
+        serve_json(client, registry, s, "create-user", subjects::WALLET_CREATE_USER, db, max_inflight, create_user),
     )?;
     Ok(())
 }
 
-/// Runs the wallet service until SIGTERM/SIGINT.
+/// Runs the wallet service until SIGTERM/SIGINT (then drains).
 pub async fn run(args: crate::ParticipantArgs) -> anyhow::Result<()> {
     let max = args.max_inflight;
-    crate::participant::run_service(args, Wallet, move |client, db| {
-        serve_public(client, db, max)
+    crate::participant::run_service(args, Wallet, "twopc wallet: user balances, holds while a purchase is prepared", move |client, db, registry| {
+        serve_public(client, db, registry, max)
     })
     .await
 }
