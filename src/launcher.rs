@@ -160,6 +160,29 @@ impl Proc {
         Ok(())
     }
 
+    /// SIGTERM, then waits up to `timeout` for the process to exit by
+    /// itself; returns its exit status (an error if it had to be killed).
+    pub fn sigterm_and_wait(
+        &mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self.pid().context("not running")?;
+        signal(pid, libc::SIGTERM)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let c = self.child.as_mut().context("not running")?;
+            if let Some(status) = c.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                self.kill()?;
+                bail!("{} did not exit within {timeout:?} of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits for the process to exit by itself (a crash point), up to
     /// `timeout`; returns its exit status description.
     pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<String> {

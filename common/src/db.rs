@@ -50,7 +50,11 @@ pub struct Db {
 
 /// `conn.execute` through the connection's statement cache: SQLite parses
 /// each statement once, not on every call.
-pub fn exec(conn: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+pub fn exec(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> rusqlite::Result<usize> {
     conn.prepare_cached(sql)?.execute(params)
 }
 

@@ -16,5 +16,5 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-pub mod serve;
 pub mod micro;
+pub mod serve;

@@ -231,7 +231,9 @@ impl Registry {
                         num_errors: e.counters.errors,
                         last_error: e.counters.last_error.clone(),
                         processing_time: total,
-                        average_processing_time: total.checked_div(e.counters.requests).unwrap_or(0),
+                        average_processing_time: total
+                            .checked_div(e.counters.requests)
+                            .unwrap_or(0),
                     }
                 })
                 .collect(),
@@ -239,7 +241,10 @@ impl Registry {
     }
 
     /// Answers `$SRV.{PING,INFO,STATS}[.name[.id]]` until the client closes.
-    pub async fn serve_discovery(self: std::sync::Arc<Self>, client: async_nats::Client) -> anyhow::Result<()> {
+    pub async fn serve_discovery(
+        self: std::sync::Arc<Self>,
+        client: async_nats::Client,
+    ) -> anyhow::Result<()> {
         let mut subs = vec![];
         for verb in ["PING", "INFO", "STATS"] {
             for subject in [
@@ -288,6 +293,10 @@ mod tests {
         assert_eq!(s.endpoints[0].average_processing_time, 20_000);
         assert_eq!(r.info().endpoints[0].subject, "twopc.wallet.prepare");
         assert_eq!(r.id.len(), 22);
-        assert!(s.started.ends_with('Z') && s.started.len() == 24, "{}", s.started);
+        assert!(
+            s.started.ends_with('Z') && s.started.len() == 24,
+            "{}",
+            s.started
+        );
     }
 }

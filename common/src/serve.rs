@@ -75,7 +75,11 @@ impl Response {
     }
 
     pub fn api_error(e: &ApiError) -> Response {
-        Response::error(e.to_json(), status_of(e.code), format!("{}: {}", e.code, e.message))
+        Response::error(
+            e.to_json(),
+            status_of(e.code),
+            format!("{}: {}", e.code, e.message),
+        )
     }
 }
 
@@ -128,7 +132,10 @@ where
     F: Future<Output = Response> + Send + 'static,
 {
     let index = ep.registry.add(ep.name, &ep.subject, &ep.queue);
-    let mut sub = ep.client.queue_subscribe(ep.subject.clone(), ep.queue.clone()).await?;
+    let mut sub = ep
+        .client
+        .queue_subscribe(ep.subject.clone(), ep.queue.clone())
+        .await?;
     let permits = Arc::new(Semaphore::new(ep.max_inflight));
     let handler = Arc::new(handler);
     let mut shutdown = shutdown_channel().subscribe();
@@ -144,7 +151,8 @@ where
             tracing::warn!(subject = %ep.subject, "at the in-flight limit; answering busy");
             if let Some(to) = msg.reply {
                 let status = ep.busy.error.as_ref().map(|(_, d)| d.as_str());
-                ep.registry.record(index, Duration::ZERO, Some(status.unwrap_or("busy")));
+                ep.registry
+                    .record(index, Duration::ZERO, Some(status.unwrap_or("busy")));
                 reply(&ep.client, to, ep.busy.clone()).await;
             }
             continue;
@@ -168,7 +176,10 @@ where
     // still running, bounded.
     let _ = sub.unsubscribe().await;
     let all = u32::try_from(ep.max_inflight).unwrap_or(u32::MAX);
-    if tokio::time::timeout(DRAIN_TIMEOUT, permits.acquire_many(all)).await.is_err() {
+    if tokio::time::timeout(DRAIN_TIMEOUT, permits.acquire_many(all))
+        .await
+        .is_err()
+    {
         tracing::warn!(subject = %ep.subject, "handlers still running after the drain timeout");
     }
     Ok(())

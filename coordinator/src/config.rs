@@ -31,7 +31,12 @@ pub struct CoordinatorArgs {
     /// decision is durable (the commit point; participants apply it within
     /// a round trip), or `delivery` — after the first delivery round, so a
     /// committed reply normally means applied everywhere.
-    #[arg(long, env = "TWOPC_REPLY_AFTER", value_enum, default_value = "decision")]
+    #[arg(
+        long,
+        env = "TWOPC_REPLY_AFTER",
+        value_enum,
+        default_value = "decision"
+    )]
     pub reply_after: ReplyAfter,
     /// Most purchases in flight; more are answered `busy`.
     #[arg(long, env = "TWOPC_MAX_INFLIGHT", default_value_t = 1_024)]

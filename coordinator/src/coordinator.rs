@@ -33,10 +33,10 @@ use twopc_schemas::protocol::{
 use twopc_schemas::{subjects, Code};
 
 use crate::config::{CoordinatorArgs, ReplyAfter};
-use twopc_common::micro::Registry;
-use twopc_common::serve::{serve, Endpoint, Response};
 use crate::log::{DecisionLog, LogError, Record, Recorded, SqliteLog};
 use crate::phase::{decide, Ballot};
+use twopc_common::micro::Registry;
+use twopc_common::serve::{serve, Endpoint, Response};
 
 const SERVICE: &str = "coordinator";
 
@@ -81,7 +81,12 @@ fn same_purchase(a: &PurchaseRequest, b: &PurchaseRequest) -> bool {
 }
 
 impl<L: DecisionLog> Coordinator<L> {
-    pub fn new(log: L, client: Client, args: CoordinatorArgs, registry: Arc<Registry>) -> Arc<Self> {
+    pub fn new(
+        log: L,
+        client: Client,
+        args: CoordinatorArgs,
+        registry: Arc<Registry>,
+    ) -> Arc<Self> {
         Arc::new(Coordinator {
             log,
             client,
@@ -105,7 +110,8 @@ impl<L: DecisionLog> Coordinator<L> {
             max_inflight: self.args.max_inflight,
             busy,
         };
-        let busy_json = Response::api_error(&ApiError::new(Code::Busy, "too many purchases in flight"));
+        let busy_json =
+            Response::api_error(&ApiError::new(Code::Busy, "too many purchases in flight"));
         let busy_decision = Response::error(
             protocol::encode(&DecisionReply::Rejected {
                 code: Code::Busy,
@@ -115,20 +121,29 @@ impl<L: DecisionLog> Coordinator<L> {
             "busy: coordinator is at its in-flight limit",
         );
         let c = self.clone();
-        let purchase = serve(endpoint("purchase", subjects::PURCHASE, busy_json.clone()), move |m| {
-            let c = c.clone();
-            async move { c.on_purchase(m.payload).await }
-        });
+        let purchase = serve(
+            endpoint("purchase", subjects::PURCHASE, busy_json.clone()),
+            move |m| {
+                let c = c.clone();
+                async move { c.on_purchase(m.payload).await }
+            },
+        );
         let c = self.clone();
-        let status = serve(endpoint("tx-status", subjects::TX_STATUS, busy_json), move |m| {
-            let c = c.clone();
-            async move { c.on_tx_status(m.payload).await }
-        });
+        let status = serve(
+            endpoint("tx-status", subjects::TX_STATUS, busy_json),
+            move |m| {
+                let c = c.clone();
+                async move { c.on_tx_status(m.payload).await }
+            },
+        );
         let c = self.clone();
-        let decision = serve(endpoint("decision-query", subjects::DECISION_QUERY, busy_decision), move |m| {
-            let c = c.clone();
-            async move { c.on_decision_query(m.payload).await }
-        });
+        let decision = serve(
+            endpoint("decision-query", subjects::DECISION_QUERY, busy_decision),
+            move |m| {
+                let c = c.clone();
+                async move { c.on_decision_query(m.payload).await }
+            },
+        );
         info!(faults = ?twopc_common::fault::armed(), "coordinator serving");
         tokio::try_join!(purchase, status, decision)?;
         Ok(())

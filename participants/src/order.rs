@@ -102,11 +102,13 @@ impl Resource for Order {
                 format!("{sku} has {available} available, the purchase needs {qty}"),
             )));
         }
-        db::exec(conn, 
+        db::exec(
+            conn,
             "UPDATE products SET reserved = reserved + ?2 WHERE sku = ?1",
             params![sku, qty],
         )?;
-        db::exec(conn, 
+        db::exec(
+            conn,
             "INSERT INTO reservations (tx, sku, qty) VALUES (?1, ?2, ?3)",
             params![tx.as_bytes().as_slice(), sku, qty],
         )?;
@@ -115,16 +117,19 @@ impl Resource for Order {
 
     fn apply(&self, conn: &Connection, tx: TxId, op: &BranchOp) -> rusqlite::Result<()> {
         let (user, sku, qty, amount) = reserve(op).expect("a prepared order op is a reservation");
-        let n = db::exec(conn, 
+        let n = db::exec(
+            conn,
             "DELETE FROM reservations WHERE tx = ?1",
             [tx.as_bytes().as_slice()],
         )?;
         assert_eq!(n, 1, "a prepared order has its reservation");
-        db::exec(conn, 
+        db::exec(
+            conn,
             "UPDATE products SET stock = stock - ?2, reserved = reserved - ?2 WHERE sku = ?1",
             params![sku, qty],
         )?;
-        db::exec(conn, 
+        db::exec(
+            conn,
             "INSERT INTO orders (tx, user, sku, qty, amount, created_at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
@@ -141,12 +146,14 @@ impl Resource for Order {
 
     fn release(&self, conn: &Connection, tx: TxId, op: &BranchOp) -> rusqlite::Result<()> {
         let (_, sku, qty, _) = reserve(op).expect("a prepared order op is a reservation");
-        let n = db::exec(conn, 
+        let n = db::exec(
+            conn,
             "DELETE FROM reservations WHERE tx = ?1",
             [tx.as_bytes().as_slice()],
         )?;
         assert_eq!(n, 1, "a prepared order has its reservation");
-        db::exec(conn, 
+        db::exec(
+            conn,
             "UPDATE products SET reserved = reserved - ?2 WHERE sku = ?1",
             params![sku, qty],
         )?;
@@ -160,7 +167,8 @@ async fn stock(db: Db, payload: Bytes) -> Result<Stock, ApiError> {
     let sku = q.sku.clone();
     let row = db
         .run(move |c| {
-            db::row(c, 
+            db::row(
+                c,
                 "SELECT price, stock, reserved FROM products WHERE sku = ?1",
                 [&sku],
                 |r| {
@@ -224,8 +232,26 @@ pub async fn serve_public(
 ) -> anyhow::Result<()> {
     let s = subjects::ORDER;
     tokio::try_join!(
-        serve_json(client.clone(), registry.clone(), s, "stock", subjects::ORDER_STOCK, db.clone(), max_inflight, stock),
-        serve_json(client, registry, s, "create-product", subjects::ORDER_CREATE_PRODUCT, db, max_inflight, create_product),
+        serve_json(
+            client.clone(),
+            registry.clone(),
+            s,
+            "stock",
+            subjects::ORDER_STOCK,
+            db.clone(),
+            max_inflight,
+            stock
+        ),
+        serve_json(
+            client,
+            registry,
+            s,
+            "create-product",
+            subjects::ORDER_CREATE_PRODUCT,
+            db,
+            max_inflight,
+            create_product
+        ),
     )?;
     Ok(())
 }
@@ -233,8 +259,11 @@ pub async fn serve_public(
 /// Runs the order service until SIGTERM/SIGINT (then drains).
 pub async fn run(args: crate::ParticipantArgs) -> anyhow::Result<()> {
     let max = args.max_inflight;
-    crate::participant::run_service(args, Order, "twopc order service: products, prices, stock and reservations", move |client, db, registry| {
-        serve_public(client, db, registry, max)
-    })
+    crate::participant::run_service(
+        args,
+        Order,
+        "twopc order service: products, prices, stock and reservations",
+        move |client, db, registry| serve_public(client, db, registry, max),
+    )
     .await
 }

@@ -21,10 +21,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tracing::{error, info, warn, Instrument};
 use twopc_common::backoff::Backoff;
 use twopc_common::db::{self, Db, DbError};
-use twopc_common::micro::Registry;
-use twopc_common::serve::{serve, Endpoint, Response};
 use twopc_common::fault::{crash_point, delay_point};
+use twopc_common::micro::Registry;
 use twopc_common::now_ms;
+use twopc_common::serve::{serve, Endpoint, Response};
 use twopc_schemas::api::{ApiError, BranchStatus, TxQuery};
 use twopc_schemas::protocol::{
     self, BranchOp, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Prepare, TxId,
@@ -77,7 +77,8 @@ CREATE INDEX IF NOT EXISTS branches_in_doubt ON branches (prepared_at_ms) WHERE 
 
 /// Reads one branch.
 pub fn load_branch(conn: &Connection, tx: TxId) -> rusqlite::Result<Option<Branch>> {
-    db::row(conn, 
+    db::row(
+        conn,
         "SELECT state, op, code, message FROM branches WHERE tx = ?1",
         [tx.as_bytes().as_slice()],
         |r| {
@@ -98,7 +99,8 @@ pub fn load_branch(conn: &Connection, tx: TxId) -> rusqlite::Result<Option<Branc
 }
 
 fn set_state(conn: &Connection, tx: TxId, state: BranchState) -> rusqlite::Result<()> {
-    let n = db::exec(conn, 
+    let n = db::exec(
+        conn,
         "UPDATE branches SET state = ?2, updated_at_ms = ?3 WHERE tx = ?1",
         params![tx.as_bytes().as_slice(), state.as_str(), now_ms()],
     )?;
@@ -122,7 +124,8 @@ fn prepare_job<R: Resource>(
             let now = now_ms();
             match resource.hold(conn, tx, op)? {
                 Ok(()) => {
-                    db::exec(conn, 
+                    db::exec(
+                        conn,
                         "INSERT INTO branches (tx, state, op, prepared_at_ms, updated_at_ms)
                          VALUES (?1, 'prepared', ?2, ?3, ?3)",
                         params![tx.as_bytes().as_slice(), op_json, now],
@@ -132,7 +135,8 @@ fn prepare_job<R: Resource>(
                 Err((code, message)) => {
                     // Remember the no vote, so a repeated prepare gets the
                     // same answer even if the resource changed meanwhile.
-                    db::exec(conn, 
+                    db::exec(
+                        conn,
                         "INSERT INTO branches (tx, state, op, code, message, updated_at_ms)
                          VALUES (?1, 'aborted', ?2, ?3, ?4, ?5)",
                         params![
@@ -162,7 +166,8 @@ fn decide_job<R: Resource>(
         OnDecide::Ack => Ok(DecideReply::Ack),
         OnDecide::Reject(code, message) => Ok(DecideReply::Rejected { code, message }),
         OnDecide::Tombstone => {
-            db::exec(conn, 
+            db::exec(
+                conn,
                 "INSERT INTO branches (tx, state, code, message, updated_at_ms)
                  VALUES (?1, 'aborted', ?2, ?3, ?4)",
                 params![
@@ -266,23 +271,33 @@ impl<R: Resource> Participant<R> {
             code: Code::Busy,
             message: format!("{name} is at its in-flight limit"),
         }));
-        let busy_json = Response::api_error(&ApiError::new(Code::Busy, "too many requests in flight"));
+        let busy_json =
+            Response::api_error(&ApiError::new(Code::Busy, "too many requests in flight"));
 
         let p = self.clone();
-        let prepare = serve(endpoint("prepare", subjects::prepare(name), busy_vote), move |msg| {
-            let p = p.clone();
-            async move { p.on_prepare(msg.payload).await }
-        });
+        let prepare = serve(
+            endpoint("prepare", subjects::prepare(name), busy_vote),
+            move |msg| {
+                let p = p.clone();
+                async move { p.on_prepare(msg.payload).await }
+            },
+        );
         let p = self.clone();
-        let decide = serve(endpoint("decide", subjects::decide(name), busy_decide), move |msg| {
-            let p = p.clone();
-            async move { p.on_decide(msg.payload).await }
-        });
+        let decide = serve(
+            endpoint("decide", subjects::decide(name), busy_decide),
+            move |msg| {
+                let p = p.clone();
+                async move { p.on_decide(msg.payload).await }
+            },
+        );
         let p = self.clone();
-        let status = serve(endpoint("tx-status", subjects::participant_tx(name), busy_json), move |msg| {
-            let p = p.clone();
-            async move { p.on_tx_status(msg.payload).await }
-        });
+        let status = serve(
+            endpoint("tx-status", subjects::participant_tx(name), busy_json),
+            move |msg| {
+                let p = p.clone();
+                async move { p.on_tx_status(msg.payload).await }
+            },
+        );
         let recovery = self.clone().recovery_loop();
         info!(participant = name, faults = ?twopc_common::fault::armed(), "participant serving");
         tokio::try_join!(prepare, decide, status, recovery)?;

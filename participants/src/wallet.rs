@@ -81,11 +81,13 @@ impl Resource for Wallet {
                 format!("{user} has {available} available, the purchase needs {amount}"),
             )));
         }
-        db::exec(conn, 
+        db::exec(
+            conn,
             "UPDATE users SET held = held + ?2 WHERE user = ?1",
             params![user, amount as i64],
         )?;
-        db::exec(conn, 
+        db::exec(
+            conn,
             "INSERT INTO holds (tx, user, amount) VALUES (?1, ?2, ?3)",
             params![tx.as_bytes().as_slice(), user, amount as i64],
         )?;
@@ -94,16 +96,19 @@ impl Resource for Wallet {
 
     fn apply(&self, conn: &Connection, tx: TxId, op: &BranchOp) -> rusqlite::Result<()> {
         let (user, amount) = debit(op).expect("a prepared wallet op is a debit");
-        let n = db::exec(conn, 
+        let n = db::exec(
+            conn,
             "DELETE FROM holds WHERE tx = ?1",
             [tx.as_bytes().as_slice()],
         )?;
         assert_eq!(n, 1, "a prepared debit has its hold");
-        db::exec(conn, 
+        db::exec(
+            conn,
             "UPDATE users SET balance = balance - ?2, held = held - ?2 WHERE user = ?1",
             params![user, amount as i64],
         )?;
-        db::exec(conn, 
+        db::exec(
+            conn,
             "INSERT INTO debits (tx, user, amount, applied_at_ms) VALUES (?1, ?2, ?3, ?4)",
             params![tx.as_bytes().as_slice(), user, amount as i64, now_ms()],
         )?;
@@ -112,12 +117,14 @@ impl Resource for Wallet {
 
     fn release(&self, conn: &Connection, tx: TxId, op: &BranchOp) -> rusqlite::Result<()> {
         let (user, amount) = debit(op).expect("a prepared wallet op is a debit");
-        let n = db::exec(conn, 
+        let n = db::exec(
+            conn,
             "DELETE FROM holds WHERE tx = ?1",
             [tx.as_bytes().as_slice()],
         )?;
         assert_eq!(n, 1, "a prepared debit has its hold");
-        db::exec(conn, 
+        db::exec(
+            conn,
             "UPDATE users SET held = held - ?2 WHERE user = ?1",
             params![user, amount as i64],
         )?;
@@ -131,7 +138,8 @@ async fn balance(db: Db, payload: Bytes) -> Result<Balance, ApiError> {
     let user = q.user.clone();
     let row = db
         .run(move |c| {
-            db::row(c, 
+            db::row(
+                c,
                 "SELECT balance, held FROM users WHERE user = ?1",
                 [&user],
                 |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
@@ -156,7 +164,8 @@ async fn create_user(db: Db, payload: Bytes) -> Result<Balance, ApiError> {
     let r = req.clone();
     let inserted = db
         .run(move |c| {
-            db::exec(c, 
+            db::exec(
+                c,
                 "INSERT INTO users (user, balance) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
                 params![r.user, r.balance as i64],
             )
@@ -187,8 +196,26 @@ pub async fn serve_public(
 ) -> anyhow::Result<()> {
     let s = subjects::WALLET;
     tokio::try_join!(
-        serve_json(client.clone(), registry.clone(), s, "balance", subjects::WALLET_BALANCE, db.clone(), max_inflight, balance),
-        serve_json(client, registry, s, "create-user", subjects::WALLET_CREATE_USER, db, max_inflight, create_user),
+        serve_json(
+            client.clone(),
+            registry.clone(),
+            s,
+            "balance",
+            subjects::WALLET_BALANCE,
+            db.clone(),
+            max_inflight,
+            balance
+        ),
+        serve_json(
+            client,
+            registry,
+            s,
+            "create-user",
+            subjects::WALLET_CREATE_USER,
+            db,
+            max_inflight,
+            create_user
+        ),
     )?;
     Ok(())
 }
@@ -196,8 +223,11 @@ pub async fn serve_public(
 /// Runs the wallet service until SIGTERM/SIGINT (then drains).
 pub async fn run(args: crate::ParticipantArgs) -> anyhow::Result<()> {
     let max = args.max_inflight;
-    crate::participant::run_service(args, Wallet, "twopc wallet: user balances, holds while a purchase is prepared", move |client, db, registry| {
-        serve_public(client, db, registry, max)
-    })
+    crate::participant::run_service(
+        args,
+        Wallet,
+        "twopc wallet: user balances, holds while a purchase is prepared",
+        move |client, db, registry| serve_public(client, db, registry, max),
+    )
     .await
 }

@@ -1,0 +1,216 @@
+//! Operating twopc: the NATS services protocol (`nats micro`), error
+//! headers, and graceful shutdown on SIGTERM.
+
+mod harness;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use harness::{told, Options, System};
+use twopc::launcher::Kind;
+use twopc_common::micro::{Info, Ping, Stats};
+use twopc_schemas::api::{Outcome, PurchaseRequest};
+use twopc_schemas::subjects;
+
+/// Sends one request to a subject every instance answers and collects the
+/// replies for `wait`.
+async fn gather(client: &async_nats::Client, subject: &str, wait: Duration) -> Vec<Vec<u8>> {
+    let inbox = client.new_inbox();
+    let mut sub = client.subscribe(inbox.clone()).await.unwrap();
+    client
+        .publish_with_reply(subject.to_owned(), inbox, "".into())
+        .await
+        .unwrap();
+    let mut out = vec![];
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Ok(Some(m)) = tokio::time::timeout_at(deadline, sub.next()).await {
+        out.push(m.payload.to_vec());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_answer_the_nats_micro_protocol_with_counts() {
+    let mut sys = System::start(Options::default()).await.unwrap();
+    sys.seed_standard().await.unwrap();
+    let ok = sys.purchase("alice", "book-1", 1, 1_250).await;
+    assert_eq!(ok.outcome, Outcome::Committed);
+    let bad = sys.raw(subjects::PURCHASE, b"{").await.unwrap();
+    assert!(String::from_utf8_lossy(&bad).contains("malformed_json"));
+
+    // $SRV.PING: every service answers, once.
+    let pings: Vec<Ping> = gather(&sys.client, "$SRV.PING", Duration::from_millis(500))
+        .await
+        .iter()
+        .map(|b| serde_json::from_slice(b).unwrap())
+        .collect();
+    let mut names: Vec<&str> = pings.iter().map(|p| p.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["coordinator", "order", "wallet"]);
+    assert!(pings
+        .iter()
+        .all(|p| p.kind == "io.nats.micro.v1.ping_response" && !p.id.is_empty()));
+
+    // $SRV.INFO.wallet: its endpoints and subjects.
+    let info: Info =
+        serde_json::from_slice(&sys.raw("$SRV.INFO.wallet", b"").await.unwrap()).unwrap();
+    assert_eq!(info.kind, "io.nats.micro.v1.info_response");
+    let endpoints: BTreeMap<&str, &str> = info
+        .endpoints
+        .iter()
+        .map(|e| (e.name.as_str(), e.subject.as_str()))
+        .collect();
+    assert_eq!(endpoints.get("prepare"), Some(&"twopc.wallet.prepare"));
+    assert_eq!(endpoints.get("decide"), Some(&"twopc.wallet.decide"));
+    assert_eq!(endpoints.get("balance"), Some(&"wallet.balance"));
+    assert_eq!(endpoints.get("create-user"), Some(&"wallet.users.create"));
+    assert_eq!(endpoints.get("tx-status"), Some(&"wallet.tx"));
+    assert!(!info.description.is_empty());
+
+    // $SRV.STATS.coordinator: the purchase endpoint counted both requests
+    // and the error.
+    let stats: Stats =
+        serde_json::from_slice(&sys.raw("$SRV.STATS.coordinator", b"").await.unwrap()).unwrap();
+    let purchase = stats
+        .endpoints
+        .iter()
+        .find(|e| e.name == "purchase")
+        .unwrap();
+    assert_eq!(purchase.num_requests, 2, "{stats:?}");
+    assert_eq!(purchase.num_errors, 1, "{stats:?}");
+    assert!(
+        purchase.last_error.starts_with("400:malformed_json"),
+        "{stats:?}"
+    );
+    assert!(purchase.processing_time > 0);
+    // And by id.
+    let by_id: Ping = serde_json::from_slice(
+        &sys.raw(&format!("$SRV.PING.coordinator.{}", stats.id), b"")
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(by_id.id, stats.id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_replies_carry_service_error_headers_and_a_json_body() {
+    let mut sys = System::start(Options::default()).await.unwrap();
+    sys.seed_standard().await.unwrap();
+    for (subject, body, code, status) in [
+        (subjects::PURCHASE, &b"{"[..], "malformed_json", "400"),
+        (
+            subjects::WALLET_BALANCE,
+            br#"{"user":"nobody"}"#,
+            "unknown_user",
+            "404",
+        ),
+        (
+            subjects::ORDER_CREATE_PRODUCT,
+            br#"{"sku":"book-1","price":1,"stock":1}"#,
+            "already_exists",
+            "409",
+        ),
+    ] {
+        let req = async_nats::Request::new()
+            .payload(body.to_vec().into())
+            .timeout(Some(Duration::from_secs(5)));
+        let msg = sys.client.send_request(subject, req).await.unwrap();
+        let headers = msg.headers.expect("error headers");
+        assert_eq!(
+            headers.get("Nats-Service-Error-Code").unwrap().as_str(),
+            status,
+            "{subject}"
+        );
+        assert!(
+            headers
+                .get("Nats-Service-Error")
+                .unwrap()
+                .as_str()
+                .starts_with(code),
+            "{subject}"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+        assert_eq!(v["error"]["code"], code, "{subject}");
+    }
+    // A successful reply has no error headers.
+    let req = async_nats::Request::new()
+        .payload(br#"{"user":"alice"}"#.to_vec().into())
+        .timeout(Some(Duration::from_secs(5)));
+    let msg = sys
+        .client
+        .send_request(subjects::WALLET_BALANCE, req)
+        .await
+        .unwrap();
+    assert!(msg
+        .headers
+        .is_none_or(|h| h.get("Nats-Service-Error").is_none()));
+}
+
+/// SIGTERM while purchases are in flight: the coordinator stops taking
+/// purchases, finishes those in flight, exits 0; after a restart every
+/// transaction is consistent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_purchases_and_exits_cleanly() {
+    // The wallet takes 300 ms to prepare, so purchases are in flight when
+    // the signal lands.
+    let opts = Options::default().set(Kind::Wallet, "TWOPC_DELAY", "wallet.prepare:300");
+    let mut sys = System::start(opts).await.unwrap();
+    sys.seed(&[("erin", 1_000_000)], &[("mug-1", 300, 1_000)])
+        .await
+        .unwrap();
+    let mut tasks = vec![];
+    for i in 0..20 {
+        let client = sys.client.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = PurchaseRequest {
+                user: "erin".into(),
+                sku: "mug-1".into(),
+                qty: 1,
+                amount: 300,
+                request_id: Some(format!("drain-{i}")),
+            };
+            twopc::client::request::<_, twopc_schemas::api::PurchaseReply>(
+                &client,
+                subjects::PURCHASE,
+                &req,
+                Duration::from_secs(5),
+            )
+            .await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t0 = Instant::now();
+    let status = sys
+        .service(Kind::Coordinator)
+        .proc
+        .sigterm_and_wait(Duration::from_secs(15))
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    let log = sys.service(Kind::Coordinator).proc.log();
+    assert!(
+        log.contains("draining") && log.contains("drained; exiting"),
+        "{log}"
+    );
+    eprintln!("coordinator drained and exited in {:?}", t0.elapsed());
+
+    let mut told_all = vec![];
+    let mut answered = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        if let Ok(twopc::client::Reply::Ok(_)) = &r {
+            answered += 1;
+        }
+        told_all.push(told(&r));
+    }
+    assert_eq!(
+        answered, 20,
+        "every purchase in flight at SIGTERM was answered"
+    );
+
+    sys.service(Kind::Coordinator).proc.start().unwrap();
+    sys.wait_ready(Kind::Coordinator).await.unwrap();
+    let s = sys.assert_consistent(&told_all).await;
+    assert_eq!(s.debits.len(), 20);
+}
