@@ -239,7 +239,7 @@ impl DecisionLog for SqliteLog {
                 };
                 rec.pending.retain(|p| !participants.contains(p));
                 let completed = rec.pending.is_empty().then(now_ms);
-                db::exec(c, 
+                db::exec(c,
                     "UPDATE decisions SET pending = ?2, completed_at_ms = coalesce(completed_at_ms, ?3) WHERE tx = ?1",
                     params![
                         tx.as_bytes().as_slice(),

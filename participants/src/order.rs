@@ -200,7 +200,7 @@ async fn create_product(db: Db, payload: Bytes) -> Result<Stock, ApiError> {
     let r = req.clone();
     let inserted = db
         .run(move |c| {
-            db::exec(c, 
+            db::exec(c,
                 "INSERT INTO products (sku, price, stock) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
                 params![r.sku, r.price as i64, r.stock as i64],
             )
