@@ -214,3 +214,73 @@ async fn sigterm_drains_in_flight_purchases_and_exits_cleanly() {
     let s = sys.assert_consistent(&told_all).await;
     assert_eq!(s.debits.len(), 20);
 }
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_serve_prometheus_metrics() {
+    let ports: Vec<u16> = (0..3)
+        .map(|_| twopc::launcher::free_port().unwrap())
+        .collect();
+    let addr = |i: usize| format!("127.0.0.1:{}", ports[i]);
+    let opts = Options::default()
+        .set(Kind::Coordinator, "TWOPC_METRICS_ADDR", &addr(0))
+        .set(Kind::Wallet, "TWOPC_METRICS_ADDR", &addr(1))
+        .set(Kind::Order, "TWOPC_METRICS_ADDR", &addr(2));
+    let mut sys = System::start(opts).await.unwrap();
+    sys.seed_standard().await.unwrap();
+    assert_eq!(
+        sys.purchase("alice", "book-1", 1, 1_250).await.outcome,
+        Outcome::Committed
+    );
+    assert_eq!(
+        sys.purchase("carol", "book-1", 1, 1_250).await.outcome,
+        Outcome::Aborted
+    );
+    sys.wait_quiescent(Duration::from_secs(10)).await.unwrap();
+
+    let coordinator = http_get(&addr(0), "/metrics");
+    assert!(
+        coordinator.starts_with("HTTP/1.1 200") || coordinator.starts_with("HTTP/1.0 200"),
+        "{coordinator}"
+    );
+    for line in [
+        "twopc_transactions_begun_total 2",
+        "twopc_transactions_committed_total 1",
+        "twopc_transactions_aborted_total{reason=\"insufficient_funds\"} 1",
+        "twopc_purchase_seconds_count 2",
+        "twopc_prepare_seconds_bucket{le=",
+        "twopc_log_batch_size_bucket{log=\"coordinator\",le=",
+        "# TYPE twopc_transactions_committed_total counter",
+    ] {
+        assert!(
+            coordinator.contains(line),
+            "coordinator metrics lack {line:?}:\n{coordinator}"
+        );
+    }
+    let wallet = http_get(&addr(1), "/metrics");
+    for line in [
+        "twopc_votes_total{vote=\"yes\"} 1",
+        "twopc_votes_total{vote=\"no\"} 1",
+        "twopc_decisions_applied_total{decision=\"commit\"} 1",
+        "twopc_in_doubt 0",
+        "twopc_log_commit_seconds_bucket{log=\"wallet\",le=",
+    ] {
+        assert!(
+            wallet.contains(line),
+            "wallet metrics lack {line:?}:\n{wallet}"
+        );
+    }
+    let order = http_get(&addr(2), "/metrics");
+    assert!(
+        order.contains("twopc_votes_total{vote=\"yes\"} 2"),
+        "{order}"
+    );
+}

@@ -106,7 +106,10 @@ impl Db {
         let (sender, receiver) = mpsc::sync_channel::<Job>(MAX_QUEUE);
         std::thread::Builder::new()
             .name(format!("db-{name}"))
-            .spawn(move || writer_loop(conn, receiver))
+            .spawn({
+                let name = name.to_owned();
+                move || writer_loop(conn, receiver, name)
+            })
             .expect("spawn db writer thread");
         Db { sender, path }
     }
@@ -159,7 +162,7 @@ fn run_in_savepoint<T>(
     }
 }
 
-fn writer_loop(conn: Connection, receiver: mpsc::Receiver<Job>) {
+fn writer_loop(conn: Connection, receiver: mpsc::Receiver<Job>, name: String) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut done: Vec<Done> = Vec::with_capacity(MAX_BATCH);
     // Blocks until the first job; then takes whatever else is already
@@ -189,6 +192,9 @@ fn writer_loop(conn: Connection, receiver: mpsc::Receiver<Job>) {
             tracing::error!(error = %e, "COMMIT failed; the log's state is unknown, aborting");
             std::process::abort();
         }
+        metrics::histogram!("twopc_log_batch_size", "log" => name.clone()).record(jobs as f64);
+        metrics::histogram!("twopc_log_commit_seconds", "log" => name.clone())
+            .record(started.elapsed().as_secs_f64() - exec_us as f64 / 1e6);
         tracing::trace!(
             jobs,
             exec_us,

@@ -18,3 +18,4 @@ pub fn now_ms() -> i64 {
 
 pub mod micro;
 pub mod serve;
+pub mod telemetry;

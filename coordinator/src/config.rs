@@ -41,4 +41,7 @@ pub struct CoordinatorArgs {
     /// Most purchases in flight; more are answered `busy`.
     #[arg(long, env = "TWOPC_MAX_INFLIGHT", default_value_t = 1_024)]
     pub max_inflight: usize,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
+    #[arg(long, env = "TWOPC_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }

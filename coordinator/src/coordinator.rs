@@ -261,6 +261,7 @@ impl<L: DecisionLog> Coordinator<L> {
     /// One transaction, start to reply.
     async fn transact(self: Arc<Self>, req: PurchaseRequest) -> PurchaseReply {
         let tx = TxId::now_v7();
+        metrics::counter!("twopc_transactions_begun_total").increment(1);
         let span = tracing::info_span!("tx", %tx);
         self.active.lock().expect("lock").insert(tx, req.clone());
         let reply = self.clone().run_phases(tx, req).instrument(span).await;
@@ -303,6 +304,7 @@ impl<L: DecisionLog> Coordinator<L> {
         }
         crash_point("coordinator.phase1.after_votes");
         let phase1_us = started.elapsed().as_micros() as u64;
+        metrics::histogram!("twopc_prepare_seconds").record(started.elapsed().as_secs_f64());
 
         let outcome = decide(&ballots);
         let rec = Record {
@@ -369,6 +371,18 @@ impl<L: DecisionLog> Coordinator<L> {
             }
         };
         crash_point("coordinator.decision.after_durable");
+        metrics::histogram!("twopc_decision_seconds")
+            .record(started.elapsed().as_secs_f64() - phase1_us as f64 / 1e6);
+        match decision {
+            Decision::Commit => {
+                metrics::counter!("twopc_transactions_committed_total").increment(1)
+            }
+            Decision::Abort => metrics::counter!(
+                "twopc_transactions_aborted_total",
+                "reason" => reason.as_ref().map_or("none", |r| r.code.as_str())
+            )
+            .increment(1),
+        }
         tracing::debug!(
             phase1_us,
             decision_us = started.elapsed().as_micros() as u64 - phase1_us,
@@ -386,10 +400,12 @@ impl<L: DecisionLog> Coordinator<L> {
                 .deliver(tx, decision, outcome.deliver_to, done)
                 .in_current_span(),
         );
-        reply.delivered = match self.args.reply_after {
+        let delivered = match self.args.reply_after {
             ReplyAfter::Decision => nothing_to_deliver,
             ReplyAfter::Delivery => first_round.await.unwrap_or(false),
         };
+        reply.delivered = delivered;
+        metrics::histogram!("twopc_purchase_seconds").record(started.elapsed().as_secs_f64());
         reply
     }
 
@@ -425,6 +441,10 @@ impl<L: DecisionLog> Coordinator<L> {
     ) {
         let mut first_round = Some(first_round);
         let mut pending = participants;
+        let undelivered = metrics::gauge!("twopc_decisions_undelivered");
+        if !pending.is_empty() {
+            undelivered.increment(1);
+        }
         let mut backoff = Backoff::new(
             self.args.retry_base_ms.max(1),
             self.args.retry_cap_ms.max(self.args.retry_base_ms.max(1)),
@@ -463,9 +483,11 @@ impl<L: DecisionLog> Coordinator<L> {
                     decision = decision.as_str(),
                     "decision delivered to every participant"
                 );
+                undelivered.decrement(1);
                 return;
             }
             let delay = backoff.next_delay();
+            metrics::counter!("twopc_delivery_retries_total").increment(1);
             warn!(
                 ?pending,
                 attempt = backoff.attempt(),
@@ -644,6 +666,9 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)?;
     let log = SqliteLog::open(&args.data_dir.join("coordinator.db"))?;
     info!(db = %log.path().display(), "decision log open (WAL, synchronous=FULL)");
+    if let Some(addr) = args.metrics_addr {
+        twopc_common::telemetry::install(addr)?;
+    }
     let client = twopc_common::nats::connect(&args.nats_url, SERVICE).await?;
     let registry = Arc::new(Registry::new(
         SERVICE,

@@ -23,4 +23,7 @@ pub struct ParticipantArgs {
     /// Most requests handled at once per subject; more get `busy`.
     #[arg(long, env = "TWOPC_MAX_INFLIGHT", default_value_t = 4_096)]
     pub max_inflight: usize,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
+    #[arg(long, env = "TWOPC_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }

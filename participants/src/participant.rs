@@ -355,6 +355,11 @@ impl<R: Resource> Participant<R> {
             // durable prepared record.
             crash_point(&format!("{name}.prepare.after_durable"));
             tracing::debug!(log_us = started.elapsed().as_micros() as u64, "timings");
+            metrics::counter!(
+                "twopc_votes_total",
+                "vote" => if vote == Vote::Yes { "yes" } else { "no" }
+            )
+            .increment(1);
             match &vote {
                 Vote::Yes => info!("prepared, voting yes"),
                 Vote::No { code, message } => info!(%code, %message, "voting no"),
@@ -422,7 +427,11 @@ impl<R: Resource> Participant<R> {
             // leaves, so the coordinator may forget the transaction after it.
             crash_point(&format!("{name}.decide.after_durable"));
             match &reply {
-                DecideReply::Ack => info!("decision applied"),
+                DecideReply::Ack => {
+                    metrics::counter!("twopc_decisions_applied_total", "decision" => decision.as_str())
+                        .increment(1);
+                    info!("decision applied")
+                }
                 DecideReply::Rejected { code, message } => {
                     warn!(%code, %message, "decision rejected")
                 }
@@ -506,6 +515,7 @@ impl<R: Resource> Participant<R> {
                 }
             };
             retry.retain(|tx, _| in_doubt.contains(tx));
+            metrics::gauge!("twopc_in_doubt").set(in_doubt.len() as f64);
             let now = Instant::now();
             let due: Vec<TxId> = in_doubt
                 .into_iter()
@@ -574,6 +584,7 @@ impl<R: Resource> Participant<R> {
             Ok(DecisionReply::Decided { tx: got, decision }) if got == tx => {
                 info!(participant = name, %tx, decision = decision.as_str(), "in-doubt transaction resolved by the coordinator");
                 crash_point(&format!("{name}.recover.before_apply"));
+                metrics::counter!("twopc_recoveries_total").increment(1);
                 matches!(self.apply_decision(tx, decision).await, DecideReply::Ack)
             }
             Ok(DecisionReply::Decided { tx: got, .. }) => {
@@ -608,6 +619,9 @@ where
     let name = resource.name();
     let db = Participant::open_db(&args, &resource)?;
     info!(participant = name, db = %db.path().display(), "database open (WAL, synchronous=FULL)");
+    if let Some(addr) = args.metrics_addr {
+        twopc_common::telemetry::install(addr)?;
+    }
     let client = twopc_common::nats::connect(&args.nats_url, name).await?;
     let registry = Arc::new(Registry::new(name, env!("CARGO_PKG_VERSION"), description));
     let discovery = registry.clone().serve_discovery(client.clone());
