@@ -507,7 +507,7 @@ async fn up(
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    twopc_common::logging::init("warn");
+    twopc_common::logging::init("warn", twopc_common::logging::LogFormat::Human);
     match run(Cli::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

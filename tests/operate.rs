@@ -284,3 +284,61 @@ async fn services_serve_prometheus_metrics() {
         "{order}"
     );
 }
+
+/// JSON logs carry the transaction id, and one purchase is one trace: the
+/// client's `traceparent` reaches the coordinator and both participants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_tx_and_one_trace_across_services() {
+    let mut opts = Options::default();
+    for kind in [Kind::Coordinator, Kind::Wallet, Kind::Order] {
+        opts = opts.set(kind, "TWOPC_LOG_FORMAT", "json");
+    }
+    let mut sys = System::start(opts).await.unwrap();
+    sys.seed_standard().await.unwrap();
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01").as_str(),
+    );
+    let req = async_nats::Request::new()
+        .headers(headers)
+        .payload(
+            br#"{"user":"alice","sku":"book-1","qty":1,"amount":1250}"#
+                .to_vec()
+                .into(),
+        )
+        .timeout(Some(Duration::from_secs(10)));
+    let msg = sys
+        .client
+        .send_request(subjects::PURCHASE, req)
+        .await
+        .unwrap();
+    let reply: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(reply["outcome"], "committed", "{reply}");
+    let tx = reply["tx"].as_str().unwrap().to_owned();
+    sys.wait_quiescent(Duration::from_secs(10)).await.unwrap();
+
+    for kind in [Kind::Coordinator, Kind::Wallet, Kind::Order] {
+        let log = sys.service(kind).proc.log();
+        let mut lines_of_tx = 0;
+        for line in log.lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{} log line is not JSON ({e}): {line}", kind.name()));
+            let spans = v["spans"].as_array().cloned().unwrap_or_default();
+            if spans.iter().any(|s| s["tx"] == tx.as_str()) {
+                lines_of_tx += 1;
+                assert!(
+                    spans.iter().any(|s| s["trace_id"] == trace_id),
+                    "{} line of tx {tx} without the trace: {line}",
+                    kind.name()
+                );
+            }
+        }
+        assert!(
+            lines_of_tx >= 2,
+            "{} logged {lines_of_tx} lines for tx {tx}:\n{log}",
+            kind.name()
+        );
+    }
+}

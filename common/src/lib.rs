@@ -19,3 +19,4 @@ pub fn now_ms() -> i64 {
 pub mod micro;
 pub mod serve;
 pub mod telemetry;
+pub mod trace;

@@ -44,4 +44,7 @@ pub struct CoordinatorArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
     #[arg(long, env = "TWOPC_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Log format: `human` or `json` (level from RUST_LOG).
+    #[arg(long, env = "TWOPC_LOG_FORMAT", value_enum, default_value = "human")]
+    pub log_format: twopc_common::logging::LogFormat,
 }

@@ -37,6 +37,7 @@ use crate::log::{DecisionLog, LogError, Record, Recorded, SqliteLog};
 use crate::phase::{decide, Ballot};
 use twopc_common::micro::Registry;
 use twopc_common::serve::{serve, Endpoint, Response};
+use twopc_common::trace::TraceContext;
 
 const SERVICE: &str = "coordinator";
 
@@ -125,7 +126,7 @@ impl<L: DecisionLog> Coordinator<L> {
             endpoint("purchase", subjects::PURCHASE, busy_json.clone()),
             move |m| {
                 let c = c.clone();
-                async move { c.on_purchase(m.payload).await }
+                async move { c.on_purchase(m).await }
             },
         );
         let c = self.clone();
@@ -164,15 +165,24 @@ impl<L: DecisionLog> Coordinator<L> {
             let span = tracing::info_span!("tx", tx = %rec.tx);
             tokio::spawn(
                 self.clone()
-                    .deliver(rec.tx, rec.decision, rec.pending, done)
+                    .deliver(
+                        rec.tx,
+                        rec.decision,
+                        rec.pending,
+                        done,
+                        TraceContext::root(),
+                    )
                     .instrument(span),
             );
         }
         Ok(())
     }
 
-    async fn on_purchase(self: Arc<Self>, payload: Bytes) -> Response {
-        let req = match PurchaseRequest::parse(&payload) {
+    async fn on_purchase(self: Arc<Self>, msg: async_nats::Message) -> Response {
+        // Continue the client's trace, or start one for this purchase.
+        let trace =
+            TraceContext::from_headers(msg.headers.as_ref()).unwrap_or_else(TraceContext::root);
+        let req = match PurchaseRequest::parse(&msg.payload) {
             Ok(r) => r,
             Err(e) => {
                 info!(code = %e.code, message = %e.message, "purchase refused");
@@ -180,8 +190,8 @@ impl<L: DecisionLog> Coordinator<L> {
             }
         };
         let reply = match req.request_id.clone() {
-            None => Ok(self.transact(req).await),
-            Some(rid) => self.transact_once(rid, req).await,
+            None => Ok(self.transact(req, trace).await),
+            Some(rid) => self.transact_once(rid, req, trace).await,
         };
         Response::json(reply)
     }
@@ -192,6 +202,7 @@ impl<L: DecisionLog> Coordinator<L> {
         self: Arc<Self>,
         rid: String,
         req: PurchaseRequest,
+        trace: TraceContext,
     ) -> Result<PurchaseReply, ApiError> {
         let first = {
             let mut requests = self.requests.lock().expect("lock");
@@ -248,7 +259,7 @@ impl<L: DecisionLog> Coordinator<L> {
                     Ok(reply_from_record(&rec, true))
                 }
             }
-            Ok(None) => Ok(self.clone().transact(req).await),
+            Ok(None) => Ok(self.clone().transact(req, trace).await),
             Err(e) => Err(log_error(e)),
         };
         if let Ok(reply) = &result {
@@ -259,17 +270,26 @@ impl<L: DecisionLog> Coordinator<L> {
     }
 
     /// One transaction, start to reply.
-    async fn transact(self: Arc<Self>, req: PurchaseRequest) -> PurchaseReply {
+    async fn transact(self: Arc<Self>, req: PurchaseRequest, trace: TraceContext) -> PurchaseReply {
         let tx = TxId::now_v7();
         metrics::counter!("twopc_transactions_begun_total").increment(1);
-        let span = tracing::info_span!("tx", %tx);
+        let span = tracing::info_span!("tx", %tx, trace_id = %trace.trace_id);
         self.active.lock().expect("lock").insert(tx, req.clone());
-        let reply = self.clone().run_phases(tx, req).instrument(span).await;
+        let reply = self
+            .clone()
+            .run_phases(tx, req, trace)
+            .instrument(span)
+            .await;
         self.active.lock().expect("lock").remove(&tx);
         reply
     }
 
-    async fn run_phases(self: Arc<Self>, tx: TxId, req: PurchaseRequest) -> PurchaseReply {
+    async fn run_phases(
+        self: Arc<Self>,
+        tx: TxId,
+        req: PurchaseRequest,
+        trace: TraceContext,
+    ) -> PurchaseReply {
         info!(user = %req.user, sku = %req.sku, qty = req.qty, amount = req.amount, request_id = ?req.request_id, "transaction begun");
         let branches = [
             (
@@ -293,8 +313,9 @@ impl<L: DecisionLog> Coordinator<L> {
         // Phase 1: all prepares in parallel, each bounded by the timeout.
         let ballots = futures::future::join_all(branches.into_iter().map(|(name, op)| {
             let c = self.clone();
+            let trace = trace.clone();
             async move {
-                let ballot = c.prepare(&name, tx, op).await;
+                let ballot = c.prepare(&name, tx, op, &trace).await;
                 (name, ballot)
             }
         }))
@@ -340,10 +361,13 @@ impl<L: DecisionLog> Coordinator<L> {
             Ok(Recorded::DuplicateRequest(other)) => {
                 warn!(other = %other.tx, "request id taken by a concurrent transaction; this one aborts");
                 let (done, _) = oneshot::channel();
-                tokio::spawn(
-                    self.clone()
-                        .deliver(tx, Decision::Abort, outcome.deliver_to, done),
-                );
+                tokio::spawn(self.clone().deliver(
+                    tx,
+                    Decision::Abort,
+                    outcome.deliver_to,
+                    done,
+                    trace.clone(),
+                ));
                 return reply_from_record(&other, true);
             }
             Err(e) => {
@@ -397,7 +421,7 @@ impl<L: DecisionLog> Coordinator<L> {
         let nothing_to_deliver = outcome.deliver_to.is_empty();
         tokio::spawn(
             self.clone()
-                .deliver(tx, decision, outcome.deliver_to, done)
+                .deliver(tx, decision, outcome.deliver_to, done, trace.clone())
                 .in_current_span(),
         );
         let delivered = match self.args.reply_after {
@@ -409,8 +433,15 @@ impl<L: DecisionLog> Coordinator<L> {
         reply
     }
 
-    async fn prepare(&self, participant: &str, tx: TxId, op: BranchOp) -> Ballot {
+    async fn prepare(
+        &self,
+        participant: &str,
+        tx: TxId,
+        op: BranchOp,
+        trace: &TraceContext,
+    ) -> Ballot {
         let request = async_nats::Request::new()
+            .headers(trace.child().headers())
             .payload(protocol::encode(&Prepare { tx, op }).into())
             .timeout(Some(Duration::from_millis(self.args.prepare_timeout_ms)));
         match self
@@ -438,6 +469,7 @@ impl<L: DecisionLog> Coordinator<L> {
         decision: Decision,
         participants: Vec<String>,
         first_round: oneshot::Sender<bool>,
+        trace: TraceContext,
     ) {
         let mut first_round = Some(first_round);
         let mut pending = participants;
@@ -457,7 +489,9 @@ impl<L: DecisionLog> Coordinator<L> {
                 return;
             }
             let results = futures::future::join_all(
-                pending.iter().map(|p| self.send_decision(p, tx, decision)),
+                pending
+                    .iter()
+                    .map(|p| self.send_decision(p, tx, decision, &trace)),
             )
             .await;
             let acked: Vec<String> = pending
@@ -499,8 +533,15 @@ impl<L: DecisionLog> Coordinator<L> {
     }
 
     /// One delivery attempt. True when acknowledged.
-    async fn send_decision(&self, participant: &str, tx: TxId, decision: Decision) -> bool {
+    async fn send_decision(
+        &self,
+        participant: &str,
+        tx: TxId,
+        decision: Decision,
+        trace: &TraceContext,
+    ) -> bool {
         let request = async_nats::Request::new()
+            .headers(trace.child().headers())
             .payload(protocol::encode(&Decide { tx, decision }).into())
             .timeout(Some(Duration::from_millis(self.args.decide_timeout_ms)));
         match self

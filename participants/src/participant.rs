@@ -25,6 +25,7 @@ use twopc_common::fault::{crash_point, delay_point};
 use twopc_common::micro::Registry;
 use twopc_common::now_ms;
 use twopc_common::serve::{serve, Endpoint, Response};
+use twopc_common::trace::TraceContext;
 use twopc_schemas::api::{ApiError, BranchStatus, TxQuery};
 use twopc_schemas::protocol::{
     self, BranchOp, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Prepare, TxId,
@@ -279,7 +280,7 @@ impl<R: Resource> Participant<R> {
             endpoint("prepare", subjects::prepare(name), busy_vote),
             move |msg| {
                 let p = p.clone();
-                async move { p.on_prepare(msg.payload).await }
+                async move { p.on_prepare(msg).await }
             },
         );
         let p = self.clone();
@@ -287,7 +288,7 @@ impl<R: Resource> Participant<R> {
             endpoint("decide", subjects::decide(name), busy_decide),
             move |msg| {
                 let p = p.clone();
-                async move { p.on_decide(msg.payload).await }
+                async move { p.on_decide(msg).await }
             },
         );
         let p = self.clone();
@@ -304,8 +305,12 @@ impl<R: Resource> Participant<R> {
         Ok(())
     }
 
-    async fn on_prepare(&self, payload: Bytes) -> Response {
+    async fn on_prepare(&self, msg: async_nats::Message) -> Response {
         let name = self.name();
+        let trace_id = TraceContext::from_headers(msg.headers.as_ref())
+            .map(|t| t.trace_id)
+            .unwrap_or_default();
+        let payload = msg.payload;
         let msg = match protocol::decode::<Prepare>(&payload) {
             Ok(m) => m,
             Err(e) => {
@@ -317,7 +322,7 @@ impl<R: Resource> Participant<R> {
                 return Response::error(body, 400, format!("bad_message: {e}"));
             }
         };
-        let span = tracing::info_span!("prepare", participant = name, tx = %msg.tx);
+        let span = tracing::info_span!("prepare", participant = name, tx = %msg.tx, %trace_id);
         async move {
             delay_point(&format!("{name}.prepare")).await;
             let resource = self.resource.clone();
@@ -370,8 +375,12 @@ impl<R: Resource> Participant<R> {
         .await
     }
 
-    async fn on_decide(&self, payload: Bytes) -> Response {
+    async fn on_decide(&self, msg: async_nats::Message) -> Response {
         let name = self.name();
+        let trace_id = TraceContext::from_headers(msg.headers.as_ref())
+            .map(|t| t.trace_id)
+            .unwrap_or_default();
+        let payload = msg.payload;
         let msg = match protocol::decode::<Decide>(&payload) {
             Ok(m) => m,
             Err(e) => {
@@ -387,7 +396,7 @@ impl<R: Resource> Participant<R> {
         // Crash point: the decision arrived but is not applied (the
         // participant stays prepared, in doubt, until it recovers).
         crash_point(&format!("{name}.decide.before_apply"));
-        let reply = self.apply_decision(msg.tx, msg.decision).await;
+        let reply = self.apply_decision(msg.tx, msg.decision, &trace_id).await;
         match &reply {
             DecideReply::Ack => Response::ok(protocol::encode(&reply)),
             DecideReply::Rejected { code, message } => Response::error(
@@ -399,10 +408,9 @@ impl<R: Resource> Participant<R> {
     }
 
     /// Applies a decision durably (phase 2 delivery and recovery share it).
-    async fn apply_decision(&self, tx: TxId, decision: Decision) -> DecideReply {
+    async fn apply_decision(&self, tx: TxId, decision: Decision, trace_id: &str) -> DecideReply {
         let name = self.name();
-        let span =
-            tracing::info_span!("decide", participant = name, %tx, decision = decision.as_str());
+        let span = tracing::info_span!("decide", participant = name, %tx, decision = decision.as_str(), trace_id);
         async move {
             let resource = self.resource.clone();
             let reply = match self
@@ -557,7 +565,7 @@ impl<R: Resource> Participant<R> {
             // aborts on its own instead of asking the coordinator.
             warn!(participant = name, %tx, "BROKEN: aborting an in-doubt transaction alone");
             return matches!(
-                self.apply_decision(tx, Decision::Abort).await,
+                self.apply_decision(tx, Decision::Abort, "").await,
                 DecideReply::Ack
             );
         }
@@ -585,7 +593,10 @@ impl<R: Resource> Participant<R> {
                 info!(participant = name, %tx, decision = decision.as_str(), "in-doubt transaction resolved by the coordinator");
                 crash_point(&format!("{name}.recover.before_apply"));
                 metrics::counter!("twopc_recoveries_total").increment(1);
-                matches!(self.apply_decision(tx, decision).await, DecideReply::Ack)
+                matches!(
+                    self.apply_decision(tx, decision, "").await,
+                    DecideReply::Ack
+                )
             }
             Ok(DecisionReply::Decided { tx: got, .. }) => {
                 error!(participant = name, %tx, %got, "decision reply for another transaction; ignored");

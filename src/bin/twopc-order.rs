@@ -11,7 +11,8 @@ struct Cli {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    twopc_common::logging::init("info");
+    let cli = Cli::parse();
+    twopc_common::logging::init("info", cli.args.log_format);
     twopc_common::logging::abort_on_panic();
-    twopc_participants::order::run(Cli::parse().args).await
+    twopc_participants::order::run(cli.args).await
 }
