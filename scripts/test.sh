@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests, golden bytes, and the end-to-end scenarios
 # against a real nats-server and real service processes.
-# Installs nats-server first if it is missing.
+# Installs nats-server (and headless Chromium, for the status page test)
+# first if they are missing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 NATS_SERVER_BIN="$(./scripts/install-nats.sh)"
 export NATS_SERVER_BIN
 echo "using $("$NATS_SERVER_BIN" --version) at $NATS_SERVER_BIN"
+CHROMIUM_BIN="$(./scripts/install-chromium.sh)"
+export CHROMIUM_BIN
 cargo test --workspace --all-targets "$@"

@@ -69,6 +69,9 @@ enum Cmd {
     Stock { sku: String },
     /// A transaction's story: the coordinator's record and each participant.
     Tx { id: String },
+    /// Transactions not yet resolved anywhere: in phase 1 or undelivered at
+    /// the coordinator, prepared (in doubt) at a participant.
+    InDoubt,
     /// Create a user with an opening balance (minor units).
     CreateUser {
         user: String,
@@ -609,6 +612,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 story.insert(label.into(), v);
             }
             print_json(&story);
+            Ok(())
+        }
+        Cmd::InDoubt => {
+            let mut all = serde_json::Map::new();
+            for (label, subject) in [
+                ("coordinator", subjects::IN_DOUBT.to_owned()),
+                ("wallet", subjects::participant_in_doubt(subjects::WALLET)),
+                ("order", subjects::participant_in_doubt(subjects::ORDER)),
+            ] {
+                let v = match request_raw(&client, &subject, b"{}".to_vec(), timeout).await {
+                    Ok(raw) => serde_json::from_slice(&raw)
+                        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into())),
+                    Err(e) => serde_json::json!({ "unreachable": format!("{e:#}") }),
+                };
+                all.insert(label.into(), v);
+            }
+            print_json(&all);
             Ok(())
         }
         Cmd::CreateUser { user, balance } => print_reply(

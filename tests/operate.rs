@@ -342,3 +342,134 @@ async fn json_logs_carry_the_tx_and_one_trace_across_services() {
         );
     }
 }
+
+fn find_chromium() -> Option<std::path::PathBuf> {
+    if let Ok(p) = std::env::var("CHROMIUM_BIN") {
+        return Some(p.into());
+    }
+    [
+        "/usr/bin/chromium",
+        "/usr/bin/chromium-browser",
+        "/usr/bin/google-chrome",
+    ]
+    .into_iter()
+    .map(std::path::PathBuf::from)
+    .find(|p| p.is_file())
+}
+
+/// The status page shows counters, what is in doubt and the participants'
+/// health, as JSON and as a page that a real browser (headless Chromium)
+/// renders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_shows_counters_in_doubt_and_health_in_a_browser() {
+    let port = twopc::launcher::free_port().unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let opts = Options::default()
+        .set(Kind::Coordinator, "TWOPC_HTTP_ADDR", &addr)
+        .set(Kind::Coordinator, "TWOPC_PREPARE_TIMEOUT_MS", "500")
+        .set(Kind::Coordinator, "TWOPC_RETRY_BASE_MS", "200");
+    let mut sys = System::start(opts).await.unwrap();
+    sys.seed_standard().await.unwrap();
+    assert_eq!(
+        sys.purchase("alice", "book-1", 1, 1_250).await.outcome,
+        Outcome::Committed
+    );
+    assert_eq!(
+        sys.purchase("carol", "book-1", 1, 1_250).await.outcome,
+        Outcome::Aborted
+    );
+    // Freeze the order service: the next purchase times out there, and its
+    // abort cannot be delivered to it — one decision in doubt.
+    sys.service(Kind::Order).proc.pause().unwrap();
+    let stuck = sys.purchase("alice", "pen-1", 1, 199).await;
+    assert_eq!(stuck.outcome, Outcome::Aborted);
+
+    let json = http_get(&addr, "/status.json");
+    let body = json.split("\r\n\r\n").nth(1).unwrap();
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v["committed"], 1, "{v}");
+    assert_eq!(v["aborted"], 2, "{v}");
+    let undelivered = v["coordinator"]["undelivered"].as_array().unwrap();
+    assert!(
+        undelivered
+            .iter()
+            .any(|u| u["tx"] == stuck.tx.as_str() && u["pending"][0] == "order"),
+        "{v}"
+    );
+    let health: BTreeMap<String, bool> = v["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_owned(),
+                p["up"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(health.get("wallet"), Some(&true), "{v}");
+    assert_eq!(health.get("order"), Some(&false), "{v}");
+    assert_eq!(v["recent"].as_array().unwrap().len(), 3);
+
+    let page = http_get(&addr, "/");
+    assert!(page.contains("<h1>twopc coordinator</h1>"), "{page}");
+    assert!(page.contains(&stuck.tx), "the in-doubt tx is listed");
+    assert!(page.contains("unreachable"));
+
+    // A real browser renders it.
+    let chromium =
+        find_chromium().expect("chromium is needed for this test: scripts/test.sh installs it");
+    let dir = tempfile::tempdir().unwrap();
+    let shot = dir.path().join("status.png");
+    let out = std::process::Command::new(&chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1280,900",
+            &format!("--user-data-dir={}", dir.path().join("profile").display()),
+            &format!("--screenshot={}", shot.display()),
+            &format!("http://{addr}/"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        shot.is_file(),
+        "no screenshot: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!((info.width, info.height), (1280, 900));
+    let px = info.color_type.samples();
+    let pixels = &buf[..info.buffer_size()];
+    let non_white = pixels
+        .chunks(px)
+        .filter(|p| p.iter().take(3).any(|&c| c < 200))
+        .count();
+    let greenish = pixels
+        .chunks(px)
+        .filter(|p| p.len() >= 3 && p[1] > 100 && p[0] < 80 && p[2] < 110)
+        .count();
+    let total = (info.width * info.height) as usize;
+    // Text and tables cover a visible share of the page; the green of the
+    // "up" and "commit" cells is there.
+    assert!(
+        non_white * 100 > total,
+        "page looks blank: {non_white} of {total} pixels drawn"
+    );
+    assert!(
+        greenish > 20,
+        "no green status cells rendered ({greenish} px)"
+    );
+    let keep = std::env::temp_dir().join("twopc-status-page.png");
+    let _ = std::fs::copy(&shot, &keep);
+    eprintln!("screenshot: {}", keep.display());
+
+    sys.service(Kind::Order).proc.resume().unwrap();
+    let told_all = [twopc::check::Told::Aborted(stuck.tx.parse().unwrap())];
+    sys.assert_consistent(&told_all).await;
+}

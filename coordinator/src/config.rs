@@ -47,4 +47,7 @@ pub struct CoordinatorArgs {
     /// Log format: `human` or `json` (level from RUST_LOG).
     #[arg(long, env = "TWOPC_LOG_FORMAT", value_enum, default_value = "human")]
     pub log_format: twopc_common::logging::LogFormat,
+    /// Serve the status page at http://ADDR/ (e.g. 127.0.0.1:8080).
+    #[arg(long, env = "TWOPC_HTTP_ADDR")]
+    pub http_addr: Option<std::net::SocketAddr>,
 }

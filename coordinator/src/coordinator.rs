@@ -23,8 +23,8 @@ use twopc_common::backoff::Backoff;
 use twopc_common::fault::crash_point;
 use twopc_common::now_ms;
 use twopc_schemas::api::{
-    AbortReason, ApiError, Delivery, Outcome as ApiOutcome, PurchaseReply, PurchaseRequest,
-    TxQuery, TxStatus,
+    AbortReason, ApiError, CoordinatorInDoubt, Delivery, Outcome as ApiOutcome, PurchaseReply,
+    PurchaseRequest, TxQuery, TxStatus, Undelivered,
 };
 use twopc_schemas::protocol::{
     self, BranchOp, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Prepare, TxId,
@@ -41,6 +41,14 @@ use twopc_common::trace::TraceContext;
 
 const SERVICE: &str = "coordinator";
 
+/// Counters for the status page (Prometheus has the same and more).
+#[derive(Debug, Default)]
+pub struct Counts {
+    pub begun: std::sync::atomic::AtomicU64,
+    pub committed: std::sync::atomic::AtomicU64,
+    pub aborted: std::sync::atomic::AtomicU64,
+}
+
 /// A purchase in flight under a request id: what it buys, and its reply
 /// once there is one.
 type InFlight = (PurchaseRequest, watch::Receiver<Option<PurchaseReply>>);
@@ -55,6 +63,8 @@ pub struct Coordinator<L: DecisionLog> {
     args: CoordinatorArgs,
     /// Service-protocol identity and statistics (`nats micro`).
     registry: Arc<Registry>,
+    /// Decisions made by this process since it started, for the status page.
+    pub counts: Counts,
     /// Transactions in phase 1 here, for status queries. Not durable: after
     /// a crash they have no record and are aborted by presumption.
     active: Mutex<HashMap<TxId, PurchaseRequest>>,
@@ -93,6 +103,7 @@ impl<L: DecisionLog> Coordinator<L> {
             client,
             args,
             registry,
+            counts: Counts::default(),
             active: Mutex::new(HashMap::new()),
             requests: Mutex::new(HashMap::new()),
         })
@@ -145,9 +156,56 @@ impl<L: DecisionLog> Coordinator<L> {
                 async move { c.on_decision_query(m.payload).await }
             },
         );
+        let c = self.clone();
+        let in_doubt_busy =
+            Response::api_error(&ApiError::new(Code::Busy, "too many requests in flight"));
+        let in_doubt = serve(
+            endpoint("in-doubt", subjects::IN_DOUBT, in_doubt_busy),
+            move |_m| {
+                let c = c.clone();
+                async move { Response::json(c.in_doubt().await) }
+            },
+        );
         info!(faults = ?twopc_common::fault::armed(), "coordinator serving");
-        tokio::try_join!(purchase, status, decision)?;
+        tokio::try_join!(purchase, status, decision, in_doubt)?;
         Ok(())
+    }
+
+    /// What this coordinator has not finished: transactions in phase 1 and
+    /// decisions not yet acknowledged by every participant.
+    pub async fn in_doubt(&self) -> Result<CoordinatorInDoubt, ApiError> {
+        let in_progress = self
+            .active
+            .lock()
+            .expect("lock")
+            .keys()
+            .map(|t| t.to_string())
+            .collect();
+        let undelivered = self
+            .log
+            .incomplete()
+            .await
+            .map_err(log_error)?
+            .into_iter()
+            .map(|r| Undelivered {
+                tx: r.tx.to_string(),
+                decision: r.decision.as_str().into(),
+                pending: r.pending,
+                decided_at_ms: r.decided_at_ms,
+            })
+            .collect();
+        Ok(CoordinatorInDoubt {
+            in_progress,
+            undelivered,
+        })
+    }
+
+    pub fn log(&self) -> &L {
+        &self.log
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
     }
 
     /// After a restart: every recorded decision not yet acknowledged by all
@@ -273,6 +331,9 @@ impl<L: DecisionLog> Coordinator<L> {
     async fn transact(self: Arc<Self>, req: PurchaseRequest, trace: TraceContext) -> PurchaseReply {
         let tx = TxId::now_v7();
         metrics::counter!("twopc_transactions_begun_total").increment(1);
+        self.counts
+            .begun
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let span = tracing::info_span!("tx", %tx, trace_id = %trace.trace_id);
         self.active.lock().expect("lock").insert(tx, req.clone());
         let reply = self
@@ -399,13 +460,21 @@ impl<L: DecisionLog> Coordinator<L> {
             .record(started.elapsed().as_secs_f64() - phase1_us as f64 / 1e6);
         match decision {
             Decision::Commit => {
+                self.counts
+                    .committed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 metrics::counter!("twopc_transactions_committed_total").increment(1)
             }
-            Decision::Abort => metrics::counter!(
-                "twopc_transactions_aborted_total",
-                "reason" => reason.as_ref().map_or("none", |r| r.code.as_str())
-            )
-            .increment(1),
+            Decision::Abort => {
+                self.counts
+                    .aborted
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                metrics::counter!(
+                    "twopc_transactions_aborted_total",
+                    "reason" => reason.as_ref().map_or("none", |r| r.code.as_str())
+                )
+                .increment(1)
+            }
         }
         tracing::debug!(
             phase1_us,
@@ -717,8 +786,18 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         "twopc coordinator: purchases as two-phase-commit transactions",
     ));
     let discovery = registry.clone().serve_discovery(client.clone());
+    let http_addr = args.http_addr;
     let c = Coordinator::new(log, client.clone(), args, registry);
-    let work = async { tokio::try_join!(c.serve(), discovery).map(|_| ()) };
+    let page = {
+        let c = c.clone();
+        async move {
+            match http_addr {
+                Some(addr) => crate::status::serve_http(addr, c).await,
+                None => Ok(()),
+            }
+        }
+    };
+    let work = async { tokio::try_join!(c.serve(), discovery, page).map(|_| ()) };
     tokio::pin!(work);
     tokio::select! {
         r = &mut work => r,

@@ -12,6 +12,7 @@ pub mod config;
 pub mod coordinator;
 pub mod log;
 pub mod phase;
+pub mod status;
 
 pub use config::CoordinatorArgs;
 pub use coordinator::run;

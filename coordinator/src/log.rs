@@ -83,6 +83,8 @@ pub trait DecisionLog: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), LogError>> + Send;
     /// Records whose decision has not reached every participant.
     fn incomplete(&self) -> impl Future<Output = Result<Vec<Record>, LogError>> + Send;
+    /// The `n` most recent decisions, newest first.
+    fn recent(&self, n: usize) -> impl Future<Output = Result<Vec<Record>, LogError>> + Send;
 }
 
 const MIGRATIONS: &[&str] = &["
@@ -248,6 +250,19 @@ impl DecisionLog for SqliteLog {
                     ],
                 )?;
                 Ok(())
+            })
+            .await?)
+    }
+
+    async fn recent(&self, n: usize) -> Result<Vec<Record>, LogError> {
+        Ok(self
+            .db
+            .run(move |c| {
+                let mut stmt = c.prepare_cached(&format!(
+                    "SELECT {COLUMNS} FROM decisions ORDER BY decided_at_ms DESC, tx DESC LIMIT ?1"
+                ))?;
+                let rows = stmt.query_map([n as i64], row_to_record)?;
+                rows.collect()
             })
             .await?)
     }

@@ -26,7 +26,7 @@ use twopc_common::micro::Registry;
 use twopc_common::now_ms;
 use twopc_common::serve::{serve, Endpoint, Response};
 use twopc_common::trace::TraceContext;
-use twopc_schemas::api::{ApiError, BranchStatus, TxQuery};
+use twopc_schemas::api::{ApiError, BranchStatus, ParticipantInDoubt, PreparedBranch, TxQuery};
 use twopc_schemas::protocol::{
     self, BranchOp, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Prepare, TxId,
     Vote,
@@ -299,9 +299,23 @@ impl<R: Resource> Participant<R> {
                 async move { p.on_tx_status(msg.payload).await }
             },
         );
+        let p = self.clone();
+        let in_doubt_busy =
+            Response::api_error(&ApiError::new(Code::Busy, "too many requests in flight"));
+        let in_doubt = serve(
+            endpoint(
+                "in-doubt",
+                subjects::participant_in_doubt(name),
+                in_doubt_busy,
+            ),
+            move |_msg| {
+                let p = p.clone();
+                async move { Response::json(p.in_doubt().await) }
+            },
+        );
         let recovery = self.clone().recovery_loop();
         info!(participant = name, faults = ?twopc_common::fault::armed(), "participant serving");
-        tokio::try_join!(prepare, decide, status, recovery)?;
+        tokio::try_join!(prepare, decide, status, in_doubt, recovery)?;
         Ok(())
     }
 
@@ -491,6 +505,32 @@ impl<R: Resource> Participant<R> {
             }
             Err(e) => Response::api_error(&ApiError::new(Code::Internal, e.to_string())),
         }
+    }
+
+    /// Prepared branches awaiting a decision (at most 1,000, oldest first).
+    async fn in_doubt(&self) -> Result<ParticipantInDoubt, ApiError> {
+        let prepared = self
+            .db
+            .run(|c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT tx, prepared_at_ms FROM branches WHERE state = 'prepared'
+                     ORDER BY prepared_at_ms LIMIT 1000",
+                )?;
+                let rows = stmt.query_map([], |r| {
+                    let tx: Vec<u8> = r.get(0)?;
+                    Ok(PreparedBranch {
+                        tx: TxId::from_slice(&tx).expect("16-byte tx id").to_string(),
+                        prepared_at_ms: r.get(1)?,
+                    })
+                })?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await
+            .map_err(db_error)?;
+        Ok(ParticipantInDoubt {
+            participant: self.name().to_owned(),
+            prepared,
+        })
     }
 
     /// In-doubt recovery. At start every prepared branch is in doubt; after

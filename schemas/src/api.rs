@@ -393,3 +393,33 @@ mod tests {
         );
     }
 }
+
+/// `shop.in_doubt`: what the coordinator has not finished.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoordinatorInDoubt {
+    /// Transactions in phase 1 (no decision yet).
+    pub in_progress: Vec<String>,
+    /// Recorded decisions some participant has not acknowledged.
+    pub undelivered: Vec<Undelivered>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Undelivered {
+    pub tx: String,
+    pub decision: String,
+    pub pending: Vec<String>,
+    pub decided_at_ms: i64,
+}
+
+/// `<participant>.in_doubt`: prepared branches awaiting a decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParticipantInDoubt {
+    pub participant: String,
+    pub prepared: Vec<PreparedBranch>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreparedBranch {
+    pub tx: String,
+    pub prepared_at_ms: i64,
+}

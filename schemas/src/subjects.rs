@@ -6,6 +6,8 @@
 pub const PURCHASE: &str = "shop.purchase";
 /// Public: a transaction's status at the coordinator (JSON `{"tx": ...}`).
 pub const TX_STATUS: &str = "shop.tx";
+/// Public: transactions not yet resolved at the coordinator (JSON `{}`).
+pub const IN_DOUBT: &str = "shop.in_doubt";
 /// Internal: participants ask the coordinator for a transaction's decision.
 pub const DECISION_QUERY: &str = "twopc.decision";
 
@@ -36,6 +38,11 @@ pub fn decide(participant: &str) -> String {
 /// Public: a transaction's state at one participant (JSON `{"tx": ...}`).
 pub fn participant_tx(participant: &str) -> String {
     format!("{participant}.tx")
+}
+
+/// Public: a participant's prepared, undecided transactions (JSON `{}`).
+pub fn participant_in_doubt(participant: &str) -> String {
+    format!("{participant}.in_doubt")
 }
 
 /// Queue group shared by all instances of one service, so each request is
