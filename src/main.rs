@@ -93,6 +93,9 @@ enum Cmd {
     /// Measure purchases/s and latency against a running system (NATS_URL)
     /// or one started here (--start), with same-run baselines and ratios.
     Bench(BenchArgs),
+    /// Exit 0 if the named service answers `$SRV.PING.<service>` (for
+    /// container health checks).
+    Ping { service: String },
     /// The empty responder of the bench's NATS baseline (internal).
     #[command(hide = true)]
     Echo {
@@ -612,6 +615,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 story.insert(label.into(), v);
             }
             print_json(&story);
+            Ok(())
+        }
+        Cmd::Ping { service } => {
+            let raw =
+                request_raw(&client, &format!("$SRV.PING.{service}"), vec![], timeout).await?;
+            let v: Value = serde_json::from_slice(&raw).context("ping reply is not JSON")?;
+            println!(
+                "{} {} is up",
+                v["name"].as_str().unwrap_or("?"),
+                v["id"].as_str().unwrap_or("?")
+            );
             Ok(())
         }
         Cmd::InDoubt => {
