@@ -25,7 +25,7 @@ use serde::Serialize;
 use twopc_schemas::api::{Outcome, PurchaseReply, PurchaseRequest};
 use twopc_schemas::{subjects, Code};
 
-use crate::client::{request, Reply};
+use crate::client::{create_if_absent, request, Reply};
 
 /// How to load the system.
 #[derive(Debug, Clone)]
@@ -130,28 +130,16 @@ pub async fn seed(client: &async_nats::Client, cfg: &Config) -> anyhow::Result<V
     let mut catalogue = vec![];
     for i in 0..cfg.users {
         let body = serde_json::json!({ "user": format!("bench-user-{i}"), "balance": 1_000_000_000_000_000u64 });
-        create(client, subjects::WALLET_CREATE_USER, &body).await?;
+        create_if_absent(client, subjects::WALLET_CREATE_USER, &body).await?;
     }
     for i in 0..cfg.products {
         let sku = format!("bench-sku-{i}");
         let price = 100 + 10 * i as u64;
         let body = serde_json::json!({ "sku": sku, "price": price, "stock": 1_000_000_000u64 });
-        create(client, subjects::ORDER_CREATE_PRODUCT, &body).await?;
+        create_if_absent(client, subjects::ORDER_CREATE_PRODUCT, &body).await?;
         catalogue.push((sku, price));
     }
     Ok(catalogue)
-}
-
-async fn create(
-    client: &async_nats::Client,
-    subject: &str,
-    body: &serde_json::Value,
-) -> anyhow::Result<()> {
-    match request::<_, serde_json::Value>(client, subject, body, Duration::from_secs(10)).await? {
-        Reply::Ok(_) => Ok(()),
-        Reply::Err(e) if e.error.code == Code::AlreadyExists => Ok(()),
-        Reply::Err(e) => anyhow::bail!("{subject}: {}", e.error.message),
-    }
 }
 
 #[derive(Default)]

@@ -28,10 +28,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use twopc_schemas::api::{Outcome, PurchaseReply, PurchaseRequest};
-use twopc_schemas::{subjects, Code};
+use twopc_schemas::subjects;
 
 use crate::check::{self, Initial, Snapshot, Told};
-use crate::client::{request, Reply};
+use crate::client::{create_if_absent, request, Reply};
 use crate::launcher::{Binaries, Kind, NatsServer, Service, Settings};
 use crate::proxy::{Link, Proxy};
 
@@ -380,14 +380,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     for i in 0..cfg.users {
         let user = format!("user-{i}");
         let body = serde_json::json!({ "user": user, "balance": cfg.balance });
-        seed_one(&client, subjects::WALLET_CREATE_USER, &body).await?;
+        create_if_absent(&client, subjects::WALLET_CREATE_USER, &body).await?;
         initial.balances.insert(user, cfg.balance);
     }
     for i in 0..cfg.products {
         let sku = format!("sku-{i}");
         let price = 100 + 37 * i as u64;
         let body = serde_json::json!({ "sku": sku, "price": price, "stock": cfg.stock });
-        seed_one(&client, subjects::ORDER_CREATE_PRODUCT, &body).await?;
+        create_if_absent(&client, subjects::ORDER_CREATE_PRODUCT, &body).await?;
         initial.products.insert(sku.clone(), (price, cfg.stock));
         catalogue.push((sku, price));
     }
@@ -483,18 +483,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     // Stop everything (dropping the cluster kills the processes).
     drop(shared);
     Ok(report)
-}
-
-async fn seed_one(
-    client: &async_nats::Client,
-    subject: &str,
-    body: &serde_json::Value,
-) -> anyhow::Result<()> {
-    match request::<_, serde_json::Value>(client, subject, body, Duration::from_secs(10)).await? {
-        Reply::Ok(_) => Ok(()),
-        Reply::Err(e) if e.error.code == Code::AlreadyExists => Ok(()),
-        Reply::Err(e) => anyhow::bail!("seeding {subject}: {e:?}"),
-    }
 }
 
 fn result(name: &'static str, violations: Vec<String>) -> InvariantResult {
