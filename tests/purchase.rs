@@ -23,6 +23,8 @@ async fn happy_path_and_every_refusal_leave_balances_and_stock_right() {
     assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
     assert!(r.delivered);
     told_all.push(Told::Committed(tx_id(&r)));
+    let happy_tx = r.tx.clone();
+    let mut carol_tx = String::new();
     assert_eq!(sys.balance("alice").await.balance, 7_500);
     assert_eq!(sys.stock("book-1").await.stock, 8);
     for subject in [
@@ -65,6 +67,9 @@ async fn happy_path_and_every_refusal_leave_balances_and_stock_right() {
         let before_pen = sys.stock("pen-1").await;
         let r = sys.purchase(user, sku, qty, amount).await;
         assert_eq!(r.outcome, Outcome::Aborted, "{user} {sku}: {r:?}");
+        if user == "carol" {
+            carol_tx = r.tx.clone();
+        }
         let reason = r.reason.clone().expect("an abort says why");
         assert_eq!(
             (reason.participant.as_str(), reason.code),
@@ -100,6 +105,20 @@ async fn happy_path_and_every_refusal_leave_balances_and_stock_right() {
     assert_eq!(sys.balance("alice").await.balance, 10_000 - 2_500);
 
     sys.assert_consistent(&told_all).await;
+
+    // The coordinator's story of a transaction: every vote, the decision,
+    // delivery rounds and acknowledgements.
+    let st = sys.tx_status(subjects::TX_STATUS, &happy_tx).await;
+    assert_eq!(st["votes"][0]["vote"], "yes", "{st}");
+    assert_eq!(st["votes"][1]["vote"], "yes", "{st}");
+    assert_eq!(st["delivery_attempts"], 1, "{st}");
+    assert_eq!(st["deliveries"][0]["acked"], true, "{st}");
+    let st = sys.tx_status(subjects::TX_STATUS, &carol_tx).await;
+    assert_eq!(st["state"], "aborted");
+    assert_eq!(st["votes"][0]["participant"], "wallet", "{st}");
+    assert_eq!(st["votes"][0]["vote"], "no", "{st}");
+    assert_eq!(st["votes"][0]["code"], "insufficient_funds", "{st}");
+    assert_eq!(st["votes"][1]["vote"], "yes", "{st}");
 }
 
 /// Scenario 7: the client times out, retries with the same request id, and

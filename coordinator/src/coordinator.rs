@@ -24,7 +24,7 @@ use twopc_common::fault::crash_point;
 use twopc_common::now_ms;
 use twopc_schemas::api::{
     AbortReason, ApiError, CoordinatorInDoubt, Delivery, Outcome as ApiOutcome, PurchaseReply,
-    PurchaseRequest, TxQuery, TxStatus, Undelivered,
+    PurchaseRequest, TxQuery, TxStatus, Undelivered, VoteSummary,
 };
 use twopc_schemas::protocol::{
     self, BranchOp, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Prepare, TxId,
@@ -399,6 +399,8 @@ impl<L: DecisionLog> Coordinator<L> {
             pending: outcome.deliver_to.clone(),
             decided_at_ms: now_ms(),
             completed_at_ms: None,
+            votes: ballots.iter().map(|(p, b)| summarize(p, b)).collect(),
+            delivery_attempts: 0,
         };
         // Durable point: `record` returns after the decision is fsynced (or
         // after finding an earlier decision, which wins). Nothing below may
@@ -577,7 +579,7 @@ impl<L: DecisionLog> Coordinator<L> {
             }
             if !acked.is_empty() {
                 crash_point("coordinator.phase2.after_ack");
-                if let Err(e) = self.log.acked(tx, acked).await {
+                if let Err(e) = self.log.acked(tx, acked, backoff.attempt() + 1).await {
                     warn!(error = %e, "acknowledgement not noted; a restart will redeliver");
                 }
             }
@@ -668,6 +670,8 @@ impl<L: DecisionLog> Coordinator<L> {
             pending: vec![],
             decided_at_ms: now_ms(),
             completed_at_ms: None,
+            votes: vec![],
+            delivery_attempts: 0,
         };
         let reply = match self.log.record(rec).await {
             Ok(Recorded::New(r)) => {
@@ -717,6 +721,8 @@ impl<L: DecisionLog> Coordinator<L> {
                 deliveries: vec![],
                 decided_at_ms: None,
                 completed_at_ms: None,
+                votes: vec![],
+                delivery_attempts: 0,
             };
             return Response::ok(serde_json::to_vec(&status).expect("serialises"));
         }
@@ -732,6 +738,8 @@ impl<L: DecisionLog> Coordinator<L> {
                         deliveries: vec![],
                         decided_at_ms: None,
                         completed_at_ms: None,
+                        votes: vec![],
+                        delivery_attempts: 0,
                     },
                     Some(r) => TxStatus {
                         tx: tx.to_string(),
@@ -753,12 +761,30 @@ impl<L: DecisionLog> Coordinator<L> {
                             .collect(),
                         decided_at_ms: Some(r.decided_at_ms),
                         completed_at_ms: r.completed_at_ms,
+                        votes: r.votes.clone(),
+                        delivery_attempts: r.delivery_attempts,
                     },
                 };
                 Response::ok(serde_json::to_vec(&status).expect("serialises"))
             }
             Err(e) => Response::api_error(&log_error(e)),
         }
+    }
+}
+
+fn summarize(participant: &str, ballot: &Ballot) -> VoteSummary {
+    let (vote, code, message) = match ballot {
+        Ballot::Voted(Vote::Yes) => ("yes", None, None),
+        Ballot::Voted(Vote::No { code, message }) => ("no", Some(*code), Some(message.clone())),
+        Ballot::TimedOut => ("timeout", Some(Code::Timeout), None),
+        Ballot::NoResponders => ("no_responders", Some(Code::Unavailable), None),
+        Ballot::Garbled(e) => ("garbled", Some(Code::BadMessage), Some(e.clone())),
+    };
+    VoteSummary {
+        participant: participant.to_owned(),
+        vote: vote.to_owned(),
+        code,
+        message,
     }
 }
 

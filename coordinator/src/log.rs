@@ -11,7 +11,7 @@ use std::future::Future;
 use rusqlite::{params, Connection, OptionalExtension};
 use twopc_common::db::{self, Db, DbError};
 use twopc_common::now_ms;
-use twopc_schemas::api::{AbortReason, PurchaseRequest};
+use twopc_schemas::api::{AbortReason, PurchaseRequest, VoteSummary};
 use twopc_schemas::protocol::{Decision, TxId};
 
 /// One transaction's durable record.
@@ -31,6 +31,10 @@ pub struct Record {
     pub pending: Vec<String>,
     pub decided_at_ms: i64,
     pub completed_at_ms: Option<i64>,
+    /// Each participant's phase-1 answer (empty for a presumed abort).
+    pub votes: Vec<VoteSummary>,
+    /// Delivery rounds until the last acknowledgement noted.
+    pub delivery_attempts: u32,
 }
 
 /// What `record` did.
@@ -80,6 +84,7 @@ pub trait DecisionLog: Clone + Send + Sync + 'static {
         &self,
         tx: TxId,
         participants: Vec<String>,
+        attempts: u32,
     ) -> impl Future<Output = Result<(), LogError>> + Send;
     /// Records whose decision has not reached every participant.
     fn incomplete(&self) -> impl Future<Output = Result<Vec<Record>, LogError>> + Send;
@@ -87,7 +92,8 @@ pub trait DecisionLog: Clone + Send + Sync + 'static {
     fn recent(&self, n: usize) -> impl Future<Output = Result<Vec<Record>, LogError>> + Send;
 }
 
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE decisions (
     tx BLOB PRIMARY KEY CHECK (length(tx) = 16),
     decision TEXT NOT NULL CHECK (decision IN ('commit', 'abort')),
@@ -100,7 +106,12 @@ CREATE TABLE decisions (
     completed_at_ms INTEGER
 );
 CREATE INDEX decisions_incomplete ON decisions (decided_at_ms) WHERE completed_at_ms IS NULL;
-"];
+",
+    "
+ALTER TABLE decisions ADD COLUMN votes TEXT;
+ALTER TABLE decisions ADD COLUMN delivery_attempts INTEGER NOT NULL DEFAULT 0;
+",
+];
 
 /// The SQLite decision log (WAL, synchronous=FULL, group commit).
 #[derive(Clone)]
@@ -121,7 +132,7 @@ impl SqliteLog {
     }
 }
 
-const COLUMNS: &str = "tx, decision, request_id, purchase, reason, deliver_to, pending, decided_at_ms, completed_at_ms";
+const COLUMNS: &str = "tx, decision, request_id, purchase, reason, deliver_to, pending, decided_at_ms, completed_at_ms, votes, delivery_attempts";
 
 fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
     let tx: Vec<u8> = r.get(0)?;
@@ -145,6 +156,11 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
         pending: serde_json::from_str(&pending).expect("stored list decodes"),
         decided_at_ms: r.get(7)?,
         completed_at_ms: r.get(8)?,
+        votes: r
+            .get::<_, Option<String>>(9)?
+            .map(|s| serde_json::from_str(&s).expect("stored votes decode"))
+            .unwrap_or_default(),
+        delivery_attempts: r.get(10)?,
     })
 }
 
@@ -158,7 +174,7 @@ fn insert(c: &Connection, rec: &Record) -> rusqlite::Result<()> {
     assert!(rec.pending.iter().all(|p| rec.deliver_to.contains(p)));
     assert!(rec.decision == Decision::Abort || rec.reason.is_none());
     c.prepare_cached(&format!(
-        "INSERT INTO decisions ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+        "INSERT INTO decisions ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
     ))?
     .execute(params![
         rec.tx.as_bytes().as_slice(),
@@ -174,6 +190,8 @@ fn insert(c: &Connection, rec: &Record) -> rusqlite::Result<()> {
         serde_json::to_string(&rec.pending).expect("serialises"),
         rec.decided_at_ms,
         rec.completed_at_ms,
+        (!rec.votes.is_empty()).then(|| serde_json::to_string(&rec.votes).expect("serialises")),
+        rec.delivery_attempts,
     ])?;
     Ok(())
 }
@@ -232,7 +250,12 @@ impl DecisionLog for SqliteLog {
             .await?)
     }
 
-    async fn acked(&self, tx: TxId, participants: Vec<String>) -> Result<(), LogError> {
+    async fn acked(
+        &self,
+        tx: TxId,
+        participants: Vec<String>,
+        attempts: u32,
+    ) -> Result<(), LogError> {
         Ok(self
             .db
             .run(move |c| {
@@ -242,11 +265,12 @@ impl DecisionLog for SqliteLog {
                 rec.pending.retain(|p| !participants.contains(p));
                 let completed = rec.pending.is_empty().then(now_ms);
                 db::exec(c,
-                    "UPDATE decisions SET pending = ?2, completed_at_ms = coalesce(completed_at_ms, ?3) WHERE tx = ?1",
+                    "UPDATE decisions SET pending = ?2, completed_at_ms = coalesce(completed_at_ms, ?3), delivery_attempts = max(delivery_attempts, ?4) WHERE tx = ?1",
                     params![
                         tx.as_bytes().as_slice(),
                         serde_json::to_string(&rec.pending).expect("serialises"),
-                        completed
+                        completed,
+                        attempts
                     ],
                 )?;
                 Ok(())
@@ -296,6 +320,8 @@ mod tests {
             pending: vec!["wallet".into(), "order".into()],
             decided_at_ms: 1,
             completed_at_ms: None,
+            votes: vec![],
+            delivery_attempts: 0,
         }
     }
 
@@ -332,11 +358,12 @@ mod tests {
         assert_eq!(log.by_request_id("k".into()).await.unwrap().unwrap().tx, a);
 
         assert_eq!(log.incomplete().await.unwrap().len(), 3);
-        log.acked(a, vec!["wallet".into()]).await.unwrap();
+        log.acked(a, vec!["wallet".into()], 1).await.unwrap();
         assert_eq!(log.get(a).await.unwrap().unwrap().pending, vec!["order"]);
-        log.acked(a, vec!["order".into()]).await.unwrap();
+        log.acked(a, vec!["order".into()], 3).await.unwrap();
         let done = log.get(a).await.unwrap().unwrap();
         assert!(done.pending.is_empty() && done.completed_at_ms.is_some());
+        assert_eq!(done.delivery_attempts, 3);
         assert_eq!(log.incomplete().await.unwrap().len(), 2);
     }
 }

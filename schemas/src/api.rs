@@ -301,13 +301,31 @@ pub struct TxStatus {
     pub purchase: Option<PurchaseRequest>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<AbortReason>,
+    /// Each participant's vote.
+    #[serde(default)]
+    pub votes: Vec<VoteSummary>,
     /// Participants the decision must reach, and which acknowledged it.
     #[serde(default)]
     pub deliveries: Vec<Delivery>,
+    /// Delivery rounds so far (1 when everyone acknowledged at once).
+    #[serde(default)]
+    pub delivery_attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decided_at_ms: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completed_at_ms: Option<i64>,
+}
+
+/// One participant's phase-1 answer, as the coordinator saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VoteSummary {
+    pub participant: String,
+    /// `yes`, `no`, `timeout`, `no_responders` or `garbled`.
+    pub vote: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<Code>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
