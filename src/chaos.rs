@@ -277,6 +277,16 @@ impl Shared {
         }
     }
 
+    /// Runs `f` on the process of service `target`, under the cluster lock.
+    fn with_proc<T>(&self, target: &str, f: impl FnOnce(&mut crate::launcher::Proc) -> T) -> T {
+        f(&mut self
+            .cluster
+            .lock()
+            .expect("lock")
+            .service(kind_of(target))
+            .proc)
+    }
+
     fn count(&self, kind: FaultKind) {
         *self
             .faults
@@ -775,39 +785,15 @@ async fn fault(
     match kind {
         FaultKind::Kill => {
             shared.say(&format!("nemesis: SIGKILL {target}, down {:?}", hold / 4));
-            let _ = shared
-                .cluster
-                .lock()
-                .expect("lock")
-                .service(kind_of(target))
-                .proc
-                .kill();
+            let _ = shared.with_proc(target, |p| p.kill());
             tokio::time::sleep(hold / 4).await;
-            let _ = shared
-                .cluster
-                .lock()
-                .expect("lock")
-                .service(kind_of(target))
-                .proc
-                .start();
+            let _ = shared.with_proc(target, |p| p.start());
         }
         FaultKind::Pause => {
             shared.say(&format!("nemesis: SIGSTOP {target} for {hold:?}"));
-            let _ = shared
-                .cluster
-                .lock()
-                .expect("lock")
-                .service(kind_of(target))
-                .proc
-                .pause();
+            let _ = shared.with_proc(target, |p| p.pause());
             tokio::time::sleep(hold).await;
-            let _ = shared
-                .cluster
-                .lock()
-                .expect("lock")
-                .service(kind_of(target))
-                .proc
-                .resume();
+            let _ = shared.with_proc(target, |p| p.resume());
         }
         FaultKind::NatsRestart => {
             shared.say(&format!(
@@ -848,14 +834,7 @@ async fn fault(
             let mut crashed = false;
             while Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                if !shared
-                    .cluster
-                    .lock()
-                    .expect("lock")
-                    .service(kind_of(target))
-                    .proc
-                    .is_running()
-                {
+                if !shared.with_proc(target, |p| p.is_running()) {
                     crashed = true;
                     break;
                 }
@@ -863,10 +842,7 @@ async fn fault(
             let _ = std::fs::write(&shared.faults_files[target], "");
             if crashed {
                 shared.say(&format!("nemesis: {target} crashed at {point}; restarting"));
-                let mut c = shared.cluster.lock().expect("lock");
-                let s = c.service(kind_of(target));
-                let _ = s.proc.kill();
-                let _ = s.proc.start();
+                let _ = shared.with_proc(target, |p| p.kill().and_then(|_| p.start()));
             }
         }
     }

@@ -377,15 +377,6 @@ impl Service {
         Ok(Service { kind, proc })
     }
 
-    pub fn data_dir(&self) -> PathBuf {
-        self.proc
-            .env
-            .iter()
-            .find(|(k, _)| k == "TWOPC_DATA_DIR")
-            .map(|(_, v)| PathBuf::from(v))
-            .expect("data dir set")
-    }
-
     /// Waits until the service answers its probe subject.
     pub async fn wait_ready(
         &mut self,

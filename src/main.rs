@@ -422,6 +422,26 @@ fn print_reply<T: serde::Serialize>(r: Reply<T>) -> anyhow::Result<()> {
     }
 }
 
+/// Sends `body` to each subject and collects the JSON replies by label; an
+/// unreachable service shows as `{"unreachable": ...}`.
+async fn ask_each(
+    client: &async_nats::Client,
+    parts: &[(&str, String)],
+    body: Vec<u8>,
+    timeout: Duration,
+) -> serde_json::Map<String, Value> {
+    let mut all = serde_json::Map::new();
+    for (label, subject) in parts {
+        let v = match request_raw(client, subject, body.clone(), timeout).await {
+            Ok(raw) => serde_json::from_slice(&raw)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into())),
+            Err(e) => serde_json::json!({ "unreachable": format!("{e:#}") }),
+        };
+        all.insert((*label).into(), v);
+    }
+    all
+}
+
 async fn seed(
     client: &async_nats::Client,
     seed: &SeedFile,
@@ -601,20 +621,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ),
         Cmd::Tx { id } => {
             let body = serde_json::to_vec(&serde_json::json!({ "tx": id }))?;
-            let mut story = serde_json::Map::new();
-            for (label, subject) in [
+            let parts = [
                 ("coordinator", subjects::TX_STATUS.to_owned()),
                 ("wallet", subjects::participant_tx(subjects::WALLET)),
                 ("order", subjects::participant_tx(subjects::ORDER)),
-            ] {
-                let v = match request_raw(&client, &subject, body.clone(), timeout).await {
-                    Ok(raw) => serde_json::from_slice(&raw)
-                        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into())),
-                    Err(e) => serde_json::json!({ "unreachable": format!("{e:#}") }),
-                };
-                story.insert(label.into(), v);
-            }
-            print_json(&story);
+            ];
+            print_json(&ask_each(&client, &parts, body, timeout).await);
             Ok(())
         }
         Cmd::Ping { service } => {
@@ -629,20 +641,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::InDoubt => {
-            let mut all = serde_json::Map::new();
-            for (label, subject) in [
+            let parts = [
                 ("coordinator", subjects::IN_DOUBT.to_owned()),
                 ("wallet", subjects::participant_in_doubt(subjects::WALLET)),
                 ("order", subjects::participant_in_doubt(subjects::ORDER)),
-            ] {
-                let v = match request_raw(&client, &subject, b"{}".to_vec(), timeout).await {
-                    Ok(raw) => serde_json::from_slice(&raw)
-                        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into())),
-                    Err(e) => serde_json::json!({ "unreachable": format!("{e:#}") }),
-                };
-                all.insert(label.into(), v);
-            }
-            print_json(&all);
+            ];
+            print_json(&ask_each(&client, &parts, b"{}".to_vec(), timeout).await);
             Ok(())
         }
         Cmd::CreateUser { user, balance } => print_reply(

@@ -5,17 +5,15 @@
 //!
 //! `TWOPC_CHAOS_SECS` sets the length of the main run (default 60).
 
+mod harness;
+
 use std::time::Duration;
 
 use twopc::chaos::{self, Config, FaultKind, Report};
-use twopc::launcher::{Binaries, Kind};
+use twopc::launcher::Kind;
 
 fn config(seed: u64, secs: u64) -> Config {
-    let mut cfg = Config::new(Binaries {
-        coordinator: env!("CARGO_BIN_EXE_twopc-coordinator").into(),
-        wallet: env!("CARGO_BIN_EXE_twopc-wallet").into(),
-        order: env!("CARGO_BIN_EXE_twopc-order").into(),
-    });
+    let mut cfg = Config::new(harness::bins());
     cfg.seed = seed;
     cfg.duration = Duration::from_secs(secs);
     cfg

@@ -79,11 +79,7 @@ async fn wallet_killed_after_durable_prepare_resolves_to_abort() {
     assert_eq!(s.holds.get(&tx), Some(&2_500));
 
     tracing_line("--- restart the wallet without the crash point");
-    sys.service(Kind::Wallet)
-        .proc
-        .set_env("TWOPC_CRASH_AT", None);
-    sys.service(Kind::Wallet).proc.start().unwrap();
-    sys.wait_ready(Kind::Wallet).await.unwrap();
+    sys.start_without_crash_points(Kind::Wallet).await.unwrap();
     let s = sys.assert_consistent(&[Told::Aborted(tx)]).await;
     assert_eq!(
         s.wallet_branches.get(&tx).map(String::as_str),
@@ -126,11 +122,7 @@ async fn wallet_killed_before_applying_commit_resolves_to_commit() {
     assert!(s.debits.is_empty(), "the wallet did not");
 
     tracing_line("--- restart the wallet; it resolves the in-doubt transaction");
-    sys.service(Kind::Wallet)
-        .proc
-        .set_env("TWOPC_CRASH_AT", None);
-    sys.service(Kind::Wallet).proc.start().unwrap();
-    sys.wait_ready(Kind::Wallet).await.unwrap();
+    sys.start_without_crash_points(Kind::Wallet).await.unwrap();
     let client = sys.client.clone();
     eventually("wallet commits", Duration::from_secs(10), || {
         let client = client.clone();
@@ -203,11 +195,9 @@ async fn coordinator_killed_after_durable_decision_delivers_after_restart() {
     );
 
     tracing_line("--- restart the coordinator");
-    sys.service(Kind::Coordinator)
-        .proc
-        .set_env("TWOPC_CRASH_AT", None);
-    sys.service(Kind::Coordinator).proc.start().unwrap();
-    sys.wait_ready(Kind::Coordinator).await.unwrap();
+    sys.start_without_crash_points(Kind::Coordinator)
+        .await
+        .unwrap();
     let s = sys.assert_consistent(&[Told::Committed(tx)]).await;
     assert!(s.debits.contains_key(&tx) && s.orders.contains_key(&tx));
     assert!(sys
@@ -280,11 +270,9 @@ async fn coordinator_killed_before_deciding_participants_presume_abort() {
     );
 
     tracing_line("--- restart the coordinator; participants ask and learn abort");
-    sys.service(Kind::Coordinator)
-        .proc
-        .set_env("TWOPC_CRASH_AT", None);
-    sys.service(Kind::Coordinator).proc.start().unwrap();
-    sys.wait_ready(Kind::Coordinator).await.unwrap();
+    sys.start_without_crash_points(Kind::Coordinator)
+        .await
+        .unwrap();
     let s = sys.assert_consistent(&[Told::Aborted(tx)]).await;
     assert_eq!(s.decisions.get(&tx).map(|d| d.0.as_str()), Some("abort"));
     assert_eq!(

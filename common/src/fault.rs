@@ -33,6 +33,15 @@ struct Faults {
     crash: HashMap<String, AtomicU64>,
     /// Delay point name → sleep.
     delay: HashMap<String, Duration>,
+    /// Whether `TWOPC_FAULTS_FILE` is set (points may be armed at run time).
+    file: bool,
+}
+
+impl Faults {
+    /// False in a normal deployment: then no point name is even formatted.
+    fn any(&self) -> bool {
+        self.file || !self.crash.is_empty() || !self.delay.is_empty()
+    }
 }
 
 fn parse_list(var: &str) -> Vec<(String, Option<u64>)> {
@@ -62,6 +71,7 @@ fn faults() -> &'static Faults {
             .into_iter()
             .map(|(name, ms)| (name, Duration::from_millis(ms.unwrap_or(1000))))
             .collect(),
+        file: std::env::var_os(FILE_ENV).is_some(),
     })
 }
 
@@ -128,32 +138,39 @@ fn die(name: &str) -> ! {
 }
 
 /// Aborts the process here if the crash point `name` is armed and due.
-pub fn crash_point(name: &str) {
-    if let Some(remaining) = faults().crash.get(name) {
+/// `name` is formatted only when some fault is armed at all, so call sites
+/// may pass `format_args!` on hot paths.
+pub fn crash_point(name: impl std::fmt::Display) {
+    let f = faults();
+    if !f.any() {
+        return;
+    }
+    let name = name.to_string();
+    if let Some(remaining) = f.crash.get(&name) {
         if remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
-            die(name);
+            die(&name);
         }
     }
-    if with_file(|f| f.crash.iter().any(|c| c == name)) == Some(true) {
-        die(name);
+    if with_file(|f| f.crash.contains(&name)) == Some(true) {
+        die(&name);
     }
 }
 
-/// Sleeps here if the delay point `name` is armed.
-pub async fn delay_point(name: &str) {
-    let d = faults()
-        .delay
-        .get(name)
-        .copied()
-        .or_else(|| with_file(|f| f.delay.get(name).copied()).flatten());
-    if let Some(d) = d {
-        tracing::warn!(
-            point = name,
-            delay_ms = d.as_millis() as u64,
-            "injected delay"
-        );
-        tokio::time::sleep(d).await;
+/// How long to sleep at the delay point `name`, if it is armed (the caller
+/// sleeps, so that a `format_args!` name need not live across an await).
+pub fn delay_for(name: impl std::fmt::Display) -> Option<Duration> {
+    let f = faults();
+    if !f.any() {
+        return None;
     }
+    let name = name.to_string();
+    let d = f
+        .delay
+        .get(&name)
+        .copied()
+        .or_else(|| with_file(|f| f.delay.get(&name).copied()).flatten())?;
+    tracing::warn!(point = %name, delay_ms = d.as_millis() as u64, "injected delay");
+    Some(d)
 }
 
 /// True when the deliberate protocol break `name` is switched on with

@@ -21,7 +21,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tracing::{error, info, warn, Instrument};
 use twopc_common::backoff::Backoff;
 use twopc_common::db::{self, Db, DbError};
-use twopc_common::fault::{crash_point, delay_point};
+use twopc_common::fault::{crash_point, delay_for};
 use twopc_common::micro::Registry;
 use twopc_common::now_ms;
 use twopc_common::serve::{serve, Endpoint, Response};
@@ -338,7 +338,10 @@ impl<R: Resource> Participant<R> {
         };
         let span = tracing::info_span!("prepare", participant = name, tx = %msg.tx, %trace_id);
         async move {
-            delay_point(&format!("{name}.prepare")).await;
+            let delay = delay_for(format_args!("{name}.prepare"));
+            if let Some(d) = delay {
+                tokio::time::sleep(d).await;
+            }
             let resource = self.resource.clone();
             let Prepare { tx, op } = msg;
             if twopc_common::fault::broken("vote_before_durable") {
@@ -372,7 +375,7 @@ impl<R: Resource> Participant<R> {
             // Durable point: `db.run` returned only after the batch holding
             // this prepare was fsynced, so the yes vote below announces a
             // durable prepared record.
-            crash_point(&format!("{name}.prepare.after_durable"));
+            crash_point(format_args!("{name}.prepare.after_durable"));
             tracing::debug!(log_us = started.elapsed().as_micros() as u64, "timings");
             metrics::counter!(
                 "twopc_votes_total",
@@ -406,10 +409,13 @@ impl<R: Resource> Participant<R> {
                 return Response::error(body, 400, format!("bad_message: {e}"));
             }
         };
-        delay_point(&format!("{name}.decide")).await;
+        let delay = delay_for(format_args!("{name}.decide"));
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
         // Crash point: the decision arrived but is not applied (the
         // participant stays prepared, in doubt, until it recovers).
-        crash_point(&format!("{name}.decide.before_apply"));
+        crash_point(format_args!("{name}.decide.before_apply"));
         let reply = self.apply_decision(msg.tx, msg.decision, &trace_id).await;
         match &reply {
             DecideReply::Ack => Response::ok(protocol::encode(&reply)),
@@ -447,7 +453,7 @@ impl<R: Resource> Participant<R> {
             };
             // Durable point: the decision's effect is fsynced before the ack
             // leaves, so the coordinator may forget the transaction after it.
-            crash_point(&format!("{name}.decide.after_durable"));
+            crash_point(format_args!("{name}.decide.after_durable"));
             match &reply {
                 DecideReply::Ack => {
                     metrics::counter!("twopc_decisions_applied_total", "decision" => decision.as_str())
@@ -631,7 +637,7 @@ impl<R: Resource> Participant<R> {
         match protocol::decode::<DecisionReply>(&reply.payload) {
             Ok(DecisionReply::Decided { tx: got, decision }) if got == tx => {
                 info!(participant = name, %tx, decision = decision.as_str(), "in-doubt transaction resolved by the coordinator");
-                crash_point(&format!("{name}.recover.before_apply"));
+                crash_point(format_args!("{name}.recover.before_apply"));
                 metrics::counter!("twopc_recoveries_total").increment(1);
                 matches!(
                     self.apply_decision(tx, decision, "").await,

@@ -158,6 +158,18 @@ impl System {
         self.wait_ready(kind).await
     }
 
+    /// Starts a service that died at its crash point again, disarmed.
+    pub async fn start_without_crash_points(&mut self, kind: Kind) -> anyhow::Result<()> {
+        tracing_line(&format!(
+            "--- start {} again without the crash point",
+            kind.name()
+        ));
+        let s = self.service(kind);
+        s.proc.set_env("TWOPC_CRASH_AT", None);
+        s.proc.start()?;
+        self.wait_ready(kind).await
+    }
+
     pub async fn seed(
         &mut self,
         users: &[(&str, u64)],
