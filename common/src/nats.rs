@@ -52,6 +52,40 @@ pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client
     Ok(client)
 }
 
+/// How much longer than a request's own timeout its caller waits at most.
+///
+/// async-nats starts a request's timeout only once the request is in the
+/// client's command channel; while the client is disconnected that channel
+/// fills and `send_request` then waits without bound. Every protocol request
+/// therefore also runs under an outer deadline of `timeout + this margin`.
+pub const REQUEST_DEADLINE_MARGIN_MS: u64 = 250;
+
+/// Longest a reply may wait to be queued for sending. A reply that cannot be
+/// queued this long is dropped: the requester has timed out by then anyway
+/// (and treats the outcome as unknown), and the handler must give back its
+/// in-flight permit.
+pub const REPLY_DEADLINE_MS: u64 = 1_000;
+
+/// A request-reply bounded end to end: the reply, or an error within
+/// `timeout` plus [`REQUEST_DEADLINE_MARGIN_MS`], connected or not. An outer
+/// deadline that fires is reported as `TimedOut`: like every timeout, the
+/// outcome is unknown (the request may or may not have been sent).
+pub async fn request(
+    client: &async_nats::Client,
+    subject: impl async_nats::subject::ToSubject,
+    request: async_nats::Request,
+    timeout: Duration,
+) -> Result<async_nats::Message, async_nats::RequestError> {
+    let request = request.timeout(Some(timeout));
+    let deadline = timeout + Duration::from_millis(REQUEST_DEADLINE_MARGIN_MS);
+    match tokio::time::timeout(deadline, client.send_request(subject, request)).await {
+        Ok(result) => result,
+        Err(_) => Err(async_nats::RequestError::new(
+            async_nats::RequestErrorKind::TimedOut,
+        )),
+    }
+}
+
 /// Waits for SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};

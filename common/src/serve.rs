@@ -109,18 +109,30 @@ pub struct Endpoint {
     pub busy: Response,
 }
 
+/// Sends a reply, waiting at most [`crate::nats::REPLY_DEADLINE_MS`] for room
+/// in the client's queue (it can be full while disconnected).
 async fn reply(client: &Client, to: async_nats::Subject, r: Response) {
-    let result = match &r.error {
-        None => client.publish(to, r.body).await,
-        Some((status, description)) => {
-            let mut headers = HeaderMap::new();
-            headers.insert("Nats-Service-Error", description.as_str());
-            headers.insert("Nats-Service-Error-Code", status.to_string().as_str());
-            client.publish_with_headers(to, headers, r.body).await
+    let publish = async {
+        match &r.error {
+            None => client.publish(to, r.body.clone()).await,
+            Some((status, description)) => {
+                let mut headers = HeaderMap::new();
+                headers.insert("Nats-Service-Error", description.as_str());
+                headers.insert("Nats-Service-Error-Code", status.to_string().as_str());
+                client
+                    .publish_with_headers(to, headers, r.body.clone())
+                    .await
+            }
         }
     };
-    if let Err(e) = result {
-        tracing::warn!(error = %e, "reply not sent");
+    let deadline = Duration::from_millis(crate::nats::REPLY_DEADLINE_MS);
+    match tokio::time::timeout(deadline, publish).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "reply not sent"),
+        Err(_) => tracing::warn!(
+            deadline_ms = crate::nats::REPLY_DEADLINE_MS,
+            "reply not sent: the NATS client could not queue it in time (disconnected?)"
+        ),
     }
 }
 

@@ -513,12 +513,17 @@ impl<L: DecisionLog> Coordinator<L> {
     ) -> Ballot {
         let request = async_nats::Request::new()
             .headers(trace.child().headers())
-            .payload(protocol::encode(&Prepare { tx, op }).into())
-            .timeout(Some(Duration::from_millis(self.args.prepare_timeout_ms)));
-        match self
-            .client
-            .send_request(subjects::prepare(participant), request)
-            .await
+            .payload(protocol::encode(&Prepare { tx, op }).into());
+        let timeout = Duration::from_millis(self.args.prepare_timeout_ms);
+        // Bounded even while disconnected, so phase 1 always ends (in a
+        // durable decision) within the prepare timeout plus a margin.
+        match twopc_common::nats::request(
+            &self.client,
+            subjects::prepare(participant),
+            request,
+            timeout,
+        )
+        .await
         {
             Ok(msg) => match protocol::decode::<Vote>(&msg.payload) {
                 Ok(vote) => Ballot::Voted(vote),
@@ -613,12 +618,15 @@ impl<L: DecisionLog> Coordinator<L> {
     ) -> bool {
         let request = async_nats::Request::new()
             .headers(trace.child().headers())
-            .payload(protocol::encode(&Decide { tx, decision }).into())
-            .timeout(Some(Duration::from_millis(self.args.decide_timeout_ms)));
-        match self
-            .client
-            .send_request(subjects::decide(participant), request)
-            .await
+            .payload(protocol::encode(&Decide { tx, decision }).into());
+        let timeout = Duration::from_millis(self.args.decide_timeout_ms);
+        match twopc_common::nats::request(
+            &self.client,
+            subjects::decide(participant),
+            request,
+            timeout,
+        )
+        .await
         {
             Ok(msg) => match protocol::decode::<DecideReply>(&msg.payload) {
                 Ok(DecideReply::Ack) => true,

@@ -52,13 +52,14 @@ async fn status<L: DecisionLog>(c: &Coordinator<L>) -> Status {
     let mut participants = vec![];
     let mut participants_in_doubt = vec![];
     for name in subjects::PARTICIPANTS {
-        let req = async_nats::Request::new()
-            .payload(b"{}".to_vec().into())
-            .timeout(Some(Duration::from_millis(500)));
-        match c
-            .client()
-            .send_request(subjects::participant_in_doubt(name), req)
-            .await
+        let req = async_nats::Request::new().payload(b"{}".to_vec().into());
+        match twopc_common::nats::request(
+            c.client(),
+            subjects::participant_in_doubt(name),
+            req,
+            Duration::from_millis(500),
+        )
+        .await
         {
             Ok(m) => match serde_json::from_slice::<ParticipantInDoubt>(&m.payload) {
                 Ok(d) => {

@@ -619,13 +619,15 @@ impl<R: Resource> Participant<R> {
             tx,
             participant: name.to_owned(),
         });
-        let request = async_nats::Request::new()
-            .payload(query.into())
-            .timeout(Some(Duration::from_millis(self.args.decision_timeout_ms)));
-        let reply = match self
-            .client
-            .send_request(subjects::DECISION_QUERY, request)
-            .await
+        let request = async_nats::Request::new().payload(query.into());
+        let timeout = Duration::from_millis(self.args.decision_timeout_ms);
+        let reply = match twopc_common::nats::request(
+            &self.client,
+            subjects::DECISION_QUERY,
+            request,
+            timeout,
+        )
+        .await
         {
             Ok(m) => m,
             Err(e) => {
