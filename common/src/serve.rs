@@ -91,7 +91,7 @@ pub fn status_of(code: Code) -> u16 {
         Code::PayloadTooLarge => 413,
         Code::Busy | Code::ShuttingDown | Code::Unavailable => 503,
         Code::Internal => 500,
-        Code::Timeout => 504,
+        Code::Timeout | Code::OutcomeUnknown => 504,
         _ => 400,
     }
 }

@@ -23,8 +23,8 @@ use twopc_common::backoff::Backoff;
 use twopc_common::fault::crash_point;
 use twopc_common::now_ms;
 use twopc_schemas::api::{
-    AbortReason, ApiError, CoordinatorInDoubt, Delivery, Outcome as ApiOutcome, PurchaseReply,
-    PurchaseRequest, TxQuery, TxStatus, Undelivered, VoteSummary,
+    AbortReason, ApiError, CoordinatorInDoubt, Delivery, PurchaseReply, PurchaseRequest, TxQuery,
+    TxStatus, Undelivered, VoteSummary,
 };
 use twopc_schemas::protocol::{
     self, BranchOp, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Prepare, TxId,
@@ -34,7 +34,7 @@ use twopc_schemas::{subjects, Code};
 
 use crate::config::{CoordinatorArgs, ReplyAfter};
 use crate::log::{DecisionLog, LogError, Record, Recorded, SqliteLog};
-use crate::phase::{decide, Ballot};
+use crate::phase::{conclude, decide, reply_from_record, Ballot};
 use twopc_common::micro::Registry;
 use twopc_common::serve::{serve, Endpoint, Response};
 use twopc_common::trace::TraceContext;
@@ -49,9 +49,12 @@ pub struct Counts {
     pub aborted: std::sync::atomic::AtomicU64,
 }
 
-/// A purchase in flight under a request id: what it buys, and its reply
+/// A purchase in flight under a request id: what it buys, and its answer
 /// once there is one.
-type InFlight = (PurchaseRequest, watch::Receiver<Option<PurchaseReply>>);
+type InFlight = (
+    PurchaseRequest,
+    watch::Receiver<Option<Result<PurchaseReply, ApiError>>>,
+);
 
 /// The coordinator's shared state.
 pub struct Coordinator<L: DecisionLog> {
@@ -71,20 +74,6 @@ pub struct Coordinator<L: DecisionLog> {
     /// Request ids whose purchase is in flight here, with the reply to come,
     /// so a client retry waits for the first attempt instead of racing it.
     requests: Mutex<HashMap<String, InFlight>>,
-}
-
-fn reply_from_record(rec: &Record, duplicate: bool) -> PurchaseReply {
-    PurchaseReply {
-        tx: rec.tx.to_string(),
-        outcome: match rec.decision {
-            Decision::Commit => ApiOutcome::Committed,
-            Decision::Abort => ApiOutcome::Aborted,
-        },
-        request_id: rec.request_id.clone(),
-        reason: rec.reason.clone(),
-        delivered: rec.pending.is_empty(),
-        duplicate,
-    }
 }
 
 fn same_purchase(a: &PurchaseRequest, b: &PurchaseRequest) -> bool {
@@ -248,7 +237,7 @@ impl<L: DecisionLog> Coordinator<L> {
             }
         };
         let reply = match req.request_id.clone() {
-            None => Ok(self.transact(req, trace).await),
+            None => self.transact(req, trace).await,
             Some(rid) => self.transact_once(rid, req, trace).await,
         };
         Response::json(reply)
@@ -286,14 +275,14 @@ impl<L: DecisionLog> Coordinator<L> {
                 info!(request_id = %rid, "retry of a purchase in flight; waiting for it");
                 let r = rx.wait_for(|r| r.is_some()).await;
                 return match r {
-                    Ok(r) => {
-                        let mut reply = r.clone().expect("waited for Some");
+                    Ok(r) => r.clone().expect("waited for Some").map(|mut reply| {
                         reply.duplicate = true;
-                        Ok(reply)
-                    }
+                        reply
+                    }),
                     Err(_) => Err(ApiError::new(
-                        Code::Internal,
-                        "the first attempt of this request ended without a reply; retry",
+                        Code::OutcomeUnknown,
+                        "the first attempt of this request ended without an answer; \
+                         retry with the same request_id",
                     )),
                 };
             }
@@ -317,18 +306,24 @@ impl<L: DecisionLog> Coordinator<L> {
                     Ok(reply_from_record(&rec, true))
                 }
             }
-            Ok(None) => Ok(self.clone().transact(req, trace).await),
+            Ok(None) => self.clone().transact(req, trace).await,
+            // Nothing started: the caller may retry.
             Err(e) => Err(log_error(e)),
         };
-        if let Ok(reply) = &result {
-            let _ = sender.send(Some(reply.clone()));
-        }
+        // Waiting retries hear the same answer, an error included. The key
+        // is bound durably (or nothing was decided) before it leaves the
+        // in-flight map, so a later retry finds it in the log.
+        let _ = sender.send(Some(result.clone()));
         self.requests.lock().expect("lock").remove(&rid);
         result
     }
 
     /// One transaction, start to reply.
-    async fn transact(self: Arc<Self>, req: PurchaseRequest, trace: TraceContext) -> PurchaseReply {
+    async fn transact(
+        self: Arc<Self>,
+        req: PurchaseRequest,
+        trace: TraceContext,
+    ) -> Result<PurchaseReply, ApiError> {
         let tx = TxId::now_v7();
         metrics::counter!("twopc_transactions_begun_total").increment(1);
         self.counts
@@ -350,7 +345,7 @@ impl<L: DecisionLog> Coordinator<L> {
         tx: TxId,
         req: PurchaseRequest,
         trace: TraceContext,
-    ) -> PurchaseReply {
+    ) -> Result<PurchaseReply, ApiError> {
         info!(user = %req.user, sku = %req.sku, qty = req.qty, amount = req.amount, request_id = ?req.request_id, "transaction begun");
         let branches = [
             (
@@ -403,87 +398,61 @@ impl<L: DecisionLog> Coordinator<L> {
             delivery_attempts: 0,
         };
         // Durable point: `record` returns after the decision is fsynced (or
-        // after finding an earlier decision, which wins). Nothing below may
-        // run before it: no participant and no client hears a decision that
-        // is not durable.
+        // after finding an earlier decision, which wins, with the request id
+        // bound to it in the same fsynced write). Nothing below may run
+        // before it: no participant and no client hears a decision that is
+        // not durable. (The one abort delivered without a record of its own
+        // is a presumed abort, which needs none; see `conclude`.)
         let recorded = self.log.record(rec).await;
-        let (decision, reason, mut reply) = match recorded {
-            Ok(Recorded::New(r)) => (r.decision, r.reason.clone(), reply_from_record(&r, false)),
-            Ok(Recorded::Existing(r)) => {
-                // Only a decision query writes first, and it writes abort.
-                assert_eq!(
-                    r.decision,
-                    Decision::Abort,
-                    "an earlier decision is a presumed abort"
-                );
-                warn!("a participant asked for the decision during phase 1; the transaction is aborted");
-                let mut reply = reply_from_record(&r, false);
-                reply.request_id = None;
-                (r.decision, r.reason.clone(), reply)
+        match &recorded {
+            Ok(Recorded::New(_)) => {}
+            Ok(Recorded::Existing(_)) => warn!(
+                "a participant asked for the decision during phase 1; the transaction is aborted"
+            ),
+            Ok(Recorded::KeyTaken(other)) => {
+                warn!(other = %other.tx, "request id taken by another transaction; this one aborts")
             }
-            Ok(Recorded::DuplicateRequest(other)) => {
-                warn!(other = %other.tx, "request id taken by a concurrent transaction; this one aborts");
-                let (done, _) = oneshot::channel();
-                tokio::spawn(self.clone().deliver(
-                    tx,
-                    Decision::Abort,
-                    outcome.deliver_to,
-                    done,
-                    trace.clone(),
-                ));
-                return reply_from_record(&other, true);
-            }
-            Err(e) => {
-                // Nothing recorded: by presumed abort the transaction is
-                // aborted, and a decision query will record it so.
-                error!(error = %e, "decision not recorded; aborting by presumption");
-                let reason = AbortReason {
-                    participant: SERVICE.into(),
-                    code: if matches!(e, LogError::Busy) {
-                        Code::Busy
-                    } else {
-                        Code::Internal
-                    },
-                    message: format!("the decision could not be recorded: {e}"),
-                };
-                let reply = PurchaseReply {
-                    tx: tx.to_string(),
-                    outcome: ApiOutcome::Aborted,
-                    request_id: None,
-                    reason: Some(reason.clone()),
-                    delivered: false,
-                    duplicate: false,
-                };
-                (Decision::Abort, Some(reason), reply)
-            }
-        };
+            Err(e) => error!(
+                error = %e,
+                "decision not recorded; the outcome is unknown until a participant asks"
+            ),
+        }
+        let conclusion = conclude(tx, recorded);
         crash_point("coordinator.decision.after_durable");
         metrics::histogram!("twopc_decision_seconds")
             .record(started.elapsed().as_secs_f64() - phase1_us as f64 / 1e6);
-        match decision {
-            Decision::Commit => {
+        match conclusion.deliver {
+            Some(Decision::Commit) => {
                 self.counts
                     .committed
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 metrics::counter!("twopc_transactions_committed_total").increment(1)
             }
-            Decision::Abort => {
+            Some(Decision::Abort) => {
                 self.counts
                     .aborted
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let reason = match &conclusion.reply {
+                    Ok(r) if r.tx == tx.to_string() => r.reason.as_ref().map(|r| r.code),
+                    _ => Some(Code::AlreadyExists),
+                };
                 metrics::counter!(
                     "twopc_transactions_aborted_total",
-                    "reason" => reason.as_ref().map_or("none", |r| r.code.as_str())
+                    "reason" => reason.map_or("none", |c| c.as_str())
                 )
                 .increment(1)
             }
+            None => metrics::counter!("twopc_transactions_outcome_unknown_total").increment(1),
         }
         tracing::debug!(
             phase1_us,
             decision_us = started.elapsed().as_micros() as u64 - phase1_us,
             "timings"
         );
-        info!(decision = decision.as_str(), reason = ?reason.as_ref().map(|r| r.code), "decision durable");
+        let Some(decision) = conclusion.deliver else {
+            return conclusion.reply;
+        };
+        info!(decision = decision.as_str(), "decision durable");
 
         // Phase 2 runs on its own task until every participant has the
         // decision; the client hears back now (the decision is durable) or
@@ -499,9 +468,13 @@ impl<L: DecisionLog> Coordinator<L> {
             ReplyAfter::Decision => nothing_to_deliver,
             ReplyAfter::Delivery => first_round.await.unwrap_or(false),
         };
-        reply.delivered = delivered;
         metrics::histogram!("twopc_purchase_seconds").record(started.elapsed().as_secs_f64());
-        reply
+        conclusion.reply.map(|mut reply| {
+            if reply.tx == tx.to_string() {
+                reply.delivered = delivered;
+            }
+            reply
+        })
     }
 
     async fn prepare(
@@ -696,7 +669,7 @@ impl<L: DecisionLog> Coordinator<L> {
                     decision: r.decision,
                 }
             }
-            Ok(Recorded::DuplicateRequest(_)) => {
+            Ok(Recorded::KeyTaken(_)) => {
                 unreachable!("a decision query carries no request id")
             }
             Err(e) => DecisionReply::Rejected {

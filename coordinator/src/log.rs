@@ -37,16 +37,20 @@ pub struct Record {
     pub delivery_attempts: u32,
 }
 
-/// What `record` did.
+/// What `record` did. Storage stores: it never turns one decision into
+/// another; the coordinator decides what each answer means.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Recorded {
-    /// This call's decision is now durable.
+    /// This call's record is now durable, with its request id if it had one.
     New(Record),
-    /// A decision for this id existed already (it wins).
+    /// The transaction had a decision already, which wins (the call's
+    /// decision is not written). If the call carried a request id that no
+    /// record held, the id is now bound to the existing record, in the same
+    /// durable write: a retry with that id finds this transaction.
     Existing(Record),
-    /// Another transaction holds this request id; this one was recorded as
-    /// aborted (with no request id) and the other's record is returned.
-    DuplicateRequest(Record),
+    /// The call's request id belongs to another transaction, returned here.
+    /// Nothing was written.
+    KeyTaken(Record),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,30 +200,53 @@ fn insert(c: &Connection, rec: &Record) -> rusqlite::Result<()> {
     Ok(())
 }
 
+fn by_request_id(c: &Connection, request_id: &str) -> rusqlite::Result<Option<Record>> {
+    c.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM decisions WHERE request_id = ?1"
+    ))?
+    .query_row([request_id], row_to_record)
+    .optional()
+}
+
+/// First writer wins, for the transaction's decision and for the request
+/// id alike; see [`Recorded`]. Runs inside one SQLite transaction, so the
+/// checks and the write are atomic.
 fn record(c: &Connection, mut rec: Record) -> rusqlite::Result<Recorded> {
-    if let Some(existing) = get(c, rec.tx)? {
-        return Ok(Recorded::Existing(existing));
-    }
-    if let Some(rid) = rec.request_id.clone() {
-        let other = c
-            .prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM decisions WHERE request_id = ?1"
-            ))?
-            .query_row([&rid], row_to_record)
-            .optional()?;
-        if let Some(other) = other {
-            // Two transactions raced for one request id: the first recorded
-            // keeps it; this one aborts so that the client is charged once.
-            rec.request_id = None;
-            rec.decision = Decision::Abort;
-            rec.reason = Some(AbortReason {
-                participant: "coordinator".into(),
-                code: twopc_schemas::Code::AlreadyExists,
-                message: format!("request_id {rid:?} belongs to transaction {}", other.tx),
-            });
-            insert(c, &rec)?;
-            return Ok(Recorded::DuplicateRequest(other));
+    if let Some(rid) = rec.request_id.as_deref() {
+        if let Some(holder) = by_request_id(c, rid)? {
+            if holder.tx != rec.tx {
+                return Ok(Recorded::KeyTaken(holder));
+            }
         }
+    }
+    if let Some(mut existing) = get(c, rec.tx)? {
+        if existing.request_id.is_none() && rec.request_id.is_some() {
+            // The attempt that owns the key ended in a decision somebody else
+            // recorded (a presumed abort): bind the key to it, so that the
+            // key's first outcome is this one, for good.
+            existing.request_id = rec.request_id;
+            if existing.purchase.is_none() {
+                existing.purchase = rec.purchase;
+            }
+            if existing.votes.is_empty() {
+                existing.votes = rec.votes;
+            }
+            db::exec(
+                c,
+                "UPDATE decisions SET request_id = ?2, purchase = ?3, votes = ?4 WHERE tx = ?1 AND request_id IS NULL",
+                params![
+                    existing.tx.as_bytes().as_slice(),
+                    existing.request_id,
+                    existing
+                        .purchase
+                        .as_ref()
+                        .map(|p| serde_json::to_string(p).expect("serialises")),
+                    (!existing.votes.is_empty())
+                        .then(|| serde_json::to_string(&existing.votes).expect("serialises")),
+                ],
+            )?;
+        }
+        return Ok(Recorded::Existing(existing));
     }
     if rec.pending.is_empty() && rec.completed_at_ms.is_none() {
         rec.completed_at_ms = Some(now_ms());
@@ -238,16 +265,7 @@ impl DecisionLog for SqliteLog {
     }
 
     async fn by_request_id(&self, request_id: String) -> Result<Option<Record>, LogError> {
-        Ok(self
-            .db
-            .run(move |c| {
-                c.prepare_cached(&format!(
-                    "SELECT {COLUMNS} FROM decisions WHERE request_id = ?1"
-                ))?
-                .query_row([&request_id], row_to_record)
-                .optional()
-            })
-            .await?)
+        Ok(self.db.run(move |c| by_request_id(c, &request_id)).await?)
     }
 
     async fn acked(
@@ -351,12 +369,16 @@ mod tests {
             .await
             .unwrap()
         {
-            Recorded::DuplicateRequest(r) => assert_eq!(r.tx, a),
+            Recorded::KeyTaken(r) => assert_eq!(r.tx, a),
             other => panic!("{other:?}"),
         }
-        assert_eq!(log.get(b).await.unwrap().unwrap().decision, Decision::Abort);
+        assert_eq!(
+            log.get(b).await.unwrap(),
+            None,
+            "a taken key writes nothing"
+        );
         assert_eq!(log.by_request_id("k".into()).await.unwrap().unwrap().tx, a);
-
+        log.record(rec(b, Decision::Abort, None)).await.unwrap();
         assert_eq!(log.incomplete().await.unwrap().len(), 3);
         log.acked(a, vec!["wallet".into()], 1).await.unwrap();
         assert_eq!(log.get(a).await.unwrap().unwrap().pending, vec!["order"]);
@@ -365,5 +387,56 @@ mod tests {
         assert!(done.pending.is_empty() && done.completed_at_ms.is_some());
         assert_eq!(done.delivery_attempts, 3);
         assert_eq!(log.incomplete().await.unwrap().len(), 2);
+    }
+
+    /// A presumed abort recorded first (no key) and the attempt's own
+    /// record second: the key is bound to the abort in that second write,
+    /// and only if no other transaction holds it.
+    #[tokio::test]
+    async fn a_key_binds_to_a_decision_recorded_by_someone_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SqliteLog::open(&dir.path().join("c.db")).unwrap();
+        let tx = TxId::now_v7();
+        let mut presumed = rec(tx, Decision::Abort, None);
+        presumed.deliver_to.clear();
+        presumed.pending.clear();
+        assert!(matches!(
+            log.record(presumed).await.unwrap(),
+            Recorded::New(_)
+        ));
+        let mut attempt = rec(tx, Decision::Commit, Some("k"));
+        attempt.purchase = Some(PurchaseRequest {
+            user: "alice".into(),
+            sku: "book-1".into(),
+            qty: 1,
+            amount: 1,
+            request_id: Some("k".into()),
+        });
+        match log.record(attempt.clone()).await.unwrap() {
+            Recorded::Existing(r) => {
+                assert_eq!(r.decision, Decision::Abort);
+                assert_eq!(r.request_id.as_deref(), Some("k"));
+                assert_eq!(r.purchase, attempt.purchase);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Read back from disk: the binding is durable, not just returned.
+        let stored = log.by_request_id("k".into()).await.unwrap().unwrap();
+        assert_eq!((stored.tx, stored.decision), (tx, Decision::Abort));
+        // Recording again is idempotent.
+        assert!(matches!(
+            log.record(attempt).await.unwrap(),
+            Recorded::Existing(r) if r.request_id.as_deref() == Some("k")
+        ));
+
+        // A presumed abort whose key is held by another transaction stays
+        // unbound.
+        let other = TxId::now_v7();
+        log.record(rec(other, Decision::Abort, None)).await.unwrap();
+        assert!(matches!(
+            log.record(rec(other, Decision::Commit, Some("k"))).await.unwrap(),
+            Recorded::KeyTaken(r) if r.tx == tx
+        ));
+        assert_eq!(log.get(other).await.unwrap().unwrap().request_id, None);
     }
 }

@@ -1,8 +1,11 @@
-//! From votes to a decision, without I/O.
+//! From votes to a decision, and from the log's answer to what happens
+//! next, without I/O.
 
-use twopc_schemas::api::AbortReason;
-use twopc_schemas::protocol::{Decision, Vote};
+use twopc_schemas::api::{AbortReason, ApiError, Outcome as ApiOutcome, PurchaseReply};
+use twopc_schemas::protocol::{Decision, TxId, Vote};
 use twopc_schemas::Code;
+
+use crate::log::{LogError, Record, Recorded};
 
 /// One participant's answer to phase 1, as the coordinator saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +78,90 @@ pub fn decide(ballots: &[(String, Ballot)]) -> Outcome {
     }
 }
 
+/// The client's view of a durable record.
+pub fn reply_from_record(rec: &Record, duplicate: bool) -> PurchaseReply {
+    PurchaseReply {
+        tx: rec.tx.to_string(),
+        outcome: match rec.decision {
+            Decision::Commit => ApiOutcome::Committed,
+            Decision::Abort => ApiOutcome::Aborted,
+        },
+        request_id: rec.request_id.clone(),
+        reason: rec.reason.clone(),
+        delivered: rec.pending.is_empty(),
+        duplicate,
+    }
+}
+
+/// What follows once phase 1 has ended and the log has answered the
+/// attempt's `record`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conclusion {
+    /// The transaction's final decision, to deliver to every participant
+    /// that may have prepared; `None` when it is unknown (the log failed):
+    /// then nothing is delivered, and participants in doubt ask, learning
+    /// whatever the log holds, or abort by presumption.
+    pub deliver: Option<Decision>,
+    /// The client's answer. For a purchase with a request id it is always
+    /// the outcome of the transaction durably bound to that id (the key's
+    /// first outcome), or an `outcome_unknown` error: never an `aborted`
+    /// that a retry could contradict.
+    pub reply: Result<PurchaseReply, ApiError>,
+}
+
+/// The one place that turns the log's answer into a delivery and a reply.
+/// Every way an attempt can end goes through here: its own decision, a
+/// presumed abort recorded first by a participant's query (the key is bound
+/// to it by the same write), a request id held by another transaction, and
+/// a log failure.
+pub fn conclude(tx: TxId, recorded: Result<Recorded, LogError>) -> Conclusion {
+    match recorded {
+        Ok(Recorded::New(r)) => {
+            assert_eq!(r.tx, tx);
+            Conclusion {
+                deliver: Some(r.decision),
+                reply: Ok(reply_from_record(&r, false)),
+            }
+        }
+        Ok(Recorded::Existing(r)) => {
+            // Only a decision query writes before the attempt does, and it
+            // writes abort.
+            assert_eq!(r.tx, tx);
+            assert_eq!(
+                r.decision,
+                Decision::Abort,
+                "an earlier decision is a presumed abort"
+            );
+            Conclusion {
+                deliver: Some(Decision::Abort),
+                reply: Ok(reply_from_record(&r, false)),
+            }
+        }
+        Ok(Recorded::KeyTaken(holder)) => {
+            // Another transaction holds the key, so this one must not
+            // commit. Nothing was written for it, and nothing needs to be:
+            // by presumed abort an unrecorded transaction is aborted, and
+            // only this attempt could have recorded commit. The client
+            // hears the key's first outcome.
+            assert_ne!(holder.tx, tx);
+            Conclusion {
+                deliver: Some(Decision::Abort),
+                reply: Ok(reply_from_record(&holder, true)),
+            }
+        }
+        Err(e) => Conclusion {
+            deliver: None,
+            reply: Err(ApiError::new(
+                Code::OutcomeUnknown,
+                format!(
+                    "transaction {tx}: the decision could not be recorded ({e}); \
+                     the outcome is unknown: retry with the same request_id, or ask shop.tx"
+                ),
+            )),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,5 +217,98 @@ mod tests {
         assert_eq!(o.decision, Decision::Abort);
         assert_eq!(o.reason.unwrap().code, Code::Unavailable);
         assert_eq!(o.deliver_to, vec!["order"]);
+    }
+
+    fn record(tx: TxId, decision: Decision, rid: Option<&str>) -> Record {
+        Record {
+            tx,
+            decision,
+            request_id: rid.map(Into::into),
+            purchase: None,
+            reason: (decision == Decision::Abort).then(|| AbortReason {
+                participant: "coordinator".into(),
+                code: Code::PresumedAbort,
+                message: "order asked before a decision was recorded".into(),
+            }),
+            deliver_to: vec![],
+            pending: vec![],
+            decided_at_ms: 1,
+            completed_at_ms: Some(1),
+            votes: vec![],
+            delivery_attempts: 0,
+        }
+    }
+
+    #[test]
+    fn a_new_record_is_delivered_and_answered() {
+        let tx = TxId::now_v7();
+        let c = conclude(
+            tx,
+            Ok(Recorded::New(record(tx, Decision::Commit, Some("k")))),
+        );
+        assert_eq!(c.deliver, Some(Decision::Commit));
+        let r = c.reply.unwrap();
+        assert_eq!(
+            (r.outcome, r.request_id.as_deref(), r.duplicate),
+            (ApiOutcome::Committed, Some("k"), false)
+        );
+    }
+
+    #[test]
+    fn a_presumed_abort_recorded_first_ends_the_attempt_with_the_key_bound() {
+        let tx = TxId::now_v7();
+        // The log bound the key to the presumed abort in the same write.
+        let c = conclude(
+            tx,
+            Ok(Recorded::Existing(record(tx, Decision::Abort, Some("k")))),
+        );
+        assert_eq!(c.deliver, Some(Decision::Abort));
+        let r = c.reply.unwrap();
+        assert_eq!(r.outcome, ApiOutcome::Aborted);
+        assert_eq!(r.request_id.as_deref(), Some("k"));
+        assert_eq!(r.reason.unwrap().code, Code::PresumedAbort);
+    }
+
+    #[test]
+    #[should_panic(expected = "presumed abort")]
+    fn an_earlier_commit_is_impossible() {
+        let tx = TxId::now_v7();
+        conclude(
+            tx,
+            Ok(Recorded::Existing(record(tx, Decision::Commit, None))),
+        );
+    }
+
+    #[test]
+    fn a_taken_key_aborts_this_transaction_and_answers_the_first_outcome() {
+        let tx = TxId::now_v7();
+        let first = TxId::now_v7();
+        let c = conclude(
+            tx,
+            Ok(Recorded::KeyTaken(record(
+                first,
+                Decision::Commit,
+                Some("k"),
+            ))),
+        );
+        assert_eq!(c.deliver, Some(Decision::Abort));
+        let r = c.reply.unwrap();
+        assert_eq!(r.tx, first.to_string());
+        assert_eq!((r.outcome, r.duplicate), (ApiOutcome::Committed, true));
+    }
+
+    #[test]
+    fn a_log_failure_is_an_unknown_outcome_never_an_abort() {
+        let tx = TxId::now_v7();
+        for e in [LogError::Busy, LogError::Failed("disk".into())] {
+            let c = conclude(tx, Err(e));
+            assert_eq!(
+                c.deliver, None,
+                "nothing is delivered without a durable decision"
+            );
+            let e = c.reply.unwrap_err();
+            assert_eq!(e.code, Code::OutcomeUnknown);
+            assert!(e.message.contains(&tx.to_string()), "{e}");
+        }
     }
 }

@@ -48,6 +48,11 @@ pub enum Code {
     Internal,
     /// The service is shutting down and takes no new work.
     ShuttingDown,
+    /// The outcome is not known (for example the decision log failed while
+    /// recording it): the purchase may or may not happen. Not an abort:
+    /// retry with the same `request_id` to learn the outcome, or ask
+    /// `shop.tx` about the transaction named in the message.
+    OutcomeUnknown,
 }
 
 impl Code {
@@ -73,6 +78,7 @@ impl Code {
             Code::UnknownTx => "unknown_tx",
             Code::Internal => "internal",
             Code::ShuttingDown => "shutting_down",
+            Code::OutcomeUnknown => "outcome_unknown",
         }
     }
 
@@ -114,6 +120,7 @@ mod tests {
             Code::UnknownTx,
             Code::Internal,
             Code::ShuttingDown,
+            Code::OutcomeUnknown,
         ];
         for code in all {
             let json = serde_json::to_string(&code).unwrap();
