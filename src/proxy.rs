@@ -1,11 +1,16 @@
 //! A TCP proxy between one service and nats-server, so a test can take that
 //! service's link down and bring it back: every connection is cut and new
-//! ones are refused until the link is up again. Loopback only.
+//! ones are refused until the link is up again; or stall it one way, so the
+//! service still receives but nothing it sends gets through. Loopback only.
 
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
+
+/// Receive buffer of the proxy's sockets towards the service.
+const SERVICE_SIDE_RECV_BUFFER_BYTES: u32 = 16 * 1024;
 
 /// The state of a proxied link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,6 +20,11 @@ pub enum Link {
     /// Existing connections are closed, new ones refused (a link taken
     /// down: the service sees connection resets and reconnects later).
     Cut,
+    /// The connection stays open and the service keeps receiving, but the
+    /// proxy stops reading what the service sends (a congested or half-dead
+    /// link: the service's socket and then its client's queue fill up).
+    /// What was held back flows again when the link is `Up`.
+    Stalled,
 }
 
 pub struct Proxy {
@@ -29,7 +39,15 @@ pub struct Proxy {
 impl Proxy {
     /// Listens on a free loopback port and forwards to `upstream_port`.
     pub async fn start(upstream_port: u16) -> anyhow::Result<Proxy> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        // A small receive buffer on the service side (accepted sockets
+        // inherit it), so that a stalled link backs up into the service
+        // within a few dozen messages, as a congested link would, instead
+        // of into megabytes of loopback buffers. While the link is up the
+        // proxy reads at once, so throughput does not suffer.
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_recv_buffer_size(SERVICE_SIDE_RECV_BUFFER_BYTES)?;
+        socket.bind("127.0.0.1:0".parse().expect("loopback address"))?;
+        let listener = socket.listen(1024)?;
         let port = listener.local_addr()?.port();
         let (tx, _) = watch::channel(Link::Up);
         let state = Arc::new(tx);
@@ -69,14 +87,40 @@ impl Drop for Proxy {
     }
 }
 
-async fn forward(mut inbound: TcpStream, upstream_port: u16, mut state: watch::Receiver<Link>) {
-    let Ok(mut upstream) = TcpStream::connect(("127.0.0.1", upstream_port)).await else {
+async fn forward(inbound: TcpStream, upstream_port: u16, mut state: watch::Receiver<Link>) {
+    let Ok(upstream) = TcpStream::connect(("127.0.0.1", upstream_port)).await else {
         return;
     };
     let _ = inbound.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
+    let (mut from_service, mut to_service) = inbound.into_split();
+    let (mut from_server, mut to_server) = upstream.into_split();
+    let downstream = tokio::io::copy(&mut from_server, &mut to_service);
+    let upstream_state = state.clone();
+    let upstream = async move {
+        let mut state = upstream_state;
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            // While stalled, nothing is read from the service: its writes
+            // back up in the kernel and then in its own client.
+            if state.wait_for(|l| *l != Link::Stalled).await.is_err() {
+                return;
+            }
+            let n = tokio::select! {
+                r = from_service.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                },
+                _ = state.wait_for(|l| *l == Link::Stalled) => continue,
+            };
+            if to_server.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
     tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut inbound, &mut upstream) => {}
+        _ = downstream => {}
+        _ = upstream => {}
         _ = state.wait_for(|l| *l == Link::Cut) => {}
     }
     // Dropping both sockets closes the connection on each side.
