@@ -455,10 +455,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         result("no_holds_or_in_doubt_left", check::no_holds_left(&snapshot)),
         result("client_view", check::client_view(&told, &snapshot)),
         result(
-            "request_id_applied_once",
-            check::request_ids_applied_once(&snapshot),
-        ),
-        result(
             "never_negative",
             never_negative.lock().expect("lock").clone(),
         ),
