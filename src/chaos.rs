@@ -29,8 +29,9 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use twopc_schemas::api::{Outcome, PurchaseReply, PurchaseRequest};
 use twopc_schemas::subjects;
+use uuid::Uuid;
 
-use crate::check::{self, Initial, Snapshot, Told};
+use crate::check::{self, Initial, KeyReply, Snapshot, Told};
 use crate::client::{create_if_absent, request, Reply};
 use crate::launcher::{Binaries, Kind, NatsServer, Service, Settings};
 use crate::proxy::{Link, Proxy};
@@ -109,6 +110,10 @@ pub struct Config {
     pub client_timeout: Duration,
     /// Retries with the same request id after a timeout.
     pub max_retries: u32,
+    /// Share of answered purchases sent again later, same request id and
+    /// body, as a client does that never saw the answer: the coordinator
+    /// must give every send of a key the same transaction and outcome.
+    pub resend_share: f64,
     /// Mean time between fault starts.
     pub fault_interval: Duration,
     /// Most faults active at once.
@@ -143,6 +148,7 @@ impl Config {
             bad_share: 0.1,
             client_timeout: Duration::from_secs(3),
             max_retries: 3,
+            resend_share: 0.33,
             fault_interval: Duration::from_millis(700),
             max_active_faults: 2,
             weights: FaultKind::ALL.into_iter().map(|k| (k, 1)).collect(),
@@ -181,6 +187,11 @@ pub struct Report {
     pub retries: u64,
     /// Error replies (`busy`, ...), retried.
     pub error_replies: u64,
+    /// Answered purchases sent again with the same request id and body.
+    pub resends: u64,
+    /// Re-sends answered with a transaction other than the key's first
+    /// answer (each one also violates `request_id_client_view`).
+    pub resends_different_tx: u64,
     /// Abort reasons seen by clients.
     pub abort_codes: BTreeMap<String, u64>,
     pub faults: BTreeMap<String, u64>,
@@ -203,6 +214,10 @@ impl Report {
         s.push_str(&format!(
             "purchases: {} attempted, {} committed, {} aborted, {} unknown to the client ({} retries, {} error replies)\n",
             self.attempted, self.committed, self.aborted, self.unknown_to_client, self.retries, self.error_replies
+        ));
+        s.push_str(&format!(
+            "re-sends of answered purchases: {} ({} answered with a different tx)\n",
+            self.resends, self.resends_different_tx
         ));
         let codes: Vec<String> = self
             .abort_codes
@@ -408,7 +423,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
 
     let deadline = Instant::now() + cfg.duration;
     let stats = Arc::new(Stats::default());
-    let told = Arc::new(Mutex::new(Vec::<Told>::new()));
+    let heard = Arc::new(Heard::default());
     let mut workers = vec![];
     for w in 0..cfg.concurrency {
         workers.push(tokio::spawn(worker(
@@ -418,12 +433,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
             catalogue.clone(),
             deadline,
             stats.clone(),
-            told.clone(),
+            heard.clone(),
         )));
     }
     let supervisor = tokio::spawn(supervise(shared.clone()));
-    let never_negative = Arc::new(Mutex::new(Vec::<String>::new()));
-    let sampler = tokio::spawn(sample(root.clone(), never_negative.clone()));
     nemesis(&cfg, shared.clone(), deadline).await;
 
     // Heal: the nemesis's fault tasks have all ended (each heals its own
@@ -446,21 +459,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     supervisor.abort();
-    sampler.abort();
     let snapshot = Snapshot::read(&root)?;
-    let told = told.lock().expect("lock").clone();
+    let told = heard.told.lock().expect("lock").clone();
+    let replies = heard.replies.lock().expect("lock").clone();
     let mut invariants = vec![
         result("atomicity", check::atomicity(&snapshot)),
         result("conservation", check::conservation(&initial, &snapshot)),
         result("no_holds_or_in_doubt_left", check::no_holds_left(&snapshot)),
         result("client_view", check::client_view(&told, &snapshot)),
         result(
-            "request_id_applied_once",
-            check::request_ids_applied_once(&snapshot),
-        ),
-        result(
-            "never_negative",
-            never_negative.lock().expect("lock").clone(),
+            "request_id_client_view",
+            check::request_id_client_view(&replies, &snapshot),
         ),
     ];
     if quiescent_at.is_none() {
@@ -482,6 +491,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         unknown_to_client: stats.unknown.load(Ordering::Relaxed),
         retries: stats.retries.load(Ordering::Relaxed),
         error_replies: stats.error_replies.load(Ordering::Relaxed),
+        resends: stats.resends.load(Ordering::Relaxed),
+        resends_different_tx: stats.resends_different_tx.load(Ordering::Relaxed),
         abort_codes: stats.abort_codes.lock().expect("lock").clone(),
         faults: shared.faults.lock().expect("lock").clone(),
         unexpected_exits: shared.unexpected_exits.load(Ordering::Relaxed),
@@ -512,11 +523,44 @@ struct Stats {
     unknown: AtomicU64,
     retries: AtomicU64,
     error_replies: AtomicU64,
+    resends: AtomicU64,
+    resends_different_tx: AtomicU64,
     abort_codes: Mutex<BTreeMap<String, u64>>,
 }
 
+/// What clients were told, collected from every worker.
+#[derive(Default)]
+struct Heard {
+    /// One entry per purchase (request id): its first answer, or unknown
+    /// when every attempt went unanswered.
+    told: Mutex<Vec<Told>>,
+    /// Every answer to every send of every request id: first sends,
+    /// retries after a timeout, re-sends of answered purchases.
+    replies: Mutex<Vec<KeyReply>>,
+}
+
+/// Most answered purchases one worker keeps waiting for their re-send.
+const RESEND_QUEUE_MAX: usize = 32;
+
+/// Longest wait between a purchase's answer and its re-send. Faults hold
+/// for 0.3–4 s, so a re-send often lands in a different fault (or after
+/// the restart) than its first send.
+const RESEND_DELAY_MAX_MS: u64 = 5_000;
+
+/// An answered purchase waiting to be sent again.
+struct Resend {
+    req: PurchaseRequest,
+    /// The key sent; the reply's `request_id` is not trusted for it.
+    key: String,
+    /// The transaction of the key's first answer.
+    first_tx: Uuid,
+    due: Instant,
+}
+
 /// One client: purchases one after another until the deadline, retrying a
-/// timed-out purchase with the same request id as a real client would.
+/// timed-out purchase with the same request id as a real client would, and
+/// sending a share of answered purchases again later, interleaved with new
+/// ones, as a client does that lost an answer it had in fact received.
 async fn worker(
     id: usize,
     cfg: Config,
@@ -524,12 +568,23 @@ async fn worker(
     catalogue: Vec<(String, u64)>,
     deadline: Instant,
     stats: Arc<Stats>,
-    told: Arc<Mutex<Vec<Told>>>,
+    heard: Arc<Heard>,
 ) {
     let mut rng =
         StdRng::seed_from_u64(cfg.seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(id as u64 + 1)));
     let mut n = 0u64;
+    let mut queue: Vec<Resend> = vec![];
     while Instant::now() < deadline {
+        // A due re-send goes first; a full queue gives up its earliest one
+        // early rather than growing.
+        let earliest = (0..queue.len()).min_by_key(|&i| queue[i].due);
+        if let Some(i) = earliest {
+            if queue[i].due <= Instant::now() || queue.len() >= RESEND_QUEUE_MAX {
+                let r = queue.swap_remove(i);
+                resend(&cfg, &client, r, &stats, &heard).await;
+                continue;
+            }
+        }
         n += 1;
         let user = format!("user-{}", rng.random_range(0..cfg.users));
         let (sku, price) = catalogue[rng.random_range(0..catalogue.len())].clone();
@@ -539,59 +594,124 @@ async fn worker(
         } else {
             price * qty
         };
+        let key = format!("chaos-{}-{id}-{n}", cfg.seed);
         let req = PurchaseRequest {
             user,
             sku,
             qty,
             amount,
-            request_id: Some(format!("chaos-{}-{id}-{n}", cfg.seed)),
+            request_id: Some(key.clone()),
         };
         stats.attempted.fetch_add(1, Ordering::Relaxed);
-        let mut outcome = Told::Unknown;
-        for attempt in 0..=cfg.max_retries {
-            if attempt > 0 {
-                stats.retries.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
-            }
-            match request::<_, PurchaseReply>(&client, subjects::PURCHASE, &req, cfg.client_timeout)
-                .await
-            {
-                Ok(Reply::Ok(r)) => {
-                    let tx = r.tx.parse().expect("tx id");
-                    outcome = match r.outcome {
-                        Outcome::Committed => Told::Committed(tx),
-                        Outcome::Aborted => {
-                            let code = r.reason.as_ref().map_or("none", |r| r.code.as_str());
-                            if matches!(code, "unavailable" | "timeout" | "busy") {
-                                // As a real client would, back off a little
-                                // before buying again from a sick system.
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                            }
-                            *stats
-                                .abort_codes
-                                .lock()
-                                .expect("lock")
-                                .entry(code.into())
-                                .or_default() += 1;
-                            Told::Aborted(tx)
-                        }
-                    };
-                    break;
+        let answer = send_until_answered(&cfg, &client, &req, &key, &stats, &heard).await;
+        let outcome = match &answer {
+            Some(r) => {
+                let tx = r.tx.parse().expect("tx id");
+                match r.outcome {
+                    Outcome::Committed => Told::Committed(tx),
+                    Outcome::Aborted => {
+                        let code = r.reason.as_ref().map_or("none", |r| r.code.as_str());
+                        *stats
+                            .abort_codes
+                            .lock()
+                            .expect("lock")
+                            .entry(code.into())
+                            .or_default() += 1;
+                        Told::Aborted(tx)
+                    }
                 }
-                Ok(Reply::Err(_)) => {
-                    stats.error_replies.fetch_add(1, Ordering::Relaxed);
-                }
-                // A timeout or no responders: unknown; retry the same id.
-                Err(_) => {}
             }
-        }
+            None => Told::Unknown,
+        };
         match outcome {
             Told::Committed(_) => stats.committed.fetch_add(1, Ordering::Relaxed),
             Told::Aborted(_) => stats.aborted.fetch_add(1, Ordering::Relaxed),
             Told::Unknown => stats.unknown.fetch_add(1, Ordering::Relaxed),
         };
-        told.lock().expect("lock").push(outcome);
+        if let (Told::Committed(tx) | Told::Aborted(tx), true) =
+            (&outcome, rng.random_bool(cfg.resend_share))
+        {
+            let delay = Duration::from_millis(rng.random_range(0..=RESEND_DELAY_MAX_MS));
+            queue.push(Resend {
+                req: req.clone(),
+                key,
+                first_tx: *tx,
+                due: Instant::now() + delay,
+            });
+        }
+        heard.told.lock().expect("lock").push(outcome);
     }
+    // Keys answered shortly before the deadline are re-sent too, now, while
+    // the last faults heal: a key the coordinator forgot during a fault would
+    // run again exactly then.
+    queue.sort_by_key(|r| r.due);
+    for r in queue {
+        resend(&cfg, &client, r, &stats, &heard).await;
+    }
+}
+
+/// Sends an answered purchase again, unchanged, and counts an answer that
+/// names another transaction than the first (the checker reports it too).
+async fn resend(
+    cfg: &Config,
+    client: &async_nats::Client,
+    r: Resend,
+    stats: &Stats,
+    heard: &Heard,
+) {
+    stats.resends.fetch_add(1, Ordering::Relaxed);
+    let answer = send_until_answered(cfg, client, &r.req, &r.key, stats, heard).await;
+    if let Some(a) = answer {
+        let tx: Uuid = a.tx.parse().expect("tx id");
+        if tx != r.first_tx {
+            stats.resends_different_tx.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Sends `req` until it is answered: after a timeout, no responders or an
+/// error reply (`busy`, or an outcome the coordinator could not establish)
+/// the outcome is unknown, and the same request id is sent again, at most
+/// `cfg.max_retries` more times. The answer, if any, is recorded in
+/// `heard.replies` under `key`, the key this client sent.
+async fn send_until_answered(
+    cfg: &Config,
+    client: &async_nats::Client,
+    req: &PurchaseRequest,
+    key: &str,
+    stats: &Stats,
+    heard: &Heard,
+) -> Option<PurchaseReply> {
+    for attempt in 0..=cfg.max_retries {
+        if attempt > 0 {
+            stats.retries.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
+        }
+        match request::<_, PurchaseReply>(client, subjects::PURCHASE, req, cfg.client_timeout).await
+        {
+            Ok(Reply::Ok(r)) => {
+                heard.replies.lock().expect("lock").push(KeyReply {
+                    request_id: key.to_owned(),
+                    tx: r.tx.parse().expect("tx id"),
+                    outcome: r.outcome,
+                    duplicate: r.duplicate,
+                });
+                let code = r.reason.as_ref().map(|r| r.code.as_str());
+                if matches!(code, Some("unavailable" | "timeout" | "busy")) {
+                    // As a real client would, back off a little before
+                    // buying again from a sick system.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                return Some(r);
+            }
+            Ok(Reply::Err(_)) => {
+                stats.error_replies.fetch_add(1, Ordering::Relaxed);
+            }
+            // A timeout or no responders: unknown; retry the same id.
+            Err(_) => {}
+        }
+    }
+    None
 }
 
 /// Restarts services that died on their own (crash points armed by env,
@@ -611,35 +731,6 @@ async fn supervise(shared: Arc<Shared>) {
                 }
             }
         }
-    }
-}
-
-/// Checks balances and stock during the run: never negative, holds within
-/// balance.
-async fn sample(root: PathBuf, violations: Arc<Mutex<Vec<String>>>) {
-    loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let root = root.clone();
-        let found = tokio::task::spawn_blocking(move || {
-            let Ok(s) = Snapshot::read(&root) else {
-                return vec![];
-            };
-            let mut v = vec![];
-            for (u, (b, h)) in &s.users {
-                if *b < 0 || *h < 0 || h > b {
-                    v.push(format!("{u}: balance {b}, held {h}"));
-                }
-            }
-            for (k, (_, st, r)) in &s.products {
-                if *st < 0 || *r < 0 || r > st {
-                    v.push(format!("{k}: stock {st}, reserved {r}"));
-                }
-            }
-            v
-        })
-        .await
-        .unwrap_or_default();
-        violations.lock().expect("lock").extend(found);
     }
 }
 

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use rusqlite::{Connection, OpenFlags};
+use twopc_schemas::api::Outcome;
 use uuid::Uuid;
 
 /// What the system was seeded with.
@@ -326,15 +327,96 @@ pub fn client_view(told: &[Told], s: &Snapshot) -> Vec<String> {
     v
 }
 
-/// Idempotency: one request id is never applied twice.
-pub fn request_ids_applied_once(s: &Snapshot) -> Vec<String> {
-    let mut seen: BTreeMap<&str, Uuid> = BTreeMap::new();
+/// One answer a client got for a purchase with a `request_id`: the first
+/// send, a retry after a timeout, or a re-send of an answered request. An
+/// attempt without an answer (a timeout, an error reply) is not recorded:
+/// it says nothing about the outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyReply {
+    /// The key the client sent (remembered by the client, not read from the
+    /// reply, so that a coordinator that drops the key is still caught).
+    pub request_id: String,
+    /// The transaction the answer named.
+    pub tx: Uuid,
+    pub outcome: Outcome,
+    /// The coordinator said this answer repeats an earlier one.
+    pub duplicate: bool,
+}
+
+/// Client view per `request_id`: a key is one purchase, however often it is
+/// sent. For each key,
+/// * every answer names the same transaction and the same outcome;
+/// * if any answer said `aborted`, no transaction carrying the key is
+///   applied anywhere: neither a transaction named in an answer nor the one
+///   the decision log binds the key to;
+/// * if an answer said `committed`, that transaction is applied at both
+///   participants and the decision log binds the key to it (so a later
+///   re-send finds it).
+///
+/// `client_view` checks each answer against its own transaction only; this
+/// catches a key told `aborted` whose re-send then ran, committed and
+/// charged a second transaction.
+pub fn request_id_client_view(replies: &[KeyReply], s: &Snapshot) -> Vec<String> {
+    let mut by_key: BTreeMap<&str, Vec<&KeyReply>> = BTreeMap::new();
+    for r in replies {
+        by_key.entry(r.request_id.as_str()).or_default().push(r);
+    }
+    // The schema keeps `request_id` unique, but the check does not rely on
+    // the schema it is checking: every bound transaction is kept.
+    let mut bound: BTreeMap<&str, Vec<Uuid>> = BTreeMap::new();
+    for (tx, (_, _, rid)) in &s.decisions {
+        if let Some(rid) = rid {
+            bound.entry(rid.as_str()).or_default().push(*tx);
+        }
+    }
+    let applied = |tx: &Uuid| s.debits.contains_key(tx) || s.orders.contains_key(tx);
     let mut v = vec![];
-    for (tx, (d, _, rid)) in &s.decisions {
-        if let (Some(rid), "commit") = (rid.as_deref(), d.as_str()) {
-            if let Some(other) = seen.insert(rid, *tx) {
+    for (key, answers) in &by_key {
+        let bound_txs = bound.get(key).map(Vec::as_slice).unwrap_or_default();
+        let distinct: BTreeSet<(Uuid, &str)> = answers
+            .iter()
+            .map(|a| (a.tx, outcome_name(a.outcome)))
+            .collect();
+        if distinct.len() > 1 {
+            v.push(format!(
+                "request_id {key} answered differently: {}",
+                describe(answers)
+            ));
+        }
+        if answers.iter().any(|a| a.outcome == Outcome::Aborted) {
+            let carriers: BTreeSet<Uuid> = answers
+                .iter()
+                .map(|a| a.tx)
+                .chain(bound_txs.iter().copied())
+                .collect();
+            for tx in carriers.iter().filter(|tx| applied(tx)) {
                 v.push(format!(
-                    "request_id {rid} committed twice: {other} and {tx}"
+                    "request_id {key} told aborted, but tx {tx} carrying it is applied \
+                     (wallet: {}, order: {}; answers: {}; bound to {bound_txs:?})",
+                    s.debits.contains_key(tx),
+                    s.orders.contains_key(tx),
+                    describe(answers)
+                ));
+            }
+        }
+        let committed: BTreeSet<Uuid> = answers
+            .iter()
+            .filter(|a| a.outcome == Outcome::Committed)
+            .map(|a| a.tx)
+            .collect();
+        for tx in committed {
+            if !(s.debits.contains_key(&tx) && s.orders.contains_key(&tx)) {
+                v.push(format!(
+                    "request_id {key} told committed as tx {tx}, not applied at both \
+                     (wallet: {}, order: {})",
+                    s.debits.contains_key(&tx),
+                    s.orders.contains_key(&tx)
+                ));
+            }
+            if bound_txs != [tx] {
+                v.push(format!(
+                    "request_id {key} told committed as tx {tx}, but the decision log \
+                     binds it to {bound_txs:?}"
                 ));
             }
         }
@@ -342,12 +424,181 @@ pub fn request_ids_applied_once(s: &Snapshot) -> Vec<String> {
     v
 }
 
+fn outcome_name(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Committed => "committed",
+        Outcome::Aborted => "aborted",
+    }
+}
+
+/// The answers for one key, for people: `committed tx (duplicate), ...`.
+fn describe(answers: &[&KeyReply]) -> String {
+    let each: Vec<String> = answers
+        .iter()
+        .map(|a| {
+            format!(
+                "{} {}{}",
+                outcome_name(a.outcome),
+                a.tx,
+                if a.duplicate { " (duplicate)" } else { "" }
+            )
+        })
+        .collect();
+    each.join(", ")
+}
+
 /// Every invariant at once (for a quiescent system).
-pub fn all(init: &Initial, told: &[Told], s: &Snapshot) -> Vec<String> {
+pub fn all(init: &Initial, told: &[Told], replies: &[KeyReply], s: &Snapshot) -> Vec<String> {
     let mut v = atomicity(s);
     v.extend(conservation(init, s));
     v.extend(no_holds_left(s));
     v.extend(client_view(told, s));
-    v.extend(request_ids_applied_once(s));
+    v.extend(request_id_client_view(replies, s));
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALICE: &str = "alice";
+
+    fn tx(n: u128) -> Uuid {
+        Uuid::from_u128(n)
+    }
+
+    fn answer(key: &str, tx: Uuid, outcome: Outcome, duplicate: bool) -> KeyReply {
+        KeyReply {
+            request_id: key.into(),
+            tx,
+            outcome,
+            duplicate,
+        }
+    }
+
+    /// A snapshot in which `tx` was decided with `decision`, bound to `key`,
+    /// and (when `applied`) debited and ordered.
+    fn decided(s: &mut Snapshot, tx: Uuid, decision: &str, key: Option<&str>, applied: bool) {
+        s.decisions
+            .insert(tx, (decision.into(), vec![], key.map(Into::into)));
+        if applied {
+            s.debits.insert(tx, (ALICE.into(), 100));
+            s.orders.insert(tx, (ALICE.into(), "sku-0".into(), 1, 100));
+        }
+    }
+
+    #[test]
+    fn a_key_answered_the_same_every_time_passes() {
+        let mut s = Snapshot::default();
+        decided(&mut s, tx(1), "commit", Some("k1"), true);
+        decided(&mut s, tx(2), "abort", Some("k2"), false);
+        let replies = [
+            answer("k1", tx(1), Outcome::Committed, false),
+            answer("k1", tx(1), Outcome::Committed, true),
+            answer("k2", tx(2), Outcome::Aborted, false),
+            answer("k2", tx(2), Outcome::Aborted, true),
+        ];
+        assert_eq!(request_id_client_view(&replies, &s), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_key_told_aborted_whose_resend_committed_another_tx_is_caught() {
+        // The issue's case: the first attempt ended by presumed abort (an
+        // abort row without the key), the re-send ran a new transaction
+        // under the key and charged it.
+        let mut s = Snapshot::default();
+        decided(&mut s, tx(1), "abort", None, false);
+        decided(&mut s, tx(2), "commit", Some("k"), true);
+        let replies = [
+            answer("k", tx(1), Outcome::Aborted, false),
+            answer("k", tx(2), Outcome::Committed, false),
+        ];
+        let v = request_id_client_view(&replies, &s);
+        assert!(
+            v.iter().any(|e| e.contains("answered differently")),
+            "{v:?}"
+        );
+        assert!(
+            v.iter()
+                .any(|e| e.contains("told aborted") && e.contains(&tx(2).to_string())),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_key_told_aborted_is_caught_when_only_the_log_binds_it_to_an_applied_tx() {
+        // The client never heard of tx 2 (its re-send timed out), but the
+        // decision log bound the key to it and it was applied.
+        let mut s = Snapshot::default();
+        decided(&mut s, tx(1), "abort", None, false);
+        decided(&mut s, tx(2), "commit", Some("k"), true);
+        let replies = [answer("k", tx(1), Outcome::Aborted, false)];
+        let v = request_id_client_view(&replies, &s);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].contains("told aborted") && v[0].contains(&tx(2).to_string()));
+        // The per-transaction view sees nothing wrong here.
+        assert!(client_view(&[Told::Aborted(tx(1))], &s).is_empty());
+    }
+
+    #[test]
+    fn a_key_told_aborted_whose_told_tx_is_applied_is_caught() {
+        let mut s = Snapshot::default();
+        decided(&mut s, tx(1), "commit", Some("k"), false);
+        s.debits.insert(tx(1), (ALICE.into(), 100));
+        let replies = [answer("k", tx(1), Outcome::Aborted, false)];
+        let v = request_id_client_view(&replies, &s);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].contains("wallet: true, order: false"), "{v:?}");
+    }
+
+    #[test]
+    fn two_answers_with_different_txs_are_caught_even_if_both_aborted() {
+        let mut s = Snapshot::default();
+        decided(&mut s, tx(1), "abort", None, false);
+        decided(&mut s, tx(2), "abort", None, false);
+        let replies = [
+            answer("k", tx(1), Outcome::Aborted, false),
+            answer("k", tx(2), Outcome::Aborted, false),
+        ];
+        let v = request_id_client_view(&replies, &s);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].contains("answered differently"), "{v:?}");
+    }
+
+    #[test]
+    fn a_key_told_committed_must_be_applied_at_both_and_bound_to_that_tx() {
+        let mut s = Snapshot::default();
+        // k1: applied at the wallet only.
+        decided(&mut s, tx(1), "commit", Some("k1"), false);
+        s.debits.insert(tx(1), (ALICE.into(), 100));
+        // k2: applied, but the log does not carry the key.
+        decided(&mut s, tx(2), "commit", None, true);
+        // k3: applied, but the log binds the key to another transaction.
+        decided(&mut s, tx(3), "commit", None, true);
+        decided(&mut s, tx(4), "abort", Some("k3"), false);
+        let replies = [
+            answer("k1", tx(1), Outcome::Committed, false),
+            answer("k2", tx(2), Outcome::Committed, false),
+            answer("k3", tx(3), Outcome::Committed, false),
+        ];
+        let v = request_id_client_view(&replies, &s);
+        assert_eq!(v.len(), 3, "{v:?}");
+        assert!(v[0].starts_with("request_id k1") && v[0].contains("not applied at both"));
+        assert!(v[1].starts_with("request_id k2") && v[1].contains("binds it to []"));
+        assert!(v[2].starts_with("request_id k3") && v[2].contains(&tx(4).to_string()));
+    }
+
+    #[test]
+    fn keys_are_checked_separately() {
+        // Two keys, one committed and one aborted, never mix.
+        let mut s = Snapshot::default();
+        decided(&mut s, tx(1), "commit", Some("a"), true);
+        decided(&mut s, tx(2), "abort", Some("b"), false);
+        let replies = [
+            answer("a", tx(1), Outcome::Committed, false),
+            answer("b", tx(2), Outcome::Aborted, false),
+            answer("a", tx(1), Outcome::Committed, true),
+        ];
+        assert_eq!(request_id_client_view(&replies, &s), Vec::<String>::new());
+    }
 }

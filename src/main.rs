@@ -131,6 +131,10 @@ struct ChaosArgs {
     /// Share of purchases quoting a wrong price (bound to abort), 0 to 1.
     #[arg(long, default_value_t = 0.1)]
     bad_share: f64,
+    /// Share of answered purchases sent again later with the same
+    /// request_id, 0 to 1.
+    #[arg(long, default_value_t = 0.33)]
+    resend_share: f64,
     /// Mean time between faults, in milliseconds.
     #[arg(long, default_value_t = 700)]
     fault_interval_ms: u64,
@@ -343,6 +347,7 @@ async fn chaos(a: ChaosArgs) -> anyhow::Result<()> {
     cfg.balance = a.balance;
     cfg.stock = a.stock;
     cfg.bad_share = a.bad_share.clamp(0.0, 1.0);
+    cfg.resend_share = a.resend_share.clamp(0.0, 1.0);
     cfg.fault_interval = Duration::from_millis(a.fault_interval_ms.max(10));
     cfg.weights = parse_weights(&a.faults)?;
     cfg.data_dir = a.data_dir;

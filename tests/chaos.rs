@@ -97,3 +97,30 @@ async fn checker_catches_a_participant_deciding_alone() {
     assert!(!report.ok, "the break went unnoticed:\n{}", report.text());
     assert!(violated(&report, "atomicity"), "{}", report.text());
 }
+
+/// Break: the coordinator ignores the request id, so a re-send of an
+/// answered purchase runs a second transaction. Each answer on its own is
+/// true to its transaction (`client_view` sees nothing); only the view per
+/// request id catches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checker_catches_a_coordinator_that_forgets_request_ids() {
+    let mut cfg = config(13, 15);
+    cfg.extra_env = vec![(
+        Kind::Coordinator,
+        "TWOPC_BREAK".into(),
+        "forget_request_ids".into(),
+    )];
+    cfg.weights = [(FaultKind::Kill, 1), (FaultKind::Pause, 1)]
+        .into_iter()
+        .collect();
+    cfg.quiesce_timeout = Duration::from_secs(10);
+    let report = chaos::run(cfg).await.unwrap();
+    eprintln!("{}", report.text());
+    assert!(!report.ok, "the break went unnoticed:\n{}", report.text());
+    assert!(
+        violated(&report, "request_id_client_view"),
+        "{}",
+        report.text()
+    );
+    assert!(report.resends_different_tx > 0, "{}", report.text());
+}

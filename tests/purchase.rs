@@ -6,7 +6,7 @@ mod harness;
 use std::time::Duration;
 
 use harness::{told, tx_id, Options, System};
-use twopc::check::Told;
+use twopc::check::{KeyReply, Told};
 use twopc::client::Reply;
 use twopc::launcher::Kind;
 use twopc_schemas::api::{Outcome, PurchaseRequest};
@@ -176,8 +176,19 @@ async fn retry_with_same_request_id_after_client_timeout_charges_once() {
 
     assert_eq!(sys.balance("alice").await.balance, 10_000 - 1_250);
     assert_eq!(sys.stock("book-1").await.stock, 9);
+    // Both answers are about the key "order-42": one transaction, committed,
+    // and the decision log binds the key to it.
+    let replies: Vec<KeyReply> = [&second, &third]
+        .into_iter()
+        .map(|r| KeyReply {
+            request_id: "order-42".into(),
+            tx: r.tx.parse().unwrap(),
+            outcome: r.outcome,
+            duplicate: r.duplicate,
+        })
+        .collect();
     let s = sys
-        .assert_consistent(&[Told::Committed(tx_id(&second))])
+        .assert_consistent_keys(&[Told::Committed(tx_id(&second))], &replies)
         .await;
     assert_eq!(s.debits.len(), 1, "charged exactly once");
     assert_eq!(s.orders.len(), 1);

@@ -229,13 +229,17 @@ impl<L: DecisionLog> Coordinator<L> {
         // Continue the client's trace, or start one for this purchase.
         let trace =
             TraceContext::from_headers(msg.headers.as_ref()).unwrap_or_else(TraceContext::root);
-        let req = match PurchaseRequest::parse(&msg.payload) {
+        let mut req = match PurchaseRequest::parse(&msg.payload) {
             Ok(r) => r,
             Err(e) => {
                 info!(code = %e.code, message = %e.message, "purchase refused");
                 return Response::api_error(&e);
             }
         };
+        if twopc_common::fault::broken("forget_request_ids") {
+            // DELIBERATELY BROKEN (tests only): ignore the idempotency key, so a re-send runs a new transaction.
+            req.request_id = None;
+        }
         let reply = match req.request_id.clone() {
             None => self.transact(req, trace).await,
             Some(rid) => self.transact_once(rid, req, trace).await,

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use twopc::check::{self, Initial, Snapshot, Told};
+use twopc::check::{self, Initial, KeyReply, Snapshot, Told};
 use twopc::client::{request, request_raw, Reply};
 use twopc::launcher::{Binaries, Kind, NatsServer, Service, Settings};
 use twopc_schemas::api::{
@@ -316,11 +316,17 @@ impl System {
 
     /// Waits for quiescence and asserts every invariant.
     pub async fn assert_consistent(&self, told: &[Told]) -> Snapshot {
+        self.assert_consistent_keys(told, &[]).await
+    }
+
+    /// Waits for quiescence and asserts every invariant, including the
+    /// client view per `request_id` over `replies`.
+    pub async fn assert_consistent_keys(&self, told: &[Told], replies: &[KeyReply]) -> Snapshot {
         let s = self
             .wait_quiescent(Duration::from_secs(30))
             .await
             .unwrap_or_else(|e| panic!("{e:#}\n{}", self.logs()));
-        let violations = check::all(&self.initial, told, &s);
+        let violations = check::all(&self.initial, told, replies, &s);
         assert!(
             violations.is_empty(),
             "invariants violated:\n{}",
