@@ -1325,12 +1325,12 @@ async fn prepares_outside_the_public_limits_vote_no_and_change_nothing() {
     sys.seed_standard().await.unwrap();
     // Products whose price × qty can reach past i64::MAX, and one with
     // stock enough for a quantity beyond the cap: every other check passes.
-    let price_2_59 = 1u64 << 59;
+    let price_2_49 = 1u64 << 49;
     sys.seed(
         &[],
         &[
-            ("gold-1", MAX_AMOUNT, 100),
-            ("gold-2", price_2_59, 100),
+            ("gold-1", MAX_AMOUNT, 100_000),
+            ("gold-2", price_2_49, 100_000),
             ("grain-1", 1, MAX_STOCK),
         ],
     )
@@ -1350,12 +1350,15 @@ async fn prepares_outside_the_public_limits_vote_no_and_change_nothing() {
     };
     let over_cap = u32::try_from(MAX_QTY + 1).unwrap();
     let cases = [
-        // 10 × 10^18 = 10^19 > i64::MAX: the price matches.
-        ("order", reserve_of("alice", "gold-1", 10, 10 * MAX_AMOUNT)),
-        // 16 × 2^59 = 2^63 = i64::MAX + 1: the price matches.
+        // 10^4 × 10^15 = 10^19 > i64::MAX: the price matches.
         (
             "order",
-            reserve_of("alice", "gold-2", 16, i64::MAX as u64 + 1),
+            reserve_of("alice", "gold-1", 10_000, 10_000 * MAX_AMOUNT),
+        ),
+        // 2^14 × 2^49 = 2^63 = i64::MAX + 1: the price matches.
+        (
+            "order",
+            reserve_of("alice", "gold-2", 1 << 14, i64::MAX as u64 + 1),
         ),
         ("order", reserve_of("alice", "book-1", 1, u64::MAX)),
         // Beyond the quantity cap, though in stock and priced right.
