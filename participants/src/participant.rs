@@ -105,6 +105,20 @@ fn list_prepared(
     listed.collect()
 }
 
+/// A money amount or quantity as an SQLite INTEGER. Messages are validated
+/// on decode ([`twopc_schemas::protocol::Message::validate`]), which keeps
+/// every value far inside i64; one that is not is refused as a database
+/// error rather than wrapped into a negative number.
+pub fn sql_int(value: impl Into<u64>) -> rusqlite::Result<i64> {
+    i64::try_from(value.into()).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
+/// A stored money amount or quantity read back. The tables' CHECK
+/// constraints keep them at least 0, so a negative one means a corrupt file.
+pub fn stored_u64(value: i64) -> u64 {
+    u64::try_from(value).expect("CHECK constraints keep stored amounts and quantities >= 0")
+}
+
 /// Reads one branch.
 pub fn load_branch(conn: &Connection, tx: TxId) -> rusqlite::Result<Option<Branch>> {
     db::row(
@@ -150,6 +164,14 @@ fn prepare_job<R: Resource>(
     match on_prepare(stored.as_ref(), op) {
         OnPrepare::Repeat(vote) => Ok(vote),
         OnPrepare::Hold => {
+            // Decoding validated the message already; check again right
+            // before writing, so that no path can hold what cannot commit.
+            if let Err(message) = op.validate() {
+                return Ok(Vote::No {
+                    code: Code::BadMessage,
+                    message,
+                });
+            }
             let op_json = serde_json::to_string(op).expect("op serialises");
             let now = now_ms();
             match resource.hold(conn, tx, op)? {
@@ -368,7 +390,13 @@ impl<R: Resource> Participant<R> {
         let msg = match protocol::decode::<Prepare>(&payload) {
             Ok(m) => m,
             Err(e) => {
-                warn!(participant = name, error = %e, "rejected prepare that does not decode");
+                // Nothing is written for either: the message is refused
+                // before anything is held, so a no vote is always safe.
+                if matches!(e, protocol::DecodeError::Invalid(_)) {
+                    warn!(participant = name, error = %e, "rejected prepare outside the protocol's limits");
+                } else {
+                    warn!(participant = name, error = %e, "rejected prepare that does not decode");
+                }
                 let body = protocol::encode(&Vote::No {
                     code: Code::BadMessage,
                     message: e.to_string(),
