@@ -1310,3 +1310,148 @@ async fn forged_and_replayed_protocol_messages_are_refused_and_change_nothing() 
     let s = sys.assert_consistent(&told_all).await;
     assert_eq!(s.debits.len(), 2, "two purchases charged, each once");
 }
+
+/// Protocol messages get the public API's limits. A forged or buggy
+/// `Prepare` outside them — an amount above `i64::MAX` that price × qty
+/// nevertheless matches, a quantity beyond the cap, malformed identifiers —
+/// is refused with a no vote (`bad_message`) before anything is written.
+/// Before this was checked the order service voted yes to an amount it
+/// could never store, so the commit failed forever after the wallet had
+/// committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepares_outside_the_public_limits_vote_no_and_change_nothing() {
+    use twopc_schemas::api::{MAX_AMOUNT, MAX_ID_BYTES, MAX_QTY, MAX_STOCK};
+    let mut sys = System::start(Options::default()).await.unwrap();
+    sys.seed_standard().await.unwrap();
+    // Products whose price × qty can reach past i64::MAX, and one with
+    // stock enough for a quantity beyond the cap: every other check passes.
+    let price_2_49 = 1u64 << 49;
+    sys.seed(
+        &[],
+        &[
+            ("gold-1", MAX_AMOUNT, 100_000),
+            ("gold-2", price_2_49, 100_000),
+            ("grain-1", 1, MAX_STOCK),
+        ],
+    )
+    .await
+    .unwrap();
+    let before = sys.snapshot();
+    let long_id = "a".repeat(MAX_ID_BYTES + 1);
+    let reserve_of = |user: &str, sku: &str, qty: u32, amount: u64| BranchOp::Reserve {
+        user: user.into(),
+        sku: sku.into(),
+        qty,
+        amount,
+    };
+    let debit_of = |user: &str, amount: u64| BranchOp::Debit {
+        user: user.into(),
+        amount,
+    };
+    let over_cap = u32::try_from(MAX_QTY + 1).unwrap();
+    let cases = [
+        // 10^4 × 10^15 = 10^19 > i64::MAX: the price matches.
+        (
+            "order",
+            reserve_of("alice", "gold-1", 10_000, 10_000 * MAX_AMOUNT),
+        ),
+        // 2^14 × 2^49 = 2^63 = i64::MAX + 1: the price matches.
+        (
+            "order",
+            reserve_of("alice", "gold-2", 1 << 14, i64::MAX as u64 + 1),
+        ),
+        ("order", reserve_of("alice", "book-1", 1, u64::MAX)),
+        // Beyond the quantity cap, though in stock and priced right.
+        (
+            "order",
+            reserve_of("alice", "grain-1", over_cap, u64::from(over_cap)),
+        ),
+        (
+            "order",
+            reserve_of("alice", "grain-1", u32::MAX, u64::from(u32::MAX)),
+        ),
+        ("order", reserve_of("alice", "book-1", 0, 0)),
+        ("order", reserve_of("al ice", "book-1", 1, 1_250)),
+        ("order", reserve_of("", "book-1", 1, 1_250)),
+        ("order", reserve_of("alice", "book 1", 1, 1_250)),
+        ("order", reserve_of("alice", &long_id, 1, 1_250)),
+        ("order", reserve_of(&long_id, "book-1", 1, 1_250)),
+        ("wallet", debit_of("alice", u64::MAX)),
+        ("wallet", debit_of("alice", i64::MAX as u64 + 1)),
+        ("wallet", debit_of("alice", MAX_AMOUNT + 1)),
+        ("wallet", debit_of("alice", 0)),
+        ("wallet", debit_of("", 1)),
+        ("wallet", debit_of("al ice", 1)),
+        ("wallet", debit_of("alice\n", 1)),
+        ("wallet", debit_of(&long_id, 1)),
+    ];
+    let mut failures = vec![];
+    for (p, op) in cases {
+        let tx = TxId::now_v7();
+        let case = format!("prepare {op:?} at {p}");
+        match send_prepare(&sys, p, tx, op).await {
+            Vote::No {
+                code: Code::BadMessage,
+                message,
+            } if !message.is_empty() => {}
+            other => failures.push(format!(
+                "{case}: expected a bad_message no vote, got {other:?}"
+            )),
+        }
+        let s = sys.snapshot();
+        if resources(&s) != resources(&before) {
+            failures.push(format!("{case}: balances or stock changed"));
+        }
+        if s.wallet_branches.contains_key(&tx) || s.order_branches.contains_key(&tx) {
+            failures.push(format!("{case}: a branch row was written"));
+        }
+        if !(s.holds.is_empty() && s.reservations.is_empty()) {
+            failures.push(format!("{case}: something is held"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "prepares outside the limits were not refused:\n{}",
+        failures.join("\n")
+    );
+
+    // The edges of the limits are inside them: the order service reserves
+    // the largest quantity, and the wallet judges the largest amount on its
+    // merits (alice cannot pay it) rather than as a bad message.
+    let edge = TxId::now_v7();
+    let max_qty = u32::try_from(MAX_QTY).unwrap();
+    assert_eq!(
+        send_prepare(
+            &sys,
+            "order",
+            edge,
+            reserve_of("alice", "grain-1", max_qty, MAX_QTY)
+        )
+        .await,
+        Vote::Yes,
+        "the largest quantity is allowed"
+    );
+    assert_eq!(
+        send_decide(&sys, "order", edge, Decision::Abort).await,
+        DecideReply::Ack
+    );
+    match send_prepare(
+        &sys,
+        "wallet",
+        TxId::now_v7(),
+        debit_of("alice", MAX_AMOUNT),
+    )
+    .await
+    {
+        Vote::No {
+            code: Code::InsufficientFunds,
+            ..
+        } => {}
+        other => panic!("the largest amount is judged on its merits: {other:?}"),
+    }
+
+    // The services still serve.
+    let r = sys.purchase("alice", "book-1", 2, 2_500).await;
+    assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
+    sys.assert_consistent(&[Told::Committed(tx_id(&r))]).await;
+}

@@ -392,3 +392,119 @@ async fn nats_server_restart_mid_run_ends_consistent() {
     );
     assert!(s.decisions.len() >= committed);
 }
+
+/// Scenario 7 (periodic recovery must not depend on the wall clock): both
+/// participants prepare, the coordinator dies before deciding, and then the
+/// participants' wall clocks step back an hour while they keep running. Their
+/// in-doubt branches must still be resolved by the periodic recovery pass
+/// once the coordinator is back. The participants are not restarted: their
+/// start-up pass would ask about every prepared branch anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wall_clock_stepped_back_does_not_hide_in_doubt_branches() {
+    let faults_dir = tempfile::tempdir().unwrap();
+    let faults_file = faults_dir.path().join("faults");
+    std::fs::write(&faults_file, "").unwrap();
+    let faults_path = faults_file.to_str().unwrap();
+    let opts = Options::default()
+        .set(
+            Kind::Coordinator,
+            "TWOPC_CRASH_AT",
+            "coordinator.phase1.after_votes",
+        )
+        .set(Kind::Wallet, "TWOPC_FAULTS_FILE", faults_path)
+        .set(Kind::Order, "TWOPC_FAULTS_FILE", faults_path)
+        .set(Kind::Wallet, "TWOPC_IN_DOUBT_AFTER_MS", "1000")
+        .set(Kind::Order, "TWOPC_IN_DOUBT_AFTER_MS", "1000");
+    let mut sys = System::start(opts).await.unwrap();
+    sys.seed_standard().await.unwrap();
+
+    tracing_line("--- purchase; the coordinator dies after the yes votes");
+    let r = sys.purchase_with(&book(None), Duration::from_secs(3)).await;
+    assert!(
+        !matches!(r, Ok(Reply::Ok(_))),
+        "no purchase reply can come: {r:?}"
+    );
+    sys.service(Kind::Coordinator)
+        .proc
+        .wait_exit(Duration::from_secs(5))
+        .unwrap();
+    let s = sys.snapshot();
+    let (&tx, state) = s
+        .wallet_branches
+        .iter()
+        .next()
+        .expect("the wallet prepared");
+    assert_eq!(state, "prepared");
+    assert_eq!(
+        s.order_branches.get(&tx).map(String::as_str),
+        Some("prepared")
+    );
+
+    tracing_line("--- step both participants' wall clocks back one hour");
+    std::fs::write(&faults_file, "clock_skew_ms:-3600000\n").unwrap();
+    // The faults file is re-read when the process next reads the wall
+    // clock. Storing a tombstone reads it, so abort a transaction nobody
+    // prepared until each participant announces the step (a tombstone for an
+    // unknown id is harmless: a late prepare for it would vote no).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for kind in [Kind::Wallet, Kind::Order] {
+        while !sys
+            .service(kind)
+            .proc
+            .log()
+            .contains("CLOCK SKEW -3600000 ms")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{} never stepped its clock:\n{}",
+                kind.name(),
+                sys.logs()
+            );
+            let ghost = twopc_schemas::protocol::TxId::now_v7();
+            let decide = twopc_schemas::protocol::encode(&twopc_schemas::protocol::Decide {
+                tx: ghost,
+                decision: twopc_schemas::protocol::Decision::Abort,
+            });
+            sys.raw(&subjects::decide(kind.name()), &decide)
+                .await
+                .unwrap();
+        }
+    }
+
+    tracing_line("--- restart the coordinator; periodic recovery must ask it");
+    sys.start_without_crash_points(Kind::Coordinator)
+        .await
+        .unwrap();
+    // Recovery retries with backoff capped at 10 s; 30 s is generous.
+    let wait = Duration::from_secs(30);
+    let deadline = Instant::now() + wait;
+    loop {
+        let s = sys.snapshot();
+        let wallet = s.wallet_branches.get(&tx).cloned();
+        let order = s.order_branches.get(&tx).cloned();
+        if wallet.as_deref() == Some("aborted") && order.as_deref() == Some("aborted") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "in-doubt branches not resolved {wait:?} after the coordinator came back \
+             (wallet {wallet:?}, order {order:?}):\n{}",
+            sys.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let s = sys.assert_consistent(&[Told::Aborted(tx)]).await;
+    assert_eq!(s.decisions.get(&tx).map(|d| d.0.as_str()), Some("abort"));
+    for kind in [Kind::Wallet, Kind::Order] {
+        assert!(
+            sys.service(kind)
+                .proc
+                .log()
+                .contains("in-doubt transaction resolved by the coordinator"),
+            "{} resolved it by asking",
+            kind.name()
+        );
+    }
+    assert_eq!(sys.balance("alice").await.held, 0);
+    assert_eq!(sys.stock("book-1").await.reserved, 0);
+}

@@ -9,7 +9,11 @@
 //!
 //! * `TWOPC_FAULTS_FILE=path` — points armed at run time (the chaos runner
 //!   writes this file): one entry per line or comma, `crash:name` or
-//!   `delay:name:ms`. Re-read at most every [`FILE_REFRESH_MS`].
+//!   `delay:name:ms`. Re-read at most every [`FILE_REFRESH_MS`]. The same
+//!   file can also step the process's wall clock: `clock_skew_ms:<signed
+//!   ms>` is added to every [`crate::now_ms`] from the next re-read on (see
+//!   [`clock_skew_ms`]), so a test can step the clock of a running process
+//!   backwards or forwards the way NTP or an operator would.
 //! * `TWOPC_BREAK=name[,name]` — deliberately broken protocol behaviour,
 //!   only for proving that the checkers catch it (see [`broken`]).
 //!
@@ -17,7 +21,7 @@
 //! Unarmed points cost one hash lookup in a map that is usually empty.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -80,6 +84,8 @@ fn faults() -> &'static Faults {
 struct FileFaults {
     crash: Vec<String>,
     delay: HashMap<String, Duration>,
+    /// Added to the wall clock (`clock_skew_ms:<ms>`); 0 when absent.
+    clock_skew_ms: i64,
 }
 
 struct FileState {
@@ -102,6 +108,10 @@ fn parse_file(text: &str) -> FileFaults {
                 if let Ok(ms) = ms.parse() {
                     f.delay.insert(name.to_owned(), Duration::from_millis(ms));
                 }
+            }
+        } else if let Some(ms) = item.strip_prefix("clock_skew_ms:") {
+            if let Ok(ms) = ms.parse() {
+                f.clock_skew_ms = ms;
             }
         }
     }
@@ -173,6 +183,24 @@ pub fn delay_for(name: impl std::fmt::Display) -> Option<Duration> {
     Some(d)
 }
 
+/// Milliseconds to add to the wall clock, as the faults file says now (0
+/// without a faults file). Only [`crate::now_ms`] calls this, so every wall
+/// timestamp in the process steps together, while `Instant` (the monotonic
+/// clock) is untouched — just as when the real clock is stepped. A change
+/// is announced on stderr (`CLOCK SKEW <ms> ms`), which tests wait for.
+pub fn clock_skew_ms() -> i64 {
+    if !faults().file {
+        return 0;
+    }
+    static ANNOUNCED: AtomicI64 = AtomicI64::new(0);
+    let skew = with_file(|f| f.clock_skew_ms).unwrap_or(0);
+    if ANNOUNCED.swap(skew, Ordering::SeqCst) != skew {
+        // eprintln, not tracing, as for crash points: tests read this line.
+        eprintln!("CLOCK SKEW {skew} ms: the wall clock is stepped");
+    }
+    skew
+}
+
 /// True when the deliberate protocol break `name` is switched on with
 /// `TWOPC_BREAK`. Breaks exist only so that tests can prove the invariant
 /// checkers catch a broken protocol; never set one in a deployment.
@@ -221,5 +249,10 @@ mod tests {
             Some(&Duration::from_millis(250))
         );
         assert_eq!(f.delay.len(), 1);
+        assert_eq!(f.clock_skew_ms, 0);
+        assert_eq!(
+            parse_file("clock_skew_ms:-3600000").clock_skew_ms,
+            -3_600_000
+        );
     }
 }

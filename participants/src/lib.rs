@@ -7,6 +7,7 @@ pub mod branch;
 pub mod config;
 pub mod order;
 pub mod participant;
+pub mod recovery;
 pub mod wallet;
 
 pub use config::ParticipantArgs;

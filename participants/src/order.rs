@@ -14,7 +14,7 @@ use twopc_schemas::api::{check_id, parse_json, ApiError, CreateProduct, Stock, S
 use twopc_schemas::protocol::{BranchOp, TxId};
 use twopc_schemas::{subjects, Code};
 
-use crate::participant::{db_error, serve_json, Refusal, Resource};
+use crate::participant::{db_error, serve_json, sql_int, stored_u64, Refusal, Resource};
 
 pub struct Order;
 
@@ -85,7 +85,7 @@ impl Resource for Order {
         let Some((price, stock, reserved)) = row else {
             return Ok(Err((Code::UnknownSku, format!("no product {sku:?}"))));
         };
-        let due = (price as u64).checked_mul(qty as u64);
+        let due = stored_u64(price).checked_mul(u64::from(qty));
         if due != Some(amount) {
             return Ok(Err((
                 Code::PriceMismatch,
@@ -95,8 +95,8 @@ impl Resource for Order {
                 ),
             )));
         }
-        let available = (stock - reserved) as u64;
-        if available < qty as u64 {
+        let available = stored_u64(stock - reserved);
+        if available < u64::from(qty) {
             return Ok(Err((
                 Code::OutOfStock,
                 format!("{sku} has {available} available, the purchase needs {qty}"),
@@ -137,7 +137,7 @@ impl Resource for Order {
                 user,
                 sku,
                 qty,
-                amount as i64,
+                sql_int(amount)?,
                 now_ms()
             ],
         )?;
@@ -187,10 +187,10 @@ async fn stock(db: Db, payload: Bytes) -> Result<Stock, ApiError> {
         row.ok_or_else(|| ApiError::new(Code::UnknownSku, format!("no product {:?}", q.sku)))?;
     Ok(Stock {
         sku: q.sku,
-        price: price as u64,
-        stock: stock as u64,
-        reserved: reserved as u64,
-        available: (stock - reserved) as u64,
+        price: stored_u64(price),
+        stock: stored_u64(stock),
+        reserved: stored_u64(reserved),
+        available: stored_u64(stock - reserved),
     })
 }
 
@@ -202,7 +202,7 @@ async fn create_product(db: Db, payload: Bytes) -> Result<Stock, ApiError> {
         .run(move |c| {
             db::exec(c,
                 "INSERT INTO products (sku, price, stock) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
-                params![r.sku, r.price as i64, r.stock as i64],
+                params![r.sku, sql_int(r.price)?, sql_int(r.stock)?],
             )
         })
         .await

@@ -8,18 +8,17 @@
 //! * `<name>.tx` — public JSON status of one transaction here.
 //!
 //! And one background task: in-doubt recovery, which asks the coordinator's
-//! decision subject about every branch prepared for longer than
-//! `in_doubt_after_ms` (every prepared branch at start) until it is answered.
-//! A participant never decides a prepared branch on its own.
+//! decision subject about every branch in doubt — prepared before this
+//! process started, or listed by it at least `in_doubt_after_ms` ago on the
+//! monotonic clock ([`crate::recovery`]) — until it is answered. A
+//! participant never decides a prepared branch on its own.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 use tracing::{error, info, warn, Instrument};
-use twopc_common::backoff::Backoff;
 use twopc_common::db::{self, Db, DbError};
 use twopc_common::fault::{crash_point, delay_for};
 use twopc_common::micro::Registry;
@@ -35,6 +34,7 @@ use twopc_schemas::{subjects, Code};
 
 use crate::branch::{on_decide, on_prepare, Branch, BranchState, OnDecide, OnPrepare};
 use crate::config::ParticipantArgs;
+use crate::recovery::{Listed, Tracker, MAX_QUERIES_PER_PASS, RECOVERY_PAGE_ROWS};
 
 /// A refusal to prepare: the vote's code and message.
 pub type Refusal = (Code, String);
@@ -74,7 +74,50 @@ CREATE TABLE IF NOT EXISTS branches (
     updated_at_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS branches_in_doubt ON branches (prepared_at_ms) WHERE state = 'prepared';
+CREATE INDEX IF NOT EXISTS branches_prepared_by_tx ON branches (tx) WHERE state = 'prepared';
 ";
+
+/// One page of prepared branches for recovery: those with a transaction id
+/// after `after` (from the start when `None`), in id order, at most `rows`.
+/// Each says whether it was prepared before this process started (its rowid
+/// is at most `started_after_rowid`). No wall-clock value is read: recovery
+/// must not depend on it.
+fn list_prepared(
+    conn: &Connection,
+    after: Option<TxId>,
+    started_after_rowid: i64,
+    rows: usize,
+) -> rusqlite::Result<Vec<Listed>> {
+    // Every 16-byte id sorts after the empty blob.
+    let after: Vec<u8> = after.map_or(vec![], |tx| tx.as_bytes().to_vec());
+    let rows = i64::try_from(rows).expect("page size fits in i64");
+    let mut stmt = conn.prepare_cached(
+        "SELECT tx, rowid <= ?2 FROM branches WHERE state = 'prepared' AND tx > ?1
+         ORDER BY tx LIMIT ?3",
+    )?;
+    let listed = stmt.query_map(params![after, started_after_rowid, rows], |r| {
+        let tx: Vec<u8> = r.get(0)?;
+        Ok(Listed {
+            tx: TxId::from_slice(&tx).expect("16-byte tx id"),
+            before_start: r.get(1)?,
+        })
+    })?;
+    listed.collect()
+}
+
+/// A money amount or quantity as an SQLite INTEGER. Messages are validated
+/// on decode ([`twopc_schemas::protocol::Message::validate`]), which keeps
+/// every value far inside i64; one that is not is refused as a database
+/// error rather than wrapped into a negative number.
+pub fn sql_int(value: impl Into<u64>) -> rusqlite::Result<i64> {
+    i64::try_from(value.into()).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
+/// A stored money amount or quantity read back. The tables' CHECK
+/// constraints keep them at least 0, so a negative one means a corrupt file.
+pub fn stored_u64(value: i64) -> u64 {
+    u64::try_from(value).expect("CHECK constraints keep stored amounts and quantities >= 0")
+}
 
 /// Reads one branch.
 pub fn load_branch(conn: &Connection, tx: TxId) -> rusqlite::Result<Option<Branch>> {
@@ -121,6 +164,14 @@ fn prepare_job<R: Resource>(
     match on_prepare(stored.as_ref(), op) {
         OnPrepare::Repeat(vote) => Ok(vote),
         OnPrepare::Hold => {
+            // Decoding validated the message already; check again right
+            // before writing, so that no path can hold what cannot commit.
+            if let Err(message) = op.validate() {
+                return Ok(Vote::No {
+                    code: Code::BadMessage,
+                    message,
+                });
+            }
             let op_json = serde_json::to_string(op).expect("op serialises");
             let now = now_ms();
             match resource.hold(conn, tx, op)? {
@@ -313,7 +364,18 @@ impl<R: Resource> Participant<R> {
                 async move { Response::json(p.in_doubt().await) }
             },
         );
-        let recovery = self.clone().recovery_loop();
+        // Rows are only ever added, with growing rowids, so those up to the
+        // largest rowid now were prepared before this process: read it
+        // before the prepare subject is served.
+        let started_after_rowid = self
+            .db
+            .run(|c| {
+                c.query_row("SELECT coalesce(max(rowid), 0) FROM branches", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+            })
+            .await?;
+        let recovery = self.clone().recovery_loop(started_after_rowid);
         info!(participant = name, faults = ?twopc_common::fault::armed(), "participant serving");
         tokio::try_join!(prepare, decide, status, in_doubt, recovery)?;
         Ok(())
@@ -328,7 +390,13 @@ impl<R: Resource> Participant<R> {
         let msg = match protocol::decode::<Prepare>(&payload) {
             Ok(m) => m,
             Err(e) => {
-                warn!(participant = name, error = %e, "rejected prepare that does not decode");
+                // Nothing is written for either: the message is refused
+                // before anything is held, so a no vote is always safe.
+                if matches!(e, protocol::DecodeError::Invalid(_)) {
+                    warn!(participant = name, error = %e, "rejected prepare outside the protocol's limits");
+                } else {
+                    warn!(participant = name, error = %e, "rejected prepare that does not decode");
+                }
                 let body = protocol::encode(&Vote::No {
                     code: Code::BadMessage,
                     message: e.to_string(),
@@ -539,42 +607,37 @@ impl<R: Resource> Participant<R> {
         })
     }
 
-    /// In-doubt recovery. At start every prepared branch is in doubt; after
-    /// that, those prepared longer than `in_doubt_after_ms`. Each is asked
-    /// about with its own capped, jittered backoff until answered.
-    async fn recovery_loop(self: Arc<Self>) -> anyhow::Result<()> {
+    /// In-doubt recovery. Branches prepared before this process started are
+    /// in doubt at once; those prepared since, `in_doubt_after_ms` after
+    /// recovery first listed them, measured on the monotonic clock (see
+    /// [`crate::recovery`]). Each is asked about with its own capped,
+    /// jittered backoff until answered, a bounded number per pass.
+    async fn recovery_loop(self: Arc<Self>, started_after_rowid: i64) -> anyhow::Result<()> {
         let name = self.name();
         let interval = Duration::from_millis(self.args.recovery_interval_ms.max(10));
-        let mut threshold_ms = 0i64; // everything prepared is in doubt at start
-        let mut retry: HashMap<TxId, (Backoff, Instant)> = HashMap::new();
+        let threshold = Duration::from_millis(self.args.in_doubt_after_ms);
+        let mut tracker = Tracker::new();
         loop {
-            let cutoff = now_ms() - threshold_ms;
-            let in_doubt = self
+            let after = tracker.cursor();
+            let page = self
                 .db
-                .run(move |c| {
-                    let mut stmt = c.prepare_cached(
-                        "SELECT tx FROM branches WHERE state = 'prepared' AND prepared_at_ms <= ?1
-                         ORDER BY prepared_at_ms LIMIT 1000",
-                    )?;
-                    let rows = stmt.query_map([cutoff], |r| r.get::<_, Vec<u8>>(0))?;
-                    rows.map(|r| r.map(|b| TxId::from_slice(&b).expect("16-byte tx id")))
-                        .collect::<rusqlite::Result<Vec<_>>>()
-                })
+                .run(move |c| list_prepared(c, after, started_after_rowid, RECOVERY_PAGE_ROWS))
                 .await;
-            let in_doubt = match in_doubt {
-                Ok(v) => v,
+            let now = Instant::now();
+            let due = match page {
+                Ok(page) => tracker.select_due(
+                    now,
+                    &page,
+                    RECOVERY_PAGE_ROWS,
+                    threshold,
+                    MAX_QUERIES_PER_PASS,
+                ),
                 Err(e) => {
                     warn!(participant = name, error = %e, "could not list in-doubt branches");
                     vec![]
                 }
             };
-            retry.retain(|tx, _| in_doubt.contains(tx));
-            metrics::gauge!("twopc_in_doubt").set(in_doubt.len() as f64);
-            let now = Instant::now();
-            let due: Vec<TxId> = in_doubt
-                .into_iter()
-                .filter(|tx| retry.get(tx).is_none_or(|(_, at)| *at <= now))
-                .collect();
+            metrics::gauge!("twopc_in_doubt").set(tracker.in_doubt(now) as f64);
             if !due.is_empty() {
                 info!(
                     participant = name,
@@ -585,17 +648,10 @@ impl<R: Resource> Participant<R> {
             let results =
                 futures::future::join_all(due.iter().map(|&tx| self.clone().resolve_in_doubt(tx)))
                     .await;
+            let now = Instant::now();
             for (tx, resolved) in due.into_iter().zip(results) {
-                if resolved {
-                    retry.remove(&tx);
-                } else {
-                    let entry = retry
-                        .entry(tx)
-                        .or_insert_with(|| (Backoff::new(100, 10_000), Instant::now()));
-                    entry.1 = Instant::now() + entry.0.next_delay();
-                }
+                tracker.record(now, tx, resolved);
             }
-            threshold_ms = self.args.in_doubt_after_ms as i64;
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
                 _ = twopc_common::serve::shutdown_begun() => return Ok(()),

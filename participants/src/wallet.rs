@@ -14,7 +14,7 @@ use twopc_schemas::api::{check_id, parse_json, ApiError, Balance, BalanceQuery, 
 use twopc_schemas::protocol::{BranchOp, TxId};
 use twopc_schemas::{subjects, Code};
 
-use crate::participant::{db_error, serve_json, Refusal, Resource};
+use crate::participant::{db_error, serve_json, sql_int, stored_u64, Refusal, Resource};
 
 pub struct Wallet;
 
@@ -74,7 +74,7 @@ impl Resource for Wallet {
         let Some((balance, held)) = row else {
             return Ok(Err((Code::UnknownUser, format!("no user {user:?}"))));
         };
-        let available = (balance - held) as u64;
+        let available = stored_u64(balance - held);
         if available < amount {
             return Ok(Err((
                 Code::InsufficientFunds,
@@ -84,12 +84,12 @@ impl Resource for Wallet {
         db::exec(
             conn,
             "UPDATE users SET held = held + ?2 WHERE user = ?1",
-            params![user, amount as i64],
+            params![user, sql_int(amount)?],
         )?;
         db::exec(
             conn,
             "INSERT INTO holds (tx, user, amount) VALUES (?1, ?2, ?3)",
-            params![tx.as_bytes().as_slice(), user, amount as i64],
+            params![tx.as_bytes().as_slice(), user, sql_int(amount)?],
         )?;
         Ok(Ok(()))
     }
@@ -105,12 +105,12 @@ impl Resource for Wallet {
         db::exec(
             conn,
             "UPDATE users SET balance = balance - ?2, held = held - ?2 WHERE user = ?1",
-            params![user, amount as i64],
+            params![user, sql_int(amount)?],
         )?;
         db::exec(
             conn,
             "INSERT INTO debits (tx, user, amount, applied_at_ms) VALUES (?1, ?2, ?3, ?4)",
-            params![tx.as_bytes().as_slice(), user, amount as i64, now_ms()],
+            params![tx.as_bytes().as_slice(), user, sql_int(amount)?, now_ms()],
         )?;
         Ok(())
     }
@@ -126,7 +126,7 @@ impl Resource for Wallet {
         db::exec(
             conn,
             "UPDATE users SET held = held - ?2 WHERE user = ?1",
-            params![user, amount as i64],
+            params![user, sql_int(amount)?],
         )?;
         Ok(())
     }
@@ -152,9 +152,9 @@ async fn balance(db: Db, payload: Bytes) -> Result<Balance, ApiError> {
         row.ok_or_else(|| ApiError::new(Code::UnknownUser, format!("no user {:?}", q.user)))?;
     Ok(Balance {
         user: q.user,
-        balance: balance as u64,
-        held: held as u64,
-        available: (balance - held) as u64,
+        balance: stored_u64(balance),
+        held: stored_u64(held),
+        available: stored_u64(balance - held),
     })
 }
 
@@ -167,7 +167,7 @@ async fn create_user(db: Db, payload: Bytes) -> Result<Balance, ApiError> {
             db::exec(
                 c,
                 "INSERT INTO users (user, balance) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-                params![r.user, r.balance as i64],
+                params![r.user, sql_int(r.balance)?],
             )
         })
         .await

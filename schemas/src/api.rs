@@ -14,7 +14,8 @@ pub const MAX_REQUEST_BYTES: usize = 4 * 1024;
 /// Largest quantity in one purchase.
 pub const MAX_QTY: u64 = 1_000_000;
 /// Largest amount (minor units) in one purchase, balance or price. Well
-/// inside i64 so that sums in SQLite cannot overflow.
+/// inside i64 so that sums in SQLite cannot overflow. Protocol messages get
+/// the same limits ([`crate::protocol::BranchOp::validate`]).
 pub const MAX_AMOUNT: u64 = 1_000_000_000_000_000;
 /// Largest stock of one product.
 pub const MAX_STOCK: u64 = 1_000_000_000;
@@ -112,7 +113,8 @@ pub fn check_id(field: &str, value: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn check_range(field: &str, value: u64, min: u64, max: u64) -> Result<(), ApiError> {
+/// Checks that `value` is within `min..=max`.
+pub fn check_range(field: &str, value: u64, min: u64, max: u64) -> Result<(), ApiError> {
     if value < min || value > max {
         return Err(ApiError::invalid(format!(
             "{field} must be between {min} and {max}, got {value}"

@@ -37,7 +37,8 @@ pub enum Code {
     AlreadyExists,
     /// The service is at its limit of work in flight; retry later.
     Busy,
-    /// A protocol message did not decode (wrong version, kind or bytes).
+    /// A protocol message did not decode (wrong version, kind or bytes), or
+    /// a field is outside the protocol's limits (the public API's).
     BadMessage,
     /// The request is well formed but contradicts recorded state (a commit
     /// for an aborted branch, an abort for a committed one).

@@ -4,11 +4,15 @@
 //! the message type), then the postcard body, and nothing after it. A
 //! receiver checks all three, so a message of another version, another type
 //! or with trailing garbage is rejected as [`DecodeError`] rather than
-//! misread.
+//! misread. Then the message's own limits ([`Message::validate`]): internal
+//! messages get the same identifier rules and quantity and amount caps as
+//! the public API, so a forged or buggy message that a participant could
+//! never apply is refused by [`decode`] before anyone acts on it.
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::api::{check_id, check_range, MAX_AMOUNT, MAX_QTY};
 use crate::Code;
 
 /// The protocol version this build speaks.
@@ -50,6 +54,29 @@ pub enum BranchOp {
         qty: u32,
         amount: u64,
     },
+}
+
+impl BranchOp {
+    /// Checks the public API's limits: identifiers as [`check_id`], qty in
+    /// `1..=MAX_QTY`, amount in `1..=MAX_AMOUNT` (so every value fits an
+    /// SQLite INTEGER, and sums of them too). `Err` says which field.
+    pub fn validate(&self) -> Result<(), String> {
+        let checked = match self {
+            BranchOp::Debit { user, amount } => {
+                check_id("user", user).and_then(|()| check_range("amount", *amount, 1, MAX_AMOUNT))
+            }
+            BranchOp::Reserve {
+                user,
+                sku,
+                qty,
+                amount,
+            } => check_id("user", user)
+                .and_then(|()| check_id("sku", sku))
+                .and_then(|()| check_range("qty", u64::from(*qty), 1, MAX_QTY))
+                .and_then(|()| check_range("amount", *amount, 1, MAX_AMOUNT)),
+        };
+        checked.map_err(|e| e.message)
+    }
 }
 
 /// Phase 1 request, coordinator → participant.
@@ -105,21 +132,38 @@ pub trait Message: Serialize + DeserializeOwned {
     /// Unique per message type; never reused.
     const KIND: u8;
     const NAME: &'static str;
+    /// Checks the limits the type cannot express (identifier rules, caps);
+    /// [`decode`] refuses a message that fails with [`DecodeError::Invalid`].
+    /// `Err` says which field and why.
+    fn validate(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 macro_rules! message {
     ($t:ty, $kind:expr) => {
+        message!($t, $kind, |_m: &$t| Ok(()));
+    };
+    ($t:ty, $kind:expr, $validate:expr) => {
         impl Message for $t {
             const KIND: u8 = $kind;
             const NAME: &'static str = stringify!($t);
+            fn validate(&self) -> Result<(), String> {
+                let check: fn(&$t) -> Result<(), String> = $validate;
+                check(self)
+            }
         }
     };
 }
-message!(Prepare, 1);
+message!(Prepare, 1, |m| m.op.validate());
 message!(Vote, 2);
 message!(Decide, 3);
 message!(DecideReply, 4);
-message!(DecisionQuery, 5);
+message!(DecisionQuery, 5, |m| check_id(
+    "participant",
+    &m.participant
+)
+.map_err(|e| e.message));
 message!(DecisionReply, 6);
 
 /// Why bytes are not a valid protocol message.
@@ -139,6 +183,9 @@ pub enum DecodeError {
     Body(String),
     #[error("{0} trailing bytes after the message")]
     Trailing(usize),
+    /// It decodes, but a field is outside the protocol's limits.
+    #[error("message outside the protocol's limits: {0}")]
+    Invalid(String),
 }
 
 /// Encodes a message in its envelope.
@@ -150,7 +197,8 @@ pub fn encode<M: Message>(msg: &M) -> Vec<u8> {
     out
 }
 
-/// Decodes a message, checking size, version, kind and that nothing trails.
+/// Decodes a message, checking size, version, kind, that nothing trails and
+/// the message's own limits ([`Message::validate`]).
 pub fn decode<M: Message>(bytes: &[u8]) -> Result<M, DecodeError> {
     if bytes.len() > MAX_MESSAGE_BYTES {
         return Err(DecodeError::TooLarge(bytes.len()));
@@ -175,6 +223,7 @@ pub fn decode<M: Message>(bytes: &[u8]) -> Result<M, DecodeError> {
     if !rest.is_empty() {
         return Err(DecodeError::Trailing(rest.len()));
     }
+    M::validate(&msg).map_err(DecodeError::Invalid)?;
     Ok(msg)
 }
 
@@ -313,5 +362,97 @@ mod golden {
             decode::<Prepare>(&vec![1u8; MAX_MESSAGE_BYTES + 1]),
             Err(DecodeError::TooLarge(_))
         ));
+    }
+}
+
+#[cfg(test)]
+mod limits {
+    //! Internal messages get the public API's limits.
+    use super::*;
+
+    fn debit(user: &str, amount: u64) -> BranchOp {
+        BranchOp::Debit {
+            user: user.into(),
+            amount,
+        }
+    }
+    fn reserve(user: &str, sku: &str, qty: u32, amount: u64) -> BranchOp {
+        BranchOp::Reserve {
+            user: user.into(),
+            sku: sku.into(),
+            qty,
+            amount,
+        }
+    }
+    fn prepare(op: BranchOp) -> Result<Prepare, DecodeError> {
+        decode(&encode(&Prepare {
+            tx: Uuid::from_u128(1),
+            op,
+        }))
+    }
+
+    #[test]
+    fn ops_at_the_edges_of_the_limits_are_valid() {
+        let max_qty = u32::try_from(MAX_QTY).unwrap();
+        let long = "a".repeat(crate::api::MAX_ID_BYTES);
+        for op in [
+            debit("a", 1),
+            debit("A.b_c-d:e@f0", MAX_AMOUNT),
+            debit(&long, 1),
+            reserve("a", "b", 1, 1),
+            reserve(&long, &long, max_qty, MAX_AMOUNT),
+        ] {
+            assert_eq!(op.validate(), Ok(()), "{op:?}");
+            assert_eq!(prepare(op.clone()).map(|p| p.op), Ok(op));
+        }
+    }
+
+    #[test]
+    fn ops_outside_the_limits_are_refused_naming_the_field() {
+        let long = "a".repeat(crate::api::MAX_ID_BYTES + 1);
+        let over_qty = u32::try_from(MAX_QTY + 1).unwrap();
+        let past_i64 = i64::MAX as u64 + 1;
+        for (op, field) in [
+            (debit("a", 0), "amount"),
+            (debit("a", MAX_AMOUNT + 1), "amount"),
+            (debit("a", past_i64), "amount"),
+            (debit("a", u64::MAX), "amount"),
+            (debit("", 1), "user"),
+            (debit("a b", 1), "user"),
+            (debit("a\n", 1), "user"),
+            (debit("é", 1), "user"),
+            (debit(&long, 1), "user"),
+            (reserve("a", "b", 0, 1), "qty"),
+            (reserve("a", "b", over_qty, 1), "qty"),
+            (reserve("a", "b", u32::MAX, 1), "qty"),
+            (reserve("a", "b", 1, 0), "amount"),
+            (reserve("a", "b", 1, past_i64), "amount"),
+            (reserve("a", "b", 1, u64::MAX), "amount"),
+            (reserve("", "b", 1, 1), "user"),
+            (reserve("a", "", 1, 1), "sku"),
+            (reserve("a", "b/c", 1, 1), "sku"),
+            (reserve("a", &long, 1, 1), "sku"),
+        ] {
+            let err = op.validate().expect_err(&format!("{op:?}"));
+            assert!(err.starts_with(field), "{op:?}: {err}");
+            assert_eq!(
+                prepare(op.clone()),
+                Err(DecodeError::Invalid(err)),
+                "decode refuses {op:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn decision_query_names_a_participant_by_the_identifier_rules() {
+        let q = |participant: &str| {
+            decode::<DecisionQuery>(&encode(&DecisionQuery {
+                tx: Uuid::from_u128(1),
+                participant: participant.into(),
+            }))
+        };
+        assert!(q("wallet").is_ok());
+        assert!(matches!(q(""), Err(DecodeError::Invalid(_))));
+        assert!(matches!(q("wal let"), Err(DecodeError::Invalid(_))));
     }
 }
