@@ -508,3 +508,93 @@ async fn wall_clock_stepped_back_does_not_hide_in_doubt_branches() {
     assert_eq!(sys.balance("alice").await.held, 0);
     assert_eq!(sys.stock("book-1").await.reserved, 0);
 }
+
+/// Issue 8, bug 4: a decision a participant refuses again and again is
+/// surfaced (an error in the log, `shop.in_doubt` / `twopc in-doubt`), not
+/// retried silently forever. Here a forged abort reaches the order service
+/// while the coordinator, which recorded commit, is down; after its restart
+/// the order service refuses the commit with `conflict` at every attempt.
+/// (Forged protocol messages are for the permissions issue to stop; what
+/// matters here is that the stuck delivery is visible.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_refused_again_and_again_is_surfaced() {
+    use twopc_schemas::protocol::{self, Decide, DecideReply, Decision};
+    let opts = Options::default()
+        .set(
+            Kind::Coordinator,
+            "TWOPC_CRASH_AT",
+            "coordinator.decision.after_durable",
+        )
+        .set(Kind::Coordinator, "TWOPC_RETRY_BASE_MS", "20")
+        .set(Kind::Coordinator, "TWOPC_RETRY_CAP_MS", "100");
+    let mut sys = System::start(opts).await.unwrap();
+    sys.seed_standard().await.unwrap();
+
+    tracing_line("--- purchase; the coordinator dies right after recording commit");
+    let _ = sys.purchase_with(&book(None), Duration::from_secs(2)).await;
+    sys.service(Kind::Coordinator)
+        .proc
+        .wait_exit(Duration::from_secs(5))
+        .unwrap();
+    let s = sys.snapshot();
+    let (&tx, _) = s
+        .decisions
+        .iter()
+        .find(|(_, d)| d.0 == "commit")
+        .expect("a durable commit");
+
+    tracing_line("--- a forged abort reaches the order service, which releases");
+    let raw = sys
+        .raw(
+            &subjects::decide("order"),
+            &protocol::encode(&Decide {
+                tx,
+                decision: Decision::Abort,
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        protocol::decode::<DecideReply>(&raw).unwrap(),
+        DecideReply::Ack
+    );
+
+    sys.start_without_crash_points(Kind::Coordinator)
+        .await
+        .unwrap();
+    tracing_line("--- the restarted coordinator delivers commit; the order service refuses it");
+    let threshold = twopc_coordinator::coordinator::REFUSALS_BEFORE_ALERT;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refusal = loop {
+        let v: serde_json::Value =
+            serde_json::from_slice(&sys.raw(subjects::IN_DOUBT, b"{}").await.unwrap()).unwrap();
+        let found = v["undelivered"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["tx"] == tx.to_string())
+            .and_then(|u| u["refused_by"].as_array().cloned())
+            .and_then(|r| r.into_iter().find(|r| r["participant"] == "order"));
+        if let Some(r) = found.filter(|r| r["times"].as_u64() >= Some(u64::from(threshold))) {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never surfaced: {v}\n{}",
+            sys.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(refusal["code"], "conflict", "{refusal}");
+    sys.wait_log_any(
+        Kind::Coordinator,
+        &["participant keeps refusing the recorded decision"],
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    // The wallet, which was not refused, has the commit.
+    let s = sys.snapshot();
+    assert_eq!(s.decisions.get(&tx).unwrap().1, vec!["order".to_owned()]);
+    assert!(s.debits.contains_key(&tx));
+}

@@ -23,8 +23,8 @@ use twopc_common::backoff::Backoff;
 use twopc_common::fault::crash_point;
 use twopc_common::now_ms;
 use twopc_schemas::api::{
-    AbortReason, ApiError, CoordinatorInDoubt, Delivery, PurchaseReply, PurchaseRequest, TxQuery,
-    TxStatus, Undelivered, VoteSummary,
+    AbortReason, ApiError, CoordinatorInDoubt, Delivery, PurchaseReply, PurchaseRequest, Refusal,
+    TxQuery, TxStatus, Undelivered, VoteSummary,
 };
 use twopc_schemas::protocol::{
     self, BranchOp, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Prepare, TxId,
@@ -40,6 +40,20 @@ use twopc_common::serve::{serve, Endpoint, Response};
 use twopc_common::trace::TraceContext;
 
 const SERVICE: &str = "coordinator";
+
+/// Refusals in a row after which a delivery is reported as stuck (an error
+/// in the log, the `twopc_decisions_refused` gauge). Delivery still goes on:
+/// an operator may repair the participant.
+pub const REFUSALS_BEFORE_ALERT: u32 = 5;
+
+/// What one delivery attempt got.
+enum Delivered {
+    Acked,
+    /// The participant answered, and refused.
+    Refused(Code, String),
+    /// No answer (timeout, no responders, a reply that does not decode).
+    Failed,
+}
 
 /// Counters for the status page (Prometheus has the same and more).
 #[derive(Debug, Default)]
@@ -74,6 +88,11 @@ pub struct Coordinator<L: DecisionLog> {
     /// Request ids whose purchase is in flight here, with the reply to come,
     /// so a client retry waits for the first attempt instead of racing it.
     requests: Mutex<HashMap<String, InFlight>>,
+    /// Deliveries that participants refuse, by transaction, so that a
+    /// decision refused again and again is visible (`shop.in_doubt`, the
+    /// status page) instead of retried silently. Not durable: refusals are
+    /// counted again after a restart.
+    refusals: Mutex<HashMap<TxId, Vec<Refusal>>>,
 }
 
 fn same_purchase(a: &PurchaseRequest, b: &PurchaseRequest) -> bool {
@@ -95,6 +114,7 @@ impl<L: DecisionLog> Coordinator<L> {
             counts: Counts::default(),
             active: Mutex::new(HashMap::new()),
             requests: Mutex::new(HashMap::new()),
+            refusals: Mutex::new(HashMap::new()),
         })
     }
 
@@ -181,6 +201,13 @@ impl<L: DecisionLog> Coordinator<L> {
                 decision: r.decision.as_str().into(),
                 pending: r.pending,
                 decided_at_ms: r.decided_at_ms,
+                refused_by: self
+                    .refusals
+                    .lock()
+                    .expect("lock")
+                    .get(&r.tx)
+                    .cloned()
+                    .unwrap_or_default(),
             })
             .collect();
         Ok(CoordinatorInDoubt {
@@ -547,12 +574,17 @@ impl<L: DecisionLog> Coordinator<L> {
                     .map(|p| self.send_decision(p, tx, decision, &trace)),
             )
             .await;
-            let acked: Vec<String> = pending
-                .iter()
-                .zip(&results)
-                .filter(|(_, ok)| **ok)
-                .map(|(p, _)| p.clone())
-                .collect();
+            let mut acked: Vec<String> = vec![];
+            for (p, result) in pending.iter().zip(results) {
+                match result {
+                    Delivered::Acked => acked.push(p.clone()),
+                    Delivered::Refused(code, message) => {
+                        self.note_refusal(tx, decision, p, code, message)
+                    }
+                    Delivered::Failed => {}
+                }
+            }
+            self.forget_refusals(tx, &acked);
             pending.retain(|p| !acked.contains(p));
             // The client need not wait for the acknowledgements to be noted:
             // losing that write only causes an idempotent redelivery.
@@ -585,14 +617,81 @@ impl<L: DecisionLog> Coordinator<L> {
         }
     }
 
-    /// One delivery attempt. True when acknowledged.
+    /// Counts a participant's refusal of `decision`; past
+    /// [`REFUSALS_BEFORE_ALERT`] in a row the delivery is reported as stuck.
+    fn note_refusal(
+        &self,
+        tx: TxId,
+        decision: Decision,
+        participant: &str,
+        code: Code,
+        message: String,
+    ) {
+        metrics::counter!(
+            "twopc_deliveries_refused_total",
+            "participant" => participant.to_owned(),
+            "code" => code.as_str()
+        )
+        .increment(1);
+        let mut all = self.refusals.lock().expect("lock");
+        let list = all.entry(tx).or_default();
+        let times = match list.iter_mut().find(|r| r.participant == participant) {
+            Some(r) => {
+                r.times += 1;
+                r.code = code;
+                r.message = message.clone();
+                r.times
+            }
+            None => {
+                list.push(Refusal {
+                    participant: participant.to_owned(),
+                    code,
+                    message: message.clone(),
+                    times: 1,
+                });
+                1
+            }
+        };
+        if times == REFUSALS_BEFORE_ALERT {
+            metrics::gauge!("twopc_decisions_refused").increment(1);
+            error!(
+                %participant,
+                decision = decision.as_str(),
+                %code,
+                %message,
+                times,
+                "participant keeps refusing the recorded decision; delivery goes on, \
+                 but it needs an operator (see twopc in-doubt)"
+            );
+        }
+    }
+
+    /// Acknowledged at last: the participants' refusals are over.
+    fn forget_refusals(&self, tx: TxId, acked: &[String]) {
+        let mut all = self.refusals.lock().expect("lock");
+        let Some(list) = all.get_mut(&tx) else {
+            return;
+        };
+        list.retain(|r| {
+            let over = acked.contains(&r.participant);
+            if over && r.times >= REFUSALS_BEFORE_ALERT {
+                metrics::gauge!("twopc_decisions_refused").decrement(1);
+            }
+            !over
+        });
+        if list.is_empty() {
+            all.remove(&tx);
+        }
+    }
+
+    /// One delivery attempt.
     async fn send_decision(
         &self,
         participant: &str,
         tx: TxId,
         decision: Decision,
         trace: &TraceContext,
-    ) -> bool {
+    ) -> Delivered {
         let request = async_nats::Request::new()
             .headers(trace.child().headers())
             .payload(protocol::encode(&Decide { tx, decision }).into());
@@ -606,23 +705,23 @@ impl<L: DecisionLog> Coordinator<L> {
         .await
         {
             Ok(msg) => match protocol::decode::<DecideReply>(&msg.payload) {
-                Ok(DecideReply::Ack) => true,
+                Ok(DecideReply::Ack) => Delivered::Acked,
                 Ok(DecideReply::Rejected { code, message }) => {
                     if matches!(code, Code::Conflict | Code::UnknownTx) {
-                        error!(%participant, %code, %message, "participant contradicts the recorded decision");
+                        warn!(%participant, %code, %message, "participant contradicts the recorded decision; will retry");
                     } else {
                         warn!(%participant, %code, %message, "decision refused; will retry");
                     }
-                    false
+                    Delivered::Refused(code, message)
                 }
                 Err(e) => {
                     warn!(%participant, error = %e, "acknowledgement does not decode");
-                    false
+                    Delivered::Failed
                 }
             },
             Err(e) => {
                 warn!(%participant, error = %e, "decision delivery failed; will retry");
-                false
+                Delivered::Failed
             }
         }
     }

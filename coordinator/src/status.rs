@@ -187,11 +187,17 @@ fn html(s: &Status) -> String {
             )
         }));
         rows.extend(c.undelivered.iter().map(|u| {
+            let refused: String = u
+                .refused_by
+                .iter()
+                .map(|r| format!("; refused by {} ({} ×{})", r.participant, r.code, r.times))
+                .collect();
             format!(
-                "<tr><td><code>{}</code></td><td>coordinator</td><td>{} not acknowledged by {}</td></tr>",
+                "<tr><td><code>{}</code></td><td>coordinator</td><td>{} not acknowledged by {}{}</td></tr>",
                 esc(&u.tx),
                 esc(&u.decision),
-                esc(&u.pending.join(", "))
+                esc(&u.pending.join(", ")),
+                esc(&refused)
             )
         }));
     }

@@ -429,6 +429,22 @@ pub struct Undelivered {
     pub decision: String,
     pub pending: Vec<String>,
     pub decided_at_ms: i64,
+    /// Participants that answered this decision with a refusal (since this
+    /// coordinator started). Delivery goes on, with capped backoff; a
+    /// participant that contradicts a recorded decision needs an operator.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused_by: Vec<Refusal>,
+}
+
+/// A participant's refusals of one decision delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub participant: String,
+    /// The last refusal's code and message.
+    pub code: Code,
+    pub message: String,
+    /// Refusals in a row.
+    pub times: u32,
 }
 
 /// `<participant>.in_doubt`: prepared branches awaiting a decision.
