@@ -39,10 +39,16 @@ impl Backoff {
     /// The next delay: uniform in [ceiling/2, ceiling] ("equal jitter"), so
     /// retries of many transactions spread out but never collapse to zero.
     pub fn next_delay(&mut self) -> Duration {
+        self.next_delay_with(&mut rand::rng())
+    }
+
+    /// [`Backoff::next_delay`] with the caller's random source, so that a
+    /// pure state machine can be replayed exactly in tests (a seeded RNG).
+    pub fn next_delay_with(&mut self, rng: &mut impl Rng) -> Duration {
         let ceiling = self.ceiling_ms();
         self.attempt = self.attempt.saturating_add(1);
         let low = ceiling / 2;
-        Duration::from_millis(rand::rng().random_range(low..=ceiling))
+        Duration::from_millis(rng.random_range(low..=ceiling))
     }
 }
 

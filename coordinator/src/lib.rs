@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod coordinator;
+pub mod core;
 pub mod log;
 pub mod phase;
 pub mod status;

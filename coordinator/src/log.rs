@@ -53,7 +53,7 @@ pub enum Recorded {
     KeyTaken(Record),
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LogError {
     #[error("decision log is overloaded")]
     Busy,
