@@ -935,3 +935,719 @@ impl Core {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Every coordinator rule, event by event, with explicit time and a
+    //! seeded random source: no NATS, no SQLite.
+    use super::*;
+
+    const NOW: i64 = 1_000;
+
+    fn core(reply_after: ReplyAfter) -> Core {
+        Core::new(CoreConfig {
+            retry_base_ms: 100,
+            retry_cap_ms: 1_000,
+            reply_after,
+            seed: 7,
+        })
+    }
+
+    fn trace() -> TraceContext {
+        TraceContext {
+            trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+            span_id: "b7ad6b7169203331".into(),
+        }
+    }
+
+    fn book(key: Option<&str>) -> PurchaseRequest {
+        PurchaseRequest {
+            user: "alice".into(),
+            sku: "book-1".into(),
+            qty: 2,
+            amount: 2_500,
+            request_id: key.map(Into::into),
+        }
+    }
+
+    fn purchase(client: ClientId, req: PurchaseRequest, tx: TxId) -> Event {
+        Event::Purchase {
+            client,
+            req,
+            tx,
+            trace: trace(),
+        }
+    }
+
+    fn voted(tx: TxId, p: &str, ballot: Ballot) -> Event {
+        Event::Voted {
+            tx,
+            participant: p.into(),
+            ballot,
+        }
+    }
+
+    fn yes() -> Ballot {
+        Ballot::Voted(Vote::Yes)
+    }
+
+    fn delivered(tx: TxId, p: &str, result: Delivery) -> Event {
+        Event::Delivered {
+            tx,
+            participant: p.into(),
+            result,
+        }
+    }
+
+    /// The record a `Cmd::Record` in `cmds` asks to write.
+    fn record_of(cmds: &[Cmd]) -> Record {
+        cmds.iter()
+            .find_map(|c| match c {
+                Cmd::Record { rec } => Some(rec.clone()),
+                _ => None,
+            })
+            .expect("a Record command")
+    }
+
+    fn replies(cmds: &[Cmd]) -> Vec<(ClientId, Result<PurchaseReply, ApiError>)> {
+        cmds.iter()
+            .filter_map(|c| match c {
+                Cmd::Reply { client, reply } => Some((*client, reply.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn decides(cmds: &[Cmd]) -> Vec<(String, Decision)> {
+        cmds.iter()
+            .filter_map(|c| match c {
+                Cmd::Decide {
+                    participant,
+                    decision,
+                    ..
+                } => Some((participant.clone(), *decision)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn prepares(cmds: &[Cmd]) -> Vec<(String, BranchOp)> {
+        cmds.iter()
+            .filter_map(|c| match c {
+                Cmd::Prepare {
+                    participant, op, ..
+                } => Some((participant.clone(), op.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A purchase without a request id through both votes; returns the
+    /// commands of the last vote (the `Record`).
+    fn through_votes(c: &mut Core, tx: TxId, wallet: Ballot, order: Ballot) -> Vec<Cmd> {
+        c.step(NOW, purchase(1, book(None), tx));
+        assert!(c.step(NOW, voted(tx, "wallet", wallet)).is_empty());
+        c.step(NOW + 5, voted(tx, "order", order))
+    }
+
+    #[test]
+    fn a_purchase_prepares_a_debit_and_a_reservation_in_parallel() {
+        let mut c = core(ReplyAfter::Decision);
+        let tx = TxId::now_v7();
+        let cmds = c.step(NOW, purchase(1, book(None), tx));
+        assert!(matches!(cmds[0], Cmd::Begun { tx: t, .. } if t == tx));
+        assert_eq!(
+            prepares(&cmds),
+            vec![
+                (
+                    "wallet".to_owned(),
+                    BranchOp::Debit {
+                        user: "alice".into(),
+                        amount: 2_500
+                    }
+                ),
+                (
+                    "order".to_owned(),
+                    BranchOp::Reserve {
+                        user: "alice".into(),
+                        sku: "book-1".into(),
+                        qty: 2,
+                        amount: 2_500
+                    }
+                ),
+            ]
+        );
+        assert_eq!(c.active().len(), 1);
+        assert_eq!(c.in_phase_1(tx), Some(book(None)));
+    }
+
+    #[test]
+    fn nothing_is_heard_before_the_decision_is_recorded() {
+        let mut c = core(ReplyAfter::Decision);
+        let tx = TxId::now_v7();
+        let cmds = through_votes(&mut c, tx, yes(), yes());
+        assert_eq!(cmds.len(), 1, "only the Record: {cmds:?}");
+        let rec = record_of(&cmds);
+        assert_eq!(rec.decision, Decision::Commit);
+        assert_eq!(rec.decided_at_ms, NOW + 5, "explicit time is recorded");
+        assert_eq!(rec.deliver_to, vec!["wallet", "order"]);
+        assert_eq!(rec.votes.len(), 2);
+    }
+
+    #[test]
+    fn a_commit_is_answered_at_the_decision_then_delivered_until_acknowledged() {
+        let mut c = core(ReplyAfter::Decision);
+        let tx = TxId::now_v7();
+        let rec = record_of(&through_votes(&mut c, tx, yes(), yes()));
+        let cmds = c.step(
+            NOW,
+            Event::Recorded {
+                tx,
+                result: Ok(Recorded::New(rec)),
+            },
+        );
+        let r = replies(&cmds);
+        assert_eq!(r.len(), 1);
+        let reply = r[0].1.clone().unwrap();
+        assert_eq!(reply.outcome, twopc_schemas::api::Outcome::Committed);
+        assert!(!reply.delivered, "delivery is still to come");
+        assert_eq!(
+            decides(&cmds),
+            vec![
+                ("wallet".into(), Decision::Commit),
+                ("order".into(), Decision::Commit)
+            ]
+        );
+        assert!(c
+            .step(NOW, delivered(tx, "wallet", Delivery::Acked))
+            .is_empty());
+        let cmds = c.step(NOW, delivered(tx, "order", Delivery::Acked));
+        assert!(cmds.contains(&Cmd::NoteAcks {
+            tx,
+            participants: vec!["order".into(), "wallet".into()],
+            attempts: 1
+        }));
+        assert!(matches!(cmds.last(), Some(Cmd::DeliveredAll { .. })));
+        assert_eq!(c.delivering(), 0);
+    }
+
+    #[test]
+    fn a_no_vote_aborts_and_only_the_yes_voter_hears_it() {
+        let mut c = core(ReplyAfter::Decision);
+        let tx = TxId::now_v7();
+        let no = Ballot::Voted(Vote::No {
+            code: Code::InsufficientFunds,
+            message: "poor".into(),
+        });
+        let rec = record_of(&through_votes(&mut c, tx, no, yes()));
+        assert_eq!(rec.decision, Decision::Abort);
+        assert_eq!(rec.deliver_to, vec!["order"]);
+        let cmds = c.step(
+            NOW,
+            Event::Recorded {
+                tx,
+                result: Ok(Recorded::New(rec)),
+            },
+        );
+        let reply = replies(&cmds)[0].1.clone().unwrap();
+        assert_eq!(reply.reason.unwrap().code, Code::InsufficientFunds);
+        assert_eq!(decides(&cmds), vec![("order".into(), Decision::Abort)]);
+    }
+
+    #[test]
+    fn a_silent_participant_still_hears_the_abort() {
+        let mut c = core(ReplyAfter::Decision);
+        let tx = TxId::now_v7();
+        let rec = record_of(&through_votes(&mut c, tx, Ballot::TimedOut, yes()));
+        assert_eq!(rec.decision, Decision::Abort);
+        assert_eq!(rec.deliver_to, vec!["wallet", "order"]);
+    }
+
+    #[test]
+    fn nobody_to_tell_means_delivered_at_once() {
+        let mut c = core(ReplyAfter::Decision);
+        let tx = TxId::now_v7();
+        let rec = record_of(&through_votes(
+            &mut c,
+            tx,
+            Ballot::NoResponders,
+            Ballot::NoResponders,
+        ));
+        let cmds = c.step(
+            NOW,
+            Event::Recorded {
+                tx,
+                result: Ok(Recorded::New(rec)),
+            },
+        );
+        assert!(replies(&cmds)[0].1.as_ref().unwrap().delivered);
+        assert!(decides(&cmds).is_empty());
+        assert_eq!(c.delivering(), 0);
+        assert!(c.active().is_empty());
+    }
+
+    #[test]
+    fn repeated_and_stray_votes_change_nothing() {
+        let mut c = core(ReplyAfter::Decision);
+        let tx = TxId::now_v7();
+        c.step(NOW, purchase(1, book(None), tx));
+        assert!(c.step(NOW, voted(tx, "wallet", yes())).is_empty());
+        assert!(c
+            .step(NOW, voted(tx, "wallet", Ballot::TimedOut))
+            .is_empty());
+        assert!(c.step(NOW, voted(tx, "mallory", yes())).is_empty());
+        assert!(c
+            .step(NOW, voted(TxId::now_v7(), "order", yes()))
+            .is_empty());
+        let rec = record_of(&c.step(NOW, voted(tx, "order", yes())));
+        assert_eq!(
+            rec.decision,
+            Decision::Commit,
+            "the first wallet vote counts"
+        );
+    }
+
+    // --- request ids ---
+
+    #[test]
+    fn a_new_key_is_looked_up_before_anything_starts() {
+        let mut c = core(ReplyAfter::Decision);
+        let cmds = c.step(NOW, purchase(1, book(Some("k")), TxId::now_v7()));
+        assert_eq!(cmds, vec![Cmd::LookUpKey { key: "k".into() }]);
+        assert!(c.active().is_empty());
+    }
+
+    #[test]
+    fn a_retry_in_flight_waits_and_hears_the_first_outcome_as_a_duplicate() {
+        let mut c = core(ReplyAfter::Decision);
+        c.step(NOW, purchase(1, book(Some("k")), TxId::now_v7()));
+        assert!(c
+            .step(NOW, purchase(2, book(Some("k")), TxId::now_v7()))
+            .is_empty());
+        let tx = TxId::now_v7();
+        let cmds = c.step(
+            NOW,
+            Event::KeyFound {
+                key: "k".into(),
+                found: Ok(None),
+                tx,
+            },
+        );
+        assert_eq!(prepares(&cmds).len(), 2);
+        assert!(c
+            .step(NOW, purchase(3, book(Some("k")), TxId::now_v7()))
+            .is_empty());
+        c.step(NOW, voted(tx, "wallet", yes()));
+        let rec = record_of(&c.step(NOW, voted(tx, "order", yes())));
+        assert_eq!(rec.request_id.as_deref(), Some("k"));
+        let cmds = c.step(
+            NOW,
+            Event::Recorded {
+                tx,
+                result: Ok(Recorded::New(rec)),
+            },
+        );
+        let r = replies(&cmds);
+        assert_eq!(r.iter().map(|(c, _)| *c).collect::<Vec<_>>(), vec![1, 2, 3]);
+        for (client, reply) in r {
+            let reply = reply.unwrap();
+            assert_eq!(reply.tx, tx.to_string());
+            assert_eq!(reply.duplicate, client != 1);
+        }
+        // The key has left the in-flight map: a later retry asks the log.
+        assert_eq!(
+            c.step(NOW, purchase(4, book(Some("k")), TxId::now_v7())),
+            vec![Cmd::LookUpKey { key: "k".into() }]
+        );
+    }
+
+    #[test]
+    fn a_key_in_flight_with_another_purchase_is_a_conflict() {
+        let mut c = core(ReplyAfter::Decision);
+        c.step(NOW, purchase(1, book(Some("k")), TxId::now_v7()));
+        let mut other = book(Some("k"));
+        other.qty = 3;
+        let r = replies(&c.step(NOW, purchase(2, other, TxId::now_v7())));
+        assert_eq!(r[0].0, 2);
+        assert_eq!(r[0].1.as_ref().unwrap_err().code, Code::Conflict);
+    }
+
+    #[test]
+    fn a_bound_key_answers_its_record_and_starts_nothing() {
+        let mut c = core(ReplyAfter::Decision);
+        c.step(NOW, purchase(1, book(Some("k")), TxId::now_v7()));
+        let first = TxId::now_v7();
+        let mut rec = record_for(first, Decision::Abort, Some("k"));
+        rec.purchase = Some(book(Some("k")));
+        let cmds = c.step(
+            NOW,
+            Event::KeyFound {
+                key: "k".into(),
+                found: Ok(Some(rec.clone())),
+                tx: TxId::now_v7(),
+            },
+        );
+        let r = replies(&cmds)[0].1.clone().unwrap();
+        assert_eq!((r.tx, r.duplicate), (first.to_string(), true));
+        assert!(prepares(&cmds).is_empty());
+
+        // The same key for a different purchase: conflict.
+        let mut other = book(Some("k"));
+        other.amount = 1;
+        c.step(NOW, purchase(2, other, TxId::now_v7()));
+        let cmds = c.step(
+            NOW,
+            Event::KeyFound {
+                key: "k".into(),
+                found: Ok(Some(rec)),
+                tx: TxId::now_v7(),
+            },
+        );
+        assert_eq!(
+            replies(&cmds)[0].1.as_ref().unwrap_err().code,
+            Code::Conflict
+        );
+    }
+
+    #[test]
+    fn a_failed_lookup_starts_nothing_and_says_so() {
+        let mut c = core(ReplyAfter::Decision);
+        c.step(NOW, purchase(1, book(Some("k")), TxId::now_v7()));
+        let cmds = c.step(
+            NOW,
+            Event::KeyFound {
+                key: "k".into(),
+                found: Err(LogError::Busy),
+                tx: TxId::now_v7(),
+            },
+        );
+        assert_eq!(replies(&cmds)[0].1.as_ref().unwrap_err().code, Code::Busy);
+        assert!(c.active().is_empty());
+    }
+
+    fn record_for(tx: TxId, decision: Decision, key: Option<&str>) -> Record {
+        Record {
+            tx,
+            decision,
+            request_id: key.map(Into::into),
+            purchase: None,
+            reason: (decision == Decision::Abort).then(|| AbortReason {
+                participant: "coordinator".into(),
+                code: Code::PresumedAbort,
+                message: "order asked before a decision was recorded".into(),
+            }),
+            deliver_to: vec![],
+            pending: vec![],
+            decided_at_ms: NOW,
+            completed_at_ms: Some(NOW),
+            votes: vec![],
+            delivery_attempts: 0,
+        }
+    }
+
+    /// Keyed purchase through its votes; returns its tx and the record.
+    fn keyed_through_votes(c: &mut Core) -> (TxId, Record) {
+        c.step(NOW, purchase(1, book(Some("k")), TxId::now_v7()));
+        let tx = TxId::now_v7();
+        c.step(
+            NOW,
+            Event::KeyFound {
+                key: "k".into(),
+                found: Ok(None),
+                tx,
+            },
+        );
+        c.step(NOW, voted(tx, "wallet", yes()));
+        let rec = record_of(&c.step(NOW, voted(tx, "order", yes())));
+        (tx, rec)
+    }
+
+    #[test]
+    fn issue_8_a_presumed_abort_recorded_first_is_the_keys_final_outcome() {
+        let mut c = core(ReplyAfter::Decision);
+        let (tx, _) = keyed_through_votes(&mut c);
+        // The log bound the key to the presumed abort in the same write.
+        let existing = record_for(tx, Decision::Abort, Some("k"));
+        let cmds = c.step(
+            NOW,
+            Event::Recorded {
+                tx,
+                result: Ok(Recorded::Existing(existing)),
+            },
+        );
+        let reply = replies(&cmds)[0].1.clone().unwrap();
+        assert_eq!(reply.outcome, twopc_schemas::api::Outcome::Aborted);
+        assert_eq!(reply.request_id.as_deref(), Some("k"));
+        assert_eq!(reply.reason.unwrap().code, Code::PresumedAbort);
+        // Both voted yes and may hold: both hear the abort.
+        assert_eq!(
+            decides(&cmds),
+            vec![
+                ("wallet".into(), Decision::Abort),
+                ("order".into(), Decision::Abort)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_key_taken_by_another_transaction_aborts_this_one_and_answers_the_first() {
+        let mut c = core(ReplyAfter::Decision);
+        let (tx, _) = keyed_through_votes(&mut c);
+        let holder = TxId::now_v7();
+        let mut h = record_for(holder, Decision::Commit, Some("k"));
+        h.reason = None;
+        let cmds = c.step(
+            NOW,
+            Event::Recorded {
+                tx,
+                result: Ok(Recorded::KeyTaken(h)),
+            },
+        );
+        let reply = replies(&cmds)[0].1.clone().unwrap();
+        assert_eq!((reply.tx, reply.duplicate), (holder.to_string(), true));
+        assert_eq!(
+            decides(&cmds),
+            vec![
+                ("wallet".into(), Decision::Abort),
+                ("order".into(), Decision::Abort)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_log_failure_is_unknown_never_aborted_and_nothing_is_delivered() {
+        let mut c = core(ReplyAfter::Decision);
+        let (tx, _) = keyed_through_votes(&mut c);
+        let cmds = c.step(
+            NOW,
+            Event::Recorded {
+                tx,
+                result: Err(LogError::Busy),
+            },
+        );
+        let e = replies(&cmds)[0].1.clone().unwrap_err();
+        assert_eq!(e.code, Code::OutcomeUnknown);
+        assert!(decides(&cmds).is_empty());
+        assert!(matches!(cmds[0], Cmd::Concluded { decision: None, .. }));
+        // The key is free again: a retry asks the log.
+        assert_eq!(
+            c.step(NOW, purchase(2, book(Some("k")), TxId::now_v7())),
+            vec![Cmd::LookUpKey { key: "k".into() }]
+        );
+    }
+
+    // --- reply after delivery ---
+
+    #[test]
+    fn reply_after_delivery_waits_for_the_first_round() {
+        let mut c = core(ReplyAfter::Delivery);
+        let tx = TxId::now_v7();
+        let rec = record_of(&through_votes(&mut c, tx, yes(), yes()));
+        let cmds = c.step(
+            NOW,
+            Event::Recorded {
+                tx,
+                result: Ok(Recorded::New(rec)),
+            },
+        );
+        assert!(replies(&cmds).is_empty());
+        c.step(NOW, delivered(tx, "wallet", Delivery::Acked));
+        let cmds = c.step(NOW, delivered(tx, "order", Delivery::Failed));
+        let reply = replies(&cmds)[0].1.clone().unwrap();
+        assert!(!reply.delivered, "the order service did not acknowledge");
+        assert!(matches!(cmds.last(), Some(Cmd::RetryAfter { .. })));
+    }
+
+    // --- delivery ---
+
+    #[test]
+    fn delivery_retries_only_the_silent_with_growing_capped_delays() {
+        let mut c = core(ReplyAfter::Decision);
+        let tx = TxId::now_v7();
+        let rec = record_of(&through_votes(&mut c, tx, yes(), yes()));
+        c.step(
+            NOW,
+            Event::Recorded {
+                tx,
+                result: Ok(Recorded::New(rec)),
+            },
+        );
+        c.step(NOW, delivered(tx, "wallet", Delivery::Acked));
+        let mut delays = vec![];
+        let mut cmds = c.step(NOW, delivered(tx, "order", Delivery::Failed));
+        for _ in 0..8 {
+            let Some(Cmd::RetryAfter { delay_ms, .. }) = cmds.last().cloned() else {
+                panic!("{cmds:?}")
+            };
+            delays.push(delay_ms);
+            // A retry due while nothing is outstanding sends one round, to
+            // the one that has not acknowledged.
+            let round = c.step(NOW, Event::RetryDue { tx });
+            assert_eq!(decides(&round), vec![("order".into(), Decision::Commit)]);
+            assert!(
+                c.step(NOW, Event::RetryDue { tx }).is_empty(),
+                "one round at a time"
+            );
+            cmds = c.step(NOW, delivered(tx, "order", Delivery::Failed));
+        }
+        let ceilings = [100, 200, 400, 800, 1_000, 1_000, 1_000, 1_000];
+        for (d, ceiling) in delays.iter().zip(ceilings) {
+            assert!(*d >= ceiling / 2 && *d <= ceiling, "{delays:?}");
+        }
+        let cmds = {
+            c.step(NOW, Event::RetryDue { tx });
+            c.step(NOW, delivered(tx, "order", Delivery::Acked))
+        };
+        assert!(cmds.contains(&Cmd::NoteAcks {
+            tx,
+            participants: vec!["order".into()],
+            attempts: 10
+        }));
+    }
+
+    #[test]
+    fn a_participant_refusing_again_and_again_is_reported_once() {
+        let mut c = core(ReplyAfter::Decision);
+        let tx = TxId::now_v7();
+        let rec = record_of(&through_votes(&mut c, tx, yes(), yes()));
+        c.step(
+            NOW,
+            Event::Recorded {
+                tx,
+                result: Ok(Recorded::New(rec)),
+            },
+        );
+        c.step(NOW, delivered(tx, "wallet", Delivery::Acked));
+        let refuse = || {
+            delivered(
+                tx,
+                "order",
+                Delivery::Refused(Code::Conflict, "aborted".into()),
+            )
+        };
+        let mut stuck = 0;
+        for i in 1..=REFUSALS_BEFORE_ALERT + 3 {
+            if i > 1 {
+                c.step(NOW, Event::RetryDue { tx });
+            }
+            let cmds = c.step(NOW, refuse());
+            stuck += cmds
+                .iter()
+                .filter(|c| matches!(c, Cmd::Stuck { .. }))
+                .count();
+            assert_eq!(c.refusals(tx)[0].times, i);
+        }
+        assert_eq!(stuck, 1);
+        assert_eq!(c.refusals(tx)[0].code, Code::Conflict);
+        c.step(NOW, Event::RetryDue { tx });
+        c.step(NOW, delivered(tx, "order", Delivery::Acked));
+        assert!(c.refusals(tx).is_empty());
+        assert_eq!(c.delivering(), 0);
+    }
+
+    #[test]
+    fn undelivered_decisions_are_delivered_again_after_a_restart() {
+        let mut c = core(ReplyAfter::Decision);
+        let tx = TxId::now_v7();
+        let mut rec = record_for(tx, Decision::Commit, None);
+        rec.reason = None;
+        rec.deliver_to = vec!["wallet".into(), "order".into()];
+        rec.pending = vec!["order".into()];
+        rec.delivery_attempts = 3;
+        let done = record_for(TxId::now_v7(), Decision::Abort, None);
+        let cmds = c.step(
+            NOW,
+            Event::Resume {
+                records: vec![rec, done],
+            },
+        );
+        assert_eq!(decides(&cmds), vec![("order".into(), Decision::Commit)]);
+        assert_eq!(c.delivering(), 1);
+        let cmds = c.step(NOW, delivered(tx, "order", Delivery::Acked));
+        assert!(cmds.contains(&Cmd::NoteAcks {
+            tx,
+            participants: vec!["order".into()],
+            attempts: 4
+        }));
+    }
+
+    // --- decision queries ---
+
+    #[test]
+    fn a_decision_query_records_abort_unless_decided_and_answers_the_log() {
+        let mut c = core(ReplyAfter::Decision);
+        let tx = TxId::now_v7();
+        let cmds = c.step(
+            NOW,
+            Event::DecisionQuery {
+                query: 9,
+                tx,
+                participant: "wallet".into(),
+            },
+        );
+        let [Cmd::RecordPresumedAbort { query: 9, rec }] = cmds.as_slice() else {
+            panic!("{cmds:?}")
+        };
+        assert_eq!(
+            (rec.tx, rec.decision, rec.request_id.clone()),
+            (tx, Decision::Abort, None)
+        );
+        assert_eq!(rec.reason.as_ref().unwrap().code, Code::PresumedAbort);
+        assert!(rec.deliver_to.is_empty());
+
+        let mut commit = record_for(tx, Decision::Commit, None);
+        commit.reason = None;
+        let cmds = c.step(
+            NOW,
+            Event::QueryRecorded {
+                query: 9,
+                tx,
+                result: Ok(Recorded::Existing(commit)),
+            },
+        );
+        assert_eq!(
+            cmds,
+            vec![Cmd::Answer {
+                query: 9,
+                reply: DecisionReply::Decided {
+                    tx,
+                    decision: Decision::Commit
+                }
+            }]
+        );
+        let cmds = c.step(
+            NOW,
+            Event::QueryRecorded {
+                query: 10,
+                tx,
+                result: Err(LogError::Busy),
+            },
+        );
+        assert!(matches!(
+            cmds.as_slice(),
+            [Cmd::Answer {
+                query: 10,
+                reply: DecisionReply::Rejected {
+                    code: Code::Busy,
+                    ..
+                }
+            }]
+        ));
+    }
+
+    #[test]
+    fn a_decision_query_during_phase_1_does_not_disturb_the_attempt() {
+        let mut c = core(ReplyAfter::Decision);
+        let tx = TxId::now_v7();
+        c.step(NOW, purchase(1, book(None), tx));
+        c.step(
+            NOW,
+            Event::DecisionQuery {
+                query: 1,
+                tx,
+                participant: "wallet".into(),
+            },
+        );
+        assert_eq!(c.in_phase_1(tx), Some(book(None)));
+    }
+}
