@@ -6,7 +6,7 @@ mod harness;
 
 use std::time::{Duration, Instant};
 
-use harness::{told, tracing_line, tx_id, Options, System};
+use harness::{poll_until, told, tracing_line, tx_id, Options, System};
 use twopc::check::Told;
 use twopc::client::Reply;
 use twopc::launcher::Kind;
@@ -358,11 +358,31 @@ async fn nats_server_restart_mid_run_ends_consistent() {
             )
             .await;
             results.push(r);
+            // Pacing, not waiting: spreads the 60 purchases over the outage.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         results
     });
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Restart only once purchases are committing: some decisions are durable
+    // before the outage.
+    poll_until(
+        "3 commit decisions before the restart",
+        Duration::from_secs(10),
+        || async {
+            let commits = sys
+                .snapshot()
+                .decisions
+                .values()
+                .filter(|d| d.0 == "commit")
+                .count();
+            if commits >= 3 {
+                Ok(())
+            } else {
+                Err(format!("{commits} commits"))
+            }
+        },
+    )
+    .await;
     tracing_line("--- kill and restart nats-server");
     sys.nats.restart().unwrap();
     let results = workload.await.unwrap();
