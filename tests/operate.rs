@@ -456,6 +456,37 @@ async fn status_page_shows_counters_in_doubt_and_health_in_a_browser() {
     assert!(page.contains("<h1>twopc coordinator</h1>"), "{page}");
     assert!(page.contains(&stuck.tx), "the in-doubt tx is listed");
     assert!(page.contains("unreachable"));
+    assert!(
+        page.to_ascii_lowercase()
+            .contains("content-type: text/html; charset=utf-8"),
+        "{page}"
+    );
+    let missing = http_get(&addr, "/nope");
+    assert!(missing.starts_with("HTTP/1.0 404"), "{missing}");
+
+    // A client that connects and never sends its request is disconnected
+    // once the header read timeout passes (checked while Chromium runs).
+    let idle = {
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let limit_ms = twopc_coordinator::status::HEADER_READ_TIMEOUT_MS;
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(limit_ms + 5_000)))
+                .unwrap();
+            let t0 = Instant::now();
+            // Closed: end of stream (after a 408, if any) or a reset; a
+            // read that times out means the server kept it open.
+            let closed = match s.read_to_end(&mut vec![]) {
+                Ok(_) => true,
+                Err(e) => !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+            };
+            (closed, t0.elapsed(), limit_ms)
+        })
+    };
 
     // A real browser renders it.
     let chromium =
@@ -509,6 +540,12 @@ async fn status_page_shows_counters_in_doubt_and_health_in_a_browser() {
     let keep = std::env::temp_dir().join("twopc-status-page.png");
     let _ = std::fs::copy(&shot, &keep);
     eprintln!("screenshot: {}", keep.display());
+
+    let (closed, after, limit_ms) = idle.await.unwrap();
+    assert!(
+        closed && after < Duration::from_millis(limit_ms + 5_000),
+        "a silent connection was not closed after {limit_ms} ms (waited {after:?})"
+    );
 
     sys.service(Kind::Order).proc.resume().unwrap();
     let told_all = [twopc::check::Told::Aborted(stuck.tx.parse().unwrap())];
