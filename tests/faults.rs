@@ -23,19 +23,6 @@ fn book(request_id: Option<&str>) -> PurchaseRequest {
     }
 }
 
-/// Waits until `f` is true, polling; panics with `what` after `timeout`.
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Scenario 2a: the wallet dies right after its prepare is durable, before
 /// its vote leaves. The coordinator times out and aborts; the restarted
 /// wallet finds the prepared branch, asks the coordinator and releases the
@@ -124,20 +111,27 @@ async fn wallet_killed_before_applying_commit_resolves_to_commit() {
     tracing_line("--- restart the wallet; it resolves the in-doubt transaction");
     sys.start_without_crash_points(Kind::Wallet).await.unwrap();
     let client = sys.client.clone();
-    eventually("wallet commits", Duration::from_secs(10), || {
-        let client = client.clone();
-        async move {
-            let b: Reply<twopc_schemas::api::Balance> = twopc::client::request(
-                &client,
-                subjects::WALLET_BALANCE,
-                &serde_json::json!({"user": "alice"}),
-                Duration::from_secs(2),
-            )
-            .await
-            .unwrap();
-            matches!(b, Reply::Ok(b) if b.balance == 7_500 && b.held == 0)
-        }
-    })
+    poll_until(
+        "the wallet to commit (balance 7500, nothing held)",
+        Duration::from_secs(10),
+        || {
+            let client = client.clone();
+            async move {
+                let b: Reply<twopc_schemas::api::Balance> = twopc::client::request(
+                    &client,
+                    subjects::WALLET_BALANCE,
+                    &serde_json::json!({"user": "alice"}),
+                    Duration::from_secs(2),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                match b {
+                    Reply::Ok(b) if b.balance == 7_500 && b.held == 0 => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
     .await;
     assert!(sys
         .service(Kind::Wallet)
