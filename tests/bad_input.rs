@@ -167,16 +167,12 @@ async fn bad_purchase_requests_get_error_replies_and_change_nothing() {
     let mut told_all = vec![];
 
     let base = |field: &str| format!(r#"{{"user":"alice","sku":"book-1","qty":1,{field}}}"#);
-    let with_id = |id: &str| {
-        format!(r#"{{"user":"alice","sku":"book-1","qty":1,"amount":1250,"request_id":{id}}}"#)
-    };
     let valid = purchase_json("alice", "book-1", 1, 1_250);
     // A purchase that would commit if the size limit were not enforced.
     let padded_over = format!("{valid}{}", " ".repeat(5 * 1024 - valid.len()));
-    let huge = format!("{valid}{}", " ".repeat(64 * 1024));
-    let long_sku = "s".repeat(65);
-    let long_id = format!("\"{}\"", "r".repeat(65));
 
+    // A few of each kind, end to end; every parsing case is a unit test
+    // in `schemas/tests/bad_input.rs`.
     let malformed = Code::MalformedJson;
     let invalid = Code::InvalidRequest;
     let cases: Vec<(&str, Vec<u8>, Code, Option<&str>)> = vec![
@@ -187,50 +183,10 @@ async fn bad_purchase_requests_get_error_replies_and_change_nothing() {
             Some("JSON"),
         ),
         (
-            "not JSON at all",
-            b"buy me a book".to_vec(),
-            malformed,
-            Some("JSON"),
-        ),
-        (
-            "invalid UTF-8",
-            vec![0xff, 0xfe, 0x00, 0x7b],
-            malformed,
-            Some("JSON"),
-        ),
-        ("empty payload", vec![], malformed, Some("JSON")),
-        ("JSON array", b"[]".to_vec(), invalid, None),
-        (
             "JSON array of the fields",
             br#"["alice","book-1",1,1250]"#.to_vec(),
             invalid,
             None,
-        ),
-        ("JSON null", b"null".to_vec(), invalid, None),
-        ("JSON string", br#""alice""#.to_vec(), invalid, None),
-        (
-            "missing qty",
-            br#"{"user":"alice","sku":"book-1","amount":1250}"#.to_vec(),
-            invalid,
-            Some("qty"),
-        ),
-        (
-            "missing user",
-            br#"{"sku":"book-1","qty":1,"amount":1250}"#.to_vec(),
-            invalid,
-            Some("user"),
-        ),
-        (
-            "extra unknown field",
-            base(r#""amount":1250,"coupon":"free""#).into_bytes(),
-            invalid,
-            Some("coupon"),
-        ),
-        (
-            "duplicate field",
-            base(r#""amount":1250,"amount":1"#).into_bytes(),
-            invalid,
-            Some("amount"),
         ),
         (
             // Ambiguous: committing either value would be wrong.
@@ -240,88 +196,10 @@ async fn bad_purchase_requests_get_error_replies_and_change_nothing() {
             Some("amount"),
         ),
         (
-            "duplicate user",
-            br#"{"user":"carol","user":"alice","sku":"book-1","qty":1,"amount":1250}"#.to_vec(),
-            invalid,
-            Some("user"),
-        ),
-        (
-            "amount float 2.5",
-            base(r#""amount":2.5"#).into_bytes(),
-            invalid,
-            Some("2.5"),
-        ),
-        (
-            "amount float 1250.0",
-            base(r#""amount":1250.0"#).into_bytes(),
-            invalid,
-            None,
-        ),
-        (
-            "amount exponent 1e3",
-            base(r#""amount":1e3"#).into_bytes(),
-            invalid,
-            None,
-        ),
-        (
-            "amount string \"25\"",
-            base(r#""amount":"25""#).into_bytes(),
-            invalid,
-            Some("string"),
-        ),
-        (
-            "amount null",
-            base(r#""amount":null"#).into_bytes(),
-            invalid,
-            None,
-        ),
-        (
-            "amount bool",
-            base(r#""amount":true"#).into_bytes(),
-            invalid,
-            None,
-        ),
-        (
             "amount negative",
             base(r#""amount":-1250"#).into_bytes(),
             invalid,
             Some("-1250"),
-        ),
-        (
-            "amount zero",
-            base(r#""amount":0"#).into_bytes(),
-            invalid,
-            Some("amount"),
-        ),
-        (
-            "amount overflowing u64",
-            base(r#""amount":99999999999999999999999"#).into_bytes(),
-            invalid,
-            None,
-        ),
-        (
-            "amount u64::MAX",
-            base(&format!(r#""amount":{}"#, u64::MAX)).into_bytes(),
-            invalid,
-            Some("amount"),
-        ),
-        (
-            "amount over MAX_AMOUNT",
-            base(r#""amount":1000000000000000001"#).into_bytes(),
-            invalid,
-            Some("amount"),
-        ),
-        (
-            "qty zero",
-            purchase_json("alice", "book-1", 0, 1_250).into_bytes(),
-            invalid,
-            Some("qty"),
-        ),
-        (
-            "qty negative",
-            br#"{"user":"alice","sku":"book-1","qty":-1,"amount":1250}"#.to_vec(),
-            invalid,
-            Some("-1"),
         ),
         (
             "qty over 1_000_000",
@@ -330,86 +208,14 @@ async fn bad_purchase_requests_get_error_replies_and_change_nothing() {
             Some("qty"),
         ),
         (
-            "qty over u32",
-            purchase_json("alice", "book-1", 1 << 32, 1_250).into_bytes(),
-            invalid,
-            Some("qty"),
-        ),
-        (
-            "qty float",
-            br#"{"user":"alice","sku":"book-1","qty":1.5,"amount":1250}"#.to_vec(),
-            invalid,
-            None,
-        ),
-        (
-            "user empty",
-            purchase_json("", "book-1", 1, 1_250).into_bytes(),
-            invalid,
-            Some("user"),
-        ),
-        (
-            "user with spaces",
-            purchase_json("al ice", "book-1", 1, 1_250).into_bytes(),
-            invalid,
-            Some("user"),
-        ),
-        (
-            "user non-ASCII",
-            purchase_json("ålice", "book-1", 1, 1_250).into_bytes(),
-            invalid,
-            Some("user"),
-        ),
-        (
-            "user a number",
-            br#"{"user":7,"sku":"book-1","qty":1,"amount":1250}"#.to_vec(),
-            invalid,
-            None,
-        ),
-        (
-            "sku 65 bytes",
-            purchase_json("alice", &long_sku, 1, 1_250).into_bytes(),
-            invalid,
-            Some("sku"),
-        ),
-        (
             "sku with a slash",
             purchase_json("alice", "book/1", 1, 1_250).into_bytes(),
             invalid,
             Some("sku"),
         ),
         (
-            "request_id empty",
-            with_id(r#""""#).into_bytes(),
-            invalid,
-            Some("request_id"),
-        ),
-        (
-            "request_id with spaces",
-            with_id(r#""order 42""#).into_bytes(),
-            invalid,
-            Some("request_id"),
-        ),
-        (
-            "request_id 65 bytes",
-            with_id(&long_id).into_bytes(),
-            invalid,
-            Some("request_id"),
-        ),
-        (
-            "request_id a number",
-            with_id("42").into_bytes(),
-            invalid,
-            None,
-        ),
-        (
             "valid purchase padded to 5 KiB",
             padded_over.into_bytes(),
-            Code::PayloadTooLarge,
-            Some("limit"),
-        ),
-        (
-            "valid purchase padded to 64 KiB",
-            huge.into_bytes(),
             Code::PayloadTooLarge,
             Some("limit"),
         ),
@@ -548,20 +354,15 @@ async fn bad_requests_on_read_and_admin_subjects_get_error_replies_and_change_no
         AlreadyExists, InvalidRequest as Invalid, MalformedJson as Malformed,
         PayloadTooLarge as TooLarge,
     };
+    // A few per subject, end to end, and every refusal that needs the
+    // database (unknown user or sku, already exists); every parsing case is
+    // a unit test in `schemas/tests/bad_input.rs`.
     let cases: Vec<(&str, String, Code, Option<&str>)> = vec![
         // wallet.balance
         (
             subjects::WALLET_BALANCE,
             "{\"user\":".into(),
             Malformed,
-            None,
-        ),
-        (subjects::WALLET_BALANCE, "".into(), Malformed, None),
-        (subjects::WALLET_BALANCE, "{}".into(), Invalid, Some("user")),
-        (
-            subjects::WALLET_BALANCE,
-            r#"{"user":5}"#.into(),
-            Invalid,
             None,
         ),
         (
@@ -572,49 +373,18 @@ async fn bad_requests_on_read_and_admin_subjects_get_error_replies_and_change_no
         ),
         (
             subjects::WALLET_BALANCE,
-            r#"{"user":"a b"}"#.into(),
-            Invalid,
-            Some("user"),
-        ),
-        (
-            subjects::WALLET_BALANCE,
-            r#"{"user":""}"#.into(),
-            Invalid,
-            Some("user"),
-        ),
-        (
-            subjects::WALLET_BALANCE,
             r#"{"user":"mallory"}"#.into(),
             Code::UnknownUser,
             Some("mallory"),
         ),
-        (
-            subjects::WALLET_BALANCE,
-            r#"["alice"]"#.into(),
-            Invalid,
-            None,
-        ),
         (subjects::WALLET_BALANCE, big, TooLarge, None),
         // order.stock
         (subjects::ORDER_STOCK, "[".into(), Malformed, None),
-        (subjects::ORDER_STOCK, "[]".into(), Invalid, None),
-        (
-            subjects::ORDER_STOCK,
-            r#"{"sku":["book-1"]}"#.into(),
-            Invalid,
-            None,
-        ),
         (
             subjects::ORDER_STOCK,
             r#"{"sku":"book-1","price":1}"#.into(),
             Invalid,
             Some("price"),
-        ),
-        (
-            subjects::ORDER_STOCK,
-            format!(r#"{{"sku":"{}"}}"#, "s".repeat(65)),
-            Invalid,
-            Some("sku"),
         ),
         (
             subjects::ORDER_STOCK,
@@ -633,63 +403,9 @@ async fn bad_requests_on_read_and_admin_subjects_get_error_replies_and_change_no
         ),
         (
             subjects::WALLET_CREATE_USER,
-            r#"{"user":"eve"}"#.into(),
-            Invalid,
-            Some("balance"),
-        ),
-        (
-            subjects::WALLET_CREATE_USER,
             r#"{"user":"eve","balance":-100}"#.into(),
             Invalid,
             Some("-100"),
-        ),
-        (
-            subjects::WALLET_CREATE_USER,
-            r#"{"user":"eve","balance":2.5}"#.into(),
-            Invalid,
-            Some("2.5"),
-        ),
-        (
-            subjects::WALLET_CREATE_USER,
-            r#"{"user":"eve","balance":"100"}"#.into(),
-            Invalid,
-            Some("string"),
-        ),
-        (
-            subjects::WALLET_CREATE_USER,
-            r#"{"user":"eve","balance":99999999999999999999999}"#.into(),
-            Invalid,
-            None,
-        ),
-        (
-            subjects::WALLET_CREATE_USER,
-            r#"{"user":"eve","balance":1000000000000000001}"#.into(),
-            Invalid,
-            Some("balance"),
-        ),
-        (
-            subjects::WALLET_CREATE_USER,
-            r#"{"user":"eve","balance":1,"admin":true}"#.into(),
-            Invalid,
-            Some("admin"),
-        ),
-        (
-            subjects::WALLET_CREATE_USER,
-            r#"{"user":"e ve","balance":1}"#.into(),
-            Invalid,
-            Some("user"),
-        ),
-        (
-            subjects::WALLET_CREATE_USER,
-            r#"{"user":"","balance":1}"#.into(),
-            Invalid,
-            Some("user"),
-        ),
-        (
-            subjects::WALLET_CREATE_USER,
-            r#"["eve",100]"#.into(),
-            Invalid,
-            None,
         ),
         (
             subjects::WALLET_CREATE_USER,
@@ -724,57 +440,9 @@ async fn bad_requests_on_read_and_admin_subjects_get_error_replies_and_change_no
         ),
         (
             subjects::ORDER_CREATE_PRODUCT,
-            r#"{"sku":"mug-1","price":-100,"stock":5}"#.into(),
-            Invalid,
-            Some("-100"),
-        ),
-        (
-            subjects::ORDER_CREATE_PRODUCT,
-            r#"{"sku":"mug-1","price":1.99,"stock":5}"#.into(),
-            Invalid,
-            Some("1.99"),
-        ),
-        (
-            subjects::ORDER_CREATE_PRODUCT,
-            r#"{"sku":"mug-1","price":"100","stock":5}"#.into(),
-            Invalid,
-            Some("string"),
-        ),
-        (
-            subjects::ORDER_CREATE_PRODUCT,
-            r#"{"sku":"mug-1","price":100,"stock":-1}"#.into(),
-            Invalid,
-            Some("-1"),
-        ),
-        (
-            subjects::ORDER_CREATE_PRODUCT,
-            r#"{"sku":"mug-1","price":100,"stock":1000000001}"#.into(),
-            Invalid,
-            Some("stock"),
-        ),
-        (
-            subjects::ORDER_CREATE_PRODUCT,
-            r#"{"sku":"mug-1","price":100}"#.into(),
-            Invalid,
-            Some("stock"),
-        ),
-        (
-            subjects::ORDER_CREATE_PRODUCT,
-            r#"{"sku":"mug 1","price":100,"stock":5}"#.into(),
-            Invalid,
-            Some("sku"),
-        ),
-        (
-            subjects::ORDER_CREATE_PRODUCT,
             r#"{"sku":"mug-1","price":100,"stock":5,"tax":0}"#.into(),
             Invalid,
             Some("tax"),
-        ),
-        (
-            subjects::ORDER_CREATE_PRODUCT,
-            r#"["mug-1",100,5]"#.into(),
-            Invalid,
-            None,
         ),
         (
             subjects::ORDER_CREATE_PRODUCT,
@@ -790,20 +458,6 @@ async fn bad_requests_on_read_and_admin_subjects_get_error_replies_and_change_no
             Invalid,
             Some("tx"),
         ),
-        (subjects::TX_STATUS, r#"{"tx":42}"#.into(), Invalid, None),
-        (subjects::TX_STATUS, "{}".into(), Invalid, Some("tx")),
-        (
-            subjects::TX_STATUS,
-            format!(r#"["{fresh}"]"#),
-            Invalid,
-            None,
-        ),
-        (
-            subjects::TX_STATUS,
-            format!(r#"{{"tx":"{fresh}","verbose":true}}"#),
-            Invalid,
-            Some("verbose"),
-        ),
         (wallet_tx.as_str(), "tx".into(), Malformed, None),
         (
             wallet_tx.as_str(),
@@ -811,8 +465,6 @@ async fn bad_requests_on_read_and_admin_subjects_get_error_replies_and_change_no
             Invalid,
             Some("tx"),
         ),
-        (wallet_tx.as_str(), r#"{"tx":null}"#.into(), Invalid, None),
-        (order_tx.as_str(), "".into(), Malformed, None),
         (
             order_tx.as_str(),
             r#"{"tx":"zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz"}"#.into(),
@@ -888,35 +540,20 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
 }
 
 /// Payloads that are not a valid `M`, built around a valid one: garbage,
-/// JSON, another version, another kind, trailing bytes, truncation, size.
+/// another kind, size.
 fn garbage_for<M: Message + std::fmt::Debug>(
     valid: &M,
-    json: &str,
     other_kind: Vec<u8>,
 ) -> Vec<(String, Vec<u8>)> {
     let good = protocol::encode(valid);
-    let mut v2 = good.clone();
-    v2[0] = 2;
-    let mut trailing = good.clone();
-    trailing.push(0);
-    let truncated = good[..good.len() - 1].to_vec();
     let mut oversized = good.clone();
     oversized.resize(MAX_MESSAGE_BYTES + 1, 0);
+    // Three per subject, end to end: garbage, a valid envelope of the wrong
+    // kind, and one past the size limit. Every garbled variant is a unit
+    // test in `schemas/tests/bad_input.rs`.
     let cases = vec![
-        ("empty payload".to_string(), vec![]),
-        ("random bytes".into(), noise(0x5eed_0001, 48)),
-        ("more random bytes".into(), noise(0x5eed_0002, 300)),
-        ("version only".into(), vec![1]),
-        ("JSON".into(), json.as_bytes().to_vec()),
-        ("envelope of version 2".into(), v2),
-        ("envelope of version 0".into(), {
-            let mut b = good.clone();
-            b[0] = 0;
-            b
-        }),
+        ("random bytes".to_string(), noise(0x5eed_0001, 48)),
         ("envelope of another kind".into(), other_kind),
-        ("valid message with a trailing byte".into(), trailing),
-        ("valid message truncated".into(), truncated),
         (
             format!("valid message padded past {MAX_MESSAGE_BYTES} bytes"),
             oversized,
@@ -958,10 +595,6 @@ async fn undecodable_protocol_messages_are_rejected_logged_and_change_nothing() 
         tx,
         participant: "wallet".into(),
     };
-    let prepare_json =
-        format!(r#"{{"tx":"{tx}","op":{{"Debit":{{"user":"alice","amount":1250}}}}}}"#);
-    let decide_json = format!(r#"{{"tx":"{tx}","decision":"Abort"}}"#);
-    let query_json = format!(r#"{{"tx":"{tx}","participant":"wallet"}}"#);
 
     enum Reply {
         Vote,
@@ -974,35 +607,35 @@ async fn undecodable_protocol_messages_are_rejected_logged_and_change_nothing() 
             Kind::Wallet,
             "rejected prepare that does not decode",
             Reply::Vote,
-            garbage_for(&prepare_wallet, &prepare_json, protocol::encode(&Vote::Yes)),
+            garbage_for(&prepare_wallet, protocol::encode(&Vote::Yes)),
         ),
         (
             subjects::prepare("order"),
             Kind::Order,
             "rejected prepare that does not decode",
             Reply::Vote,
-            garbage_for(&prepare_order, &prepare_json, protocol::encode(&decide)),
+            garbage_for(&prepare_order, protocol::encode(&decide)),
         ),
         (
             subjects::decide("wallet"),
             Kind::Wallet,
             "rejected decision that does not decode",
             Reply::Decide,
-            garbage_for(&decide, &decide_json, protocol::encode(&prepare_wallet)),
+            garbage_for(&decide, protocol::encode(&prepare_wallet)),
         ),
         (
             subjects::decide("order"),
             Kind::Order,
             "rejected decision that does not decode",
             Reply::Decide,
-            garbage_for(&decide, &decide_json, protocol::encode(&DecideReply::Ack)),
+            garbage_for(&decide, protocol::encode(&DecideReply::Ack)),
         ),
         (
             subjects::DECISION_QUERY.to_string(),
             Kind::Coordinator,
             "rejected decision query that does not decode",
             Reply::Decision,
-            garbage_for(&query, &query_json, protocol::encode(&decide)),
+            garbage_for(&query, protocol::encode(&decide)),
         ),
     ];
 

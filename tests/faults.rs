@@ -6,7 +6,7 @@ mod harness;
 
 use std::time::{Duration, Instant};
 
-use harness::{told, tracing_line, tx_id, Options, System};
+use harness::{poll_until, told, tracing_line, tx_id, Options, System};
 use twopc::check::Told;
 use twopc::client::Reply;
 use twopc::launcher::Kind;
@@ -20,19 +20,6 @@ fn book(request_id: Option<&str>) -> PurchaseRequest {
         qty: 2,
         amount: 2_500,
         request_id: request_id.map(Into::into),
-    }
-}
-
-/// Waits until `f` is true, polling; panics with `what` after `timeout`.
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -124,20 +111,27 @@ async fn wallet_killed_before_applying_commit_resolves_to_commit() {
     tracing_line("--- restart the wallet; it resolves the in-doubt transaction");
     sys.start_without_crash_points(Kind::Wallet).await.unwrap();
     let client = sys.client.clone();
-    eventually("wallet commits", Duration::from_secs(10), || {
-        let client = client.clone();
-        async move {
-            let b: Reply<twopc_schemas::api::Balance> = twopc::client::request(
-                &client,
-                subjects::WALLET_BALANCE,
-                &serde_json::json!({"user": "alice"}),
-                Duration::from_secs(2),
-            )
-            .await
-            .unwrap();
-            matches!(b, Reply::Ok(b) if b.balance == 7_500 && b.held == 0)
-        }
-    })
+    poll_until(
+        "the wallet to commit (balance 7500, nothing held)",
+        Duration::from_secs(10),
+        || {
+            let client = client.clone();
+            async move {
+                let b: Reply<twopc_schemas::api::Balance> = twopc::client::request(
+                    &client,
+                    subjects::WALLET_BALANCE,
+                    &serde_json::json!({"user": "alice"}),
+                    Duration::from_secs(2),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                match b {
+                    Reply::Ok(b) if b.balance == 7_500 && b.held == 0 => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
     .await;
     assert!(sys
         .service(Kind::Wallet)
@@ -358,11 +352,31 @@ async fn nats_server_restart_mid_run_ends_consistent() {
             )
             .await;
             results.push(r);
+            // Pacing, not waiting: spreads the 60 purchases over the outage.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         results
     });
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Restart only once purchases are committing: some decisions are durable
+    // before the outage.
+    poll_until(
+        "3 commit decisions before the restart",
+        Duration::from_secs(10),
+        || async {
+            let commits = sys
+                .snapshot()
+                .decisions
+                .values()
+                .filter(|d| d.0 == "commit")
+                .count();
+            if commits >= 3 {
+                Ok(())
+            } else {
+                Err(format!("{commits} commits"))
+            }
+        },
+    )
+    .await;
     tracing_line("--- kill and restart nats-server");
     sys.nats.restart().unwrap();
     let results = workload.await.unwrap();

@@ -7,15 +7,21 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use harness::{told, Options, System};
+use harness::{poll_until, told, Options, System};
 use twopc::launcher::Kind;
 use twopc_common::micro::{Info, Ping, Stats};
-use twopc_schemas::api::{Outcome, PurchaseRequest};
+use twopc_schemas::api::{CoordinatorInDoubt, Outcome, PurchaseRequest};
 use twopc_schemas::subjects;
 
-/// Sends one request to a subject every instance answers and collects the
-/// replies for `wait`.
-async fn gather(client: &async_nats::Client, subject: &str, wait: Duration) -> Vec<Vec<u8>> {
+/// Sends one request to a subject every instance answers and collects
+/// replies until `expected` have come, or `timeout` passes (then it returns
+/// what came, for the caller's assertion to show).
+async fn gather(
+    client: &async_nats::Client,
+    subject: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Vec<Vec<u8>> {
     let inbox = client.new_inbox();
     let mut sub = client.subscribe(inbox.clone()).await.unwrap();
     client
@@ -23,9 +29,12 @@ async fn gather(client: &async_nats::Client, subject: &str, wait: Duration) -> V
         .await
         .unwrap();
     let mut out = vec![];
-    let deadline = tokio::time::Instant::now() + wait;
-    while let Ok(Some(m)) = tokio::time::timeout_at(deadline, sub.next()).await {
-        out.push(m.payload.to_vec());
+    let deadline = tokio::time::Instant::now() + timeout;
+    while out.len() < expected {
+        match tokio::time::timeout_at(deadline, sub.next()).await {
+            Ok(Some(m)) => out.push(m.payload.to_vec()),
+            _ => break,
+        }
     }
     out
 }
@@ -39,8 +48,9 @@ async fn services_answer_the_nats_micro_protocol_with_counts() {
     let bad = sys.raw(subjects::PURCHASE, b"{").await.unwrap();
     assert!(String::from_utf8_lossy(&bad).contains("malformed_json"));
 
-    // $SRV.PING: every service answers, once.
-    let pings: Vec<Ping> = gather(&sys.client, "$SRV.PING", Duration::from_millis(500))
+    // $SRV.PING: every service answers, once: the first three replies come
+    // from three different services.
+    let pings: Vec<Ping> = gather(&sys.client, "$SRV.PING", 3, Duration::from_secs(5))
         .await
         .iter()
         .map(|b| serde_json::from_slice(b).unwrap())
@@ -180,7 +190,38 @@ async fn sigterm_drains_in_flight_purchases_and_exits_cleanly() {
             .await
         }));
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Signal only once every purchase has reached the coordinator (it is in
+    // phase 1 or already answered) and some are still in phase 1.
+    let coordinator_stats = || async {
+        let raw = sys
+            .raw("$SRV.STATS.coordinator", b"")
+            .await
+            .map_err(|e| e.to_string())?;
+        let stats: Stats = serde_json::from_slice(&raw).map_err(|e| e.to_string())?;
+        let answered = stats
+            .endpoints
+            .iter()
+            .find(|e| e.name == "purchase")
+            .map_or(0, |e| e.num_requests);
+        let raw = sys
+            .raw(subjects::IN_DOUBT, b"{}")
+            .await
+            .map_err(|e| e.to_string())?;
+        let in_doubt: CoordinatorInDoubt =
+            serde_json::from_slice(&raw).map_err(|e| e.to_string())?;
+        let in_flight = in_doubt.in_progress.len() as u64;
+        if in_flight > 0 && in_flight + answered >= 20 {
+            Ok(())
+        } else {
+            Err(format!("{in_flight} in phase 1, {answered} answered"))
+        }
+    };
+    poll_until(
+        "all 20 purchases at the coordinator, some in phase 1",
+        Duration::from_secs(5),
+        coordinator_stats,
+    )
+    .await;
     let t0 = Instant::now();
     let status = sys
         .service(Kind::Coordinator)
@@ -415,6 +456,37 @@ async fn status_page_shows_counters_in_doubt_and_health_in_a_browser() {
     assert!(page.contains("<h1>twopc coordinator</h1>"), "{page}");
     assert!(page.contains(&stuck.tx), "the in-doubt tx is listed");
     assert!(page.contains("unreachable"));
+    assert!(
+        page.to_ascii_lowercase()
+            .contains("content-type: text/html; charset=utf-8"),
+        "{page}"
+    );
+    let missing = http_get(&addr, "/nope");
+    assert!(missing.starts_with("HTTP/1.0 404"), "{missing}");
+
+    // A client that connects and never sends its request is disconnected
+    // once the header read timeout passes (checked while Chromium runs).
+    let idle = {
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let limit_ms = twopc_coordinator::status::HEADER_READ_TIMEOUT_MS;
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(limit_ms + 5_000)))
+                .unwrap();
+            let t0 = Instant::now();
+            // Closed: end of stream (after a 408, if any) or a reset; a
+            // read that times out means the server kept it open.
+            let closed = match s.read_to_end(&mut vec![]) {
+                Ok(_) => true,
+                Err(e) => !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+            };
+            (closed, t0.elapsed(), limit_ms)
+        })
+    };
 
     // A real browser renders it.
     let chromium =
@@ -468,6 +540,12 @@ async fn status_page_shows_counters_in_doubt_and_health_in_a_browser() {
     let keep = std::env::temp_dir().join("twopc-status-page.png");
     let _ = std::fs::copy(&shot, &keep);
     eprintln!("screenshot: {}", keep.display());
+
+    let (closed, after, limit_ms) = idle.await.unwrap();
+    assert!(
+        closed && after < Duration::from_millis(limit_ms + 5_000),
+        "a silent connection was not closed after {limit_ms} ms (waited {after:?})"
+    );
 
     sys.service(Kind::Order).proc.resume().unwrap();
     let told_all = [twopc::check::Told::Aborted(stuck.tx.parse().unwrap())];

@@ -1,15 +1,23 @@
 //! The coordinator's status page (`--http-addr`): counters, recent
 //! transactions, what is in doubt, and the participants' health. `GET /`
 //! is HTML (refreshes every 2 s), `GET /status.json` the same as JSON.
-//! A deliberately tiny HTTP/1.0 responder: one request per connection.
+//! Served over HTTP/1.1 by hyper, with a cap on connections and time
+//! limits on each.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Semaphore;
 use twopc_schemas::api::{CoordinatorInDoubt, ParticipantInDoubt};
 use twopc_schemas::subjects;
 
@@ -236,47 +244,91 @@ fn html(s: &Status) -> String {
     h
 }
 
-/// Serves the status page on `addr` until the process ends.
+/// Most status-page connections served at once. Further ones wait in the
+/// listen backlog until one closes: a crowd of browsers (or a flood)
+/// cannot make the coordinator spawn without bound.
+pub const MAX_CONNECTIONS: usize = 32;
+/// A client must send a request's headers within this time, and an idle
+/// keep-alive connection is closed after it.
+pub const HEADER_READ_TIMEOUT_MS: u64 = 5_000;
+/// Longest a connection lives, however it is used: a client that never
+/// reads its response cannot hold one of the [`MAX_CONNECTIONS`] forever.
+pub const CONNECTION_TIMEOUT_MS: u64 = 60_000;
+
+/// Answers one request: `/` (or `/index.html`) as HTML, `/status.json` as
+/// JSON, anything else 404; only GET and HEAD.
+async fn respond<L: DecisionLog>(
+    c: &Coordinator<L>,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, ctype: &'static str, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+        r
+    };
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET and HEAD\n".into(),
+        );
+    }
+    match req.uri().path() {
+        "/" | "/index.html" => reply(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            html(&status(c).await),
+        ),
+        "/status.json" => reply(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string(&status(c).await).expect("serialises"),
+        ),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+/// Serves the status page on `addr` until shutdown begins.
 pub async fn serve_http<L: DecisionLog>(
     addr: SocketAddr,
     c: Arc<Coordinator<L>>,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "status page at http://{addr}/");
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (mut sock, _) = tokio::select! {
-            a = listener.accept() => a?,
+        // Take a slot before accepting, so that at most MAX_CONNECTIONS are
+        // ever open; the permit is released when the connection ends.
+        let (permit, (sock, _)) = tokio::select! {
+            p = slots.clone().acquire_owned() => {
+                let permit = p.expect("the semaphore is never closed");
+                tokio::select! {
+                    a = listener.accept() => (permit, a?),
+                    _ = twopc_common::serve::shutdown_begun() => return Ok(()),
+                }
+            }
             _ = twopc_common::serve::shutdown_begun() => return Ok(()),
         };
         let c = c.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let n = match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let request = String::from_utf8_lossy(&buf[..n]);
-            let path = request.split_whitespace().nth(1).unwrap_or("/");
-            let (status_line, ctype, body) = match path {
-                "/" | "/index.html" => (
-                    "200 OK",
-                    "text/html; charset=utf-8",
-                    html(&status(&c).await),
+            let _permit = permit;
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let c = c.clone();
+                async move { Ok::<_, Infallible>(respond(&c, &req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_millis(HEADER_READ_TIMEOUT_MS))
+                .serve_connection(TokioIo::new(sock), service);
+            match tokio::time::timeout(Duration::from_millis(CONNECTION_TIMEOUT_MS), conn).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "status page connection ended"),
+                Err(_) => tracing::debug!(
+                    "status page connection closed after {CONNECTION_TIMEOUT_MS} ms"
                 ),
-                "/status.json" => (
-                    "200 OK",
-                    "application/json",
-                    serde_json::to_string(&status(&c).await).expect("serialises"),
-                ),
-                _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
-            };
-            let head = format!(
-                "HTTP/1.0 {status_line}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = sock.write_all(head.as_bytes()).await;
-            let _ = sock.write_all(body.as_bytes()).await;
-            let _ = sock.shutdown().await;
+            }
         });
     }
 }

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 use twopc_common::db::{self, Db};
 use twopc_common::now_ms;
-use twopc_schemas::api::{check_id, parse_json, ApiError, CreateProduct, Stock, StockQuery};
+use twopc_schemas::api::{ApiError, CreateProduct, Stock, StockQuery};
 use twopc_schemas::protocol::{BranchOp, TxId};
 use twopc_schemas::{subjects, Code};
 
@@ -162,8 +162,7 @@ impl Resource for Order {
 }
 
 async fn stock(db: Db, payload: Bytes) -> Result<Stock, ApiError> {
-    let q: StockQuery = parse_json(&payload)?;
-    check_id("sku", &q.sku)?;
+    let q = StockQuery::parse(&payload)?;
     let sku = q.sku.clone();
     let row = db
         .run(move |c| {
@@ -195,8 +194,7 @@ async fn stock(db: Db, payload: Bytes) -> Result<Stock, ApiError> {
 }
 
 async fn create_product(db: Db, payload: Bytes) -> Result<Stock, ApiError> {
-    let req: CreateProduct = parse_json(&payload)?;
-    req.validate()?;
+    let req = CreateProduct::parse(&payload)?;
     let r = req.clone();
     let inserted = db
         .run(move |c| {

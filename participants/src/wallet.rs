@@ -10,7 +10,7 @@ use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 use twopc_common::db::{self, Db};
 use twopc_common::now_ms;
-use twopc_schemas::api::{check_id, parse_json, ApiError, Balance, BalanceQuery, CreateUser};
+use twopc_schemas::api::{ApiError, Balance, BalanceQuery, CreateUser};
 use twopc_schemas::protocol::{BranchOp, TxId};
 use twopc_schemas::{subjects, Code};
 
@@ -133,8 +133,7 @@ impl Resource for Wallet {
 }
 
 async fn balance(db: Db, payload: Bytes) -> Result<Balance, ApiError> {
-    let q: BalanceQuery = parse_json(&payload)?;
-    check_id("user", &q.user)?;
+    let q = BalanceQuery::parse(&payload)?;
     let user = q.user.clone();
     let row = db
         .run(move |c| {
@@ -159,8 +158,7 @@ async fn balance(db: Db, payload: Bytes) -> Result<Balance, ApiError> {
 }
 
 async fn create_user(db: Db, payload: Bytes) -> Result<Balance, ApiError> {
-    let req: CreateUser = parse_json(&payload)?;
-    req.validate()?;
+    let req = CreateUser::parse(&payload)?;
     let r = req.clone();
     let inserted = db
         .run(move |c| {

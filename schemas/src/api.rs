@@ -196,6 +196,15 @@ pub struct BalanceQuery {
     pub user: String,
 }
 
+impl BalanceQuery {
+    /// Parses and validates a balance query.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
+        let q: BalanceQuery = parse_json(bytes)?;
+        check_id("user", &q.user)?;
+        Ok(q)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Balance {
     pub user: String,
@@ -216,6 +225,13 @@ pub struct CreateUser {
 }
 
 impl CreateUser {
+    /// Parses and validates a user creation.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
+        let req: CreateUser = parse_json(bytes)?;
+        req.validate()?;
+        Ok(req)
+    }
+
     pub fn validate(&self) -> Result<(), ApiError> {
         check_id("user", &self.user)?;
         check_range("balance", self.balance, 0, MAX_AMOUNT)
@@ -227,6 +243,15 @@ impl CreateUser {
 #[serde(deny_unknown_fields)]
 pub struct StockQuery {
     pub sku: String,
+}
+
+impl StockQuery {
+    /// Parses and validates a stock query.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
+        let q: StockQuery = parse_json(bytes)?;
+        check_id("sku", &q.sku)?;
+        Ok(q)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -252,6 +277,13 @@ pub struct CreateProduct {
 }
 
 impl CreateProduct {
+    /// Parses and validates a product creation.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
+        let req: CreateProduct = parse_json(bytes)?;
+        req.validate()?;
+        Ok(req)
+    }
+
     pub fn validate(&self) -> Result<(), ApiError> {
         check_id("sku", &self.sku)?;
         check_range("price", self.price, 1, MAX_AMOUNT)?;

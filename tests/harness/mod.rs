@@ -393,3 +393,29 @@ pub fn tracing_line(s: &str) {
 pub fn tx_id(r: &PurchaseReply) -> uuid::Uuid {
     r.tx.parse().context("tx id").unwrap()
 }
+
+/// How often [`poll_until`] asks again.
+pub const POLL_INTERVAL_MS: u64 = 25;
+
+/// Asks `probe` until it returns `Ok`, for at most `timeout`, and returns
+/// that value; panics naming `what` and the last `Err` (what `probe` saw)
+/// if it never does. Tests wait on the system's own state with this,
+/// never on a fixed sleep.
+pub async fn poll_until<T, F, Fut>(what: &str, timeout: std::time::Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let last = match probe().await {
+            Ok(v) => return v,
+            Err(last) => last,
+        };
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}; last seen: {last}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(POLL_INTERVAL_MS)).await;
+    }
+}
