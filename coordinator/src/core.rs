@@ -307,7 +307,7 @@ pub fn branches(req: &PurchaseRequest) -> Vec<(String, BranchOp)> {
             BranchOp::Reserve {
                 user: req.user.clone(),
                 sku: req.sku.clone(),
-                qty: u32::try_from(req.qty).expect("qty is validated below u32::MAX"),
+                qty: req.qty,
                 amount: req.amount,
             },
         ),

@@ -42,7 +42,7 @@ CREATE TABLE orders (
 );
 "];
 
-fn reserve(op: &BranchOp) -> Option<(&str, &str, u32, u64)> {
+fn reserve(op: &BranchOp) -> Option<(&str, &str, u64, u64)> {
     match op {
         BranchOp::Reserve {
             user,
@@ -85,7 +85,7 @@ impl Resource for Order {
         let Some((price, stock, reserved)) = row else {
             return Ok(Err((Code::UnknownSku, format!("no product {sku:?}"))));
         };
-        let due = stored_u64(price).checked_mul(u64::from(qty));
+        let due = stored_u64(price).checked_mul(qty);
         if due != Some(amount) {
             return Ok(Err((
                 Code::PriceMismatch,
@@ -96,7 +96,7 @@ impl Resource for Order {
             )));
         }
         let available = stored_u64(stock - reserved);
-        if available < u64::from(qty) {
+        if available < qty {
             return Ok(Err((
                 Code::OutOfStock,
                 format!("{sku} has {available} available, the purchase needs {qty}"),

@@ -51,7 +51,9 @@ pub enum BranchOp {
     Reserve {
         user: String,
         sku: String,
-        qty: u32,
+        /// The same type as the public API's `qty`. (Postcard writes u32
+        /// and u64 as the same varint, so widening changed no byte.)
+        qty: u64,
         amount: u64,
     },
 }
@@ -72,7 +74,7 @@ impl BranchOp {
                 amount,
             } => check_id("user", user)
                 .and_then(|()| check_id("sku", sku))
-                .and_then(|()| check_range("qty", u64::from(*qty), 1, MAX_QTY))
+                .and_then(|()| check_range("qty", *qty, 1, MAX_QTY))
                 .and_then(|()| check_range("amount", *amount, 1, MAX_AMOUNT)),
         };
         checked.map_err(|e| e.message)
@@ -376,7 +378,7 @@ mod limits {
             amount,
         }
     }
-    fn reserve(user: &str, sku: &str, qty: u32, amount: u64) -> BranchOp {
+    fn reserve(user: &str, sku: &str, qty: u64, amount: u64) -> BranchOp {
         BranchOp::Reserve {
             user: user.into(),
             sku: sku.into(),
@@ -393,7 +395,7 @@ mod limits {
 
     #[test]
     fn ops_at_the_edges_of_the_limits_are_valid() {
-        let max_qty = u32::try_from(MAX_QTY).unwrap();
+        let max_qty = MAX_QTY;
         let long = "a".repeat(crate::api::MAX_ID_BYTES);
         for op in [
             debit("a", 1),
@@ -410,7 +412,7 @@ mod limits {
     #[test]
     fn ops_outside_the_limits_are_refused_naming_the_field() {
         let long = "a".repeat(crate::api::MAX_ID_BYTES + 1);
-        let over_qty = u32::try_from(MAX_QTY + 1).unwrap();
+        let over_qty = MAX_QTY + 1;
         let past_i64 = i64::MAX as u64 + 1;
         for (op, field) in [
             (debit("a", 0), "amount"),
@@ -424,7 +426,7 @@ mod limits {
             (debit(&long, 1), "user"),
             (reserve("a", "b", 0, 1), "qty"),
             (reserve("a", "b", over_qty, 1), "qty"),
-            (reserve("a", "b", u32::MAX, 1), "qty"),
+            (reserve("a", "b", u64::MAX, 1), "qty"),
             (reserve("a", "b", 1, 0), "amount"),
             (reserve("a", "b", 1, past_i64), "amount"),
             (reserve("a", "b", 1, u64::MAX), "amount"),
