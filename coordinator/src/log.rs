@@ -136,6 +136,127 @@ impl SqliteLog {
     }
 }
 
+/// What the `decisions` table stores in its JSON columns, in shapes of its
+/// own: the API types may rename or add fields freely, and a service must
+/// still read every row it wrote before. Changing a shape here means a new
+/// shape (and a migration), never an edit; `stored_shapes_read_back` holds
+/// rows written by earlier versions.
+mod stored {
+    use serde::{Deserialize, Serialize};
+    use twopc_schemas::api::{AbortReason, PurchaseRequest, VoteSummary};
+    use twopc_schemas::Code;
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Purchase {
+        user: String,
+        sku: String,
+        qty: u64,
+        amount: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_id: Option<String>,
+    }
+
+    impl From<&PurchaseRequest> for Purchase {
+        fn from(p: &PurchaseRequest) -> Self {
+            Purchase {
+                user: p.user.clone(),
+                sku: p.sku.clone(),
+                qty: p.qty,
+                amount: p.amount,
+                request_id: p.request_id.clone(),
+            }
+        }
+    }
+
+    impl From<Purchase> for PurchaseRequest {
+        fn from(p: Purchase) -> Self {
+            PurchaseRequest {
+                user: p.user,
+                sku: p.sku,
+                qty: p.qty,
+                amount: p.amount,
+                request_id: p.request_id,
+            }
+        }
+    }
+
+    /// Codes are stored by their snake_case names, which never change.
+    #[derive(Serialize, Deserialize)]
+    pub struct Reason {
+        participant: String,
+        code: Code,
+        message: String,
+    }
+
+    impl From<&AbortReason> for Reason {
+        fn from(r: &AbortReason) -> Self {
+            Reason {
+                participant: r.participant.clone(),
+                code: r.code,
+                message: r.message.clone(),
+            }
+        }
+    }
+
+    impl From<Reason> for AbortReason {
+        fn from(r: Reason) -> Self {
+            AbortReason {
+                participant: r.participant,
+                code: r.code,
+                message: r.message,
+            }
+        }
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Vote {
+        participant: String,
+        vote: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<Code>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+    }
+
+    impl From<&VoteSummary> for Vote {
+        fn from(v: &VoteSummary) -> Self {
+            Vote {
+                participant: v.participant.clone(),
+                vote: v.vote.clone(),
+                code: v.code,
+                message: v.message.clone(),
+            }
+        }
+    }
+
+    impl From<Vote> for VoteSummary {
+        fn from(v: Vote) -> Self {
+            VoteSummary {
+                participant: v.participant,
+                vote: v.vote,
+                code: v.code,
+                message: v.message,
+            }
+        }
+    }
+}
+
+fn stored_votes(votes: &[VoteSummary]) -> String {
+    to_json(&votes.iter().map(stored::Vote::from).collect::<Vec<_>>())
+}
+
+fn to_json<T: serde::Serialize>(t: &T) -> String {
+    serde_json::to_string(t).expect("serialises")
+}
+
+/// Reads back what `to_json` wrote; a row that does not decode is a file
+/// that is not ours, or corrupt (paired with the writes).
+fn from_json<S: serde::de::DeserializeOwned + Into<T>, T>(s: &str, what: &str) -> T {
+    serde_json::from_str::<S>(s)
+        .unwrap_or_else(|e| panic!("stored {what} does not decode: {e}"))
+        .into()
+}
+
 const COLUMNS: &str = "tx, decision, request_id, purchase, reason, deliver_to, pending, decided_at_ms, completed_at_ms, votes, delivery_attempts";
 
 fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
@@ -154,15 +275,21 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
             other => panic!("corrupt decision {other:?}"),
         },
         request_id: r.get(2)?,
-        purchase: purchase.map(|s| serde_json::from_str(&s).expect("stored purchase decodes")),
-        reason: reason.map(|s| serde_json::from_str(&s).expect("stored reason decodes")),
+        purchase: purchase.map(|s| from_json::<stored::Purchase, _>(&s, "purchase")),
+        reason: reason.map(|s| from_json::<stored::Reason, _>(&s, "reason")),
         deliver_to: serde_json::from_str(&deliver_to).expect("stored list decodes"),
         pending: serde_json::from_str(&pending).expect("stored list decodes"),
         decided_at_ms: r.get(7)?,
         completed_at_ms: r.get(8)?,
         votes: r
             .get::<_, Option<String>>(9)?
-            .map(|s| serde_json::from_str(&s).expect("stored votes decode"))
+            .map(|s| {
+                serde_json::from_str::<Vec<stored::Vote>>(&s)
+                    .expect("stored votes decode")
+                    .into_iter()
+                    .map(Into::into)
+                    .collect()
+            })
             .unwrap_or_default(),
         delivery_attempts: r.get(10)?,
     })
@@ -186,15 +313,15 @@ fn insert(c: &Connection, rec: &Record) -> rusqlite::Result<()> {
         rec.request_id,
         rec.purchase
             .as_ref()
-            .map(|p| serde_json::to_string(p).expect("serialises")),
+            .map(|p| to_json(&stored::Purchase::from(p))),
         rec.reason
             .as_ref()
-            .map(|r| serde_json::to_string(r).expect("serialises")),
+            .map(|r| to_json(&stored::Reason::from(r))),
         serde_json::to_string(&rec.deliver_to).expect("serialises"),
         serde_json::to_string(&rec.pending).expect("serialises"),
         rec.decided_at_ms,
         rec.completed_at_ms,
-        (!rec.votes.is_empty()).then(|| serde_json::to_string(&rec.votes).expect("serialises")),
+        (!rec.votes.is_empty()).then(|| stored_votes(&rec.votes)),
         rec.delivery_attempts,
     ])?;
     Ok(())
@@ -240,9 +367,9 @@ fn record(c: &Connection, mut rec: Record) -> rusqlite::Result<Recorded> {
                     existing
                         .purchase
                         .as_ref()
-                        .map(|p| serde_json::to_string(p).expect("serialises")),
+                        .map(|p| to_json(&stored::Purchase::from(p))),
                     (!existing.votes.is_empty())
-                        .then(|| serde_json::to_string(&existing.votes).expect("serialises")),
+                        .then(|| stored_votes(&existing.votes)),
                 ],
             )?;
         }
@@ -438,5 +565,33 @@ mod tests {
             Recorded::KeyTaken(r) if r.tx == tx
         ));
         assert_eq!(log.get(other).await.unwrap().unwrap().request_id, None);
+    }
+
+    /// Rows as earlier versions wrote them still read back, whatever the
+    /// API types look like now.
+    #[test]
+    fn stored_shapes_read_back() {
+        let p: PurchaseRequest = from_json::<stored::Purchase, _>(
+            r#"{"user":"alice","sku":"book-1","qty":2,"amount":2500,"request_id":"k"}"#,
+            "purchase",
+        );
+        assert_eq!((p.user.as_str(), p.qty, p.amount), ("alice", 2, 2_500));
+        assert_eq!(p.request_id.as_deref(), Some("k"));
+        let r: AbortReason = from_json::<stored::Reason, _>(
+            r#"{"participant":"coordinator","code":"presumed_abort","message":"m"}"#,
+            "reason",
+        );
+        assert_eq!(r.code, twopc_schemas::Code::PresumedAbort);
+        let v: Vec<stored::Vote> = serde_json::from_str(
+            r#"[{"participant":"wallet","vote":"yes"},{"participant":"order","vote":"no","code":"out_of_stock","message":"none"}]"#,
+        )
+        .unwrap();
+        let v: Vec<VoteSummary> = v.into_iter().map(Into::into).collect();
+        assert_eq!(v[1].code, Some(twopc_schemas::Code::OutOfStock));
+        // And what is written now has the same shape.
+        assert_eq!(
+            to_json(&stored::Purchase::from(&p)),
+            r#"{"user":"alice","sku":"book-1","qty":2,"amount":2500,"request_id":"k"}"#
+        );
     }
 }

@@ -119,6 +119,88 @@ pub fn stored_u64(value: i64) -> u64 {
     u64::try_from(value).expect("CHECK constraints keep stored amounts and quantities >= 0")
 }
 
+/// The `branches.op` column's shape, apart from the protocol's `BranchOp`:
+/// the wire type may change (in a new envelope version) while every stored
+/// row must still read back. Changing it means a new shape and a migration,
+/// never an edit; `stored_op_reads_back` holds rows as written so far.
+mod stored {
+    use serde::{Deserialize, Serialize};
+    use twopc_schemas::protocol::BranchOp;
+
+    #[derive(Serialize, Deserialize)]
+    pub enum Op {
+        Debit {
+            user: String,
+            amount: u64,
+        },
+        Reserve {
+            user: String,
+            sku: String,
+            qty: u64,
+            amount: u64,
+        },
+    }
+
+    impl From<&BranchOp> for Op {
+        fn from(op: &BranchOp) -> Self {
+            match op.clone() {
+                BranchOp::Debit { user, amount } => Op::Debit { user, amount },
+                BranchOp::Reserve {
+                    user,
+                    sku,
+                    qty,
+                    amount,
+                } => Op::Reserve {
+                    user,
+                    sku,
+                    qty,
+                    amount,
+                },
+            }
+        }
+    }
+
+    impl From<Op> for BranchOp {
+        fn from(op: Op) -> Self {
+            match op {
+                Op::Debit { user, amount } => BranchOp::Debit { user, amount },
+                Op::Reserve {
+                    user,
+                    sku,
+                    qty,
+                    amount,
+                } => BranchOp::Reserve {
+                    user,
+                    sku,
+                    qty,
+                    amount,
+                },
+            }
+        }
+    }
+
+    pub fn write(op: &BranchOp) -> String {
+        serde_json::to_string(&Op::from(op)).expect("op serialises")
+    }
+
+    /// Paired with `write`: a row that does not read back is not ours.
+    pub fn read(s: &str) -> BranchOp {
+        serde_json::from_str::<Op>(s)
+            .expect("stored op decodes")
+            .into()
+    }
+
+    #[cfg(test)]
+    #[test]
+    fn stored_op_reads_back() {
+        let reserve = r#"{"Reserve":{"user":"alice","sku":"book-1","qty":2,"amount":2500}}"#;
+        let debit = r#"{"Debit":{"user":"alice","amount":2500}}"#;
+        for row in [reserve, debit] {
+            assert_eq!(write(&read(row)), row);
+        }
+    }
+}
+
 /// Reads one branch.
 pub fn load_branch(conn: &Connection, tx: TxId) -> rusqlite::Result<Option<Branch>> {
     db::row(
@@ -133,7 +215,7 @@ pub fn load_branch(conn: &Connection, tx: TxId) -> rusqlite::Result<Option<Branc
                 // Paired with the CHECK constraint on write: a state we do not
                 // know means the file is not ours or is corrupt.
                 state: BranchState::parse(&state).expect("branch state is valid"),
-                op: op.map(|s| serde_json::from_str(&s).expect("stored op decodes")),
+                op: op.map(|s| stored::read(&s)),
                 code: code.and_then(|c| Code::parse(&c)),
                 message: r.get(3)?,
             })
@@ -172,7 +254,7 @@ fn prepare_job<R: Resource>(
                     message,
                 });
             }
-            let op_json = serde_json::to_string(op).expect("op serialises");
+            let op_json = stored::write(op);
             let now = now_ms();
             match resource.hold(conn, tx, op)? {
                 Ok(()) => {
