@@ -25,6 +25,7 @@ use twopc_schemas::api::{
     ApiError, CoordinatorInDoubt, Delivery as ApiDelivery, PurchaseReply, PurchaseRequest, TxQuery,
     TxStatus, Undelivered,
 };
+use twopc_schemas::points::CoordinatorCrash;
 use twopc_schemas::protocol::{
     self, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Prepare, TxId, Vote,
 };
@@ -266,7 +267,7 @@ impl<L: DecisionLog> Coordinator<L> {
                 let c = self.clone();
                 tokio::spawn(async move {
                     let tx = rec.tx;
-                    crash_point("coordinator.phase1.after_votes");
+                    crash_point(CoordinatorCrash::AfterVotes);
                     // Durable point: `record` returns after the decision is
                     // fsynced (or after finding an earlier decision, which
                     // wins, with the request id bound to it in the same
@@ -274,7 +275,7 @@ impl<L: DecisionLog> Coordinator<L> {
                     // before this event.
                     let result = c.log.record(rec).await;
                     if result.is_ok() {
-                        crash_point("coordinator.decision.after_durable");
+                        crash_point(CoordinatorCrash::AfterDecision);
                     }
                     c.step(Event::Recorded { tx, result });
                 });
@@ -329,7 +330,7 @@ impl<L: DecisionLog> Coordinator<L> {
             } => {
                 let c = self.clone();
                 tokio::spawn(async move {
-                    crash_point("coordinator.phase2.after_ack");
+                    crash_point(CoordinatorCrash::AfterAck);
                     if let Err(e) = c.log.acked(tx, participants, attempts).await {
                         warn!(%tx, error = %e, "acknowledgement not noted; a restart will redeliver");
                     }

@@ -26,6 +26,7 @@ use twopc_common::now_ms;
 use twopc_common::serve::{serve, Endpoint, Response};
 use twopc_common::trace::TraceContext;
 use twopc_schemas::api::{ApiError, BranchStatus, ParticipantInDoubt, PreparedBranch, TxQuery};
+use twopc_schemas::points::{ParticipantCrash, ParticipantDelay};
 use twopc_schemas::protocol::{
     self, BranchOp, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Prepare, TxId,
     Vote,
@@ -488,7 +489,7 @@ impl<R: Resource> Participant<R> {
         };
         let span = tracing::info_span!("prepare", participant = name, tx = %msg.tx, %trace_id);
         async move {
-            let delay = delay_for(format_args!("{name}.prepare"));
+            let delay = delay_for(ParticipantDelay::Prepare.at(name));
             if let Some(d) = delay {
                 tokio::time::sleep(d).await;
             }
@@ -525,7 +526,7 @@ impl<R: Resource> Participant<R> {
             // Durable point: `db.run` returned only after the batch holding
             // this prepare was fsynced, so the yes vote below announces a
             // durable prepared record.
-            crash_point(format_args!("{name}.prepare.after_durable"));
+            crash_point(ParticipantCrash::PrepareAfterDurable.at(name));
             tracing::debug!(log_us = started.elapsed().as_micros() as u64, "timings");
             metrics::counter!(
                 "twopc_votes_total",
@@ -559,13 +560,13 @@ impl<R: Resource> Participant<R> {
                 return Response::error(body, 400, format!("bad_message: {e}"));
             }
         };
-        let delay = delay_for(format_args!("{name}.decide"));
+        let delay = delay_for(ParticipantDelay::Decide.at(name));
         if let Some(d) = delay {
             tokio::time::sleep(d).await;
         }
         // Crash point: the decision arrived but is not applied (the
         // participant stays prepared, in doubt, until it recovers).
-        crash_point(format_args!("{name}.decide.before_apply"));
+        crash_point(ParticipantCrash::DecideBeforeApply.at(name));
         let reply = self.apply_decision(msg.tx, msg.decision, &trace_id).await;
         match &reply {
             DecideReply::Ack => Response::ok(protocol::encode(&reply)),
@@ -603,7 +604,7 @@ impl<R: Resource> Participant<R> {
             };
             // Durable point: the decision's effect is fsynced before the ack
             // leaves, so the coordinator may forget the transaction after it.
-            crash_point(format_args!("{name}.decide.after_durable"));
+            crash_point(ParticipantCrash::DecideAfterDurable.at(name));
             match &reply {
                 DecideReply::Ack => {
                     metrics::counter!("twopc_decisions_applied_total", "decision" => decision.as_str())
@@ -777,7 +778,7 @@ impl<R: Resource> Participant<R> {
         match protocol::decode::<DecisionReply>(&reply.payload) {
             Ok(DecisionReply::Decided { tx: got, decision }) if got == tx => {
                 info!(participant = name, %tx, decision = decision.as_str(), "in-doubt transaction resolved by the coordinator");
-                crash_point(format_args!("{name}.recover.before_apply"));
+                crash_point(ParticipantCrash::RecoverBeforeApply.at(name));
                 metrics::counter!("twopc_recoveries_total").increment(1);
                 matches!(
                     self.apply_decision(tx, decision, "").await,

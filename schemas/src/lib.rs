@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod code;
+pub mod points;
 pub mod protocol;
 pub mod subjects;
 
