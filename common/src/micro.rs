@@ -244,6 +244,7 @@ impl Registry {
     pub async fn serve_discovery(
         self: std::sync::Arc<Self>,
         client: async_nats::Client,
+        shutdown: crate::serve::Shutdown,
     ) -> anyhow::Result<()> {
         let mut subs = vec![];
         for verb in ["PING", "INFO", "STATS"] {
@@ -260,7 +261,7 @@ impl Registry {
         loop {
             let next = tokio::select! {
                 n = all.next() => n,
-                _ = crate::serve::shutdown_begun() => None,
+                _ = shutdown.begun() => None,
             };
             let Some((verb, msg)) = next else { break };
             let Some(reply) = msg.reply else { continue };

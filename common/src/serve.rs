@@ -6,12 +6,13 @@
 //! semaphore bounds the handlers in flight, and past the bound a request is
 //! answered at once with the endpoint's `busy` reply instead of queueing.
 //!
-//! Shutdown ([`begin_shutdown`], on SIGTERM): every endpoint stops taking
+//! Shutdown ([`Shutdown::begin`], on SIGTERM): every endpoint stops taking
 //! messages (it unsubscribes), waits up to [`DRAIN_TIMEOUT`] for its handlers
-//! in flight, and returns.
+//! in flight, and returns. The signal is passed in, not process-global, so
+//! that several services can run in one process and stop one at a time.
 
 use std::future::Future;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::{Client, HeaderMap, Message};
@@ -26,21 +27,45 @@ use crate::micro::Registry;
 /// Longest wait for handlers in flight at shutdown.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn shutdown_channel() -> &'static watch::Sender<bool> {
-    static SHUTDOWN: OnceLock<watch::Sender<bool>> = OnceLock::new();
-    SHUTDOWN.get_or_init(|| watch::channel(false).0)
+/// One service's shutdown signal, handed to every endpoint and background
+/// loop of that service. Clones share the signal.
+#[derive(Debug, Clone)]
+pub struct Shutdown(Arc<watch::Sender<bool>>);
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown(Arc::new(watch::channel(false).0))
+    }
 }
 
-/// Tells every endpoint (and background loop) of this process to drain and
-/// stop. One service per process, so the signal is process-wide.
-pub fn begin_shutdown() {
-    shutdown_channel().send_replace(true);
+impl Shutdown {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Tells every holder to drain and stop.
+    pub fn begin(&self) {
+        self.0.send_replace(true);
+    }
+
+    pub fn is_begun(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once shutdown has begun.
+    pub async fn begun(&self) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
 }
 
-/// Resolves once shutdown has begun.
-pub async fn shutdown_begun() {
-    let mut rx = shutdown_channel().subscribe();
-    let _ = rx.wait_for(|s| *s).await;
+/// What every endpoint of one service shares: its connection, its
+/// service-protocol statistics and its shutdown signal.
+#[derive(Clone)]
+pub struct Serving {
+    pub client: Client,
+    pub registry: Arc<Registry>,
+    pub shutdown: Shutdown,
 }
 
 /// A handler's answer: the reply body and, for an error reply, the
@@ -100,6 +125,7 @@ pub fn status_of(code: Code) -> u16 {
 pub struct Endpoint {
     pub client: Client,
     pub registry: Arc<Registry>,
+    pub shutdown: Shutdown,
     /// Endpoint name in the service protocol.
     pub name: &'static str,
     pub subject: String,
@@ -150,7 +176,7 @@ where
         .await?;
     let permits = Arc::new(Semaphore::new(ep.max_inflight));
     let handler = Arc::new(handler);
-    let mut shutdown = shutdown_channel().subscribe();
+    let mut shutdown = ep.shutdown.0.subscribe();
     loop {
         let msg = tokio::select! {
             m = sub.next() => match m {

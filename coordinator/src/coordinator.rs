@@ -36,7 +36,7 @@ use crate::core::{log_error, ClientId, Cmd, Core, CoreConfig, Delivery, Event, Q
 use crate::log::{DecisionLog, SqliteLog};
 use crate::phase::Ballot;
 use twopc_common::micro::Registry;
-use twopc_common::serve::{serve, Endpoint, Response};
+use twopc_common::serve::{serve, Endpoint, Response, Shutdown};
 
 const SERVICE: &str = "coordinator";
 
@@ -70,6 +70,8 @@ pub struct Coordinator<L: DecisionLog> {
     queries: Mutex<HashMap<QueryId, oneshot::Sender<DecisionReply>>>,
     /// Source of client and query ids.
     next_id: AtomicU64,
+    /// This coordinator's shutdown signal (endpoints drain on it).
+    shutdown: Shutdown,
 }
 
 impl<L: DecisionLog> Coordinator<L> {
@@ -78,6 +80,7 @@ impl<L: DecisionLog> Coordinator<L> {
         client: Client,
         args: CoordinatorArgs,
         registry: Arc<Registry>,
+        shutdown: Shutdown,
     ) -> Arc<Self> {
         let base = args.retry_base_ms.max(1);
         let core = Core::new(CoreConfig {
@@ -96,6 +99,7 @@ impl<L: DecisionLog> Coordinator<L> {
             clients: Mutex::new(HashMap::new()),
             queries: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            shutdown,
         })
     }
 
@@ -115,6 +119,7 @@ impl<L: DecisionLog> Coordinator<L> {
         let endpoint = |name: &'static str, subject: &str, busy: Response| Endpoint {
             client: self.client.clone(),
             registry: self.registry.clone(),
+            shutdown: self.shutdown.clone(),
             name,
             subject: subject.into(),
             queue: queue.clone(),
@@ -205,6 +210,10 @@ impl<L: DecisionLog> Coordinator<L> {
 
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    pub fn shutdown(&self) -> &Shutdown {
+        &self.shutdown
     }
 
     fn fresh_id(&self) -> u64 {
@@ -635,10 +644,14 @@ fn tx_span(tx: TxId, trace: &TraceContext) -> tracing::Span {
     tracing::info_span!("tx", %tx, trace_id = %trace.trace_id)
 }
 
-/// Opens the log, connects and serves until SIGTERM/SIGINT, then drains:
+/// Opens the log, connects and serves until `stop` resolves (the binary
+/// passes SIGTERM/SIGINT; a test, whatever it likes), then drains:
 /// no new purchases; those in flight finish (their decisions are durable
 /// and delivery resumes at the next start if it was cut short).
-pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
+pub async fn run(
+    args: CoordinatorArgs,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)?;
     let log = SqliteLog::open(&args.data_dir.join("coordinator.db"))?;
     info!(db = %log.path().display(), "decision log open (WAL, synchronous=FULL)");
@@ -651,9 +664,12 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION"),
         "twopc coordinator: purchases as two-phase-commit transactions",
     ));
-    let discovery = registry.clone().serve_discovery(client.clone());
+    let shutdown = Shutdown::new();
+    let discovery = registry
+        .clone()
+        .serve_discovery(client.clone(), shutdown.clone());
     let http_addr = args.http_addr;
-    let c = Coordinator::new(log, client.clone(), args, registry);
+    let c = Coordinator::new(log, client.clone(), args, registry, shutdown.clone());
     let page = {
         let c = c.clone();
         async move {
@@ -667,9 +683,9 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     tokio::pin!(work);
     tokio::select! {
         r = &mut work => r,
-        _ = twopc_common::nats::shutdown_signal() => {
+        _ = stop => {
             info!("SIGTERM: draining (no new purchases; in-flight ones finish)");
-            twopc_common::serve::begin_shutdown();
+            shutdown.begin();
             let _ = tokio::time::timeout(twopc_common::serve::DRAIN_TIMEOUT, &mut work).await;
             let _ = client.flush().await;
             info!("drained; exiting");

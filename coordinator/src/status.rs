@@ -306,10 +306,10 @@ pub async fn serve_http<L: DecisionLog>(
                 let permit = p.expect("the semaphore is never closed");
                 tokio::select! {
                     a = listener.accept() => (permit, a?),
-                    _ = twopc_common::serve::shutdown_begun() => return Ok(()),
+                    _ = c.shutdown().begun() => return Ok(()),
                 }
             }
-            _ = twopc_common::serve::shutdown_begun() => return Ok(()),
+            _ = c.shutdown().begun() => return Ok(()),
         };
         let c = c.clone();
         tokio::spawn(async move {

@@ -223,16 +223,14 @@ async fn create_product(db: Db, payload: Bytes) -> Result<Stock, ApiError> {
 
 /// Serves the order service's public subjects.
 pub async fn serve_public(
-    client: async_nats::Client,
+    serving: twopc_common::serve::Serving,
     db: Db,
-    registry: std::sync::Arc<twopc_common::micro::Registry>,
     max_inflight: usize,
 ) -> anyhow::Result<()> {
     let s = subjects::ORDER;
     tokio::try_join!(
         serve_json(
-            client.clone(),
-            registry.clone(),
+            serving.clone(),
             s,
             "stock",
             subjects::ORDER_STOCK,
@@ -241,8 +239,7 @@ pub async fn serve_public(
             stock
         ),
         serve_json(
-            client,
-            registry,
+            serving,
             s,
             "create-product",
             subjects::ORDER_CREATE_PRODUCT,
@@ -255,13 +252,17 @@ pub async fn serve_public(
 }
 
 /// Runs the order service until SIGTERM/SIGINT (then drains).
-pub async fn run(args: crate::ParticipantArgs) -> anyhow::Result<()> {
+pub async fn run(
+    args: crate::ParticipantArgs,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let max = args.max_inflight;
     crate::participant::run_service(
         args,
         Order,
         "twopc order service: products, prices, stock and reservations",
-        move |client, db, registry| serve_public(client, db, registry, max),
+        move |serving, db| serve_public(serving, db, max),
+        stop,
     )
     .await
 }

@@ -23,7 +23,7 @@ use twopc_common::db::{self, Db, DbError};
 use twopc_common::fault::{crash_point, delay_for};
 use twopc_common::micro::Registry;
 use twopc_common::now_ms;
-use twopc_common::serve::{serve, Endpoint, Response};
+use twopc_common::serve::{serve, Endpoint, Response, Serving, Shutdown};
 use twopc_common::trace::TraceContext;
 use twopc_schemas::api::{ApiError, BranchStatus, ParticipantInDoubt, PreparedBranch, TxQuery};
 use twopc_schemas::points::{ParticipantCrash, ParticipantDelay};
@@ -345,6 +345,8 @@ pub struct Participant<R: Resource> {
     args: ParticipantArgs,
     /// Service-protocol identity and statistics (`nats micro`).
     registry: Arc<Registry>,
+    /// This service's shutdown signal (endpoints and recovery stop on it).
+    shutdown: Shutdown,
 }
 
 impl<R: Resource> Participant<R> {
@@ -363,6 +365,7 @@ impl<R: Resource> Participant<R> {
         client: async_nats::Client,
         args: ParticipantArgs,
         registry: Arc<Registry>,
+        shutdown: Shutdown,
     ) -> Arc<Self> {
         Arc::new(Participant {
             resource: Arc::new(resource),
@@ -370,6 +373,7 @@ impl<R: Resource> Participant<R> {
             client,
             args,
             registry,
+            shutdown,
         })
     }
 
@@ -392,6 +396,7 @@ impl<R: Resource> Participant<R> {
         let endpoint = |ep: &'static str, subject: String, busy_reply: Response| Endpoint {
             client: self.client.clone(),
             registry: self.registry.clone(),
+            shutdown: self.shutdown.clone(),
             name: ep,
             subject,
             queue: queue.clone(),
@@ -737,7 +742,7 @@ impl<R: Resource> Participant<R> {
             }
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
-                _ = twopc_common::serve::shutdown_begun() => return Ok(()),
+                _ = self.shutdown.begun() => return Ok(()),
             }
         }
     }
@@ -802,16 +807,18 @@ impl<R: Resource> Participant<R> {
 }
 
 /// Opens the participant's database, connects to NATS and serves until
-/// SIGTERM/SIGINT or failure. `extra` adds the service's own subjects.
+/// `stop` resolves (the binary passes SIGTERM/SIGINT) or a failure, then
+/// drains. `extra` adds the service's own subjects.
 pub async fn run_service<R, F, Fut>(
     args: ParticipantArgs,
     resource: R,
     description: &str,
     extra: F,
+    stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()>
 where
     R: Resource,
-    F: FnOnce(async_nats::Client, Db, Arc<Registry>) -> Fut,
+    F: FnOnce(Serving, Db) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
 {
     let name = resource.name();
@@ -822,16 +829,31 @@ where
     }
     let client = twopc_common::nats::connect(&args.nats_url, name).await?;
     let registry = Arc::new(Registry::new(name, env!("CARGO_PKG_VERSION"), description));
-    let discovery = registry.clone().serve_discovery(client.clone());
-    let extra = extra(client.clone(), db.clone(), registry.clone());
-    let p = Participant::new(resource, db, client.clone(), args, registry);
+    let shutdown = Shutdown::new();
+    let discovery = registry
+        .clone()
+        .serve_discovery(client.clone(), shutdown.clone());
+    let serving = Serving {
+        client: client.clone(),
+        registry: registry.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let extra = extra(serving, db.clone());
+    let p = Participant::new(
+        resource,
+        db,
+        client.clone(),
+        args,
+        registry,
+        shutdown.clone(),
+    );
     let work = async { tokio::try_join!(p.run(), extra, discovery).map(|_| ()) };
     tokio::pin!(work);
     tokio::select! {
         r = &mut work => r,
-        _ = twopc_common::nats::shutdown_signal() => {
+        _ = stop => {
             info!(participant = name, "SIGTERM: draining (no new requests; in-flight ones finish)");
-            twopc_common::serve::begin_shutdown();
+            shutdown.begin();
             // Endpoints and recovery return once drained; discovery answers
             // until the end, so stop waiting after the drain bound.
             let _ = tokio::time::timeout(twopc_common::serve::DRAIN_TIMEOUT, &mut work).await;
@@ -846,8 +868,7 @@ where
 /// gets the database and the payload and returns a value or an error reply.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve_json<T, H, F>(
-    client: async_nats::Client,
-    registry: Arc<Registry>,
+    serving: Serving,
     service: &'static str,
     endpoint: &'static str,
     subject: &'static str,
@@ -861,8 +882,9 @@ where
     F: std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
 {
     let ep = Endpoint {
-        client,
-        registry,
+        client: serving.client,
+        registry: serving.registry,
+        shutdown: serving.shutdown,
         name: endpoint,
         subject: subject.into(),
         queue: subjects::queue_group(service),

@@ -187,16 +187,14 @@ async fn create_user(db: Db, payload: Bytes) -> Result<Balance, ApiError> {
 
 /// Serves the wallet service's public subjects.
 pub async fn serve_public(
-    client: async_nats::Client,
+    serving: twopc_common::serve::Serving,
     db: Db,
-    registry: std::sync::Arc<twopc_common::micro::Registry>,
     max_inflight: usize,
 ) -> anyhow::Result<()> {
     let s = subjects::WALLET;
     tokio::try_join!(
         serve_json(
-            client.clone(),
-            registry.clone(),
+            serving.clone(),
             s,
             "balance",
             subjects::WALLET_BALANCE,
@@ -205,8 +203,7 @@ pub async fn serve_public(
             balance
         ),
         serve_json(
-            client,
-            registry,
+            serving,
             s,
             "create-user",
             subjects::WALLET_CREATE_USER,
@@ -219,13 +216,17 @@ pub async fn serve_public(
 }
 
 /// Runs the wallet service until SIGTERM/SIGINT (then drains).
-pub async fn run(args: crate::ParticipantArgs) -> anyhow::Result<()> {
+pub async fn run(
+    args: crate::ParticipantArgs,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let max = args.max_inflight;
     crate::participant::run_service(
         args,
         Wallet,
         "twopc wallet: user balances, holds while a purchase is prepared",
-        move |client, db, registry| serve_public(client, db, registry, max),
+        move |serving, db| serve_public(serving, db, max),
+        stop,
     )
     .await
 }

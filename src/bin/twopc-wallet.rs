@@ -14,5 +14,5 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     twopc_common::logging::init("info", cli.args.log_format);
     twopc_common::logging::abort_on_panic();
-    twopc_participants::wallet::run(cli.args).await
+    twopc_participants::wallet::run(cli.args, twopc_common::nats::shutdown_signal()).await
 }
