@@ -12,7 +12,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use twopc::client::{request, Reply};
+use twopc_launcher::client::{request, Reply};
 use twopc_schemas::api::{Balance, PurchaseReply, PurchaseRequest, Stock};
 use twopc_schemas::subjects;
 
@@ -115,7 +115,7 @@ async fn compose_up_buy_kill_wallet_in_doubt_then_down_up_keeps_data() {
         images.status.success(),
         "images missing: run compose/build-images.sh (scripts/test.sh does)"
     );
-    let port = |_| twopc::launcher::free_port().unwrap().to_string();
+    let port = |_| twopc_launcher::free_port().unwrap().to_string();
     let nats_port = port(0);
     let compose = Compose {
         project: format!("twopctest{}", std::process::id()),

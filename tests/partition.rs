@@ -7,10 +7,10 @@ mod harness;
 use std::time::{Duration, Instant};
 
 use harness::{tracing_line, Options, System};
-use twopc::client::Reply;
-use twopc::launcher::Kind;
-use twopc::proxy::{Link, Proxy};
+use twopc_launcher::client::Reply;
+use twopc_launcher::Kind;
 use twopc_schemas::api::{Outcome, PurchaseReply, PurchaseRequest};
+use twopc_verify::proxy::{Link, Proxy};
 
 const PREPARE_TIMEOUT_MS: i64 = 500;
 /// The outer deadline's margin (`REQUEST_DEADLINE_MARGIN_MS`) plus room for
@@ -94,7 +94,7 @@ async fn issue_8_phase_1_ends_in_a_decision_within_its_deadline_while_the_link_s
             request_id: Some(format!("burst-{i}")),
         };
         burst.push(tokio::spawn(async move {
-            twopc::client::request::<_, PurchaseReply>(
+            twopc_launcher::client::request::<_, PurchaseReply>(
                 &client,
                 twopc_schemas::subjects::PURCHASE,
                 &req,

@@ -8,13 +8,13 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use twopc::check::{self, Initial, KeyReply, Snapshot, Told};
-use twopc::client::{request, request_raw, Reply};
-use twopc::launcher::{Binaries, Kind, NatsServer, Service, Settings};
+use twopc_launcher::client::{request, request_raw, Reply};
+use twopc_launcher::{Binaries, Kind, NatsServer, Service, Settings};
 use twopc_schemas::api::{
     Balance, CreateProduct, CreateUser, Outcome, PurchaseReply, PurchaseRequest, Stock,
 };
 use twopc_schemas::subjects;
+use twopc_verify::check::{self, Initial, KeyReply, Snapshot, Told};
 
 pub fn bins() -> Binaries {
     Binaries {

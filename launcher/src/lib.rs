@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+pub mod client;
+
 /// Where the service binaries are.
 #[derive(Debug, Clone)]
 pub struct Binaries {
@@ -43,8 +45,9 @@ pub fn find_nats_server() -> anyhow::Result<PathBuf> {
         }
     }
     let mut candidates = vec![];
-    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    candidates.push(here.join(".tools/nats-venv/bin/nats-server"));
+    // The workspace root, one folder up from this crate.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    candidates.push(root.join(".tools/nats-venv/bin/nats-server"));
     if let Ok(path) = std::env::var("PATH") {
         candidates.extend(std::env::split_paths(&path).map(|d| d.join("nats-server")));
     }

@@ -25,7 +25,7 @@ use serde::Serialize;
 use twopc_schemas::api::{Outcome, PurchaseReply, PurchaseRequest};
 use twopc_schemas::{subjects, Code};
 
-use crate::client::{create_if_absent, request, Reply};
+use twopc_launcher::client::{create_if_absent, request, Reply};
 
 /// How to load the system.
 #[derive(Debug, Clone)]
