@@ -6,6 +6,8 @@
 //! Public subjects: `order.stock` `{"sku"}`, `order.products.create`
 //! `{"sku", "price", "stock"}`.
 
+use std::collections::BTreeMap;
+
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 use twopc_common::db::{self, Db};
@@ -14,7 +16,9 @@ use twopc_schemas::api::{check_id, parse_json, ApiError, CreateProduct, Stock, S
 use twopc_schemas::protocol::{BranchOp, TxId};
 use twopc_schemas::{subjects, Code};
 
-use crate::participant::{db_error, serve_json, sql_int, stored_u64, Refusal, Resource};
+use crate::participant::{
+    branch_states, db_error, serve_json, sql_int, stored_u64, tx_column, Refusal, Resource,
+};
 
 pub struct Order;
 
@@ -41,6 +45,45 @@ CREATE TABLE orders (
     created_at_ms INTEGER NOT NULL
 );
 "];
+
+/// Everything the order service stores, read in one SQLite transaction by
+/// the caller (the invariant checker), so the parts agree with each other.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OrderSnapshot {
+    /// sku → (price, stock, reserved).
+    pub products: BTreeMap<String, (i64, i64, i64)>,
+    /// Prepared, undecided reservations: tx → qty.
+    pub reservations: BTreeMap<TxId, i64>,
+    /// Committed orders: tx → (user, sku, qty, amount).
+    pub orders: BTreeMap<TxId, (String, String, i64, i64)>,
+    /// Branch states: tx → `prepared`, `committed` or `aborted`.
+    pub branches: BTreeMap<TxId, String>,
+}
+
+/// Reads the order service's tables (see [`MIGRATIONS`]) and its branches.
+/// Run it inside a transaction for a consistent view.
+pub fn snapshot(conn: &Connection) -> rusqlite::Result<OrderSnapshot> {
+    Ok(OrderSnapshot {
+        products: conn
+            .prepare("SELECT sku, price, stock, reserved FROM products")?
+            .query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?, r.get(3)?))))?
+            .collect::<rusqlite::Result<_>>()?,
+        reservations: conn
+            .prepare("SELECT tx, qty FROM reservations")?
+            .query_map([], |r| Ok((tx_column(r, 0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?,
+        orders: conn
+            .prepare("SELECT tx, user, sku, qty, amount FROM orders")?
+            .query_map([], |r| {
+                Ok((
+                    tx_column(r, 0)?,
+                    (r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?),
+                ))
+            })?
+            .collect::<rusqlite::Result<_>>()?,
+        branches: branch_states(conn)?,
+    })
+}
 
 fn reserve(op: &BranchOp) -> Option<(&str, &str, u32, u64)> {
     match op {
