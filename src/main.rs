@@ -126,11 +126,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let env_url = std::env::var("NATS_URL").ok().filter(|s| !s.is_empty());
             return cli::up::run(data_dir, port, no_demo, env_url).await;
         }
-        _ => async_nats::ConnectOptions::new()
-            .name("twopc-cli")
-            .connect(twopc_common::nats::server_addrs(&cli.nats_url)?)
-            .await
-            .with_context(|| format!("connecting to NATS at {}", cli.nats_url))?,
+        _ => twopc_common::nats::connect_with(
+            &cli.nats_url,
+            &twopc_common::nats::ConnectSettings::fail_fast("twopc-cli"),
+        )
+        .await
+        .with_context(|| format!("connecting to NATS at {}", cli.nats_url))?,
     };
     match cli.cmd {
         Cmd::Up { .. } | Cmd::Chaos(_) | Cmd::Bench(_) => unreachable!("dispatched above"),

@@ -134,11 +134,10 @@ async fn compose_up_buy_kill_wallet_in_doubt_then_down_up_keeps_data() {
     };
     eprintln!("--- compose up");
     compose.run(&["up", "-d"]);
-    let client = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connect(format!("nats://127.0.0.1:{nats_port}"))
-        .await
-        .unwrap();
+    let client =
+        twopc_common::nats::connect(&format!("nats://127.0.0.1:{nats_port}"), "twopc-test")
+            .await
+            .unwrap();
     ready(&client).await;
     // Each service's health check (`twopc ping <service>` inside its
     // container) passes.
@@ -250,11 +249,10 @@ async fn compose_up_buy_kill_wallet_in_doubt_then_down_up_keeps_data() {
     drop(client);
     compose.run(&["down", "--timeout", "10"]);
     compose.run(&["up", "-d"]);
-    let client = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connect(format!("nats://127.0.0.1:{nats_port}"))
-        .await
-        .unwrap();
+    let client =
+        twopc_common::nats::connect(&format!("nats://127.0.0.1:{nats_port}"), "twopc-test")
+            .await
+            .unwrap();
     ready(&client).await;
     let b = balance(&client, "dora").await.unwrap();
     assert_eq!(

@@ -109,11 +109,7 @@ impl System {
     pub async fn start(opts: Options) -> anyhow::Result<System> {
         let dir = tempfile::Builder::new().prefix("twopc-test-").tempdir()?;
         let nats = NatsServer::start(&dir.path().join("nats"), None)?;
-        let client = async_nats::ConnectOptions::new()
-            .retry_on_initial_connect()
-            .reconnect_delay_callback(|_| Duration::from_millis(50))
-            .connect(nats.url())
-            .await?;
+        let client = twopc_common::nats::connect(&nats.url(), "twopc-test").await?;
         let mut services = BTreeMap::new();
         for kind in Kind::ALL {
             let env = match kind {

@@ -230,12 +230,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         proxies.insert(kind.name(), proxy);
         faults_files.insert(kind.name(), file);
     }
-    let client = async_nats::ConnectOptions::new()
-        .name("twopc-chaos")
-        .retry_on_initial_connect()
-        .reconnect_delay_callback(|_| Duration::from_millis(100))
-        .connect(nats.url())
-        .await?;
+    let client = twopc_common::nats::connect(&nats.url(), "twopc-chaos").await?;
     for s in services.values_mut() {
         s.wait_ready(&client, Duration::from_secs(30)).await?;
     }
