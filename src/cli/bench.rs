@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use twopc_launcher::{Binaries, Kind, NatsServer, Service, Settings};
+use twopc_launcher::{Binaries, System, SystemConfig};
 use twopc_verify::bench;
 
 use super::{parse_duration, print_json};
@@ -55,26 +55,17 @@ pub async fn run(a: BenchArgs, nats_url: String) -> anyhow::Result<()> {
         }
         None => tmp.path().to_owned(),
     };
-    let mut started = vec![];
-    let mut _nats = None;
-    let url = if a.start {
-        let n = NatsServer::start(&dir.join("nats"), None)?;
-        let url = n.url();
-        _nats = Some(n);
-        let client = twopc_common::nats::connect(&url, "twopc-bench").await?;
-        let bins = Binaries::beside_current_exe()?;
-        let settings = Settings {
-            env: vec![("RUST_LOG".into(), a.service_log.clone())],
-        };
-        for kind in Kind::ALL {
-            let mut s = Service::new(kind, &bins, &dir, &url, &settings)?;
-            s.proc.start()?;
-            s.wait_ready(&client, Duration::from_secs(30)).await?;
-            started.push(s);
-        }
-        url
+    let started = if a.start {
+        let mut cfg = SystemConfig::new(&dir, Binaries::beside_current_exe()?);
+        cfg.log_level = a.service_log.clone();
+        cfg.client_name = "twopc-bench".into();
+        Some(System::start(cfg).await?)
     } else {
-        nats_url
+        None
+    };
+    let url = match &started {
+        Some(sys) => sys.url.clone(),
+        None => nats_url,
     };
     let client = twopc_common::nats::connect(&url, "twopc-bench").await?;
     let progress = !a.json;
@@ -120,7 +111,7 @@ pub async fn run(a: BenchArgs, nats_url: String) -> anyhow::Result<()> {
             "nats_baseline": nats,
             "purchase_ceiling_per_s": ceiling,
             "throughput_ratio": (load.committed_per_s + load.aborted_per_s) / ceiling,
-            "rss_kib": started.iter().map(|s| (s.kind.name(), s.proc.pid().and_then(bench::rss_kib))).collect::<std::collections::BTreeMap<_, _>>(),
+            "rss_kib": started.iter().flat_map(|sys| sys.services.values()).map(|s| (s.kind.name(), s.proc.pid().and_then(bench::rss_kib))).collect::<std::collections::BTreeMap<_, _>>(),
         });
         if progress {
             eprintln!(
@@ -155,8 +146,8 @@ pub async fn run(a: BenchArgs, nats_url: String) -> anyhow::Result<()> {
             p50_c1.map(|p| format!(" · p50 at c=1 is {:.2}× the floor", p as f64 / floor_us.max(1) as f64)).unwrap_or_default()
         );
     }
-    for s in started.iter_mut().rev() {
-        s.proc.terminate(Duration::from_secs(5))?;
+    if let Some(sys) = started {
+        sys.stop(Duration::from_secs(5)).await?;
     }
     Ok(())
 }

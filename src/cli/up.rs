@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use twopc_launcher::{Binaries, Kind, NatsServer, Service, Settings};
+use twopc_launcher::{Binaries, Nats, System, SystemConfig};
 
 use super::seed::{demo, seed};
 
@@ -16,40 +16,36 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data_dir)?;
     let data_dir = data_dir.canonicalize()?;
-    let mut nats = None;
-    let url = match nats_url_env {
+    let mut cfg = SystemConfig::new(&data_dir, Binaries::beside_current_exe()?);
+    cfg.client_name = "twopc-up".into();
+    cfg.ready_timeout = Duration::from_secs(20);
+    let sys = match nats_url_env {
         Some(url) => {
             println!("using NATS at {url} (from NATS_URL)");
-            url
+            cfg.nats = Nats::Use { url };
+            System::start(cfg).await?
         }
         None => {
-            let s = NatsServer::start(&data_dir.join("nats"), Some(port)).context(
-                "starting nats-server (is port in use? set NATS_URL to use a running one)",
+            cfg.nats = Nats::Start { port: Some(port) };
+            let sys = System::start(cfg).await.context(
+                "starting the system (is the port in use? set NATS_URL to use a running nats-server)",
             )?;
-            println!("nats-server listening on {}", s.url());
-            let url = s.url();
-            nats = Some(s);
-            url
+            println!("nats-server listening on {}", sys.url);
+            sys
         }
     };
-    let bins = Binaries::beside_current_exe()?;
-    let client = twopc_common::nats::connect(&url, "twopc-up").await?;
-    let mut services = vec![];
-    for kind in Kind::ALL {
-        let mut s = Service::new(kind, &bins, &data_dir, &url, &Settings::default())?;
-        s.proc.start()?;
-        s.wait_ready(&client, Duration::from_secs(20)).await?;
+    for s in sys.services.values() {
         println!(
             "{:<12} running (pid {}), log {}",
-            kind.name(),
+            s.kind.name(),
             s.proc.pid().unwrap_or(0),
             s.proc.log_path().display()
         );
-        services.push(s);
     }
     if !no_demo {
-        seed(&client, &demo(), Duration::from_secs(5)).await?;
+        seed(&sys.client, &demo(), Duration::from_secs(5)).await?;
     }
+    let url = &sys.url;
     println!(
         "\ntwopc is up. Buy something:\n\
          \n  nats --server {url} req shop.purchase '{{\"user\":\"alice\",\"sku\":\"book-1\",\"qty\":2,\"amount\":2500}}'\
@@ -61,9 +57,5 @@ pub async fn run(
     );
     twopc_common::nats::shutdown_signal().await;
     println!("stopping");
-    for s in services.iter_mut().rev() {
-        s.proc.terminate(Duration::from_secs(5))?;
-    }
-    drop(nats);
-    Ok(())
+    sys.stop(Duration::from_secs(5)).await
 }

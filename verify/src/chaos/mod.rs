@@ -29,9 +29,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use twopc_launcher::client::create_if_absent;
-use twopc_launcher::{Binaries, Kind, NatsServer, Service, Settings};
-use twopc_schemas::subjects;
+use twopc_launcher::{
+    free_port, seed, Binaries, CoordinatorSettings, Kind, Nats, ParticipantSettings, Service,
+    System, SystemConfig,
+};
+use twopc_schemas::api::{CreateProduct, CreateUser};
 
 pub use nemesis::{FaultKind, CRASH_POINTS};
 pub use report::{InvariantResult, Report};
@@ -117,15 +119,14 @@ impl Config {
 
 /// The processes under test.
 struct Cluster {
-    nats: NatsServer,
-    services: BTreeMap<&'static str, Service>,
+    sys: System,
     /// Targets a fault is working on; the supervisor leaves them alone.
     busy: BTreeSet<&'static str>,
 }
 
 impl Cluster {
     fn service(&mut self, kind: Kind) -> &mut Service {
-        self.services.get_mut(kind.name()).expect("service exists")
+        self.sys.service(kind)
     }
 }
 
@@ -165,36 +166,55 @@ impl Shared {
     }
 }
 
-fn service_env(
-    kind: Kind,
-    faults_file: &Path,
-    extra: &[(Kind, String, String)],
-) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = match kind {
-        Kind::Coordinator => vec![
-            ("TWOPC_PREPARE_TIMEOUT_MS".into(), "1000".into()),
-            ("TWOPC_DECIDE_TIMEOUT_MS".into(), "500".into()),
-            ("TWOPC_RETRY_BASE_MS".into(), "20".into()),
-            ("TWOPC_RETRY_CAP_MS".into(), "1000".into()),
-        ],
-        Kind::Wallet | Kind::Order => vec![
-            ("TWOPC_IN_DOUBT_AFTER_MS".into(), "2000".into()),
-            ("TWOPC_RECOVERY_INTERVAL_MS".into(), "250".into()),
-            ("TWOPC_DECISION_TIMEOUT_MS".into(), "500".into()),
-        ],
+/// The system's settings for a chaos run: short timeouts, so that faults
+/// resolve within the run, and a faults file per service that the nemesis
+/// writes at run time.
+fn system_config(
+    cfg: &Config,
+    root: &Path,
+    nats_port: u16,
+    faults_files: &BTreeMap<&'static str, PathBuf>,
+    proxies: &BTreeMap<&'static str, Proxy>,
+) -> SystemConfig {
+    let mut sc = SystemConfig::new(root, cfg.bins.clone());
+    sc.nats = Nats::Start {
+        port: Some(nats_port),
     };
-    env.push(("RUST_LOG".into(), "info".into()));
-    env.push((
-        "TWOPC_FAULTS_FILE".into(),
-        faults_file.display().to_string(),
-    ));
-    for (k, key, value) in extra {
-        if *k == kind {
-            env.retain(|(e, _)| e != key);
-            env.push((key.clone(), value.clone()));
+    sc.client_name = "twopc-chaos".into();
+    sc.coordinator = CoordinatorSettings {
+        prepare_timeout_ms: Some(1_000),
+        decide_timeout_ms: Some(500),
+        retry_base_ms: Some(20),
+        retry_cap_ms: Some(1_000),
+        ..Default::default()
+    };
+    let participant = ParticipantSettings {
+        in_doubt_after_ms: Some(2_000),
+        recovery_interval_ms: Some(250),
+        decision_timeout_ms: Some(500),
+        ..Default::default()
+    };
+    sc.wallet = participant.clone();
+    sc.order = participant;
+    for kind in Kind::ALL {
+        let mut extra = vec![(
+            "TWOPC_FAULTS_FILE".to_owned(),
+            faults_files[kind.name()].display().to_string(),
+        )];
+        extra.extend(
+            cfg.extra_env
+                .iter()
+                .filter(|(k, _, _)| *k == kind)
+                .map(|(_, key, value)| (key.clone(), value.clone())),
+        );
+        match kind {
+            Kind::Coordinator => sc.coordinator.extra_env = extra,
+            Kind::Wallet => sc.wallet.extra_env = extra,
+            Kind::Order => sc.order.extra_env = extra,
         }
+        sc.nats_url_of.insert(kind, proxies[kind.name()].url());
     }
-    env
+    sc
 }
 
 /// Runs a chaos experiment and reports. An `Err` means the experiment
@@ -213,31 +233,29 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
             (Some(t), p)
         }
     };
-    let nats = NatsServer::start(&root.join("nats"), None)?;
+    // Each service reaches NATS through its own proxy, so the nemesis can
+    // cut one link; the proxies need the server's port before it starts.
+    let nats_port = free_port()?;
     let mut proxies = BTreeMap::new();
     let mut faults_files = BTreeMap::new();
-    let mut services = BTreeMap::new();
     for kind in Kind::ALL {
-        let proxy = Proxy::start(nats.port).await?;
+        proxies.insert(kind.name(), Proxy::start(nats_port).await?);
         let file = root.join(format!("{}.faults", kind.name()));
         std::fs::write(&file, "")?;
-        let settings = Settings {
-            env: service_env(kind, &file, &cfg.extra_env),
-        };
-        let mut s = Service::new(kind, &cfg.bins, &root, &proxy.url(), &settings)?;
-        s.proc.start()?;
-        services.insert(kind.name(), s);
-        proxies.insert(kind.name(), proxy);
         faults_files.insert(kind.name(), file);
     }
-    let client = twopc_common::nats::connect(&nats.url(), "twopc-chaos").await?;
-    for s in services.values_mut() {
-        s.wait_ready(&client, Duration::from_secs(30)).await?;
-    }
+    let sys = System::start(system_config(
+        &cfg,
+        &root,
+        nats_port,
+        &faults_files,
+        &proxies,
+    ))
+    .await?;
+    let client = sys.client.clone();
     let shared = Arc::new(Shared {
         cluster: Mutex::new(Cluster {
-            nats,
-            services,
+            sys,
             busy: BTreeSet::new(),
         }),
         proxies,
@@ -247,22 +265,29 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         verbose: cfg.verbose,
     });
 
-    // Seed users and products.
+    // Seed users and products through the typed create requests.
     let mut initial = Initial::default();
-    let mut catalogue = vec![];
-    for i in 0..cfg.users {
-        let user = format!("user-{i}");
-        let body = serde_json::json!({ "user": user, "balance": cfg.balance });
-        create_if_absent(&client, subjects::WALLET_CREATE_USER, &body).await?;
-        initial.balances.insert(user, cfg.balance);
+    let users: Vec<CreateUser> = (0..cfg.users)
+        .map(|i| CreateUser {
+            user: format!("user-{i}"),
+            balance: cfg.balance,
+        })
+        .collect();
+    let products: Vec<CreateProduct> = (0..cfg.products)
+        .map(|i| CreateProduct {
+            sku: format!("sku-{i}"),
+            price: 100 + 37 * i as u64,
+            stock: cfg.stock,
+        })
+        .collect();
+    seed(&client, &users, &products, true).await?;
+    for u in &users {
+        initial.balances.insert(u.user.clone(), u.balance);
     }
-    for i in 0..cfg.products {
-        let sku = format!("sku-{i}");
-        let price = 100 + 37 * i as u64;
-        let body = serde_json::json!({ "sku": sku, "price": price, "stock": cfg.stock });
-        create_if_absent(&client, subjects::ORDER_CREATE_PRODUCT, &body).await?;
-        initial.products.insert(sku.clone(), (price, cfg.stock));
-        catalogue.push((sku, price));
+    let mut catalogue = vec![];
+    for p in &products {
+        initial.products.insert(p.sku.clone(), (p.price, p.stock));
+        catalogue.push((p.sku.clone(), p.price));
     }
     shared.say(&format!(
         "--- chaos: seed {}, {:?}, concurrency {}, {} users, {} products",

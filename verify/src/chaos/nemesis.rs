@@ -74,7 +74,7 @@ pub(super) async fn supervise(shared: Arc<Shared>) {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let mut c = shared.cluster.lock().expect("lock");
         let busy = c.busy.clone();
-        for (name, s) in c.services.iter_mut() {
+        for (name, s) in c.sys.services.iter_mut() {
             if !busy.contains(name) && !s.proc.is_running() {
                 shared.unexpected_exits.fetch_add(1, Ordering::Relaxed);
                 let _ = s.proc.kill();
@@ -244,11 +244,18 @@ async fn fault(
                 "nemesis: SIGKILL nats-server, down {:?}",
                 hold / 4
             ));
-            let _ = shared.cluster.lock().expect("lock").nats.proc.kill();
+            let _ = shared
+                .cluster
+                .lock()
+                .expect("lock")
+                .sys
+                .nats_server()
+                .proc
+                .kill();
             tokio::time::sleep(hold / 4).await;
             let r = {
                 let mut c = shared.cluster.lock().expect("lock");
-                c.nats.proc.start()
+                c.sys.nats_server().proc.start()
             };
             if let Err(e) = r {
                 shared.say(&format!("nemesis: nats-server restart failed: {e:#}"));
@@ -302,11 +309,11 @@ pub(super) fn heal_all(shared: &Shared) {
         let _ = std::fs::write(f, "");
     }
     let mut c = shared.cluster.lock().expect("lock");
-    if !c.nats.proc.is_running() {
-        let _ = c.nats.proc.kill();
-        let _ = c.nats.proc.start();
+    if !c.sys.nats_server().proc.is_running() {
+        let _ = c.sys.nats_server().proc.kill();
+        let _ = c.sys.nats_server().proc.start();
     }
-    for s in c.services.values_mut() {
+    for s in c.sys.services.values_mut() {
         if s.proc.is_running() {
             let _ = s.proc.resume();
         } else {
