@@ -333,6 +333,8 @@ pub struct StoredDecision {
     pub pending: Vec<String>,
     /// The purchase's idempotency key bound to this decision, if any.
     pub request_id: Option<String>,
+    /// When the decision was recorded (wall clock, ms since the epoch).
+    pub decided_at_ms: i64,
 }
 
 /// Reads every decision in the log, by transaction. Added for the
@@ -340,7 +342,7 @@ pub struct StoredDecision {
 pub fn snapshot(
     conn: &Connection,
 ) -> rusqlite::Result<std::collections::BTreeMap<TxId, StoredDecision>> {
-    conn.prepare("SELECT tx, decision, pending, request_id FROM decisions")?
+    conn.prepare("SELECT tx, decision, pending, request_id, decided_at_ms FROM decisions")?
         .query_map([], |r| {
             let tx: Vec<u8> = r.get(0)?;
             let tx = TxId::from_slice(&tx).map_err(|e| {
@@ -357,6 +359,7 @@ pub fn snapshot(
                     decision: r.get(1)?,
                     pending: serde_json::from_str(&pending).unwrap_or_default(),
                     request_id: r.get(3)?,
+                    decided_at_ms: r.get(4)?,
                 },
             ))
         })?

@@ -110,7 +110,13 @@ pub async fn ping(
     timeout: Duration,
     service: String,
 ) -> anyhow::Result<()> {
-    let raw = request_raw(client, &format!("$SRV.PING.{service}"), vec![], timeout).await?;
+    let raw = request_raw(
+        client,
+        &twopc_common::micro::ping_subject(&service),
+        vec![],
+        timeout,
+    )
+    .await?;
     let v: Value = serde_json::from_slice(&raw).context("ping reply is not JSON")?;
     println!(
         "{} {} is up",
