@@ -366,12 +366,20 @@ impl System {
     }
 
     /// SIGTERM every service (waiting up to `grace` each), then stop
-    /// nats-server.
-    pub async fn stop(mut self, grace: Duration) -> anyhow::Result<()> {
-        for s in self.services.values_mut().rev() {
+    /// nats-server. The system's client is closed first, so that it does
+    /// not report the server going away.
+    pub async fn stop(self, grace: Duration) -> anyhow::Result<()> {
+        let System {
+            nats,
+            mut services,
+            client,
+            ..
+        } = self;
+        drop(client);
+        for s in services.values_mut().rev() {
             s.proc.terminate(grace).await?;
         }
-        if let Some(n) = self.nats.as_mut() {
+        if let Some(mut n) = nats {
             n.proc.terminate(grace).await?;
         }
         Ok(())

@@ -146,6 +146,7 @@ pub async fn run(a: BenchArgs, nats_url: String) -> anyhow::Result<()> {
             p50_c1.map(|p| format!(" · p50 at c=1 is {:.2}× the floor", p as f64 / floor_us.max(1) as f64)).unwrap_or_default()
         );
     }
+    drop(client);
     if let Some(sys) = started {
         sys.stop(Duration::from_secs(5)).await?;
     }
