@@ -415,3 +415,65 @@ pub async fn seed(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get<'a>(env: &'a [(String, String)], key: &str) -> Option<&'a str> {
+        let mut found = env.iter().filter(|(k, _)| k == key);
+        let value = found.next().map(|(_, v)| v.as_str());
+        assert!(found.next().is_none(), "{key} set twice in {env:?}");
+        value
+    }
+
+    #[test]
+    fn typed_settings_become_the_variables_the_services_read() {
+        let mut cfg =
+            SystemConfig::new(Path::new("/tmp/x"), Binaries::beside_current_exe().unwrap());
+        cfg.log_level = "warn".into();
+        cfg.coordinator = CoordinatorSettings {
+            prepare_timeout_ms: Some(500),
+            max_in_flight: Some(20_000),
+            reply_after: Some(ReplyAfter::Delivery),
+            ..Default::default()
+        };
+        cfg.wallet.in_doubt_after_ms = Some(3_000);
+        let c = cfg.env_of(Kind::Coordinator);
+        assert_eq!(get(&c, "RUST_LOG"), Some("warn"));
+        assert_eq!(get(&c, "TWOPC_PREPARE_TIMEOUT_MS"), Some("500"));
+        assert_eq!(get(&c, "TWOPC_MAX_INFLIGHT"), Some("20000"));
+        assert_eq!(get(&c, "TWOPC_REPLY_AFTER"), Some("delivery"));
+        assert_eq!(
+            get(&c, "TWOPC_DECIDE_TIMEOUT_MS"),
+            None,
+            "unset: the service's default"
+        );
+        let w = cfg.env_of(Kind::Wallet);
+        assert_eq!(get(&w, "TWOPC_IN_DOUBT_AFTER_MS"), Some("3000"));
+        assert_eq!(get(&w, "TWOPC_PREPARE_TIMEOUT_MS"), None);
+        assert_eq!(
+            get(&cfg.env_of(Kind::Order), "TWOPC_IN_DOUBT_AFTER_MS"),
+            None
+        );
+    }
+
+    #[test]
+    fn extra_env_overrides_typed_settings_and_the_log_level() {
+        let mut cfg =
+            SystemConfig::new(Path::new("/tmp/x"), Binaries::beside_current_exe().unwrap());
+        cfg.order = ParticipantSettings {
+            decision_timeout_ms: Some(1_000),
+            extra_env: vec![
+                ("TWOPC_DECISION_TIMEOUT_MS".into(), "50".into()),
+                ("RUST_LOG".into(), "debug".into()),
+                ("TWOPC_CRASH_AT".into(), "order.decide.before_apply".into()),
+            ],
+            ..Default::default()
+        };
+        let o = cfg.env_of(Kind::Order);
+        assert_eq!(get(&o, "TWOPC_DECISION_TIMEOUT_MS"), Some("50"));
+        assert_eq!(get(&o, "RUST_LOG"), Some("debug"));
+        assert_eq!(get(&o, "TWOPC_CRASH_AT"), Some("order.decide.before_apply"));
+    }
+}

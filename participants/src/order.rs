@@ -310,3 +310,43 @@ pub async fn run(args: crate::ParticipantArgs) -> anyhow::Result<()> {
     )
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::participant::BRANCHES_SQL;
+
+    /// The snapshot reader and the resource agree on the tables: what a
+    /// hold and an apply write is what the checker reads back.
+    #[test]
+    fn the_snapshot_reads_back_a_reservation_and_then_its_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = db::open(&dir.path().join("order.db"), MIGRATIONS).unwrap();
+        conn.execute_batch(BRANCHES_SQL).unwrap();
+        conn.execute(
+            "INSERT INTO products (sku, price, stock) VALUES ('pen-1', 199, 10)",
+            [],
+        )
+        .unwrap();
+        let tx = TxId::now_v7();
+        let op = BranchOp::Reserve {
+            user: "alice".into(),
+            sku: "pen-1".into(),
+            qty: 2,
+            amount: 398,
+        };
+        Order.hold(&conn, tx, &op).unwrap().unwrap();
+        let s = snapshot(&conn).unwrap();
+        assert_eq!(s.products["pen-1"], (199, 10, 2));
+        assert_eq!(s.reservations[&tx], 2);
+        assert!(s.orders.is_empty());
+        Order.apply(&conn, tx, &op).unwrap();
+        let s = snapshot(&conn).unwrap();
+        assert_eq!(s.products["pen-1"], (199, 8, 0));
+        assert!(s.reservations.is_empty());
+        assert_eq!(
+            s.orders[&tx],
+            ("alice".to_string(), "pen-1".to_string(), 2, 398)
+        );
+    }
+}

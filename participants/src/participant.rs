@@ -64,7 +64,7 @@ pub trait Resource: Send + Sync + 'static {
 }
 
 /// The library's own table, shared by every participant database.
-const BRANCHES_SQL: &str = "
+pub(crate) const BRANCHES_SQL: &str = "
 CREATE TABLE IF NOT EXISTS branches (
     tx BLOB PRIMARY KEY CHECK (length(tx) = 16),
     state TEXT NOT NULL CHECK (state IN ('prepared', 'committed', 'aborted')),

@@ -269,3 +269,38 @@ pub async fn run(args: crate::ParticipantArgs) -> anyhow::Result<()> {
     )
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::participant::BRANCHES_SQL;
+
+    /// The snapshot reader and the resource agree on the tables: what a
+    /// hold and an apply write is what the checker reads back.
+    #[test]
+    fn the_snapshot_reads_back_a_hold_and_then_its_debit() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = db::open(&dir.path().join("wallet.db"), MIGRATIONS).unwrap();
+        conn.execute_batch(BRANCHES_SQL).unwrap();
+        conn.execute(
+            "INSERT INTO users (user, balance) VALUES ('alice', 1000)",
+            [],
+        )
+        .unwrap();
+        let tx = TxId::now_v7();
+        let op = BranchOp::Debit {
+            user: "alice".into(),
+            amount: 300,
+        };
+        Wallet.hold(&conn, tx, &op).unwrap().unwrap();
+        let s = snapshot(&conn).unwrap();
+        assert_eq!(s.users["alice"], (1000, 300));
+        assert_eq!(s.holds[&tx], 300);
+        assert!(s.debits.is_empty());
+        Wallet.apply(&conn, tx, &op).unwrap();
+        let s = snapshot(&conn).unwrap();
+        assert_eq!(s.users["alice"], (700, 0));
+        assert!(s.holds.is_empty());
+        assert_eq!(s.debits[&tx], ("alice".to_string(), 300));
+    }
+}
