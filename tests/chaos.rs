@@ -9,8 +9,8 @@ mod harness;
 
 use std::time::Duration;
 
-use twopc::chaos::{self, Config, FaultKind, Report};
-use twopc::launcher::Kind;
+use twopc_launcher::Kind;
+use twopc_verify::chaos::{self, Config, FaultKind, Report};
 
 fn config(seed: u64, secs: u64) -> Config {
     let mut cfg = Config::new(harness::bins());

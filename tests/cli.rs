@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use twopc::launcher::{free_port, signal};
+use twopc_launcher::{free_port, signal};
 
 const SIGTERM: i32 = 15;
 

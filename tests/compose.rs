@@ -12,7 +12,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use twopc::client::{request, Reply};
+use twopc_launcher::client::{request, Reply};
 use twopc_schemas::api::{Balance, PurchaseReply, PurchaseRequest, Stock};
 use twopc_schemas::subjects;
 
@@ -115,7 +115,7 @@ async fn compose_up_buy_kill_wallet_in_doubt_then_down_up_keeps_data() {
         images.status.success(),
         "images missing: run compose/build-images.sh (scripts/test.sh does)"
     );
-    let port = |_| twopc::launcher::free_port().unwrap().to_string();
+    let port = |_| twopc_launcher::free_port().unwrap().to_string();
     let nats_port = port(0);
     let compose = Compose {
         project: format!("twopctest{}", std::process::id()),
@@ -134,11 +134,10 @@ async fn compose_up_buy_kill_wallet_in_doubt_then_down_up_keeps_data() {
     };
     eprintln!("--- compose up");
     compose.run(&["up", "-d"]);
-    let client = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connect(format!("nats://127.0.0.1:{nats_port}"))
-        .await
-        .unwrap();
+    let client =
+        twopc_common::nats::connect(&format!("nats://127.0.0.1:{nats_port}"), "twopc-test")
+            .await
+            .unwrap();
     ready(&client).await;
     // Each service's health check (`twopc ping <service>` inside its
     // container) passes.
@@ -250,11 +249,10 @@ async fn compose_up_buy_kill_wallet_in_doubt_then_down_up_keeps_data() {
     drop(client);
     compose.run(&["down", "--timeout", "10"]);
     compose.run(&["up", "-d"]);
-    let client = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connect(format!("nats://127.0.0.1:{nats_port}"))
-        .await
-        .unwrap();
+    let client =
+        twopc_common::nats::connect(&format!("nats://127.0.0.1:{nats_port}"), "twopc-test")
+            .await
+            .unwrap();
     ready(&client).await;
     let b = balance(&client, "dora").await.unwrap();
     assert_eq!(

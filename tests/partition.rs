@@ -7,10 +7,10 @@ mod harness;
 use std::time::{Duration, Instant};
 
 use harness::{tracing_line, Options, System};
-use twopc::client::Reply;
-use twopc::launcher::Kind;
-use twopc::proxy::{Link, Proxy};
+use twopc_launcher::client::Reply;
+use twopc_launcher::Kind;
 use twopc_schemas::api::{Outcome, PurchaseReply, PurchaseRequest};
+use twopc_verify::proxy::{Link, Proxy};
 
 const PREPARE_TIMEOUT_MS: i64 = 500;
 /// The outer deadline's margin (`REQUEST_DEADLINE_MARGIN_MS`) plus room for
@@ -32,20 +32,15 @@ fn decision_delays(sys: &System) -> Vec<(uuid::Uuid, i64)> {
     let path = sys.dir.path().join("coordinator").join("coordinator.db");
     let c = rusqlite::Connection::open(path).unwrap();
     c.busy_timeout(Duration::from_secs(5)).unwrap();
-    let mut stmt = c
-        .prepare("SELECT tx, decided_at_ms FROM decisions")
-        .unwrap();
-    let rows = stmt
-        .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))
-        .unwrap();
-    rows.map(|r| {
-        let (tx, decided_at_ms) = r.unwrap();
-        let tx = uuid::Uuid::from_slice(&tx).unwrap();
-        let (secs, nanos) = tx.get_timestamp().expect("v7 id").to_unix();
-        let started_ms = (secs * 1_000 + u64::from(nanos) / 1_000_000) as i64;
-        (tx, decided_at_ms - started_ms)
-    })
-    .collect()
+    twopc_coordinator::log::snapshot(&c)
+        .unwrap()
+        .into_iter()
+        .map(|(tx, d)| {
+            let (secs, nanos) = tx.get_timestamp().expect("v7 id").to_unix();
+            let started_ms = (secs * 1_000 + u64::from(nanos) / 1_000_000) as i64;
+            (tx, d.decided_at_ms - started_ms)
+        })
+        .collect()
 }
 
 /// Issue 8, bug 2: async-nats starts a request's timeout only once the
@@ -97,7 +92,7 @@ async fn issue_8_phase_1_ends_in_a_decision_within_its_deadline_while_the_link_s
             request_id: Some(format!("burst-{i}")),
         };
         burst.push(tokio::spawn(async move {
-            twopc::client::request::<_, PurchaseReply>(
+            twopc_launcher::client::request::<_, PurchaseReply>(
                 &client,
                 twopc_schemas::subjects::PURCHASE,
                 &req,

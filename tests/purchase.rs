@@ -6,11 +6,11 @@ mod harness;
 use std::time::Duration;
 
 use harness::{told, tx_id, Options, System};
-use twopc::check::{KeyReply, Told};
-use twopc::client::Reply;
-use twopc::launcher::Kind;
+use twopc_launcher::client::Reply;
+use twopc_launcher::Kind;
 use twopc_schemas::api::{Outcome, PurchaseRequest};
 use twopc_schemas::{subjects, Code};
+use twopc_verify::check::{KeyReply, Told};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn happy_path_and_every_refusal_leave_balances_and_stock_right() {
@@ -234,7 +234,7 @@ async fn concurrent_purchases_are_atomic_and_conserve_money_and_stock() {
         };
         let client = sys.client.clone();
         tasks.push(tokio::spawn(async move {
-            twopc::client::request::<_, twopc_schemas::api::PurchaseReply>(
+            twopc_launcher::client::request::<_, twopc_schemas::api::PurchaseReply>(
                 &client,
                 subjects::PURCHASE,
                 &req,

@@ -6,8 +6,8 @@ mod harness;
 use std::time::{Duration, Instant};
 
 use harness::{told, tracing_line, tx_id, Options, System};
-use twopc::client::Reply;
-use twopc::launcher::Kind;
+use twopc_launcher::client::Reply;
+use twopc_launcher::Kind;
 use twopc_schemas::api::{Outcome, PurchaseReply, PurchaseRequest};
 use twopc_schemas::Code;
 
@@ -16,7 +16,7 @@ async fn wait_for<T>(
     sys: &System,
     what: &str,
     timeout: Duration,
-    f: impl Fn(&twopc::check::Snapshot) -> Option<T>,
+    f: impl Fn(&twopc_verify::check::Snapshot) -> Option<T>,
 ) -> T {
     let deadline = Instant::now() + timeout;
     loop {
@@ -69,7 +69,7 @@ async fn issue_8_key_told_aborted_by_presumed_abort_is_never_charged() {
     sys.service(Kind::Order).proc.pause().unwrap();
     let client = sys.client.clone();
     let first = tokio::spawn(async move {
-        twopc::client::request::<_, PurchaseReply>(
+        twopc_launcher::client::request::<_, PurchaseReply>(
             &client,
             twopc_schemas::subjects::PURCHASE,
             &book("issue-8-key"),

@@ -277,6 +277,12 @@ impl Registry {
     }
 }
 
+/// The subject a client pings to learn whether the service `name` is up
+/// (`twopc ping`, container health checks).
+pub fn ping_subject(name: &str) -> String {
+    format!("$SRV.PING.{name}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,15 +21,63 @@ pub fn server_addrs(url: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
     Ok(addrs)
 }
 
-/// Connects with reconnects forever, a start that may precede the server,
-/// and a short capped reconnect delay (a restarted server is found within
-/// about a second).
+/// What to do when the server cannot be reached at the first connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstConnect {
+    /// Keep trying, in the background, as a service started before its
+    /// server must (the call returns at once; requests wait or time out).
+    Retry,
+    /// Fail the call, as a one-shot command should (`twopc balance` with no
+    /// server reachable says so instead of timing out).
+    FailFast,
+}
+
+/// The one NATS connect recipe of twopc: services, the CLI, the launcher,
+/// the chaos runner, the bench and the tests all connect through
+/// [`connect_with`] (services through [`connect`]).
+#[derive(Debug, Clone)]
+pub struct ConnectSettings {
+    /// The client name the server shows (`nats server report connections`)
+    /// and the `service` field of our connection log lines.
+    pub name: String,
+    pub first_connect: FirstConnect,
+}
+
+impl ConnectSettings {
+    /// A long-running client: waits for a server that is not up yet.
+    pub fn retrying(name: &str) -> Self {
+        ConnectSettings {
+            name: name.to_owned(),
+            first_connect: FirstConnect::Retry,
+        }
+    }
+
+    /// A one-shot command: fails if no server answers.
+    pub fn fail_fast(name: &str) -> Self {
+        ConnectSettings {
+            name: name.to_owned(),
+            first_connect: FirstConnect::FailFast,
+        }
+    }
+}
+
+/// Connects as a service does: reconnects forever, a start that may
+/// precede the server, and a short capped reconnect delay (a restarted
+/// server is found within about a second).
 pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
+    connect_with(url, &ConnectSettings::retrying(name)).await
+}
+
+/// Connects with reconnects forever and a short capped reconnect delay;
+/// `settings` name the client and say what a first connect that fails does.
+pub async fn connect_with(
+    url: &str,
+    settings: &ConnectSettings,
+) -> anyhow::Result<async_nats::Client> {
     let addrs = server_addrs(url)?;
-    let name_owned = name.to_owned();
-    let client = async_nats::ConnectOptions::new()
-        .name(name)
-        .retry_on_initial_connect()
+    let name_owned = settings.name.clone();
+    let mut options = async_nats::ConnectOptions::new()
+        .name(&settings.name)
         .connection_timeout(Duration::from_secs(2))
         .reconnect_delay_callback(|attempts| {
             Duration::from_millis((50u64 << attempts.min(5) as u64).min(1000))
@@ -46,9 +94,11 @@ pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client
                     other => tracing::info!(service = %name, event = %other, "NATS event"),
                 }
             }
-        })
-        .connect(addrs)
-        .await?;
+        });
+    if settings.first_connect == FirstConnect::Retry {
+        options = options.retry_on_initial_connect();
+    }
+    let client = options.connect(addrs).await?;
     Ok(client)
 }
 

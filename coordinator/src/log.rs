@@ -450,6 +450,49 @@ impl DecisionLog for SqliteLog {
     }
 }
 
+/// One row of the decision log as stored, for readers outside the service
+/// (the invariant checker).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredDecision {
+    /// `commit` or `abort`.
+    pub decision: String,
+    /// Participants the decision has not reached yet.
+    pub pending: Vec<String>,
+    /// The purchase's idempotency key bound to this decision, if any.
+    pub request_id: Option<String>,
+    /// When the decision was recorded (wall clock, ms since the epoch).
+    pub decided_at_ms: i64,
+}
+
+/// Reads every decision in the log, by transaction. Added for the
+/// invariant checker, which reads the file while the service runs.
+pub fn snapshot(
+    conn: &Connection,
+) -> rusqlite::Result<std::collections::BTreeMap<TxId, StoredDecision>> {
+    conn.prepare("SELECT tx, decision, pending, request_id, decided_at_ms FROM decisions")?
+        .query_map([], |r| {
+            let tx: Vec<u8> = r.get(0)?;
+            let tx = TxId::from_slice(&tx).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    0,
+                    rusqlite::types::Type::Blob,
+                    Box::new(e),
+                )
+            })?;
+            let pending: String = r.get(2)?;
+            Ok((
+                tx,
+                StoredDecision {
+                    decision: r.get(1)?,
+                    pending: serde_json::from_str(&pending).unwrap_or_default(),
+                    request_id: r.get(3)?,
+                    decided_at_ms: r.get(4)?,
+                },
+            ))
+        })?
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

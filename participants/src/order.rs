@@ -6,6 +6,8 @@
 //! Public subjects: `order.stock` `{"sku"}`, `order.products.create`
 //! `{"sku", "price", "stock"}`.
 
+use std::collections::BTreeMap;
+
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 use twopc_common::db::{self, Db};
@@ -14,7 +16,9 @@ use twopc_schemas::api::{ApiError, CreateProduct, Stock, StockQuery};
 use twopc_schemas::protocol::{BranchOp, TxId};
 use twopc_schemas::{subjects, Code};
 
-use crate::participant::{db_error, serve_json, sql_int, stored_u64, Refusal, Resource};
+use crate::participant::{
+    branch_states, db_error, serve_json, sql_int, stored_u64, tx_column, Refusal, Resource,
+};
 
 pub struct Order;
 
@@ -41,6 +45,45 @@ CREATE TABLE orders (
     created_at_ms INTEGER NOT NULL
 );
 "];
+
+/// Everything the order service stores, read in one SQLite transaction by
+/// the caller (the invariant checker), so the parts agree with each other.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OrderSnapshot {
+    /// sku → (price, stock, reserved).
+    pub products: BTreeMap<String, (i64, i64, i64)>,
+    /// Prepared, undecided reservations: tx → qty.
+    pub reservations: BTreeMap<TxId, i64>,
+    /// Committed orders: tx → (user, sku, qty, amount).
+    pub orders: BTreeMap<TxId, (String, String, i64, i64)>,
+    /// Branch states: tx → `prepared`, `committed` or `aborted`.
+    pub branches: BTreeMap<TxId, String>,
+}
+
+/// Reads the order service's tables (see [`MIGRATIONS`]) and its branches.
+/// Run it inside a transaction for a consistent view.
+pub fn snapshot(conn: &Connection) -> rusqlite::Result<OrderSnapshot> {
+    Ok(OrderSnapshot {
+        products: conn
+            .prepare("SELECT sku, price, stock, reserved FROM products")?
+            .query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?, r.get(3)?))))?
+            .collect::<rusqlite::Result<_>>()?,
+        reservations: conn
+            .prepare("SELECT tx, qty FROM reservations")?
+            .query_map([], |r| Ok((tx_column(r, 0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?,
+        orders: conn
+            .prepare("SELECT tx, user, sku, qty, amount FROM orders")?
+            .query_map([], |r| {
+                Ok((
+                    tx_column(r, 0)?,
+                    (r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?),
+                ))
+            })?
+            .collect::<rusqlite::Result<_>>()?,
+        branches: branch_states(conn)?,
+    })
+}
 
 fn reserve(op: &BranchOp) -> Option<(&str, &str, u64, u64)> {
     match op {
@@ -265,4 +308,44 @@ pub async fn run(
         stop,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::participant::BRANCHES_SQL;
+
+    /// The snapshot reader and the resource agree on the tables: what a
+    /// hold and an apply write is what the checker reads back.
+    #[test]
+    fn the_snapshot_reads_back_a_reservation_and_then_its_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = db::open(&dir.path().join("order.db"), MIGRATIONS).unwrap();
+        conn.execute_batch(BRANCHES_SQL).unwrap();
+        conn.execute(
+            "INSERT INTO products (sku, price, stock) VALUES ('pen-1', 199, 10)",
+            [],
+        )
+        .unwrap();
+        let tx = TxId::now_v7();
+        let op = BranchOp::Reserve {
+            user: "alice".into(),
+            sku: "pen-1".into(),
+            qty: 2,
+            amount: 398,
+        };
+        Order.hold(&conn, tx, &op).unwrap().unwrap();
+        let s = snapshot(&conn).unwrap();
+        assert_eq!(s.products["pen-1"], (199, 10, 2));
+        assert_eq!(s.reservations[&tx], 2);
+        assert!(s.orders.is_empty());
+        Order.apply(&conn, tx, &op).unwrap();
+        let s = snapshot(&conn).unwrap();
+        assert_eq!(s.products["pen-1"], (199, 8, 0));
+        assert!(s.reservations.is_empty());
+        assert_eq!(
+            s.orders[&tx],
+            ("alice".to_string(), "pen-1".to_string(), 2, 398)
+        );
+    }
 }

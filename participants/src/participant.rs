@@ -13,6 +13,7 @@
 //! monotonic clock ([`crate::recovery`]) — until it is answered. A
 //! participant never decides a prepared branch on its own.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,7 +65,7 @@ pub trait Resource: Send + Sync + 'static {
 }
 
 /// The library's own table, shared by every participant database.
-const BRANCHES_SQL: &str = "
+pub(crate) const BRANCHES_SQL: &str = "
 CREATE TABLE IF NOT EXISTS branches (
     tx BLOB PRIMARY KEY CHECK (length(tx) = 16),
     state TEXT NOT NULL CHECK (state IN ('prepared', 'committed', 'aborted')),
@@ -77,6 +78,23 @@ CREATE TABLE IF NOT EXISTS branches (
 CREATE INDEX IF NOT EXISTS branches_in_doubt ON branches (prepared_at_ms) WHERE state = 'prepared';
 CREATE INDEX IF NOT EXISTS branches_prepared_by_tx ON branches (tx) WHERE state = 'prepared';
 ";
+
+/// Reads a transaction id column (a 16-byte BLOB).
+pub fn tx_column(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<TxId> {
+    let bytes: Vec<u8> = r.get(i)?;
+    TxId::from_slice(&bytes).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Blob, Box::new(e))
+    })
+}
+
+/// Every branch's stored state (`prepared`, `committed`, `aborted`), by
+/// transaction: the library table's part of a participant's snapshot, read
+/// by the invariant checker.
+pub fn branch_states(conn: &Connection) -> rusqlite::Result<BTreeMap<TxId, String>> {
+    let mut s = conn.prepare("SELECT tx, state FROM branches")?;
+    let rows = s.query_map([], |r| Ok((tx_column(r, 0)?, r.get(1)?)))?;
+    rows.collect()
+}
 
 /// One page of prepared branches for recovery: those with a transaction id
 /// after `after` (from the start when `None`), in id order, at most `rows`.

@@ -6,6 +6,8 @@
 //! Public subjects: `wallet.balance` `{"user"}`, `wallet.users.create`
 //! `{"user", "balance"}`.
 
+use std::collections::BTreeMap;
+
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 use twopc_common::db::{self, Db};
@@ -14,7 +16,9 @@ use twopc_schemas::api::{ApiError, Balance, BalanceQuery, CreateUser};
 use twopc_schemas::protocol::{BranchOp, TxId};
 use twopc_schemas::{subjects, Code};
 
-use crate::participant::{db_error, serve_json, sql_int, stored_u64, Refusal, Resource};
+use crate::participant::{
+    branch_states, db_error, serve_json, sql_int, stored_u64, tx_column, Refusal, Resource,
+};
 
 pub struct Wallet;
 
@@ -38,6 +42,40 @@ CREATE TABLE debits (
     applied_at_ms INTEGER NOT NULL
 );
 "];
+
+/// Everything the wallet stores, read in one SQLite transaction by the
+/// caller (the invariant checker), so the parts agree with each other.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WalletSnapshot {
+    /// user → (balance, held), minor units.
+    pub users: BTreeMap<String, (i64, i64)>,
+    /// Prepared, undecided debits: tx → amount.
+    pub holds: BTreeMap<TxId, i64>,
+    /// Committed debits: tx → (user, amount).
+    pub debits: BTreeMap<TxId, (String, i64)>,
+    /// Branch states: tx → `prepared`, `committed` or `aborted`.
+    pub branches: BTreeMap<TxId, String>,
+}
+
+/// Reads the wallet's tables (see [`MIGRATIONS`]) and its branches. Run it
+/// inside a transaction for a consistent view.
+pub fn snapshot(conn: &Connection) -> rusqlite::Result<WalletSnapshot> {
+    Ok(WalletSnapshot {
+        users: conn
+            .prepare("SELECT user, balance, held FROM users")?
+            .query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))?
+            .collect::<rusqlite::Result<_>>()?,
+        holds: conn
+            .prepare("SELECT tx, amount FROM holds")?
+            .query_map([], |r| Ok((tx_column(r, 0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?,
+        debits: conn
+            .prepare("SELECT tx, user, amount FROM debits")?
+            .query_map([], |r| Ok((tx_column(r, 0)?, (r.get(1)?, r.get(2)?))))?
+            .collect::<rusqlite::Result<_>>()?,
+        branches: branch_states(conn)?,
+    })
+}
 
 fn debit(op: &BranchOp) -> Option<(&str, u64)> {
     match op {
@@ -229,4 +267,39 @@ pub async fn run(
         stop,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::participant::BRANCHES_SQL;
+
+    /// The snapshot reader and the resource agree on the tables: what a
+    /// hold and an apply write is what the checker reads back.
+    #[test]
+    fn the_snapshot_reads_back_a_hold_and_then_its_debit() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = db::open(&dir.path().join("wallet.db"), MIGRATIONS).unwrap();
+        conn.execute_batch(BRANCHES_SQL).unwrap();
+        conn.execute(
+            "INSERT INTO users (user, balance) VALUES ('alice', 1000)",
+            [],
+        )
+        .unwrap();
+        let tx = TxId::now_v7();
+        let op = BranchOp::Debit {
+            user: "alice".into(),
+            amount: 300,
+        };
+        Wallet.hold(&conn, tx, &op).unwrap().unwrap();
+        let s = snapshot(&conn).unwrap();
+        assert_eq!(s.users["alice"], (1000, 300));
+        assert_eq!(s.holds[&tx], 300);
+        assert!(s.debits.is_empty());
+        Wallet.apply(&conn, tx, &op).unwrap();
+        let s = snapshot(&conn).unwrap();
+        assert_eq!(s.users["alice"], (700, 0));
+        assert!(s.holds.is_empty());
+        assert_eq!(s.debits[&tx], ("alice".to_string(), 300));
+    }
 }

@@ -8,13 +8,16 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use twopc::check::{self, Initial, KeyReply, Snapshot, Told};
-use twopc::client::{request, request_raw, Reply};
-use twopc::launcher::{Binaries, Kind, NatsServer, Service, Settings};
+use twopc_launcher::client::{request, request_raw, Reply};
+use twopc_launcher::{
+    self as launcher, Binaries, CoordinatorSettings, Kind, NatsServer, ParticipantSettings,
+    ReplyAfter, Service, SystemConfig,
+};
 use twopc_schemas::api::{
     Balance, CreateProduct, CreateUser, Outcome, PurchaseReply, PurchaseRequest, Stock,
 };
 use twopc_schemas::subjects;
+use twopc_verify::check::{self, Initial, KeyReply, Snapshot, Told};
 
 pub fn bins() -> Binaries {
     Binaries {
@@ -24,42 +27,35 @@ pub fn bins() -> Binaries {
     }
 }
 
-/// Per-service environment for a test system.
+/// Per-service settings for a test system.
 #[derive(Debug, Clone)]
 pub struct Options {
-    pub coordinator: Vec<(String, String)>,
-    pub wallet: Vec<(String, String)>,
-    pub order: Vec<(String, String)>,
-}
-
-fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    pub coordinator: CoordinatorSettings,
+    pub wallet: ParticipantSettings,
+    pub order: ParticipantSettings,
 }
 
 impl Default for Options {
     /// Short timeouts so that fault tests finish quickly.
     fn default() -> Self {
-        let participant = kv(&[
-            ("RUST_LOG", "info"),
-            ("TWOPC_IN_DOUBT_AFTER_MS", "3000"),
-            ("TWOPC_RECOVERY_INTERVAL_MS", "200"),
-            ("TWOPC_DECISION_TIMEOUT_MS", "1000"),
-        ]);
+        let participant = ParticipantSettings {
+            in_doubt_after_ms: Some(3_000),
+            recovery_interval_ms: Some(200),
+            decision_timeout_ms: Some(1_000),
+            ..Default::default()
+        };
         Options {
-            coordinator: kv(&[
-                ("RUST_LOG", "info"),
-                ("TWOPC_PREPARE_TIMEOUT_MS", "2000"),
-                ("TWOPC_DECIDE_TIMEOUT_MS", "1000"),
-                ("TWOPC_RETRY_BASE_MS", "20"),
-                ("TWOPC_RETRY_CAP_MS", "500"),
+            coordinator: CoordinatorSettings {
+                prepare_timeout_ms: Some(2_000),
+                decide_timeout_ms: Some(1_000),
+                retry_base_ms: Some(20),
+                retry_cap_ms: Some(500),
                 // Tests read balances right after a reply: answer after the
                 // first delivery round. (`decision`, the default, has its own
                 // test.)
-                ("TWOPC_REPLY_AFTER", "delivery"),
-            ]),
+                reply_after: Some(ReplyAfter::Delivery),
+                ..Default::default()
+            },
             wallet: participant.clone(),
             order: participant,
         }
@@ -67,11 +63,13 @@ impl Default for Options {
 }
 
 impl Options {
+    /// Sets one environment variable of one service (fault injection, or a
+    /// setting a test names directly); it overrides the typed settings.
     pub fn set(mut self, kind: Kind, key: &str, value: &str) -> Self {
         let env = match kind {
-            Kind::Coordinator => &mut self.coordinator,
-            Kind::Wallet => &mut self.wallet,
-            Kind::Order => &mut self.order,
+            Kind::Coordinator => &mut self.coordinator.extra_env,
+            Kind::Wallet => &mut self.wallet.extra_env,
+            Kind::Order => &mut self.order.extra_env,
         };
         env.retain(|(k, _)| k != key);
         env.push((key.into(), value.into()));
@@ -108,34 +106,24 @@ pub fn standard_seed() -> (Users, Products) {
 impl System {
     pub async fn start(opts: Options) -> anyhow::Result<System> {
         let dir = tempfile::Builder::new().prefix("twopc-test-").tempdir()?;
-        let nats = NatsServer::start(&dir.path().join("nats"), None)?;
-        let client = async_nats::ConnectOptions::new()
-            .retry_on_initial_connect()
-            .reconnect_delay_callback(|_| Duration::from_millis(50))
-            .connect(nats.url())
-            .await?;
-        let mut services = BTreeMap::new();
-        for kind in Kind::ALL {
-            let env = match kind {
-                Kind::Coordinator => opts.coordinator.clone(),
-                Kind::Wallet => opts.wallet.clone(),
-                Kind::Order => opts.order.clone(),
-            };
-            let mut s = Service::new(kind, &bins(), dir.path(), &nats.url(), &Settings { env })?;
-            s.proc.start()?;
-            services.insert(kind.name(), s);
-        }
-        let mut sys = System {
-            dir,
+        let mut cfg = SystemConfig::new(dir.path(), bins());
+        cfg.client_name = "twopc-test".into();
+        cfg.coordinator = opts.coordinator;
+        cfg.wallet = opts.wallet;
+        cfg.order = opts.order;
+        let launcher::System {
             nats,
             services,
             client,
+            ..
+        } = launcher::System::start(cfg).await?;
+        Ok(System {
+            dir,
+            nats: nats.expect("the test system starts its own nats-server"),
+            services,
+            client,
             initial: Initial::default(),
-        };
-        for kind in Kind::ALL {
-            sys.wait_ready(kind).await?;
-        }
-        Ok(sys)
+        })
     }
 
     pub fn service(&mut self, kind: Kind) -> &mut Service {
@@ -170,45 +158,34 @@ impl System {
         self.wait_ready(kind).await
     }
 
+    /// Creates users and products through the typed create requests and
+    /// records them as the initial state.
     pub async fn seed(
         &mut self,
         users: &[(&str, u64)],
         products: &[(&str, u64, u64)],
     ) -> anyhow::Result<()> {
-        for (user, balance) in users {
-            let r: Reply<Balance> = request(
-                &self.client,
-                subjects::WALLET_CREATE_USER,
-                &CreateUser {
-                    user: user.to_string(),
-                    balance: *balance,
-                },
-                Duration::from_secs(5),
-            )
-            .await?;
-            if let Reply::Err(e) = r {
-                bail!("create user {user}: {e:?}");
-            }
-            self.initial.balances.insert(user.to_string(), *balance);
+        let users: Vec<CreateUser> = users
+            .iter()
+            .map(|(user, balance)| CreateUser {
+                user: user.to_string(),
+                balance: *balance,
+            })
+            .collect();
+        let products: Vec<CreateProduct> = products
+            .iter()
+            .map(|(sku, price, stock)| CreateProduct {
+                sku: sku.to_string(),
+                price: *price,
+                stock: *stock,
+            })
+            .collect();
+        launcher::seed(&self.client, &users, &products, false).await?;
+        for u in users {
+            self.initial.balances.insert(u.user, u.balance);
         }
-        for (sku, price, stock) in products {
-            let r: Reply<Stock> = request(
-                &self.client,
-                subjects::ORDER_CREATE_PRODUCT,
-                &CreateProduct {
-                    sku: sku.to_string(),
-                    price: *price,
-                    stock: *stock,
-                },
-                Duration::from_secs(5),
-            )
-            .await?;
-            if let Reply::Err(e) = r {
-                bail!("create product {sku}: {e:?}");
-            }
-            self.initial
-                .products
-                .insert(sku.to_string(), (*price, *stock));
+        for p in products {
+            self.initial.products.insert(p.sku, (p.price, p.stock));
         }
         Ok(())
     }

@@ -1,8 +1,6 @@
-//! Starts and controls a twopc system of real processes: a `nats-server`
-//! and the coordinator, wallet and order binaries, each with its own data
-//! folder and log file. `twopc up` runs one for people; the end-to-end tests
-//! run one per test and kill, stop and restart its processes with real
-//! signals.
+//! Child processes we own: started with a log file, signalled, killed and
+//! started again with the same command line; and `nats-server` on a fixed
+//! port.
 
 use std::fs::File;
 use std::net::TcpListener;
@@ -43,8 +41,9 @@ pub fn find_nats_server() -> anyhow::Result<PathBuf> {
         }
     }
     let mut candidates = vec![];
-    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    candidates.push(here.join(".tools/nats-venv/bin/nats-server"));
+    // The workspace root, one folder up from this crate.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    candidates.push(root.join(".tools/nats-venv/bin/nats-server"));
     if let Ok(path) = std::env::var("PATH") {
         candidates.extend(std::env::split_paths(&path).map(|d| d.join("nats-server")));
     }
@@ -142,8 +141,8 @@ impl Proc {
         Ok(())
     }
 
-    /// SIGTERM, then wait up to `grace` before SIGKILL.
-    pub fn terminate(&mut self, grace: Duration) -> anyhow::Result<()> {
+    /// SIGTERM, then wait (asynchronously) up to `grace` before SIGKILL.
+    pub async fn terminate(&mut self, grace: Duration) -> anyhow::Result<()> {
         if let Some(mut c) = self.child.take() {
             let _ = signal(c.id(), libc::SIGCONT);
             let _ = signal(c.id(), libc::SIGTERM);
@@ -152,7 +151,7 @@ impl Proc {
                 if c.try_wait()?.is_some() {
                     return Ok(());
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let _ = c.kill();
             c.wait()?;
@@ -239,7 +238,8 @@ pub struct NatsServer {
 }
 
 impl NatsServer {
-    pub fn start(dir: &Path, port: Option<u16>) -> anyhow::Result<Self> {
+    /// Starts a server and waits (asynchronously) until it listens.
+    pub async fn start(dir: &Path, port: Option<u16>) -> anyhow::Result<Self> {
         let bin = find_nats_server()?;
         let port = match port {
             Some(p) => p,
@@ -263,7 +263,7 @@ impl NatsServer {
         );
         proc.start()?;
         let mut s = NatsServer { port, proc };
-        s.wait_listening(Duration::from_secs(10))?;
+        s.wait_listening(Duration::from_secs(10)).await?;
         Ok(s)
     }
 
@@ -271,16 +271,23 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    fn wait_listening(&mut self, timeout: Duration) -> anyhow::Result<()> {
+    fn listening(&mut self) -> anyhow::Result<bool> {
+        if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            return Ok(true);
+        }
+        if !self.proc.is_running() {
+            bail!("nats-server exited; log:\n{}", self.proc.log());
+        }
+        Ok(false)
+    }
+
+    async fn wait_listening(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if self.listening()? {
                 return Ok(());
             }
-            if !self.proc.is_running() {
-                bail!("nats-server exited; log:\n{}", self.proc.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         bail!(
             "nats-server not listening on {} after {timeout:?}",
@@ -288,125 +295,18 @@ impl NatsServer {
         )
     }
 
-    /// Kills (SIGKILL) and starts again on the same port.
+    /// Kills (SIGKILL) and starts again on the same port. Blocks the
+    /// calling thread until the server listens (at most 10 s).
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.proc.kill()?;
         self.proc.start()?;
-        self.wait_listening(Duration::from_secs(10))
-    }
-}
-
-/// Which service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Coordinator,
-    Wallet,
-    Order,
-}
-
-impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Coordinator, Kind::Wallet, Kind::Order];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Coordinator => "coordinator",
-            Kind::Wallet => "wallet",
-            Kind::Order => "order",
-        }
-    }
-
-    /// A public subject the service answers once it is serving, with the
-    /// request that elicits a (harmless) error reply.
-    fn probe(self) -> (&'static str, &'static [u8]) {
-        match self {
-            Kind::Coordinator => ("shop.tx", b"{}"),
-            Kind::Wallet => ("wallet.balance", b"{}"),
-            Kind::Order => ("order.stock", b"{}"),
-        }
-    }
-}
-
-/// Settings of a system's services.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// Extra environment for every service (timeouts, log level).
-    pub env: Vec<(String, String)>,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            env: vec![("RUST_LOG".into(), "info".into())],
-        }
-    }
-}
-
-/// One service process with its own data folder.
-pub struct Service {
-    pub kind: Kind,
-    pub proc: Proc,
-}
-
-impl Service {
-    pub fn new(
-        kind: Kind,
-        bins: &Binaries,
-        root: &Path,
-        nats_url: &str,
-        settings: &Settings,
-    ) -> anyhow::Result<Self> {
-        let data = root.join(kind.name());
-        std::fs::create_dir_all(&data)?;
-        let program = match kind {
-            Kind::Coordinator => &bins.coordinator,
-            Kind::Wallet => &bins.wallet,
-            Kind::Order => &bins.order,
-        };
-        let mut env = vec![
-            ("NATS_URL".to_owned(), nats_url.to_owned()),
-            ("TWOPC_DATA_DIR".to_owned(), data.display().to_string()),
-        ];
-        env.extend(settings.env.iter().cloned());
-        let proc = Proc::new(
-            kind.name(),
-            program,
-            vec![],
-            env,
-            root.join(format!("{}.log", kind.name())),
-        );
-        Ok(Service { kind, proc })
-    }
-
-    /// Waits until the service answers its probe subject.
-    pub async fn wait_ready(
-        &mut self,
-        client: &async_nats::Client,
-        timeout: Duration,
-    ) -> anyhow::Result<()> {
-        let (subject, body) = self.kind.probe();
-        let deadline = Instant::now() + timeout;
-        loop {
-            let req = async_nats::Request::new()
-                .payload(body.to_vec().into())
-                .timeout(Some(Duration::from_millis(500)));
-            if client.send_request(subject, req).await.is_ok() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.listening()? {
                 return Ok(());
             }
-            if !self.proc.is_running() {
-                bail!(
-                    "{} exited during start; log:\n{}",
-                    self.kind.name(),
-                    self.proc.log()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{} not ready after {timeout:?}; log:\n{}",
-                    self.kind.name(),
-                    self.proc.log()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+            std::thread::sleep(Duration::from_millis(20));
         }
+        bail!("nats-server not listening on {} after restart", self.port)
     }
 }

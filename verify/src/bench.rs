@@ -22,10 +22,10 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use twopc_schemas::api::{Outcome, PurchaseReply, PurchaseRequest};
+use twopc_schemas::api::{CreateProduct, CreateUser, Outcome, PurchaseReply, PurchaseRequest};
 use twopc_schemas::{subjects, Code};
 
-use crate::client::{create_if_absent, request, Reply};
+use twopc_launcher::client::{request, Reply};
 
 /// How to load the system.
 #[derive(Debug, Clone)]
@@ -127,19 +127,21 @@ fn bar(progress: bool, duration: Duration, label: String) -> Option<indicatif::P
 /// Creates the benchmark's users and products (idempotent): balances and
 /// stock large enough that no purchase runs out.
 pub async fn seed(client: &async_nats::Client, cfg: &Config) -> anyhow::Result<Vec<(String, u64)>> {
-    let mut catalogue = vec![];
-    for i in 0..cfg.users {
-        let body = serde_json::json!({ "user": format!("bench-user-{i}"), "balance": 1_000_000_000_000_000u64 });
-        create_if_absent(client, subjects::WALLET_CREATE_USER, &body).await?;
-    }
-    for i in 0..cfg.products {
-        let sku = format!("bench-sku-{i}");
-        let price = 100 + 10 * i as u64;
-        let body = serde_json::json!({ "sku": sku, "price": price, "stock": 1_000_000_000u64 });
-        create_if_absent(client, subjects::ORDER_CREATE_PRODUCT, &body).await?;
-        catalogue.push((sku, price));
-    }
-    Ok(catalogue)
+    let users: Vec<CreateUser> = (0..cfg.users)
+        .map(|i| CreateUser {
+            user: format!("bench-user-{i}"),
+            balance: 1_000_000_000_000_000,
+        })
+        .collect();
+    let products: Vec<CreateProduct> = (0..cfg.products)
+        .map(|i| CreateProduct {
+            sku: format!("bench-sku-{i}"),
+            price: 100 + 10 * i as u64,
+            stock: 1_000_000_000,
+        })
+        .collect();
+    twopc_launcher::seed(client, &users, &products, true).await?;
+    Ok(products.into_iter().map(|p| (p.sku, p.price)).collect())
 }
 
 #[derive(Default)]

@@ -51,19 +51,3 @@ pub fn parse_reply<T: DeserializeOwned>(raw: &[u8]) -> anyhow::Result<Reply<T>> 
         .with_context(|| format!("unexpected reply: {}", String::from_utf8_lossy(raw)))?;
     Ok(Reply::Ok(v))
 }
-
-/// Creates a user or product (`wallet.users.create`, `order.products.create`);
-/// one that exists already counts as created, so seeding is idempotent.
-pub async fn create_if_absent(
-    client: &async_nats::Client,
-    subject: &str,
-    body: &serde_json::Value,
-) -> anyhow::Result<()> {
-    match request::<_, serde_json::Value>(client, subject, body, std::time::Duration::from_secs(10))
-        .await?
-    {
-        Reply::Ok(_) => Ok(()),
-        Reply::Err(e) if e.error.code == twopc_schemas::Code::AlreadyExists => Ok(()),
-        Reply::Err(e) => anyhow::bail!("{subject}: {}", e.error.message),
-    }
-}

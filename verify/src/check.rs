@@ -51,78 +51,39 @@ fn open(path: &Path) -> rusqlite::Result<Connection> {
     Ok(c)
 }
 
-fn uuid(bytes: Vec<u8>) -> Uuid {
-    Uuid::from_slice(&bytes).expect("16-byte tx id")
-}
-
-fn branches(c: &Connection) -> rusqlite::Result<BTreeMap<Uuid, String>> {
-    let mut s = c.prepare("SELECT tx, state FROM branches")?;
-    let rows = s.query_map([], |r| Ok((uuid(r.get(0)?), r.get(1)?)))?;
-    rows.collect()
-}
-
 impl Snapshot {
     /// Reads the databases in `root/{coordinator,wallet,order}/`, as laid
-    /// out by the launcher.
+    /// out by the launcher, each through its owning service's snapshot
+    /// reader and in its own SQLite transaction.
     pub fn read(root: &Path) -> anyhow::Result<Snapshot> {
-        let mut s = Snapshot::default();
-        {
+        let wallet = {
             let mut c = open(&root.join("wallet/wallet.db"))?;
             let t = c.transaction()?;
-            s.users = t
-                .prepare("SELECT user, balance, held FROM users")?
-                .query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))?
-                .collect::<rusqlite::Result<_>>()?;
-            s.holds = t
-                .prepare("SELECT tx, amount FROM holds")?
-                .query_map([], |r| Ok((uuid(r.get(0)?), r.get(1)?)))?
-                .collect::<rusqlite::Result<_>>()?;
-            s.debits = t
-                .prepare("SELECT tx, user, amount FROM debits")?
-                .query_map([], |r| Ok((uuid(r.get(0)?), (r.get(1)?, r.get(2)?))))?
-                .collect::<rusqlite::Result<_>>()?;
-            s.wallet_branches = branches(&t)?;
-        }
-        {
+            twopc_participants::wallet::snapshot(&t)?
+        };
+        let order = {
             let mut c = open(&root.join("order/order.db"))?;
             let t = c.transaction()?;
-            s.products = t
-                .prepare("SELECT sku, price, stock, reserved FROM products")?
-                .query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?, r.get(3)?))))?
-                .collect::<rusqlite::Result<_>>()?;
-            s.reservations = t
-                .prepare("SELECT tx, qty FROM reservations")?
-                .query_map([], |r| Ok((uuid(r.get(0)?), r.get(1)?)))?
-                .collect::<rusqlite::Result<_>>()?;
-            s.orders = t
-                .prepare("SELECT tx, user, sku, qty, amount FROM orders")?
-                .query_map([], |r| {
-                    Ok((
-                        uuid(r.get(0)?),
-                        (r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?),
-                    ))
-                })?
-                .collect::<rusqlite::Result<_>>()?;
-            s.order_branches = branches(&t)?;
-        }
-        {
+            twopc_participants::order::snapshot(&t)?
+        };
+        let decisions = {
             let c = open(&root.join("coordinator/coordinator.db"))?;
-            s.decisions = c
-                .prepare("SELECT tx, decision, pending, request_id FROM decisions")?
-                .query_map([], |r| {
-                    let pending: String = r.get(2)?;
-                    Ok((
-                        uuid(r.get(0)?),
-                        (
-                            r.get(1)?,
-                            serde_json::from_str(&pending).unwrap_or_default(),
-                            r.get(3)?,
-                        ),
-                    ))
-                })?
-                .collect::<rusqlite::Result<_>>()?;
-        }
-        Ok(s)
+            twopc_coordinator::log::snapshot(&c)?
+        };
+        Ok(Snapshot {
+            users: wallet.users,
+            holds: wallet.holds,
+            debits: wallet.debits,
+            wallet_branches: wallet.branches,
+            products: order.products,
+            reservations: order.reservations,
+            orders: order.orders,
+            order_branches: order.branches,
+            decisions: decisions
+                .into_iter()
+                .map(|(tx, d)| (tx, (d.decision, d.pending, d.request_id)))
+                .collect(),
+        })
     }
 
     /// True when nothing is in flight: no holds, reservations, prepared

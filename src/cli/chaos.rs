@@ -1,0 +1,101 @@
+//! `twopc chaos`: a chaos run with the CLI's flags, its report printed.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use twopc_launcher::Binaries;
+use twopc_verify::chaos::{self, FaultKind};
+
+use super::{parse_duration, print_json};
+
+#[derive(clap::Args)]
+pub struct ChaosArgs {
+    /// How long to inject faults: `90s`, `10m`, `1h` (or seconds).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Seed of the fault schedule and workload (random when omitted; printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Purchases in flight at once.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    #[arg(long, default_value_t = 10)]
+    pub users: usize,
+    #[arg(long, default_value_t = 5)]
+    pub products: usize,
+    /// Opening balance of each user (minor units).
+    #[arg(long, default_value_t = 1_000_000_000)]
+    pub balance: u64,
+    /// Opening stock of each product.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub stock: u64,
+    /// Share of purchases quoting a wrong price (bound to abort), 0 to 1.
+    #[arg(long, default_value_t = 0.1)]
+    pub bad_share: f64,
+    /// Share of answered purchases sent again later with the same
+    /// request_id, 0 to 1.
+    #[arg(long, default_value_t = 0.33)]
+    pub resend_share: f64,
+    /// Mean time between faults, in milliseconds.
+    #[arg(long, default_value_t = 700)]
+    pub fault_interval_ms: u64,
+    /// Fault kinds with weights, e.g. `kill=2,pause,partition=1`
+    /// (kinds: kill, pause, nats_restart, partition, slow, crash_point).
+    #[arg(
+        long,
+        default_value = "kill,pause,nats_restart,partition,slow,crash_point"
+    )]
+    pub faults: String,
+    /// Keep databases and logs here (default: a temporary folder, removed).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_weights(s: &str) -> anyhow::Result<std::collections::BTreeMap<FaultKind, u32>> {
+    let mut w = std::collections::BTreeMap::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (name, weight) = item.split_once('=').unwrap_or((item, "1"));
+        let kind =
+            FaultKind::parse(name).with_context(|| format!("unknown fault kind {name:?}"))?;
+        w.insert(
+            kind,
+            weight
+                .parse()
+                .with_context(|| format!("bad weight in {item:?}"))?,
+        );
+    }
+    Ok(w)
+}
+
+pub async fn run(a: ChaosArgs) -> anyhow::Result<()> {
+    let mut cfg = chaos::Config::new(Binaries::beside_current_exe()?);
+    if let Some(seed) = a.seed {
+        cfg.seed = seed;
+    }
+    cfg.duration = a.duration;
+    cfg.concurrency = a.concurrency.max(1);
+    cfg.users = a.users.max(1);
+    cfg.products = a.products.max(1);
+    cfg.balance = a.balance;
+    cfg.stock = a.stock;
+    cfg.bad_share = a.bad_share.clamp(0.0, 1.0);
+    cfg.resend_share = a.resend_share.clamp(0.0, 1.0);
+    cfg.fault_interval = Duration::from_millis(a.fault_interval_ms.max(10));
+    cfg.weights = parse_weights(&a.faults)?;
+    cfg.data_dir = a.data_dir;
+    cfg.verbose = !a.json;
+    let report = chaos::run(cfg).await?;
+    if a.json {
+        print_json(&report);
+    } else {
+        print!("{}", report.text());
+    }
+    if !report.ok {
+        bail!("invariants violated (seed {})", report.seed);
+    }
+    Ok(())
+}

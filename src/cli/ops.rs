@@ -1,0 +1,182 @@
+//! The request commands: one public request (or a few) and the reply
+//! printed as JSON.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+use twopc_launcher::client::{request, request_raw, Reply};
+use twopc_schemas::api::{
+    CreateProduct, CreateUser, PurchaseReply, PurchaseRequest, Stock, StockQuery,
+};
+use twopc_schemas::subjects;
+
+use super::{print_json, print_reply};
+
+/// Buys `qty` of `sku`; the amount defaults to the listed price × qty.
+pub async fn purchase(
+    client: &async_nats::Client,
+    timeout: Duration,
+    user: String,
+    sku: String,
+    qty: u64,
+    amount: Option<u64>,
+    request_id: Option<String>,
+) -> anyhow::Result<()> {
+    let amount = match amount {
+        Some(a) => a,
+        None => match request::<_, Stock>(
+            client,
+            subjects::ORDER_STOCK,
+            &StockQuery { sku: sku.clone() },
+            timeout,
+        )
+        .await?
+        {
+            Reply::Ok(s) => s.price.checked_mul(qty).context("amount overflows")?,
+            Reply::Err(e) => return print_reply::<Value>(Reply::Err(e)),
+        },
+    };
+    let req = PurchaseRequest {
+        user,
+        sku,
+        qty,
+        amount,
+        request_id,
+    };
+    match request::<_, PurchaseReply>(client, subjects::PURCHASE, &req, timeout).await {
+        Ok(r) => print_reply(r),
+        Err(e) => bail!("{e:#}\nno reply in time: the purchase may or may not have happened; retry with the same --request-id, or check `twopc tx`"),
+    }
+}
+
+pub async fn balance(
+    client: &async_nats::Client,
+    timeout: Duration,
+    user: String,
+) -> anyhow::Result<()> {
+    print_reply(
+        request::<_, Value>(
+            client,
+            subjects::WALLET_BALANCE,
+            &serde_json::json!({ "user": user }),
+            timeout,
+        )
+        .await?,
+    )
+}
+
+pub async fn stock(
+    client: &async_nats::Client,
+    timeout: Duration,
+    sku: String,
+) -> anyhow::Result<()> {
+    print_reply(
+        request::<_, Value>(
+            client,
+            subjects::ORDER_STOCK,
+            &serde_json::json!({ "sku": sku }),
+            timeout,
+        )
+        .await?,
+    )
+}
+
+/// A transaction's story: the coordinator's record and each participant's.
+pub async fn tx(client: &async_nats::Client, timeout: Duration, id: String) -> anyhow::Result<()> {
+    let body = serde_json::to_vec(&serde_json::json!({ "tx": id }))?;
+    let parts = [
+        ("coordinator", subjects::TX_STATUS.to_owned()),
+        ("wallet", subjects::participant_tx(subjects::WALLET)),
+        ("order", subjects::participant_tx(subjects::ORDER)),
+    ];
+    print_json(&ask_each(client, &parts, body, timeout).await);
+    Ok(())
+}
+
+pub async fn in_doubt(client: &async_nats::Client, timeout: Duration) -> anyhow::Result<()> {
+    let parts = [
+        ("coordinator", subjects::IN_DOUBT.to_owned()),
+        ("wallet", subjects::participant_in_doubt(subjects::WALLET)),
+        ("order", subjects::participant_in_doubt(subjects::ORDER)),
+    ];
+    print_json(&ask_each(client, &parts, b"{}".to_vec(), timeout).await);
+    Ok(())
+}
+
+/// Succeeds if the named service answers `$SRV.PING.<service>`.
+pub async fn ping(
+    client: &async_nats::Client,
+    timeout: Duration,
+    service: String,
+) -> anyhow::Result<()> {
+    let raw = request_raw(
+        client,
+        &twopc_common::micro::ping_subject(&service),
+        vec![],
+        timeout,
+    )
+    .await?;
+    let v: Value = serde_json::from_slice(&raw).context("ping reply is not JSON")?;
+    println!(
+        "{} {} is up",
+        v["name"].as_str().unwrap_or("?"),
+        v["id"].as_str().unwrap_or("?")
+    );
+    Ok(())
+}
+
+pub async fn create_user(
+    client: &async_nats::Client,
+    timeout: Duration,
+    user: String,
+    balance: u64,
+) -> anyhow::Result<()> {
+    print_reply(
+        request::<_, Value>(
+            client,
+            subjects::WALLET_CREATE_USER,
+            &CreateUser { user, balance },
+            timeout,
+        )
+        .await?,
+    )
+}
+
+pub async fn create_product(
+    client: &async_nats::Client,
+    timeout: Duration,
+    sku: String,
+    price: u64,
+    stock: u64,
+) -> anyhow::Result<()> {
+    print_reply(
+        request::<_, Value>(
+            client,
+            subjects::ORDER_CREATE_PRODUCT,
+            &CreateProduct { sku, price, stock },
+            timeout,
+        )
+        .await?,
+    )
+}
+
+/// Sends `body` to each subject and collects the JSON replies by label; an
+/// unreachable service shows as `{"unreachable": ...}`.
+async fn ask_each(
+    client: &async_nats::Client,
+    parts: &[(&str, String)],
+    body: Vec<u8>,
+    timeout: Duration,
+) -> serde_json::Map<String, Value> {
+    let mut all = serde_json::Map::new();
+    for (label, subject) in parts {
+        let v = match request_raw(client, subject, body.clone(), timeout).await {
+            Ok(raw) => serde_json::from_slice(&raw)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&raw).into())),
+            Err(e) => serde_json::json!({ "unreachable": format!("{e:#}") }),
+        };
+        all.insert((*label).into(), v);
+    }
+    all
+}

@@ -1,0 +1,380 @@
+//! The chaos runner: a real system under a concurrent purchase workload
+//! while a seeded nemesis injects faults, then heal, quiescence and every
+//! invariant of [`crate::check`].
+//!
+//! Faults, chosen at random by weight (one or several at once, never two on
+//! the same target):
+//! * `kill` — SIGKILL a service, restart it after up to a second;
+//! * `pause` — SIGSTOP a service for up to several seconds, then SIGCONT (it
+//!   keeps its TCP connections and subscriptions);
+//! * `nats_restart` — SIGKILL nats-server, restart it on the same port;
+//! * `partition` — cut one service's link to NATS (a proxy per service)
+//!   for a while;
+//! * `slow` — delay a participant's prepare or decide handling beyond the
+//!   prepare timeout (armed at run time through the faults file);
+//! * `crash_point` — arm one named crash point; the service aborts when it
+//!   reaches it and is restarted.
+//!
+//! The fault schedule (kinds, targets, durations) comes from the seed; the
+//! interleaving with the workload depends on timing, as in any real run.
+
+mod nemesis;
+mod report;
+mod workload;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use twopc_launcher::{
+    free_port, seed, Binaries, CoordinatorSettings, Kind, Nats, ParticipantSettings, Service,
+    System, SystemConfig,
+};
+use twopc_schemas::api::{CreateProduct, CreateUser};
+
+pub use nemesis::{FaultKind, CRASH_POINTS};
+pub use report::{InvariantResult, Report};
+
+use crate::check::{self, Initial, Snapshot};
+use crate::proxy::Proxy;
+use nemesis::{heal_all, kind_of, nemesis, supervise, TARGETS};
+use report::result;
+use workload::{worker, Heard, Stats};
+
+/// Everything a chaos run can be told.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Seeds the fault schedule and the workload's choices.
+    pub seed: u64,
+    /// How long faults are injected and new purchases started.
+    pub duration: Duration,
+    /// Purchases in flight at once.
+    pub concurrency: usize,
+    pub users: usize,
+    pub products: usize,
+    /// Opening balance of each user, minor units.
+    pub balance: u64,
+    /// Opening stock of each product.
+    pub stock: u64,
+    /// Share of purchases that quote a wrong price (bound to abort).
+    pub bad_share: f64,
+    /// The client's timeout for one attempt.
+    pub client_timeout: Duration,
+    /// Retries with the same request id after a timeout.
+    pub max_retries: u32,
+    /// Share of answered purchases sent again later, same request id and
+    /// body, as a client does that never saw the answer: the coordinator
+    /// must give every send of a key the same transaction and outcome.
+    pub resend_share: f64,
+    /// Mean time between fault starts.
+    pub fault_interval: Duration,
+    /// Most faults active at once.
+    pub max_active_faults: usize,
+    /// Relative weight of each fault kind (missing or 0: never).
+    pub weights: BTreeMap<FaultKind, u32>,
+    /// Bound on the wait for quiescence after healing.
+    pub quiesce_timeout: Duration,
+    /// Where databases and logs go; a temporary folder when `None`.
+    pub data_dir: Option<PathBuf>,
+    /// The service binaries.
+    pub bins: Binaries,
+    /// Services that kill, pause, partition, slow and crash-point faults may
+    /// hit (default: all three).
+    pub targets: Vec<Kind>,
+    /// Extra environment per service (for example a deliberate break).
+    pub extra_env: Vec<(Kind, String, String)>,
+    /// Prints progress lines to stderr.
+    pub verbose: bool,
+}
+
+impl Config {
+    pub fn new(bins: Binaries) -> Config {
+        Config {
+            seed: rand::rng().random(),
+            duration: Duration::from_secs(60),
+            concurrency: 16,
+            users: 10,
+            products: 5,
+            balance: 1_000_000_000,
+            stock: 1_000_000,
+            bad_share: 0.1,
+            client_timeout: Duration::from_secs(3),
+            max_retries: 3,
+            resend_share: 0.33,
+            fault_interval: Duration::from_millis(700),
+            max_active_faults: 2,
+            weights: FaultKind::ALL.into_iter().map(|k| (k, 1)).collect(),
+            quiesce_timeout: Duration::from_secs(60),
+            data_dir: None,
+            bins,
+            targets: TARGETS.to_vec(),
+            extra_env: vec![],
+            verbose: true,
+        }
+    }
+}
+
+/// The processes under test.
+struct Cluster {
+    sys: System,
+    /// Targets a fault is working on; the supervisor leaves them alone.
+    busy: BTreeSet<&'static str>,
+}
+
+impl Cluster {
+    fn service(&mut self, kind: Kind) -> &mut Service {
+        self.sys.service(kind)
+    }
+}
+
+struct Shared {
+    cluster: Mutex<Cluster>,
+    proxies: BTreeMap<&'static str, Proxy>,
+    faults_files: BTreeMap<&'static str, PathBuf>,
+    faults: Mutex<BTreeMap<String, u64>>,
+    unexpected_exits: AtomicU64,
+    verbose: bool,
+}
+
+impl Shared {
+    fn say(&self, s: &str) {
+        if self.verbose {
+            eprintln!("{s}");
+        }
+    }
+
+    /// Runs `f` on the process of service `target`, under the cluster lock.
+    fn with_proc<T>(&self, target: &str, f: impl FnOnce(&mut twopc_launcher::Proc) -> T) -> T {
+        f(&mut self
+            .cluster
+            .lock()
+            .expect("lock")
+            .service(kind_of(target))
+            .proc)
+    }
+
+    fn count(&self, kind: FaultKind) {
+        *self
+            .faults
+            .lock()
+            .expect("lock")
+            .entry(kind.name().into())
+            .or_default() += 1;
+    }
+}
+
+/// The system's settings for a chaos run: short timeouts, so that faults
+/// resolve within the run, and a faults file per service that the nemesis
+/// writes at run time.
+fn system_config(
+    cfg: &Config,
+    root: &Path,
+    nats_port: u16,
+    faults_files: &BTreeMap<&'static str, PathBuf>,
+    proxies: &BTreeMap<&'static str, Proxy>,
+) -> SystemConfig {
+    let mut sc = SystemConfig::new(root, cfg.bins.clone());
+    sc.nats = Nats::Start {
+        port: Some(nats_port),
+    };
+    sc.client_name = "twopc-chaos".into();
+    sc.coordinator = CoordinatorSettings {
+        prepare_timeout_ms: Some(1_000),
+        decide_timeout_ms: Some(500),
+        retry_base_ms: Some(20),
+        retry_cap_ms: Some(1_000),
+        ..Default::default()
+    };
+    let participant = ParticipantSettings {
+        in_doubt_after_ms: Some(2_000),
+        recovery_interval_ms: Some(250),
+        decision_timeout_ms: Some(500),
+        ..Default::default()
+    };
+    sc.wallet = participant.clone();
+    sc.order = participant;
+    for kind in Kind::ALL {
+        let mut extra = vec![(
+            "TWOPC_FAULTS_FILE".to_owned(),
+            faults_files[kind.name()].display().to_string(),
+        )];
+        extra.extend(
+            cfg.extra_env
+                .iter()
+                .filter(|(k, _, _)| *k == kind)
+                .map(|(_, key, value)| (key.clone(), value.clone())),
+        );
+        match kind {
+            Kind::Coordinator => sc.coordinator.extra_env = extra,
+            Kind::Wallet => sc.wallet.extra_env = extra,
+            Kind::Order => sc.order.extra_env = extra,
+        }
+        sc.nats_url_of.insert(kind, proxies[kind.name()].url());
+    }
+    sc
+}
+
+/// Runs a chaos experiment and reports. An `Err` means the experiment
+/// itself could not run (no nats-server, a service would not start), not
+/// that an invariant failed.
+pub async fn run(cfg: Config) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    let (_tmp, root) = match &cfg.data_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            (None, d.canonicalize()?)
+        }
+        None => {
+            let t = tempfile::Builder::new().prefix("twopc-chaos-").tempdir()?;
+            let p = t.path().to_owned();
+            (Some(t), p)
+        }
+    };
+    // Each service reaches NATS through its own proxy, so the nemesis can
+    // cut one link; the proxies need the server's port before it starts.
+    let nats_port = free_port()?;
+    let mut proxies = BTreeMap::new();
+    let mut faults_files = BTreeMap::new();
+    for kind in Kind::ALL {
+        proxies.insert(kind.name(), Proxy::start(nats_port).await?);
+        let file = root.join(format!("{}.faults", kind.name()));
+        std::fs::write(&file, "")?;
+        faults_files.insert(kind.name(), file);
+    }
+    let sys = System::start(system_config(
+        &cfg,
+        &root,
+        nats_port,
+        &faults_files,
+        &proxies,
+    ))
+    .await?;
+    let client = sys.client.clone();
+    let shared = Arc::new(Shared {
+        cluster: Mutex::new(Cluster {
+            sys,
+            busy: BTreeSet::new(),
+        }),
+        proxies,
+        faults_files,
+        faults: Mutex::new(BTreeMap::new()),
+        unexpected_exits: AtomicU64::new(0),
+        verbose: cfg.verbose,
+    });
+
+    // Seed users and products through the typed create requests.
+    let mut initial = Initial::default();
+    let users: Vec<CreateUser> = (0..cfg.users)
+        .map(|i| CreateUser {
+            user: format!("user-{i}"),
+            balance: cfg.balance,
+        })
+        .collect();
+    let products: Vec<CreateProduct> = (0..cfg.products)
+        .map(|i| CreateProduct {
+            sku: format!("sku-{i}"),
+            price: 100 + 37 * i as u64,
+            stock: cfg.stock,
+        })
+        .collect();
+    seed(&client, &users, &products, true).await?;
+    for u in &users {
+        initial.balances.insert(u.user.clone(), u.balance);
+    }
+    let mut catalogue = vec![];
+    for p in &products {
+        initial.products.insert(p.sku.clone(), (p.price, p.stock));
+        catalogue.push((p.sku.clone(), p.price));
+    }
+    shared.say(&format!(
+        "--- chaos: seed {}, {:?}, concurrency {}, {} users, {} products",
+        cfg.seed, cfg.duration, cfg.concurrency, cfg.users, cfg.products
+    ));
+
+    let deadline = Instant::now() + cfg.duration;
+    let stats = Arc::new(Stats::default());
+    let heard = Arc::new(Heard::default());
+    let mut workers = vec![];
+    for w in 0..cfg.concurrency {
+        workers.push(tokio::spawn(worker(
+            w,
+            cfg.clone(),
+            client.clone(),
+            catalogue.clone(),
+            deadline,
+            stats.clone(),
+            heard.clone(),
+        )));
+    }
+    let supervisor = tokio::spawn(supervise(shared.clone()));
+    nemesis(&cfg, shared.clone(), deadline).await;
+
+    // Heal: the nemesis's fault tasks have all ended (each heals its own
+    // fault); make sure nothing is left paused, cut, armed or down.
+    shared.say("--- heal everything");
+    heal_all(&shared);
+    let healed = Instant::now();
+    for w in workers {
+        w.await?;
+    }
+    let quiescent_at = loop {
+        if let Ok(s) = Snapshot::read(&root) {
+            if s.quiescent() {
+                break Some(Instant::now());
+            }
+        }
+        if healed.elapsed() > cfg.quiesce_timeout {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    supervisor.abort();
+    let snapshot = Snapshot::read(&root)?;
+    let told = heard.told.lock().expect("lock").clone();
+    let replies = heard.replies.lock().expect("lock").clone();
+    let mut invariants = vec![
+        result("atomicity", check::atomicity(&snapshot)),
+        result("conservation", check::conservation(&initial, &snapshot)),
+        result("no_holds_or_in_doubt_left", check::no_holds_left(&snapshot)),
+        result("client_view", check::client_view(&told, &snapshot)),
+        result(
+            "request_id_client_view",
+            check::request_id_client_view(&replies, &snapshot),
+        ),
+    ];
+    if quiescent_at.is_none() {
+        invariants.push(result(
+            "quiescence_reached",
+            vec![format!(
+                "not quiescent {:?} after healing",
+                cfg.quiesce_timeout
+            )],
+        ));
+    }
+    let ok = invariants.iter().all(|i| i.ok);
+    let report = Report {
+        seed: cfg.seed,
+        duration_s: started.elapsed().as_secs_f64(),
+        attempted: stats.attempted.load(Ordering::Relaxed),
+        committed: stats.committed.load(Ordering::Relaxed),
+        aborted: stats.aborted.load(Ordering::Relaxed),
+        unknown_to_client: stats.unknown.load(Ordering::Relaxed),
+        retries: stats.retries.load(Ordering::Relaxed),
+        error_replies: stats.error_replies.load(Ordering::Relaxed),
+        resends: stats.resends.load(Ordering::Relaxed),
+        resends_different_tx: stats.resends_different_tx.load(Ordering::Relaxed),
+        abort_codes: stats.abort_codes.lock().expect("lock").clone(),
+        faults: shared.faults.lock().expect("lock").clone(),
+        unexpected_exits: shared.unexpected_exits.load(Ordering::Relaxed),
+        heal_to_quiescent_ms: quiescent_at.map(|t| t.duration_since(healed).as_millis() as u64),
+        invariants,
+        data_dir: root.display().to_string(),
+        ok,
+    };
+    // Stop everything (dropping the cluster kills the processes).
+    drop(shared);
+    Ok(report)
+}

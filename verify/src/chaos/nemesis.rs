@@ -1,0 +1,325 @@
+//! The nemesis: seeded, weighted faults on the services, nats-server and
+//! their links, each held for a while and healed; and the supervisor that
+//! restarts services that died on their own.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use twopc_launcher::Kind;
+
+use super::{Config, Shared};
+use crate::proxy::Link;
+
+/// The kinds of fault the nemesis injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    Kill,
+    Pause,
+    NatsRestart,
+    Partition,
+    Slow,
+    CrashPoint,
+}
+
+impl FaultKind {
+    pub const ALL: [FaultKind; 6] = [
+        FaultKind::Kill,
+        FaultKind::Pause,
+        FaultKind::NatsRestart,
+        FaultKind::Partition,
+        FaultKind::Slow,
+        FaultKind::CrashPoint,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Kill => "kill",
+            FaultKind::Pause => "pause",
+            FaultKind::NatsRestart => "nats_restart",
+            FaultKind::Partition => "partition",
+            FaultKind::Slow => "slow",
+            FaultKind::CrashPoint => "crash_point",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<FaultKind> {
+        FaultKind::ALL.into_iter().find(|k| k.name() == s)
+    }
+}
+
+/// Crash points the nemesis may arm, by service.
+pub const CRASH_POINTS: &[(Kind, &str)] = &[
+    (Kind::Coordinator, "coordinator.phase1.after_votes"),
+    (Kind::Coordinator, "coordinator.decision.after_durable"),
+    (Kind::Coordinator, "coordinator.phase2.after_ack"),
+    (Kind::Wallet, "wallet.prepare.after_durable"),
+    (Kind::Wallet, "wallet.decide.before_apply"),
+    (Kind::Wallet, "wallet.decide.after_durable"),
+    (Kind::Wallet, "wallet.recover.before_apply"),
+    (Kind::Order, "order.prepare.after_durable"),
+    (Kind::Order, "order.decide.before_apply"),
+    (Kind::Order, "order.decide.after_durable"),
+    (Kind::Order, "order.recover.before_apply"),
+];
+
+/// Restarts services that died on their own (crash points armed by env,
+/// panics) while no fault is working on them.
+pub(super) async fn supervise(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut c = shared.cluster.lock().expect("lock");
+        let busy = c.busy.clone();
+        for (name, s) in c.sys.services.iter_mut() {
+            if !busy.contains(name) && !s.proc.is_running() {
+                shared.unexpected_exits.fetch_add(1, Ordering::Relaxed);
+                let _ = s.proc.kill();
+                let _ = s.proc.start();
+                if shared.verbose {
+                    eprintln!("supervisor: {name} had exited; restarted");
+                }
+            }
+        }
+    }
+}
+
+pub(super) const TARGETS: [Kind; 3] = [Kind::Coordinator, Kind::Wallet, Kind::Order];
+const NATS: &str = "nats";
+
+/// Draws a fault kind by weight.
+fn draw_kind(cfg: &Config, rng: &mut StdRng) -> Option<FaultKind> {
+    let candidates: Vec<(FaultKind, u32)> = cfg
+        .weights
+        .iter()
+        .filter(|(_, w)| **w > 0)
+        .map(|(k, w)| (*k, *w))
+        .collect();
+    let total: u32 = candidates.iter().map(|(_, w)| w).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut x = rng.random_range(0..total);
+    candidates
+        .iter()
+        .find(|(_, w)| {
+            if x < *w {
+                true
+            } else {
+                x -= w;
+                false
+            }
+        })
+        .map(|(k, _)| *k)
+}
+
+/// Picks a free target for `kind` and marks it busy.
+fn pick_target(
+    cfg: &Config,
+    kind: FaultKind,
+    rng: &mut StdRng,
+    shared: &Shared,
+) -> Option<&'static str> {
+    let mut c = shared.cluster.lock().expect("lock");
+    let nats_busy = c.busy.contains(NATS);
+    let eligible: Vec<Kind> = match kind {
+        FaultKind::NatsRestart => vec![],
+        FaultKind::Slow => cfg
+            .targets
+            .iter()
+            .copied()
+            .filter(|k| *k != Kind::Coordinator)
+            .collect(),
+        _ => cfg.targets.clone(),
+    };
+    let target = match kind {
+        FaultKind::NatsRestart => NATS,
+        _ if eligible.is_empty() => return None,
+        _ => eligible[rng.random_range(0..eligible.len())].name(),
+    };
+    // The whole system depends on nats: no other fault while it restarts,
+    // and no restart while another fault runs.
+    if nats_busy || c.busy.contains(target) || (target == NATS && !c.busy.is_empty()) {
+        return None;
+    }
+    c.busy.insert(target);
+    Some(target)
+}
+
+pub(super) fn kind_of(name: &str) -> Kind {
+    Kind::ALL
+        .into_iter()
+        .find(|k| k.name() == name)
+        .expect("a service")
+}
+
+/// Injects faults until the deadline; returns when every fault has healed.
+pub(super) async fn nemesis(cfg: &Config, shared: Arc<Shared>, deadline: Instant) {
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let mut tasks = vec![];
+    let mean = cfg.fault_interval.as_millis().max(2) as u64;
+    // A drawn kind waits until a target is free (a nats restart waits for
+    // every other fault to end), so the mix follows the weights.
+    let mut pending: Option<FaultKind> = None;
+    loop {
+        let wait = Duration::from_millis(rng.random_range(mean / 2..=mean * 3 / 2));
+        if Instant::now() + wait >= deadline {
+            break;
+        }
+        tokio::time::sleep(wait).await;
+        tasks.retain(|t: &tokio::task::JoinHandle<()>| !t.is_finished());
+        if tasks.len() >= cfg.max_active_faults {
+            continue;
+        }
+        let Some(kind) = pending.take().or_else(|| draw_kind(cfg, &mut rng)) else {
+            continue;
+        };
+        let Some(target) = pick_target(cfg, kind, &mut rng, &shared) else {
+            pending = Some(kind);
+            continue;
+        };
+        // Every random choice of the fault is drawn here, from the seeded
+        // generator, so the schedule is reproducible from the seed.
+        let hold = Duration::from_millis(rng.random_range(300..=4_000));
+        let points: Vec<&'static str> = CRASH_POINTS
+            .iter()
+            .filter(|(k, _)| k.name() == target)
+            .map(|(_, p)| *p)
+            .collect();
+        let point = if points.is_empty() {
+            ""
+        } else {
+            points[rng.random_range(0..points.len())]
+        };
+        let slow = if rng.random_bool(0.7) {
+            "prepare"
+        } else {
+            "decide"
+        };
+        let slow_ms = rng.random_range(500..=2_500);
+        shared.count(kind);
+        tasks.push(tokio::spawn(fault(
+            shared.clone(),
+            kind,
+            target,
+            hold,
+            point,
+            slow,
+            slow_ms,
+        )));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// Applies one fault, holds it, heals it, frees the target.
+async fn fault(
+    shared: Arc<Shared>,
+    kind: FaultKind,
+    target: &'static str,
+    hold: Duration,
+    point: &'static str,
+    slow: &'static str,
+    slow_ms: u64,
+) {
+    match kind {
+        FaultKind::Kill => {
+            shared.say(&format!("nemesis: SIGKILL {target}, down {:?}", hold / 4));
+            let _ = shared.with_proc(target, |p| p.kill());
+            tokio::time::sleep(hold / 4).await;
+            let _ = shared.with_proc(target, |p| p.start());
+        }
+        FaultKind::Pause => {
+            shared.say(&format!("nemesis: SIGSTOP {target} for {hold:?}"));
+            let _ = shared.with_proc(target, |p| p.pause());
+            tokio::time::sleep(hold).await;
+            let _ = shared.with_proc(target, |p| p.resume());
+        }
+        FaultKind::NatsRestart => {
+            shared.say(&format!(
+                "nemesis: SIGKILL nats-server, down {:?}",
+                hold / 4
+            ));
+            let _ = shared
+                .cluster
+                .lock()
+                .expect("lock")
+                .sys
+                .nats_server()
+                .proc
+                .kill();
+            tokio::time::sleep(hold / 4).await;
+            let r = {
+                let mut c = shared.cluster.lock().expect("lock");
+                c.sys.nats_server().proc.start()
+            };
+            if let Err(e) = r {
+                shared.say(&format!("nemesis: nats-server restart failed: {e:#}"));
+            }
+        }
+        FaultKind::Partition => {
+            shared.say(&format!("nemesis: cut {target}'s link for {hold:?}"));
+            shared.proxies[target].set(Link::Cut);
+            tokio::time::sleep(hold).await;
+            shared.proxies[target].set(Link::Up);
+        }
+        FaultKind::Slow => {
+            let p = format!("{target}.{slow}");
+            shared.say(&format!("nemesis: slow {p} by {slow_ms} ms for {hold:?}"));
+            let _ = std::fs::write(
+                &shared.faults_files[target],
+                format!("delay:{p}:{slow_ms}\n"),
+            );
+            tokio::time::sleep(hold).await;
+            let _ = std::fs::write(&shared.faults_files[target], "");
+        }
+        FaultKind::CrashPoint => {
+            shared.say(&format!("nemesis: arm crash point {point}"));
+            let _ = std::fs::write(&shared.faults_files[target], format!("crash:{point}\n"));
+            // Wait for the crash (or give up and disarm).
+            let deadline = Instant::now() + hold.max(Duration::from_secs(2));
+            let mut crashed = false;
+            while Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if !shared.with_proc(target, |p| p.is_running()) {
+                    crashed = true;
+                    break;
+                }
+            }
+            let _ = std::fs::write(&shared.faults_files[target], "");
+            if crashed {
+                shared.say(&format!("nemesis: {target} crashed at {point}; restarting"));
+                let _ = shared.with_proc(target, |p| p.kill().and_then(|_| p.start()));
+            }
+        }
+    }
+    shared.cluster.lock().expect("lock").busy.remove(target);
+}
+
+/// Leaves nothing paused, cut, armed or down.
+pub(super) fn heal_all(shared: &Shared) {
+    for p in shared.proxies.values() {
+        p.set(Link::Up);
+    }
+    for f in shared.faults_files.values() {
+        let _ = std::fs::write(f, "");
+    }
+    let mut c = shared.cluster.lock().expect("lock");
+    if !c.sys.nats_server().proc.is_running() {
+        let _ = c.sys.nats_server().proc.kill();
+        let _ = c.sys.nats_server().proc.start();
+    }
+    for s in c.sys.services.values_mut() {
+        if s.proc.is_running() {
+            let _ = s.proc.resume();
+        } else {
+            let _ = s.proc.kill();
+            let _ = s.proc.start();
+        }
+    }
+    c.busy.clear();
+}
