@@ -11,6 +11,7 @@ use twopc::check::Told;
 use twopc::client::Reply;
 use twopc::launcher::Kind;
 use twopc_schemas::api::{Outcome, PurchaseRequest};
+use twopc_schemas::points::{CoordinatorCrash, ParticipantCrash, ParticipantDelay};
 use twopc_schemas::{subjects, Code};
 
 fn book(request_id: Option<&str>) -> PurchaseRequest {
@@ -33,7 +34,9 @@ async fn wallet_killed_after_durable_prepare_resolves_to_abort() {
         .set(
             Kind::Wallet,
             "TWOPC_CRASH_AT",
-            "wallet.prepare.after_durable",
+            &ParticipantCrash::PrepareAfterDurable
+                .at("wallet")
+                .to_string(),
         )
         .set(Kind::Coordinator, "TWOPC_PREPARE_TIMEOUT_MS", "1000");
     let mut sys = System::start(opts).await.unwrap();
@@ -50,10 +53,10 @@ async fn wallet_killed_after_durable_prepare_resolves_to_abort() {
         .wait_exit(Duration::from_secs(5))
         .unwrap();
     assert!(
-        sys.service(Kind::Wallet)
-            .proc
-            .log()
-            .contains("CRASH POINT wallet.prepare.after_durable"),
+        sys.service(Kind::Wallet).proc.log().contains(&format!(
+            "CRASH POINT {}",
+            ParticipantCrash::PrepareAfterDurable.at("wallet")
+        )),
         "{status}"
     );
 
@@ -84,7 +87,11 @@ async fn wallet_killed_after_durable_prepare_resolves_to_abort() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wallet_killed_before_applying_commit_resolves_to_commit() {
     let opts = Options::default()
-        .set(Kind::Wallet, "TWOPC_CRASH_AT", "wallet.decide.before_apply")
+        .set(
+            Kind::Wallet,
+            "TWOPC_CRASH_AT",
+            &ParticipantCrash::DecideBeforeApply.at("wallet").to_string(),
+        )
         // Only the restarted wallet's own recovery may resolve it: keep the
         // coordinator's redelivery slow.
         .set(Kind::Coordinator, "TWOPC_RETRY_BASE_MS", "60000")
@@ -156,7 +163,7 @@ async fn coordinator_killed_after_durable_decision_delivers_after_restart() {
         .set(
             Kind::Coordinator,
             "TWOPC_CRASH_AT",
-            "coordinator.decision.after_durable",
+            CoordinatorCrash::AfterDecision.name(),
         )
         // Participants must not resolve it themselves: the coordinator's
         // redelivery is what this test is about.
@@ -230,7 +237,7 @@ async fn coordinator_killed_before_deciding_participants_presume_abort() {
         .set(
             Kind::Coordinator,
             "TWOPC_CRASH_AT",
-            "coordinator.phase1.after_votes",
+            CoordinatorCrash::AfterVotes.name(),
         )
         .set(Kind::Wallet, "TWOPC_IN_DOUBT_AFTER_MS", "500")
         .set(Kind::Order, "TWOPC_IN_DOUBT_AFTER_MS", "500");
@@ -289,7 +296,11 @@ async fn coordinator_killed_before_deciding_participants_presume_abort() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn participant_slower_than_prepare_timeout_aborts_and_holds_nothing() {
     let opts = Options::default()
-        .set(Kind::Order, "TWOPC_DELAY", "order.prepare:1500")
+        .set(
+            Kind::Order,
+            "TWOPC_DELAY",
+            &format!("{}:1500", ParticipantDelay::Prepare.at("order")),
+        )
         .set(Kind::Coordinator, "TWOPC_PREPARE_TIMEOUT_MS", "400");
     let mut sys = System::start(opts).await.unwrap();
     sys.seed_standard().await.unwrap();
@@ -423,7 +434,7 @@ async fn wall_clock_stepped_back_does_not_hide_in_doubt_branches() {
         .set(
             Kind::Coordinator,
             "TWOPC_CRASH_AT",
-            "coordinator.phase1.after_votes",
+            CoordinatorCrash::AfterVotes.name(),
         )
         .set(Kind::Wallet, "TWOPC_FAULTS_FILE", faults_path)
         .set(Kind::Order, "TWOPC_FAULTS_FILE", faults_path)
@@ -537,7 +548,7 @@ async fn a_decision_refused_again_and_again_is_surfaced() {
         .set(
             Kind::Coordinator,
             "TWOPC_CRASH_AT",
-            "coordinator.decision.after_durable",
+            CoordinatorCrash::AfterDecision.name(),
         )
         .set(Kind::Coordinator, "TWOPC_RETRY_BASE_MS", "20")
         .set(Kind::Coordinator, "TWOPC_RETRY_CAP_MS", "100");

@@ -35,7 +35,7 @@ use twopc_launcher::{
 };
 use twopc_schemas::api::{CreateProduct, CreateUser};
 
-pub use nemesis::{FaultKind, CRASH_POINTS};
+pub use nemesis::{crash_points, FaultKind};
 pub use report::{InvariantResult, Report};
 
 use crate::check::{self, Initial, Snapshot};

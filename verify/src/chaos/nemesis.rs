@@ -10,6 +10,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use twopc_launcher::Kind;
+use twopc_schemas::points::{CoordinatorCrash, ParticipantCrash, ParticipantDelay};
 
 use super::{Config, Shared};
 use crate::proxy::Link;
@@ -52,20 +53,21 @@ impl FaultKind {
     }
 }
 
-/// Crash points the nemesis may arm, by service.
-pub const CRASH_POINTS: &[(Kind, &str)] = &[
-    (Kind::Coordinator, "coordinator.phase1.after_votes"),
-    (Kind::Coordinator, "coordinator.decision.after_durable"),
-    (Kind::Coordinator, "coordinator.phase2.after_ack"),
-    (Kind::Wallet, "wallet.prepare.after_durable"),
-    (Kind::Wallet, "wallet.decide.before_apply"),
-    (Kind::Wallet, "wallet.decide.after_durable"),
-    (Kind::Wallet, "wallet.recover.before_apply"),
-    (Kind::Order, "order.prepare.after_durable"),
-    (Kind::Order, "order.decide.before_apply"),
-    (Kind::Order, "order.decide.after_durable"),
-    (Kind::Order, "order.recover.before_apply"),
-];
+/// Crash points the nemesis may arm at `target` (a service name), from the
+/// one vocabulary in `twopc_schemas::points`.
+pub fn crash_points(target: &str) -> Vec<String> {
+    if target == Kind::Coordinator.name() {
+        CoordinatorCrash::ALL
+            .iter()
+            .map(|c| c.name().to_owned())
+            .collect()
+    } else {
+        ParticipantCrash::ALL
+            .iter()
+            .map(|c| c.at(target).to_string())
+            .collect()
+    }
+}
 
 /// Restarts services that died on their own (crash points armed by env,
 /// panics) while no fault is working on them.
@@ -184,20 +186,16 @@ pub(super) async fn nemesis(cfg: &Config, shared: Arc<Shared>, deadline: Instant
         // Every random choice of the fault is drawn here, from the seeded
         // generator, so the schedule is reproducible from the seed.
         let hold = Duration::from_millis(rng.random_range(300..=4_000));
-        let points: Vec<&'static str> = CRASH_POINTS
-            .iter()
-            .filter(|(k, _)| k.name() == target)
-            .map(|(_, p)| *p)
-            .collect();
+        let points = crash_points(target);
         let point = if points.is_empty() {
-            ""
+            String::new()
         } else {
-            points[rng.random_range(0..points.len())]
+            points[rng.random_range(0..points.len())].clone()
         };
         let slow = if rng.random_bool(0.7) {
-            "prepare"
+            ParticipantDelay::Prepare
         } else {
-            "decide"
+            ParticipantDelay::Decide
         };
         let slow_ms = rng.random_range(500..=2_500);
         shared.count(kind);
@@ -222,8 +220,8 @@ async fn fault(
     kind: FaultKind,
     target: &'static str,
     hold: Duration,
-    point: &'static str,
-    slow: &'static str,
+    point: String,
+    slow: ParticipantDelay,
     slow_ms: u64,
 ) {
     match kind {
@@ -268,7 +266,7 @@ async fn fault(
             shared.proxies[target].set(Link::Up);
         }
         FaultKind::Slow => {
-            let p = format!("{target}.{slow}");
+            let p = slow.at(target).to_string();
             shared.say(&format!("nemesis: slow {p} by {slow_ms} ms for {hold:?}"));
             let _ = std::fs::write(
                 &shared.faults_files[target],
