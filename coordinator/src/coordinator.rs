@@ -228,8 +228,70 @@ impl<L: DecisionLog> Coordinator<L> {
             metrics::gauge!("twopc_decisions_undelivered").set(core.delivering() as f64);
             cmds
         };
+        // A step's sends to participants go out from one task (a phase-1
+        // fan-out, or a delivery round): one spawn per step instead of one
+        // per participant, which measurably costs throughput.
+        let mut sends = vec![];
         for cmd in cmds {
-            self.exec(cmd);
+            match cmd {
+                Cmd::Prepare { .. } | Cmd::Decide { .. } => sends.push(cmd),
+                other => self.exec(other),
+            }
+        }
+        if !sends.is_empty() {
+            let c = self.clone();
+            tokio::spawn(async move {
+                futures::future::join_all(sends.into_iter().map(|cmd| c.send(cmd))).await;
+            });
+        }
+    }
+
+    /// Sends one prepare or decision and feeds the answer back as an event.
+    async fn send(self: &Arc<Self>, cmd: Cmd) {
+        match cmd {
+            Cmd::Prepare {
+                tx,
+                participant,
+                op,
+                trace,
+            } => {
+                let span = tx_span(tx, &trace);
+                let ballot = self
+                    .prepare(&participant, tx, op, &trace)
+                    .instrument(span.clone())
+                    .await;
+                span.in_scope(|| info!(%participant, ?ballot, "vote"));
+                self.step(Event::Voted {
+                    tx,
+                    participant,
+                    ballot,
+                });
+            }
+            Cmd::Decide {
+                tx,
+                participant,
+                decision,
+                trace,
+            } => {
+                let result = self
+                    .send_decision(&participant, tx, decision, &trace)
+                    .instrument(tx_span(tx, &trace))
+                    .await;
+                if let Delivery::Refused(code, _) = &result {
+                    metrics::counter!(
+                        "twopc_deliveries_refused_total",
+                        "participant" => participant.clone(),
+                        "code" => code.as_str()
+                    )
+                    .increment(1);
+                }
+                self.step(Event::Delivered {
+                    tx,
+                    participant,
+                    result,
+                });
+            }
+            other => unreachable!("only sends are batched: {other:?}"),
         }
     }
 
@@ -250,27 +312,6 @@ impl<L: DecisionLog> Coordinator<L> {
                         tx: TxId::now_v7(),
                     });
                 });
-            }
-            Cmd::Prepare {
-                tx,
-                participant,
-                op,
-                trace,
-            } => {
-                let c = self.clone();
-                let span = tx_span(tx, &trace);
-                tokio::spawn(
-                    async move {
-                        let ballot = c.prepare(&participant, tx, op, &trace).await;
-                        info!(%participant, ?ballot, "vote");
-                        c.step(Event::Voted {
-                            tx,
-                            participant,
-                            ballot,
-                        });
-                    }
-                    .instrument(span),
-                );
             }
             Cmd::Record { rec } => {
                 let c = self.clone();
@@ -304,33 +345,8 @@ impl<L: DecisionLog> Coordinator<L> {
                     c.step(Event::QueryRecorded { query, tx, result });
                 });
             }
-            Cmd::Decide {
-                tx,
-                participant,
-                decision,
-                trace,
-            } => {
-                let c = self.clone();
-                let span = tx_span(tx, &trace);
-                tokio::spawn(
-                    async move {
-                        let result = c.send_decision(&participant, tx, decision, &trace).await;
-                        if let Delivery::Refused(code, _) = &result {
-                            metrics::counter!(
-                                "twopc_deliveries_refused_total",
-                                "participant" => participant.clone(),
-                                "code" => code.as_str()
-                            )
-                            .increment(1);
-                        }
-                        c.step(Event::Delivered {
-                            tx,
-                            participant,
-                            result,
-                        });
-                    }
-                    .instrument(span),
-                );
+            Cmd::Prepare { .. } | Cmd::Decide { .. } => {
+                unreachable!("sends go out through Coordinator::send")
             }
             Cmd::NoteAcks {
                 tx,

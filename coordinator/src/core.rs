@@ -248,8 +248,9 @@ struct Delivering {
     backoff: Backoff,
     /// Rounds sent so far.
     rounds: u32,
-    /// A reply held until the first round ends (`ReplyAfter::Delivery`).
-    reply_after_first_round: Option<(Asker, Result<PurchaseReply, ApiError>)>,
+    /// A reply held until the first round ends (`ReplyAfter::Delivery`),
+    /// and whether it is about this transaction.
+    reply_after_first_round: Option<(Asker, Result<PurchaseReply, ApiError>, bool)>,
     refusals: Vec<Refusal>,
 }
 
@@ -618,9 +619,11 @@ impl Core {
             self.txs.insert(tx, t);
             return;
         };
+        // Whether the reply is about this transaction (not the key's holder).
+        let own = !matches!(&result, Ok(Recorded::KeyTaken(_)));
         let conclusion = conclude(tx, result);
         let reason = match &conclusion.reply {
-            Ok(reply) if reply.tx == tx.to_string() => reply.reason.as_ref().map(|r| r.code),
+            Ok(reply) if own => reply.reason.as_ref().map(|r| r.code),
             Ok(_) => Some(Code::AlreadyExists),
             Err(e) => Some(e.code),
         };
@@ -639,14 +642,14 @@ impl Core {
         let mut reply = conclusion.reply;
         let hold = self.config.reply_after == ReplyAfter::Delivery && !pending.is_empty();
         if let Ok(reply) = &mut reply {
-            if reply.tx == tx.to_string() {
+            if own {
                 // At the decision, "delivered" is true only with nobody to
                 // tell; after the first round it says whether all acked.
                 reply.delivered = pending.is_empty();
             }
         }
         let reply_after_first_round = if hold {
-            Some((r.asker.clone(), reply))
+            Some((r.asker.clone(), reply, own))
         } else {
             self.answer(&r.asker, reply, out);
             None
@@ -749,9 +752,9 @@ impl Core {
         }
         d.pending.retain(|p| !acked.contains(p));
         d.refusals.retain(|r| !acked.contains(&r.participant));
-        if let Some((asker, mut reply)) = d.reply_after_first_round.take() {
+        if let Some((asker, mut reply, own)) = d.reply_after_first_round.take() {
             if let Ok(r) = &mut reply {
-                if r.tx == tx.to_string() {
+                if own {
                     r.delivered = d.pending.is_empty();
                 }
             }
