@@ -589,27 +589,24 @@ async fn a_decision_refused_again_and_again_is_surfaced() {
         .unwrap();
     tracing_line("--- the restarted coordinator delivers commit; the order service refuses it");
     let threshold = twopc_coordinator::coordinator::REFUSALS_BEFORE_ALERT;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let refusal = loop {
-        let v: serde_json::Value =
-            serde_json::from_slice(&sys.raw(subjects::IN_DOUBT, b"{}").await.unwrap()).unwrap();
-        let found = v["undelivered"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|u| u["tx"] == tx.to_string())
-            .and_then(|u| u["refused_by"].as_array().cloned())
-            .and_then(|r| r.into_iter().find(|r| r["participant"] == "order"));
-        if let Some(r) = found.filter(|r| r["times"].as_u64() >= Some(u64::from(threshold))) {
-            break r;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never surfaced: {v}\n{}",
-            sys.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let refusal = poll_until(
+        "the order service's refusals surfaced in shop.in_doubt",
+        Duration::from_secs(20),
+        || async {
+            let v: serde_json::Value =
+                serde_json::from_slice(&sys.raw(subjects::IN_DOUBT, b"{}").await.unwrap()).unwrap();
+            v["undelivered"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|u| u["tx"] == tx.to_string())
+                .and_then(|u| u["refused_by"].as_array().cloned())
+                .and_then(|r| r.into_iter().find(|r| r["participant"] == "order"))
+                .filter(|r| r["times"].as_u64() >= Some(u64::from(threshold)))
+                .ok_or_else(|| v.to_string())
+        },
+    )
+    .await;
     assert_eq!(refusal["code"], "conflict", "{refusal}");
     sys.wait_log_any(
         Kind::Coordinator,

@@ -3,9 +3,9 @@
 
 mod harness;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use harness::{told, tracing_line, tx_id, Options, System};
+use harness::{poll_until, told, tracing_line, tx_id, Options, System};
 use twopc_launcher::client::Reply;
 use twopc_launcher::Kind;
 use twopc_schemas::api::{Outcome, PurchaseReply, PurchaseRequest};
@@ -16,20 +16,13 @@ async fn wait_for<T>(
     sys: &System,
     what: &str,
     timeout: Duration,
-    f: impl Fn(&twopc_verify::check::Snapshot) -> Option<T>,
+    f: impl Fn(&twopc::check::Snapshot) -> Option<T>,
 ) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(t) = f(&sys.snapshot()) {
-            return t;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for: {what}\n{}",
-            sys.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll_until(what, timeout, || {
+        let found = f(&sys.snapshot());
+        async move { found.ok_or_else(|| "not yet".to_owned()) }
+    })
+    .await
 }
 
 fn book(request_id: &str) -> PurchaseRequest {

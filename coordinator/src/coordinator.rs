@@ -451,13 +451,18 @@ impl<L: DecisionLog> Coordinator<L> {
         // Continue the client's trace, or start one for this purchase.
         let trace =
             TraceContext::from_headers(msg.headers.as_ref()).unwrap_or_else(TraceContext::root);
-        let req = match PurchaseRequest::parse(&msg.payload) {
+        let mut req = match PurchaseRequest::parse(&msg.payload) {
             Ok(r) => r,
             Err(e) => {
                 info!(code = %e.code, message = %e.message, "purchase refused");
                 return Response::api_error(&e);
             }
         };
+        if twopc_common::fault::broken("forget_request_ids") {
+            // DELIBERATELY BROKEN (tests only): ignore the idempotency key,
+            // so a re-send runs a new transaction.
+            req.request_id = None;
+        }
         let client = self.fresh_id();
         let (sender, reply) = oneshot::channel();
         self.clients.lock().expect("lock").insert(client, sender);

@@ -1328,25 +1328,7 @@ mod tests {
         assert!(c.active().is_empty());
     }
 
-    fn record_for(tx: TxId, decision: Decision, key: Option<&str>) -> Record {
-        Record {
-            tx,
-            decision,
-            request_id: key.map(Into::into),
-            purchase: None,
-            reason: (decision == Decision::Abort).then(|| AbortReason {
-                participant: "coordinator".into(),
-                code: Code::PresumedAbort,
-                message: "order asked before a decision was recorded".into(),
-            }),
-            deliver_to: vec![],
-            pending: vec![],
-            decided_at_ms: NOW,
-            completed_at_ms: Some(NOW),
-            votes: vec![],
-            delivery_attempts: 0,
-        }
-    }
+    use crate::phase::tests::record as record_for;
 
     /// Keyed purchase through its votes; returns its tx and the record.
     fn keyed_through_votes(c: &mut Core) -> (TxId, Record) {

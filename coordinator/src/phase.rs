@@ -163,7 +163,7 @@ pub fn conclude(tx: TxId, recorded: Result<Recorded, LogError>) -> Conclusion {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn b(name: &str, ballot: Ballot) -> (String, Ballot) {
@@ -219,7 +219,9 @@ mod tests {
         assert_eq!(o.deliver_to, vec!["order"]);
     }
 
-    fn record(tx: TxId, decision: Decision, rid: Option<&str>) -> Record {
+    /// A completed record with nothing to deliver; an abort carries the
+    /// reason a presumed abort has. Shared with the core's tests.
+    pub(crate) fn record(tx: TxId, decision: Decision, rid: Option<&str>) -> Record {
         Record {
             tx,
             decision,
