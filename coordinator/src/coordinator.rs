@@ -18,6 +18,7 @@ use async_nats::{Client, RequestErrorKind};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 use tracing::{error, info, warn, Instrument};
+use twopc_common::backoff::Backoff;
 use twopc_common::fault::crash_point;
 use twopc_common::now_ms;
 use twopc_common::trace::TraceContext;
@@ -33,7 +34,7 @@ use twopc_schemas::{subjects, Code};
 
 use crate::config::CoordinatorArgs;
 use crate::core::{log_error, ClientId, Cmd, Core, CoreConfig, Delivery, Event, QueryId};
-use crate::log::{DecisionLog, SqliteLog};
+use crate::log::{DecisionLog, LogError, SqliteLog};
 use crate::phase::Ballot;
 use twopc_common::micro::Registry;
 use twopc_common::serve::{serve, Endpoint, Response, Shutdown};
@@ -41,6 +42,10 @@ use twopc_common::serve::{serve, Endpoint, Response, Shutdown};
 const SERVICE: &str = "coordinator";
 
 pub use crate::core::REFUSALS_BEFORE_ALERT;
+
+/// Backoff of noting acknowledgements while the decision log is overloaded.
+const ACK_RETRY_BASE_MS: u64 = 20;
+const ACK_RETRY_CAP_MS: u64 = 2_000;
 
 /// Counters for the status page (Prometheus has the same and more).
 #[derive(Debug, Default)]
@@ -356,8 +361,24 @@ impl<L: DecisionLog> Coordinator<L> {
                 let c = self.clone();
                 tokio::spawn(async move {
                     crash_point(CoordinatorCrash::AfterAck);
-                    if let Err(e) = c.log.acked(tx, participants, attempts).await {
-                        warn!(%tx, error = %e, "acknowledgement not noted; a restart will redeliver");
+                    // The write is idempotent. An overloaded log (`Busy`:
+                    // its queue was full, nothing written) is retried with
+                    // capped backoff, or the record would say "undelivered"
+                    // until the next restart (seen under a 20,000-purchase
+                    // burst); any other failure is logged, and a restart
+                    // redelivers, which is harmless.
+                    let mut backoff = Backoff::new(ACK_RETRY_BASE_MS, ACK_RETRY_CAP_MS);
+                    loop {
+                        match c.log.acked(tx, participants.clone(), attempts).await {
+                            Ok(()) => break,
+                            Err(LogError::Busy) => {
+                                tokio::time::sleep(backoff.next_delay()).await;
+                            }
+                            Err(e) => {
+                                warn!(%tx, error = %e, "acknowledgement not noted; a restart will redeliver");
+                                break;
+                            }
+                        }
                     }
                 });
             }
