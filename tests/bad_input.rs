@@ -17,7 +17,7 @@ use twopc_schemas::protocol::{
     self, BranchOp, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Message, Prepare,
     TxId, Vote, MAX_MESSAGE_BYTES,
 };
-use twopc_schemas::{subjects, Code};
+use twopc_schemas::{participant, subjects, BranchState, Code, ParticipantName};
 
 /// Users and products, the part of the state bad input must not touch.
 type Resources = (
@@ -115,10 +115,16 @@ async fn wait_log_count(sys: &mut System, kind: Kind, needle: &str, want: usize,
     }
 }
 
-async fn send_decide(sys: &System, participant: &str, tx: TxId, decision: Decision) -> DecideReply {
+async fn send_decide(
+    sys: &System,
+    participant: impl AsRef<str>,
+    tx: TxId,
+    decision: Decision,
+) -> DecideReply {
+    let participant = ParticipantName::new(participant.as_ref()).unwrap();
     let raw = sys
         .raw(
-            &subjects::decide(participant),
+            &subjects::decide(&participant),
             &protocol::encode(&Decide { tx, decision }),
         )
         .await
@@ -127,10 +133,11 @@ async fn send_decide(sys: &System, participant: &str, tx: TxId, decision: Decisi
         .unwrap_or_else(|e| panic!("decide reply from {participant} does not decode: {e}"))
 }
 
-async fn send_prepare(sys: &System, participant: &str, tx: TxId, op: BranchOp) -> Vote {
+async fn send_prepare(sys: &System, participant: impl AsRef<str>, tx: TxId, op: BranchOp) -> Vote {
+    let participant = ParticipantName::new(participant.as_ref()).unwrap();
     let raw = sys
         .raw(
-            &subjects::prepare(participant),
+            &subjects::prepare(&participant),
             &protocol::encode(&Prepare { tx, op }),
         )
         .await
@@ -345,8 +352,8 @@ async fn bad_requests_on_read_and_admin_subjects_get_error_replies_and_change_no
 
     let big = format!(r#"{{"user":"alice"}}{}"#, " ".repeat(MAX_REQUEST_BYTES));
     let big_sku = format!(r#"{{"sku":"book-1"}}{}"#, " ".repeat(MAX_REQUEST_BYTES));
-    let wallet_tx = subjects::participant_tx("wallet");
-    let order_tx = subjects::participant_tx("order");
+    let wallet_tx = subjects::participant_tx(&participant::WALLET);
+    let order_tx = subjects::participant_tx(&participant::ORDER);
     let fresh = TxId::now_v7().to_string();
     let tx_ok = format!(r#"{{"tx":"{fresh}"}}"#);
 
@@ -593,7 +600,7 @@ async fn undecodable_protocol_messages_are_rejected_logged_and_change_nothing() 
     };
     let query = DecisionQuery {
         tx,
-        participant: "wallet".into(),
+        participant: participant::WALLET,
     };
 
     enum Reply {
@@ -603,28 +610,28 @@ async fn undecodable_protocol_messages_are_rejected_logged_and_change_nothing() 
     }
     let targets = [
         (
-            subjects::prepare("wallet"),
+            subjects::prepare(&participant::WALLET),
             Kind::Wallet,
             "rejected prepare that does not decode",
             Reply::Vote,
             garbage_for(&prepare_wallet, protocol::encode(&Vote::Yes)),
         ),
         (
-            subjects::prepare("order"),
+            subjects::prepare(&participant::ORDER),
             Kind::Order,
             "rejected prepare that does not decode",
             Reply::Vote,
             garbage_for(&prepare_order, protocol::encode(&decide)),
         ),
         (
-            subjects::decide("wallet"),
+            subjects::decide(&participant::WALLET),
             Kind::Wallet,
             "rejected decision that does not decode",
             Reply::Decide,
             garbage_for(&decide, protocol::encode(&prepare_wallet)),
         ),
         (
-            subjects::decide("order"),
+            subjects::decide(&participant::ORDER),
             Kind::Order,
             "rejected decision that does not decode",
             Reply::Decide,
@@ -701,7 +708,7 @@ async fn undecodable_protocol_messages_are_rejected_logged_and_change_nothing() 
             subjects::DECISION_QUERY,
             &protocol::encode(&DecisionQuery {
                 tx: committed,
-                participant: "wallet".into(),
+                participant: participant::WALLET,
             }),
         )
         .await
@@ -726,7 +733,7 @@ async fn forged_and_replayed_protocol_messages_are_refused_and_change_nothing() 
     // (a) A forged commit for a transaction never prepared anywhere.
     let start = sys.snapshot();
     let forged = TxId::now_v7();
-    for p in subjects::PARTICIPANTS {
+    for p in &participant::PURCHASE_PARTICIPANTS {
         match send_decide(&sys, p, forged, Decision::Commit).await {
             DecideReply::Rejected {
                 code: Code::UnknownTx,
@@ -768,20 +775,20 @@ async fn forged_and_replayed_protocol_messages_are_refused_and_change_nothing() 
             "{case}: something is held"
         );
         assert_eq!(
-            s.wallet_branches.get(&tx).map(String::as_str),
-            Some("committed"),
+            s.wallet_branches.get(&tx).copied(),
+            Some(BranchState::Committed),
             "{case}"
         );
         assert_eq!(
-            s.order_branches.get(&tx).map(String::as_str),
-            Some("committed"),
+            s.order_branches.get(&tx).copied(),
+            Some(BranchState::Committed),
             "{case}"
         );
     };
 
     // (b) Replayed commit: acknowledged again, applied once.
     for round in 0..2 {
-        for p in subjects::PARTICIPANTS {
+        for p in &participant::PURCHASE_PARTICIPANTS {
             let reply = send_decide(&sys, p, tx, Decision::Commit).await;
             assert_eq!(
                 reply,
@@ -800,19 +807,19 @@ async fn forged_and_replayed_protocol_messages_are_refused_and_change_nothing() 
 
     // (b') Replayed identical prepares repeat the vote and hold nothing new.
     assert_eq!(
-        send_prepare(&sys, "wallet", tx, debit(2_500)).await,
+        send_prepare(&sys, &participant::WALLET, tx, debit(2_500)).await,
         Vote::Yes,
         "(b') replayed wallet prepare"
     );
     assert_eq!(
-        send_prepare(&sys, "order", tx, reserve(2, 2_500)).await,
+        send_prepare(&sys, &participant::ORDER, tx, reserve(2, 2_500)).await,
         Vote::Yes,
         "(b') replayed order prepare"
     );
     unchanged(&sys.snapshot(), "(b') replayed prepare");
 
     // (c) A forged abort of the committed transaction.
-    for p in subjects::PARTICIPANTS {
+    for p in &participant::PURCHASE_PARTICIPANTS {
         match send_decide(&sys, p, tx, Decision::Abort).await {
             DecideReply::Rejected {
                 code: Code::Conflict,
@@ -862,7 +869,7 @@ async fn forged_and_replayed_protocol_messages_are_refused_and_change_nothing() 
     // (e) A forged abort of an unknown transaction leaves a tombstone, and a
     // prepare for that id afterwards votes no and holds nothing.
     let ghost = TxId::now_v7();
-    for p in subjects::PARTICIPANTS {
+    for p in &participant::PURCHASE_PARTICIPANTS {
         assert_eq!(
             send_decide(&sys, p, ghost, Decision::Abort).await,
             DecideReply::Ack,
@@ -871,13 +878,13 @@ async fn forged_and_replayed_protocol_messages_are_refused_and_change_nothing() 
     }
     let s = sys.snapshot();
     assert_eq!(
-        s.wallet_branches.get(&ghost).map(String::as_str),
-        Some("aborted"),
+        s.wallet_branches.get(&ghost).copied(),
+        Some(BranchState::Aborted),
         "(e) wallet tombstone"
     );
     assert_eq!(
-        s.order_branches.get(&ghost).map(String::as_str),
-        Some("aborted"),
+        s.order_branches.get(&ghost).copied(),
+        Some(BranchState::Aborted),
         "(e) order tombstone"
     );
     for (p, op) in [("wallet", debit(1_250)), ("order", reserve(1, 1_250))] {
@@ -903,8 +910,8 @@ async fn forged_and_replayed_protocol_messages_are_refused_and_change_nothing() 
     assert_eq!(sys.balance("alice").await.held, 0);
     assert!(s.holds.is_empty() && s.reservations.is_empty());
     assert_eq!(
-        s.wallet_branches.get(&ghost).map(String::as_str),
-        Some("aborted")
+        s.wallet_branches.get(&ghost).copied(),
+        Some(BranchState::Aborted)
     );
 
     // (f) A forged commit of a transaction the coordinator aborted: carol
@@ -915,7 +922,7 @@ async fn forged_and_replayed_protocol_messages_are_refused_and_change_nothing() 
     let aborted = tx_id(&r);
     told_all.push(Told::Aborted(aborted));
     let s_aborted = sys.wait_quiescent(Duration::from_secs(10)).await.unwrap();
-    for p in subjects::PARTICIPANTS {
+    for p in &participant::PURCHASE_PARTICIPANTS {
         match send_decide(&sys, p, aborted, Decision::Commit).await {
             DecideReply::Rejected {
                 code: Code::Conflict,
@@ -1062,7 +1069,7 @@ async fn prepares_outside_the_public_limits_vote_no_and_change_nothing() {
         "the largest quantity is allowed"
     );
     assert_eq!(
-        send_decide(&sys, "order", edge, Decision::Abort).await,
+        send_decide(&sys, &participant::ORDER, edge, Decision::Abort).await,
         DecideReply::Ack
     );
     match send_prepare(

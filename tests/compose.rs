@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use twopc_launcher::client::{request, Reply};
 use twopc_schemas::api::{Balance, PurchaseReply, PurchaseRequest, Stock};
-use twopc_schemas::subjects;
+use twopc_schemas::{participant, subjects};
 
 struct Compose {
     project: String,
@@ -234,7 +234,7 @@ async fn compose_up_buy_kill_wallet_in_doubt_then_down_up_keeps_data() {
         .await;
         let w: Result<Reply<serde_json::Value>, _> = request(
             &client,
-            &subjects::participant_in_doubt("wallet"),
+            &subjects::participant_in_doubt(&participant::WALLET),
             &serde_json::json!({}),
             Duration::from_secs(2),
         )

@@ -12,7 +12,8 @@ use twopc::client::Reply;
 use twopc::launcher::Kind;
 use twopc_schemas::api::{Outcome, PurchaseRequest};
 use twopc_schemas::points::{CoordinatorCrash, ParticipantCrash, ParticipantDelay};
-use twopc_schemas::{subjects, Code};
+use twopc_schemas::protocol::Decision;
+use twopc_schemas::{participant, subjects, BranchState, Code};
 
 fn book(request_id: Option<&str>) -> PurchaseRequest {
     PurchaseRequest {
@@ -35,7 +36,7 @@ async fn wallet_killed_after_durable_prepare_resolves_to_abort() {
             Kind::Wallet,
             "TWOPC_CRASH_AT",
             &ParticipantCrash::PrepareAfterDurable
-                .at("wallet")
+                .at(&participant::WALLET)
                 .to_string(),
         )
         .set(Kind::Coordinator, "TWOPC_PREPARE_TIMEOUT_MS", "1000");
@@ -51,11 +52,12 @@ async fn wallet_killed_after_durable_prepare_resolves_to_abort() {
         .service(Kind::Wallet)
         .proc
         .wait_exit(Duration::from_secs(5))
+        .await
         .unwrap();
     assert!(
         sys.service(Kind::Wallet).proc.log().contains(&format!(
             "CRASH POINT {}",
-            ParticipantCrash::PrepareAfterDurable.at("wallet")
+            ParticipantCrash::PrepareAfterDurable.at(&participant::WALLET)
         )),
         "{status}"
     );
@@ -63,8 +65,8 @@ async fn wallet_killed_after_durable_prepare_resolves_to_abort() {
     // The crash happened after the prepare was durable: the file says so.
     let s = sys.snapshot();
     assert_eq!(
-        s.wallet_branches.get(&tx).map(String::as_str),
-        Some("prepared")
+        s.wallet_branches.get(&tx).copied(),
+        Some(BranchState::Prepared)
     );
     assert_eq!(s.holds.get(&tx), Some(&2_500));
 
@@ -72,10 +74,10 @@ async fn wallet_killed_after_durable_prepare_resolves_to_abort() {
     sys.start_without_crash_points(Kind::Wallet).await.unwrap();
     let s = sys.assert_consistent(&[Told::Aborted(tx)]).await;
     assert_eq!(
-        s.wallet_branches.get(&tx).map(String::as_str),
-        Some("aborted")
+        s.wallet_branches.get(&tx).copied(),
+        Some(BranchState::Aborted)
     );
-    assert_eq!(s.decisions.get(&tx).map(|d| d.0.as_str()), Some("abort"));
+    assert_eq!(s.decisions.get(&tx).map(|d| d.0), Some(Decision::Abort));
     assert_eq!(sys.balance("alice").await.balance, 10_000);
     assert_eq!(sys.balance("alice").await.held, 0);
     assert_eq!(sys.stock("book-1").await.available, 10);
@@ -90,7 +92,9 @@ async fn wallet_killed_before_applying_commit_resolves_to_commit() {
         .set(
             Kind::Wallet,
             "TWOPC_CRASH_AT",
-            &ParticipantCrash::DecideBeforeApply.at("wallet").to_string(),
+            &ParticipantCrash::DecideBeforeApply
+                .at(&participant::WALLET)
+                .to_string(),
         )
         // Only the restarted wallet's own recovery may resolve it: keep the
         // coordinator's redelivery slow.
@@ -106,11 +110,12 @@ async fn wallet_killed_before_applying_commit_resolves_to_commit() {
     sys.service(Kind::Wallet)
         .proc
         .wait_exit(Duration::from_secs(5))
+        .await
         .unwrap();
     let s = sys.snapshot();
     assert_eq!(
-        s.wallet_branches.get(&tx).map(String::as_str),
-        Some("prepared")
+        s.wallet_branches.get(&tx).copied(),
+        Some(BranchState::Prepared)
     );
     assert_eq!(s.orders.len(), 1, "the order service applied the commit");
     assert!(s.debits.is_empty(), "the wallet did not");
@@ -182,17 +187,18 @@ async fn coordinator_killed_after_durable_decision_delivers_after_restart() {
     sys.service(Kind::Coordinator)
         .proc
         .wait_exit(Duration::from_secs(5))
+        .await
         .unwrap();
     let s = sys.snapshot();
     let (&tx, d) = s.decisions.iter().next().expect("the decision is durable");
-    assert_eq!(d.0, "commit");
+    assert_eq!(d.0, Decision::Commit);
     assert_eq!(
-        s.wallet_branches.get(&tx).map(String::as_str),
-        Some("prepared")
+        s.wallet_branches.get(&tx).copied(),
+        Some(BranchState::Prepared)
     );
     assert_eq!(
-        s.order_branches.get(&tx).map(String::as_str),
-        Some("prepared")
+        s.order_branches.get(&tx).copied(),
+        Some(BranchState::Prepared)
     );
 
     tracing_line("--- restart the coordinator");
@@ -252,6 +258,7 @@ async fn coordinator_killed_before_deciding_participants_presume_abort() {
     sys.service(Kind::Coordinator)
         .proc
         .wait_exit(Duration::from_secs(5))
+        .await
         .unwrap();
     let s = sys.snapshot();
     assert!(
@@ -263,7 +270,7 @@ async fn coordinator_killed_before_deciding_participants_presume_abort() {
         .iter()
         .next()
         .expect("the wallet prepared");
-    assert_eq!(state, "prepared");
+    assert_eq!(*state, BranchState::Prepared);
     assert_eq!(
         sys.balance("alice").await.held,
         2_500,
@@ -275,14 +282,14 @@ async fn coordinator_killed_before_deciding_participants_presume_abort() {
         .await
         .unwrap();
     let s = sys.assert_consistent(&[Told::Aborted(tx)]).await;
-    assert_eq!(s.decisions.get(&tx).map(|d| d.0.as_str()), Some("abort"));
+    assert_eq!(s.decisions.get(&tx).map(|d| d.0), Some(Decision::Abort));
     assert_eq!(
-        s.wallet_branches.get(&tx).map(String::as_str),
-        Some("aborted")
+        s.wallet_branches.get(&tx).copied(),
+        Some(BranchState::Aborted)
     );
     assert_eq!(
-        s.order_branches.get(&tx).map(String::as_str),
-        Some("aborted")
+        s.order_branches.get(&tx).copied(),
+        Some(BranchState::Aborted)
     );
     let status = sys.tx_status(subjects::TX_STATUS, &tx.to_string()).await;
     assert_eq!(status["reason"]["code"], "presumed_abort", "{status}");
@@ -299,7 +306,7 @@ async fn participant_slower_than_prepare_timeout_aborts_and_holds_nothing() {
         .set(
             Kind::Order,
             "TWOPC_DELAY",
-            &format!("{}:1500", ParticipantDelay::Prepare.at("order")),
+            &format!("{}:1500", ParticipantDelay::Prepare.at(&participant::ORDER)),
         )
         .set(Kind::Coordinator, "TWOPC_PREPARE_TIMEOUT_MS", "400");
     let mut sys = System::start(opts).await.unwrap();
@@ -325,8 +332,8 @@ async fn participant_slower_than_prepare_timeout_aborts_and_holds_nothing() {
     .unwrap();
     let s = sys.assert_consistent(&[Told::Aborted(tx)]).await;
     assert_eq!(
-        s.order_branches.get(&tx).map(String::as_str),
-        Some("aborted")
+        s.order_branches.get(&tx).copied(),
+        Some(BranchState::Aborted)
     );
     assert_eq!(sys.stock("book-1").await.reserved, 0);
     assert_eq!(sys.stock("book-1").await.stock, 10);
@@ -378,7 +385,7 @@ async fn nats_server_restart_mid_run_ends_consistent() {
                 .snapshot()
                 .decisions
                 .values()
-                .filter(|d| d.0 == "commit")
+                .filter(|d| d.0 == Decision::Commit)
                 .count();
             if commits >= 3 {
                 Ok(())
@@ -389,7 +396,7 @@ async fn nats_server_restart_mid_run_ends_consistent() {
     )
     .await;
     tracing_line("--- kill and restart nats-server");
-    sys.nats.restart().unwrap();
+    sys.nats.restart().await.unwrap();
     let results = workload.await.unwrap();
     let told_all: Vec<Told> = results.iter().map(told).collect();
     let unknown = told_all.iter().filter(|t| **t == Told::Unknown).count();
@@ -452,6 +459,7 @@ async fn wall_clock_stepped_back_does_not_hide_in_doubt_branches() {
     sys.service(Kind::Coordinator)
         .proc
         .wait_exit(Duration::from_secs(5))
+        .await
         .unwrap();
     let s = sys.snapshot();
     let (&tx, state) = s
@@ -459,10 +467,10 @@ async fn wall_clock_stepped_back_does_not_hide_in_doubt_branches() {
         .iter()
         .next()
         .expect("the wallet prepared");
-    assert_eq!(state, "prepared");
+    assert_eq!(*state, BranchState::Prepared);
     assert_eq!(
-        s.order_branches.get(&tx).map(String::as_str),
-        Some("prepared")
+        s.order_branches.get(&tx).copied(),
+        Some(BranchState::Prepared)
     );
 
     tracing_line("--- step both participants' wall clocks back one hour");
@@ -490,7 +498,7 @@ async fn wall_clock_stepped_back_does_not_hide_in_doubt_branches() {
                 tx: ghost,
                 decision: twopc_schemas::protocol::Decision::Abort,
             });
-            sys.raw(&subjects::decide(kind.name()), &decide)
+            sys.raw(&subjects::decide(&kind.participant().unwrap()), &decide)
                 .await
                 .unwrap();
         }
@@ -507,7 +515,7 @@ async fn wall_clock_stepped_back_does_not_hide_in_doubt_branches() {
         let s = sys.snapshot();
         let wallet = s.wallet_branches.get(&tx).cloned();
         let order = s.order_branches.get(&tx).cloned();
-        if wallet.as_deref() == Some("aborted") && order.as_deref() == Some("aborted") {
+        if wallet == Some(BranchState::Aborted) && order == Some(BranchState::Aborted) {
             break;
         }
         assert!(
@@ -519,7 +527,7 @@ async fn wall_clock_stepped_back_does_not_hide_in_doubt_branches() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let s = sys.assert_consistent(&[Told::Aborted(tx)]).await;
-    assert_eq!(s.decisions.get(&tx).map(|d| d.0.as_str()), Some("abort"));
+    assert_eq!(s.decisions.get(&tx).map(|d| d.0), Some(Decision::Abort));
     for kind in [Kind::Wallet, Kind::Order] {
         assert!(
             sys.service(kind)
@@ -560,18 +568,19 @@ async fn a_decision_refused_again_and_again_is_surfaced() {
     sys.service(Kind::Coordinator)
         .proc
         .wait_exit(Duration::from_secs(5))
+        .await
         .unwrap();
     let s = sys.snapshot();
     let (&tx, _) = s
         .decisions
         .iter()
-        .find(|(_, d)| d.0 == "commit")
+        .find(|(_, d)| d.0 == Decision::Commit)
         .expect("a durable commit");
 
     tracing_line("--- a forged abort reaches the order service, which releases");
     let raw = sys
         .raw(
-            &subjects::decide("order"),
+            &subjects::decide(&participant::ORDER),
             &protocol::encode(&Decide {
                 tx,
                 decision: Decision::Abort,
@@ -617,6 +626,6 @@ async fn a_decision_refused_again_and_again_is_surfaced() {
     .unwrap();
     // The wallet, which was not refused, has the commit.
     let s = sys.snapshot();
-    assert_eq!(s.decisions.get(&tx).unwrap().1, vec!["order".to_owned()]);
+    assert_eq!(s.decisions.get(&tx).unwrap().1, vec![participant::ORDER]);
     assert!(s.debits.contains_key(&tx));
 }

@@ -227,6 +227,7 @@ async fn sigterm_drains_in_flight_purchases_and_exits_cleanly() {
         .service(Kind::Coordinator)
         .proc
         .sigterm_and_wait(Duration::from_secs(15))
+        .await
         .unwrap();
     assert!(status.success(), "exit status {status:?}");
     let log = sys.service(Kind::Coordinator).proc.log();

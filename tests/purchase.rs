@@ -9,7 +9,7 @@ use harness::{told, tx_id, Options, System};
 use twopc_launcher::client::Reply;
 use twopc_launcher::Kind;
 use twopc_schemas::api::{Outcome, PurchaseRequest};
-use twopc_schemas::{subjects, Code};
+use twopc_schemas::{participant, subjects, Code};
 use twopc_verify::check::{KeyReply, Told};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -28,8 +28,8 @@ async fn happy_path_and_every_refusal_leave_balances_and_stock_right() {
     assert_eq!(sys.balance("alice").await.balance, 7_500);
     assert_eq!(sys.stock("book-1").await.stock, 8);
     for subject in [
-        subjects::participant_tx("wallet"),
-        subjects::participant_tx("order"),
+        subjects::participant_tx(&participant::WALLET),
+        subjects::participant_tx(&participant::ORDER),
     ] {
         assert_eq!(sys.tx_status(&subject, &r.tx).await["state"], "committed");
     }

@@ -9,7 +9,8 @@ use harness::{poll_until, told, tracing_line, tx_id, Options, System};
 use twopc_launcher::client::Reply;
 use twopc_launcher::Kind;
 use twopc_schemas::api::{Outcome, PurchaseReply, PurchaseRequest};
-use twopc_schemas::Code;
+use twopc_schemas::protocol::Decision;
+use twopc_schemas::{BranchState, Code};
 
 /// Polls the real SQLite files until `f` finds what it waits for.
 async fn wait_for<T>(
@@ -79,7 +80,7 @@ async fn issue_8_key_told_aborted_by_presumed_abort_is_never_charged() {
         |s| {
             s.wallet_branches
                 .iter()
-                .find(|(_, st)| st.as_str() == "prepared")
+                .find(|(_, st)| **st == BranchState::Prepared)
                 .map(|(tx, _)| *tx)
         },
     )
@@ -91,7 +92,12 @@ async fn issue_8_key_told_aborted_by_presumed_abort_is_never_charged() {
         &sys,
         "a presumed abort in the decision log",
         Duration::from_secs(10),
-        |s| s.decisions.get(&tx).filter(|d| d.0 == "abort").map(|_| ()),
+        |s| {
+            s.decisions
+                .get(&tx)
+                .filter(|d| d.0 == Decision::Abort)
+                .map(|_| ())
+        },
     )
     .await;
 

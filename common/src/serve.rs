@@ -19,8 +19,6 @@ use async_nats::{Client, HeaderMap, Message};
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::{watch, Semaphore};
-use twopc_schemas::api::ApiError;
-use twopc_schemas::Code;
 
 use crate::micro::Registry;
 
@@ -91,33 +89,15 @@ impl Response {
         }
     }
 
-    /// A JSON reply: the value, or `{"error": ...}` with error headers.
-    pub fn json<T: serde::Serialize>(r: Result<T, ApiError>) -> Response {
+    /// A JSON reply of `r`'s value, or of `refuse(e)` for its error.
+    pub fn json<T: serde::Serialize, E>(
+        r: Result<T, E>,
+        refuse: impl FnOnce(&E) -> Response,
+    ) -> Response {
         match r {
             Ok(v) => Response::ok(serde_json::to_vec(&v).expect("reply serialises")),
-            Err(e) => Response::api_error(&e),
+            Err(e) => refuse(&e),
         }
-    }
-
-    pub fn api_error(e: &ApiError) -> Response {
-        Response::error(
-            e.to_json(),
-            status_of(e.code),
-            format!("{}: {}", e.code, e.message),
-        )
-    }
-}
-
-/// The HTTP-like status carried in `Nats-Service-Error-Code`.
-pub fn status_of(code: Code) -> u16 {
-    match code {
-        Code::UnknownUser | Code::UnknownSku | Code::UnknownTx => 404,
-        Code::AlreadyExists | Code::Conflict => 409,
-        Code::PayloadTooLarge => 413,
-        Code::Busy | Code::ShuttingDown | Code::Unavailable => 503,
-        Code::Internal => 500,
-        Code::Timeout | Code::OutcomeUnknown => 504,
-        _ => 400,
     }
 }
 

@@ -30,7 +30,7 @@ use twopc_schemas::points::CoordinatorCrash;
 use twopc_schemas::protocol::{
     self, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Prepare, TxId, Vote,
 };
-use twopc_schemas::{subjects, Code};
+use twopc_schemas::{subjects, Code, ParticipantName};
 
 use crate::config::CoordinatorArgs;
 use crate::core::{log_error, ClientId, Cmd, Core, CoreConfig, Delivery, Event, QueryId};
@@ -131,8 +131,7 @@ impl<L: DecisionLog> Coordinator<L> {
             max_inflight: self.args.max_inflight,
             busy,
         };
-        let busy_json =
-            Response::api_error(&ApiError::new(Code::Busy, "too many purchases in flight"));
+        let busy_json = refusal(&ApiError::new(Code::Busy, "too many purchases in flight"));
         let busy_decision = Response::error(
             protocol::encode(&DecisionReply::Rejected {
                 code: Code::Busy,
@@ -166,13 +165,12 @@ impl<L: DecisionLog> Coordinator<L> {
             },
         );
         let c = self.clone();
-        let in_doubt_busy =
-            Response::api_error(&ApiError::new(Code::Busy, "too many requests in flight"));
+        let in_doubt_busy = refusal(&ApiError::new(Code::Busy, "too many requests in flight"));
         let in_doubt = serve(
             endpoint("in-doubt", subjects::IN_DOUBT, in_doubt_busy),
             move |_m| {
                 let c = c.clone();
-                async move { Response::json(c.in_doubt().await) }
+                async move { Response::json(c.in_doubt().await, refusal) }
             },
         );
         info!(faults = ?twopc_common::fault::armed(), "coordinator serving");
@@ -199,7 +197,7 @@ impl<L: DecisionLog> Coordinator<L> {
                 tx: r.tx.to_string(),
                 decision: r.decision.as_str().into(),
                 refused_by: core.refusals(r.tx),
-                pending: r.pending,
+                pending: r.pending.iter().map(ToString::to_string).collect(),
                 decided_at_ms: r.decided_at_ms,
             })
             .collect();
@@ -285,7 +283,7 @@ impl<L: DecisionLog> Coordinator<L> {
                 if let Delivery::Refused(code, _) = &result {
                     metrics::counter!(
                         "twopc_deliveries_refused_total",
-                        "participant" => participant.clone(),
+                        "participant" => participant.to_string(),
                         "code" => code.as_str()
                     )
                     .increment(1);
@@ -476,7 +474,7 @@ impl<L: DecisionLog> Coordinator<L> {
             Ok(r) => r,
             Err(e) => {
                 info!(code = %e.code, message = %e.message, "purchase refused");
-                return Response::api_error(&e);
+                return refusal(&e);
             }
         };
         if twopc_common::fault::broken("forget_request_ids") {
@@ -502,12 +500,12 @@ impl<L: DecisionLog> Coordinator<L> {
             ))
         });
         metrics::histogram!("twopc_purchase_seconds").record(started.elapsed().as_secs_f64());
-        Response::json(reply)
+        Response::json(reply, refusal)
     }
 
     async fn prepare(
         &self,
-        participant: &str,
+        participant: &ParticipantName,
         tx: TxId,
         op: protocol::BranchOp,
         trace: &TraceContext,
@@ -543,7 +541,7 @@ impl<L: DecisionLog> Coordinator<L> {
     /// One delivery attempt.
     async fn send_decision(
         &self,
-        participant: &str,
+        participant: &ParticipantName,
         tx: TxId,
         decision: Decision,
         trace: &TraceContext,
@@ -608,7 +606,7 @@ impl<L: DecisionLog> Coordinator<L> {
             DecisionReply::Decided { .. } => Response::ok(protocol::encode(&reply)),
             DecisionReply::Rejected { code, message } => Response::error(
                 protocol::encode(&reply),
-                twopc_common::serve::status_of(*code),
+                code.status(),
                 format!("{code}: {message}"),
             ),
         }
@@ -617,7 +615,7 @@ impl<L: DecisionLog> Coordinator<L> {
     async fn on_tx_status(self: Arc<Self>, payload: Bytes) -> Response {
         let tx = match TxQuery::parse(&payload) {
             Ok(tx) => tx,
-            Err(e) => return Response::api_error(&e),
+            Err(e) => return refusal(&e),
         };
         let in_phase_1 = self.core.lock().expect("lock").in_phase_1(tx);
         if let Some(p) = in_phase_1 {
@@ -664,7 +662,7 @@ impl<L: DecisionLog> Coordinator<L> {
                             .deliver_to
                             .iter()
                             .map(|p| ApiDelivery {
-                                participant: p.clone(),
+                                participant: p.to_string(),
                                 acked: !r.pending.contains(p),
                             })
                             .collect(),
@@ -676,7 +674,7 @@ impl<L: DecisionLog> Coordinator<L> {
                 };
                 Response::ok(serde_json::to_vec(&status).expect("serialises"))
             }
-            Err(e) => Response::api_error(&log_error(&e)),
+            Err(e) => refusal(&log_error(&e)),
         }
     }
 }
@@ -734,4 +732,10 @@ pub async fn run(
             Ok(())
         }
     }
+}
+
+/// The reply refusing a request: `{"error": ...}` with the service-protocol
+/// error headers.
+fn refusal(e: &ApiError) -> Response {
+    Response::error(e.to_json(), e.code.status(), e.to_string())
 }

@@ -41,8 +41,9 @@ use twopc_common::trace::TraceContext;
 use twopc_schemas::api::{
     AbortReason, ApiError, PurchaseReply, PurchaseRequest, Refusal, VoteSummary,
 };
+use twopc_schemas::participant::{self, ParticipantName};
 use twopc_schemas::protocol::{BranchOp, Decision, DecisionReply, TxId, Vote};
-use twopc_schemas::{subjects, Code};
+use twopc_schemas::Code;
 
 use crate::config::ReplyAfter;
 use crate::log::{LogError, Record, Recorded};
@@ -103,7 +104,7 @@ pub enum Event {
     /// A participant's answer to [`Cmd::Prepare`] (or its absence).
     Voted {
         tx: TxId,
-        participant: String,
+        participant: ParticipantName,
         ballot: Ballot,
     },
     /// The log's answer to [`Cmd::Record`].
@@ -114,7 +115,7 @@ pub enum Event {
     /// A participant's answer to [`Cmd::Decide`].
     Delivered {
         tx: TxId,
-        participant: String,
+        participant: ParticipantName,
         result: Delivery,
     },
     /// The delay asked for by [`Cmd::RetryAfter`] is over.
@@ -125,7 +126,7 @@ pub enum Event {
     DecisionQuery {
         query: QueryId,
         tx: TxId,
-        participant: String,
+        participant: ParticipantName,
     },
     /// The log's answer to [`Cmd::RecordPresumedAbort`].
     QueryRecorded {
@@ -143,7 +144,7 @@ pub enum Cmd {
     /// Send a prepare, bounded by the prepare timeout → [`Event::Voted`].
     Prepare {
         tx: TxId,
-        participant: String,
+        participant: ParticipantName,
         op: BranchOp,
         trace: TraceContext,
     },
@@ -155,7 +156,7 @@ pub enum Cmd {
     /// Deliver a decision once → [`Event::Delivered`].
     Decide {
         tx: TxId,
-        participant: String,
+        participant: ParticipantName,
         decision: Decision,
         trace: TraceContext,
     },
@@ -163,7 +164,7 @@ pub enum Cmd {
     /// idempotent redelivery after a restart).
     NoteAcks {
         tx: TxId,
-        participants: Vec<String>,
+        participants: Vec<ParticipantName>,
         attempts: u32,
     },
     /// Answer a purchase.
@@ -228,7 +229,7 @@ struct Voting {
     req: PurchaseRequest,
     asker: Asker,
     /// Each participant with its ballot, once in.
-    ballots: Vec<(String, Option<Ballot>)>,
+    ballots: Vec<(ParticipantName, Option<Ballot>)>,
 }
 
 #[derive(Debug)]
@@ -242,9 +243,9 @@ struct Recording {
 struct Delivering {
     decision: Decision,
     /// Participants that have not acknowledged.
-    pending: Vec<String>,
+    pending: Vec<ParticipantName>,
     /// This round's answers (a round is outstanding while any is `None`).
-    round: BTreeMap<String, Option<Delivery>>,
+    round: BTreeMap<ParticipantName, Option<Delivery>>,
     backoff: Backoff,
     /// Rounds sent so far.
     rounds: u32,
@@ -294,17 +295,17 @@ fn same_purchase(a: &PurchaseRequest, b: &PurchaseRequest) -> bool {
 }
 
 /// A purchase as branches: what each participant must prepare.
-pub fn branches(req: &PurchaseRequest) -> Vec<(String, BranchOp)> {
+pub fn branches(req: &PurchaseRequest) -> Vec<(ParticipantName, BranchOp)> {
     vec![
         (
-            subjects::WALLET.to_owned(),
+            participant::WALLET,
             BranchOp::Debit {
                 user: req.user.clone(),
                 amount: req.amount,
             },
         ),
         (
-            subjects::ORDER.to_owned(),
+            participant::ORDER,
             BranchOp::Reserve {
                 user: req.user.clone(),
                 sku: req.sku.clone(),
@@ -563,7 +564,7 @@ impl Core {
         &mut self,
         now_ms: i64,
         tx: TxId,
-        participant: String,
+        participant: ParticipantName,
         ballot: Ballot,
         out: &mut Vec<Cmd>,
     ) {
@@ -583,7 +584,7 @@ impl Core {
         if v.ballots.iter().any(|(_, b)| b.is_none()) {
             return;
         }
-        let ballots: Vec<(String, Ballot)> = v
+        let ballots: Vec<(ParticipantName, Ballot)> = v
             .ballots
             .iter()
             .map(|(p, b)| (p.clone(), b.clone().expect("all in")))
@@ -599,7 +600,10 @@ impl Core {
             pending: outcome.deliver_to.clone(),
             decided_at_ms: now_ms,
             completed_at_ms: None,
-            votes: ballots.iter().map(|(p, b)| summarize(p, b)).collect(),
+            votes: ballots
+                .iter()
+                .map(|(p, b)| summarize(p.as_str(), b))
+                .collect(),
             delivery_attempts: 0,
         };
         let (req, asker) = (v.req.clone(), v.asker.clone());
@@ -694,7 +698,7 @@ impl Core {
     fn on_delivered(
         &mut self,
         tx: TxId,
-        participant: String,
+        participant: ParticipantName,
         result: Delivery,
         out: &mut Vec<Cmd>,
     ) {
@@ -716,7 +720,7 @@ impl Core {
             match r.expect("round complete") {
                 Delivery::Acked => acked.push(p),
                 Delivery::Refused(code, message) => {
-                    let times = match d.refusals.iter_mut().find(|r| r.participant == p) {
+                    let times = match d.refusals.iter_mut().find(|r| r.participant == p.as_str()) {
                         Some(r) => {
                             r.times += 1;
                             r.code = code;
@@ -725,7 +729,7 @@ impl Core {
                         }
                         None => {
                             d.refusals.push(Refusal {
-                                participant: p.clone(),
+                                participant: p.to_string(),
                                 code,
                                 message,
                                 times: 1,
@@ -737,7 +741,7 @@ impl Core {
                         let refusal = d
                             .refusals
                             .iter()
-                            .find(|r| r.participant == p)
+                            .find(|r| r.participant == p.as_str())
                             .expect("just counted")
                             .clone();
                         out.push(Cmd::Stuck {
@@ -751,7 +755,8 @@ impl Core {
             }
         }
         d.pending.retain(|p| !acked.contains(p));
-        d.refusals.retain(|r| !acked.contains(&r.participant));
+        d.refusals
+            .retain(|r| !acked.iter().any(|a| a == r.participant.as_str()));
         if let Some((asker, mut reply, own)) = d.reply_after_first_round.take() {
             if let Ok(r) = &mut reply {
                 if own {
@@ -829,7 +834,7 @@ impl Core {
         now_ms: i64,
         query: QueryId,
         tx: TxId,
-        participant: String,
+        participant: ParticipantName,
         out: &mut Vec<Cmd>,
     ) {
         // With no decision recorded, abort is recorded first, so that the
@@ -985,7 +990,7 @@ mod tests {
     fn voted(tx: TxId, p: &str, ballot: Ballot) -> Event {
         Event::Voted {
             tx,
-            participant: p.into(),
+            participant: ParticipantName::new(p).unwrap(),
             ballot,
         }
     }
@@ -997,7 +1002,7 @@ mod tests {
     fn delivered(tx: TxId, p: &str, result: Delivery) -> Event {
         Event::Delivered {
             tx,
-            participant: p.into(),
+            participant: ParticipantName::new(p).unwrap(),
             result,
         }
     }
@@ -1021,7 +1026,7 @@ mod tests {
             .collect()
     }
 
-    fn decides(cmds: &[Cmd]) -> Vec<(String, Decision)> {
+    fn decides(cmds: &[Cmd]) -> Vec<(ParticipantName, Decision)> {
         cmds.iter()
             .filter_map(|c| match c {
                 Cmd::Decide {
@@ -1034,7 +1039,7 @@ mod tests {
             .collect()
     }
 
-    fn prepares(cmds: &[Cmd]) -> Vec<(String, BranchOp)> {
+    fn prepares(cmds: &[Cmd]) -> Vec<(ParticipantName, BranchOp)> {
         cmds.iter()
             .filter_map(|c| match c {
                 Cmd::Prepare {
@@ -1063,14 +1068,14 @@ mod tests {
             prepares(&cmds),
             vec![
                 (
-                    "wallet".to_owned(),
+                    participant::WALLET,
                     BranchOp::Debit {
                         user: "alice".into(),
                         amount: 2_500
                     }
                 ),
                 (
-                    "order".to_owned(),
+                    participant::ORDER,
                     BranchOp::Reserve {
                         user: "alice".into(),
                         sku: "book-1".into(),
@@ -1117,8 +1122,8 @@ mod tests {
         assert_eq!(
             decides(&cmds),
             vec![
-                ("wallet".into(), Decision::Commit),
-                ("order".into(), Decision::Commit)
+                (participant::WALLET, Decision::Commit),
+                (participant::ORDER, Decision::Commit)
             ]
         );
         assert!(c
@@ -1127,7 +1132,7 @@ mod tests {
         let cmds = c.step(NOW, delivered(tx, "order", Delivery::Acked));
         assert!(cmds.contains(&Cmd::NoteAcks {
             tx,
-            participants: vec!["order".into(), "wallet".into()],
+            participants: vec![participant::ORDER, participant::WALLET],
             attempts: 1
         }));
         assert!(matches!(cmds.last(), Some(Cmd::DeliveredAll { .. })));
@@ -1154,7 +1159,7 @@ mod tests {
         );
         let reply = replies(&cmds)[0].1.clone().unwrap();
         assert_eq!(reply.reason.unwrap().code, Code::InsufficientFunds);
-        assert_eq!(decides(&cmds), vec![("order".into(), Decision::Abort)]);
+        assert_eq!(decides(&cmds), vec![(participant::ORDER, Decision::Abort)]);
     }
 
     #[test]
@@ -1368,8 +1373,8 @@ mod tests {
         assert_eq!(
             decides(&cmds),
             vec![
-                ("wallet".into(), Decision::Abort),
-                ("order".into(), Decision::Abort)
+                (participant::WALLET, Decision::Abort),
+                (participant::ORDER, Decision::Abort)
             ]
         );
     }
@@ -1393,8 +1398,8 @@ mod tests {
         assert_eq!(
             decides(&cmds),
             vec![
-                ("wallet".into(), Decision::Abort),
-                ("order".into(), Decision::Abort)
+                (participant::WALLET, Decision::Abort),
+                (participant::ORDER, Decision::Abort)
             ]
         );
     }
@@ -1468,7 +1473,10 @@ mod tests {
             // A retry due while nothing is outstanding sends one round, to
             // the one that has not acknowledged.
             let round = c.step(NOW, Event::RetryDue { tx });
-            assert_eq!(decides(&round), vec![("order".into(), Decision::Commit)]);
+            assert_eq!(
+                decides(&round),
+                vec![(participant::ORDER, Decision::Commit)]
+            );
             assert!(
                 c.step(NOW, Event::RetryDue { tx }).is_empty(),
                 "one round at a time"
@@ -1485,7 +1493,7 @@ mod tests {
         };
         assert!(cmds.contains(&Cmd::NoteAcks {
             tx,
-            participants: vec!["order".into()],
+            participants: vec![participant::ORDER],
             attempts: 10
         }));
     }
@@ -1536,8 +1544,8 @@ mod tests {
         let tx = TxId::now_v7();
         let mut rec = record_for(tx, Decision::Commit, None);
         rec.reason = None;
-        rec.deliver_to = vec!["wallet".into(), "order".into()];
-        rec.pending = vec!["order".into()];
+        rec.deliver_to = vec![participant::WALLET, participant::ORDER];
+        rec.pending = vec![participant::ORDER];
         rec.delivery_attempts = 3;
         let done = record_for(TxId::now_v7(), Decision::Abort, None);
         let cmds = c.step(
@@ -1546,12 +1554,12 @@ mod tests {
                 records: vec![rec, done],
             },
         );
-        assert_eq!(decides(&cmds), vec![("order".into(), Decision::Commit)]);
+        assert_eq!(decides(&cmds), vec![(participant::ORDER, Decision::Commit)]);
         assert_eq!(c.delivering(), 1);
         let cmds = c.step(NOW, delivered(tx, "order", Delivery::Acked));
         assert!(cmds.contains(&Cmd::NoteAcks {
             tx,
-            participants: vec!["order".into()],
+            participants: vec![participant::ORDER],
             attempts: 4
         }));
     }
@@ -1567,7 +1575,7 @@ mod tests {
             Event::DecisionQuery {
                 query: 9,
                 tx,
-                participant: "wallet".into(),
+                participant: participant::WALLET,
             },
         );
         let [Cmd::RecordPresumedAbort { query: 9, rec }] = cmds.as_slice() else {
@@ -1630,7 +1638,7 @@ mod tests {
             Event::DecisionQuery {
                 query: 1,
                 tx,
-                participant: "wallet".into(),
+                participant: participant::WALLET,
             },
         );
         assert_eq!(c.in_phase_1(tx), Some(book(None)));

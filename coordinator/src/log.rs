@@ -13,6 +13,7 @@ use twopc_common::db::{self, Db, DbError};
 use twopc_common::now_ms;
 use twopc_schemas::api::{AbortReason, PurchaseRequest, VoteSummary};
 use twopc_schemas::protocol::{Decision, TxId};
+use twopc_schemas::ParticipantName;
 
 /// One transaction's durable record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,9 +27,9 @@ pub struct Record {
     /// Why it aborted (abort only).
     pub reason: Option<AbortReason>,
     /// Participants the decision must reach.
-    pub deliver_to: Vec<String>,
+    pub deliver_to: Vec<ParticipantName>,
     /// Those of `deliver_to` that have not acknowledged yet.
-    pub pending: Vec<String>,
+    pub pending: Vec<ParticipantName>,
     pub decided_at_ms: i64,
     pub completed_at_ms: Option<i64>,
     /// Each participant's phase-1 answer (empty for a presumed abort).
@@ -87,7 +88,7 @@ pub trait DecisionLog: Clone + Send + Sync + 'static {
     fn acked(
         &self,
         tx: TxId,
-        participants: Vec<String>,
+        participants: Vec<ParticipantName>,
         attempts: u32,
     ) -> impl Future<Output = Result<(), LogError>> + Send;
     /// Records whose decision has not reached every participant.
@@ -257,6 +258,14 @@ fn from_json<S: serde::de::DeserializeOwned + Into<T>, T>(s: &str, what: &str) -
         .into()
 }
 
+fn decision_column(stored: &str) -> Decision {
+    match stored {
+        "commit" => Decision::Commit,
+        "abort" => Decision::Abort,
+        other => panic!("corrupt decision {other:?}"),
+    }
+}
+
 const COLUMNS: &str = "tx, decision, request_id, purchase, reason, deliver_to, pending, decided_at_ms, completed_at_ms, votes, delivery_attempts";
 
 fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
@@ -269,11 +278,7 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
     // Paired with the checks on write: what we wrote must read back.
     Ok(Record {
         tx: TxId::from_slice(&tx).expect("16-byte tx id"),
-        decision: match decision.as_str() {
-            "commit" => Decision::Commit,
-            "abort" => Decision::Abort,
-            other => panic!("corrupt decision {other:?}"),
-        },
+        decision: decision_column(&decision),
         request_id: r.get(2)?,
         purchase: purchase.map(|s| from_json::<stored::Purchase, _>(&s, "purchase")),
         reason: reason.map(|s| from_json::<stored::Reason, _>(&s, "reason")),
@@ -398,7 +403,7 @@ impl DecisionLog for SqliteLog {
     async fn acked(
         &self,
         tx: TxId,
-        participants: Vec<String>,
+        participants: Vec<ParticipantName>,
         attempts: u32,
     ) -> Result<(), LogError> {
         Ok(self
@@ -454,10 +459,9 @@ impl DecisionLog for SqliteLog {
 /// (the invariant checker).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredDecision {
-    /// `commit` or `abort`.
-    pub decision: String,
+    pub decision: Decision,
     /// Participants the decision has not reached yet.
-    pub pending: Vec<String>,
+    pub pending: Vec<ParticipantName>,
     /// The purchase's idempotency key bound to this decision, if any.
     pub request_id: Option<String>,
     /// When the decision was recorded (wall clock, ms since the epoch).
@@ -483,8 +487,8 @@ pub fn snapshot(
             Ok((
                 tx,
                 StoredDecision {
-                    decision: r.get(1)?,
-                    pending: serde_json::from_str(&pending).unwrap_or_default(),
+                    decision: decision_column(&r.get::<_, String>(1)?),
+                    pending: serde_json::from_str(&pending).expect("stored list decodes"),
                     request_id: r.get(3)?,
                     decided_at_ms: r.get(4)?,
                 },
@@ -504,8 +508,14 @@ mod tests {
             request_id: rid.map(Into::into),
             purchase: None,
             reason: None,
-            deliver_to: vec!["wallet".into(), "order".into()],
-            pending: vec!["wallet".into(), "order".into()],
+            deliver_to: vec![
+                twopc_schemas::participant::WALLET,
+                twopc_schemas::participant::ORDER,
+            ],
+            pending: vec![
+                twopc_schemas::participant::WALLET,
+                twopc_schemas::participant::ORDER,
+            ],
             decided_at_ms: 1,
             completed_at_ms: None,
             votes: vec![],
@@ -550,9 +560,13 @@ mod tests {
         assert_eq!(log.by_request_id("k".into()).await.unwrap().unwrap().tx, a);
         log.record(rec(b, Decision::Abort, None)).await.unwrap();
         assert_eq!(log.incomplete().await.unwrap().len(), 3);
-        log.acked(a, vec!["wallet".into()], 1).await.unwrap();
+        log.acked(a, vec![twopc_schemas::participant::WALLET], 1)
+            .await
+            .unwrap();
         assert_eq!(log.get(a).await.unwrap().unwrap().pending, vec!["order"]);
-        log.acked(a, vec!["order".into()], 3).await.unwrap();
+        log.acked(a, vec![twopc_schemas::participant::ORDER], 3)
+            .await
+            .unwrap();
         let done = log.get(a).await.unwrap().unwrap();
         assert!(done.pending.is_empty() && done.completed_at_ms.is_some());
         assert_eq!(done.delivery_attempts, 3);

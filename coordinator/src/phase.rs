@@ -3,7 +3,7 @@
 
 use twopc_schemas::api::{AbortReason, ApiError, Outcome as ApiOutcome, PurchaseReply};
 use twopc_schemas::protocol::{Decision, TxId, Vote};
-use twopc_schemas::Code;
+use twopc_schemas::{Code, ParticipantName};
 
 use crate::log::{LogError, Record, Recorded};
 
@@ -31,11 +31,11 @@ pub struct Outcome {
     pub reason: Option<AbortReason>,
     /// Participants the decision must reach: all but those that voted no
     /// or that no request reached.
-    pub deliver_to: Vec<String>,
+    pub deliver_to: Vec<ParticipantName>,
 }
 
 /// Commit only if every participant voted yes (presumed abort otherwise).
-pub fn decide(ballots: &[(String, Ballot)]) -> Outcome {
+pub fn decide(ballots: &[(ParticipantName, Ballot)]) -> Outcome {
     assert!(!ballots.is_empty(), "a transaction has participants");
     let mut reason = None;
     let mut deliver_to = vec![];
@@ -61,7 +61,7 @@ pub fn decide(ballots: &[(String, Ballot)]) -> Outcome {
         }
         if let (None, Some((code, message))) = (&reason, refusal) {
             reason = Some(AbortReason {
-                participant: name.clone(),
+                participant: name.to_string(),
                 code,
                 message,
             });
@@ -166,8 +166,8 @@ pub fn conclude(tx: TxId, recorded: Result<Recorded, LogError>) -> Conclusion {
 pub(crate) mod tests {
     use super::*;
 
-    fn b(name: &str, ballot: Ballot) -> (String, Ballot) {
-        (name.to_owned(), ballot)
+    fn b(name: &str, ballot: Ballot) -> (ParticipantName, Ballot) {
+        (ParticipantName::new(name).unwrap(), ballot)
     }
 
     #[test]

@@ -19,7 +19,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 use twopc_schemas::api::{CoordinatorInDoubt, ParticipantInDoubt};
-use twopc_schemas::subjects;
+use twopc_schemas::{participant, subjects};
 
 use crate::coordinator::Coordinator;
 use crate::log::DecisionLog;
@@ -59,7 +59,7 @@ struct Status {
 async fn status<L: DecisionLog>(c: &Coordinator<L>) -> Status {
     let mut participants = vec![];
     let mut participants_in_doubt = vec![];
-    for name in subjects::PARTICIPANTS {
+    for name in &participant::PURCHASE_PARTICIPANTS {
         let req = async_nats::Request::new().payload(b"{}".to_vec().into());
         match twopc_common::nats::request(
             c.client(),
@@ -72,7 +72,7 @@ async fn status<L: DecisionLog>(c: &Coordinator<L>) -> Status {
             Ok(m) => match serde_json::from_slice::<ParticipantInDoubt>(&m.payload) {
                 Ok(d) => {
                     participants.push(Participant {
-                        name: name.into(),
+                        name: name.to_string(),
                         up: true,
                         prepared: Some(d.prepared.len()),
                         error: None,
@@ -80,14 +80,14 @@ async fn status<L: DecisionLog>(c: &Coordinator<L>) -> Status {
                     participants_in_doubt.push(d);
                 }
                 Err(e) => participants.push(Participant {
-                    name: name.into(),
+                    name: name.to_string(),
                     up: true,
                     prepared: None,
                     error: Some(format!("bad reply: {e}")),
                 }),
             },
             Err(e) => participants.push(Participant {
-                name: name.into(),
+                name: name.to_string(),
                 up: false,
                 prepared: None,
                 error: Some(e.to_string()),

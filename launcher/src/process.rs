@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+/// How often an asynchronous wait for a child's exit looks at it.
+const EXIT_POLL: Duration = Duration::from_millis(10);
+
 /// Where the service binaries are.
 #[derive(Debug, Clone)]
 pub struct Binaries {
@@ -141,61 +144,64 @@ impl Proc {
         Ok(())
     }
 
+    /// Waits (asynchronously) up to `timeout` for the process to exit by
+    /// itself and reaps it; `None` if it is still running then.
+    async fn exited_within(
+        &mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let c = self.child.as_mut().context("not running")?;
+            if let Some(status) = c.try_wait()? {
+                self.child = None;
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            // std's Child has no async wait; poll its state without
+            // blocking the runtime's thread.
+            tokio::time::sleep(EXIT_POLL).await;
+        }
+    }
+
     /// SIGTERM, then wait (asynchronously) up to `grace` before SIGKILL.
     pub async fn terminate(&mut self, grace: Duration) -> anyhow::Result<()> {
-        if let Some(mut c) = self.child.take() {
-            let _ = signal(c.id(), libc::SIGCONT);
-            let _ = signal(c.id(), libc::SIGTERM);
-            let deadline = Instant::now() + grace;
-            while Instant::now() < deadline {
-                if c.try_wait()?.is_some() {
-                    return Ok(());
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            let _ = c.kill();
-            c.wait()?;
+        let Some(pid) = self.pid() else {
+            return Ok(());
+        };
+        let _ = signal(pid, libc::SIGCONT);
+        let _ = signal(pid, libc::SIGTERM);
+        if self.exited_within(grace).await?.is_none() {
+            self.kill()?;
         }
         Ok(())
     }
 
     /// SIGTERM, then waits up to `timeout` for the process to exit by
     /// itself; returns its exit status (an error if it had to be killed).
-    pub fn sigterm_and_wait(
+    pub async fn sigterm_and_wait(
         &mut self,
         timeout: Duration,
     ) -> anyhow::Result<std::process::ExitStatus> {
         let pid = self.pid().context("not running")?;
         signal(pid, libc::SIGTERM)?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            let c = self.child.as_mut().context("not running")?;
-            if let Some(status) = c.try_wait()? {
-                self.child = None;
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
+        match self.exited_within(timeout).await? {
+            Some(status) => Ok(status),
+            None => {
                 self.kill()?;
                 bail!("{} did not exit within {timeout:?} of SIGTERM", self.name);
             }
-            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
     /// Waits for the process to exit by itself (a crash point), up to
     /// `timeout`; returns its exit status description.
-    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let c = self.child.as_mut().context("not running")?;
-            if let Some(status) = c.try_wait()? {
-                self.child = None;
-                return Ok(format!("{status:?}"));
-            }
-            if Instant::now() > deadline {
-                bail!("{} did not exit within {timeout:?}", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(20));
+    pub async fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<String> {
+        match self.exited_within(timeout).await? {
+            Some(status) => Ok(format!("{status:?}")),
+            None => bail!("{} did not exit within {timeout:?}", self.name),
         }
     }
 
@@ -295,18 +301,11 @@ impl NatsServer {
         )
     }
 
-    /// Kills (SIGKILL) and starts again on the same port. Blocks the
-    /// calling thread until the server listens (at most 10 s).
-    pub fn restart(&mut self) -> anyhow::Result<()> {
+    /// Kills (SIGKILL) and starts again on the same port; waits
+    /// (asynchronously) until the server listens, at most 10 s.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.proc.kill()?;
         self.proc.start()?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if self.listening()? {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        bail!("nats-server not listening on {} after restart", self.port)
+        self.wait_listening(Duration::from_secs(10)).await
     }
 }

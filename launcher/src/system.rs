@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use twopc_schemas::api::{CreateProduct, CreateUser};
-use twopc_schemas::{subjects, Code};
+use twopc_schemas::{participant, subjects, Code, ParticipantName};
 
 use crate::client::{request, Reply};
 use crate::process::{Binaries, NatsServer, Proc};
@@ -33,6 +33,25 @@ impl Kind {
             Kind::Wallet => "wallet",
             Kind::Order => "order",
         }
+    }
+
+    /// The participant this service is, if it is one.
+    pub fn participant(self) -> Option<ParticipantName> {
+        match self {
+            Kind::Coordinator => None,
+            Kind::Wallet => Some(participant::WALLET),
+            Kind::Order => Some(participant::ORDER),
+        }
+    }
+
+    /// Whether the service answers its probe subject now (within 500 ms):
+    /// it is serving.
+    pub async fn answers(self, client: &async_nats::Client) -> bool {
+        let (subject, body) = self.probe();
+        let req = async_nats::Request::new()
+            .payload(body.to_vec().into())
+            .timeout(Some(Duration::from_millis(500)));
+        client.send_request(subject, req).await.is_ok()
     }
 
     /// A public subject the service answers once it is serving, with the
@@ -252,13 +271,9 @@ impl Service {
         client: &async_nats::Client,
         timeout: Duration,
     ) -> anyhow::Result<()> {
-        let (subject, body) = self.kind.probe();
         let deadline = Instant::now() + timeout;
         loop {
-            let req = async_nats::Request::new()
-                .payload(body.to_vec().into())
-                .timeout(Some(Duration::from_millis(500)));
-            if client.send_request(subject, req).await.is_ok() {
+            if self.kind.answers(client).await {
                 return Ok(());
             }
             if !self.proc.is_running() {

@@ -10,33 +10,8 @@
 //! transaction.
 
 use twopc_schemas::protocol::{BranchOp, Decision, Vote};
+pub use twopc_schemas::BranchState;
 use twopc_schemas::Code;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BranchState {
-    Prepared,
-    Committed,
-    Aborted,
-}
-
-impl BranchState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BranchState::Prepared => "prepared",
-            BranchState::Committed => "committed",
-            BranchState::Aborted => "aborted",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "prepared" => Some(BranchState::Prepared),
-            "committed" => Some(BranchState::Committed),
-            "aborted" => Some(BranchState::Aborted),
-            _ => None,
-        }
-    }
-}
 
 /// A stored branch.
 #[derive(Debug, Clone, PartialEq, Eq)]

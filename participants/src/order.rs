@@ -13,6 +13,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use twopc_common::db::{self, Db};
 use twopc_common::now_ms;
 use twopc_schemas::api::{ApiError, CreateProduct, Stock, StockQuery};
+use twopc_schemas::participant::{self, BranchState, ParticipantName};
 use twopc_schemas::protocol::{BranchOp, TxId};
 use twopc_schemas::{subjects, Code};
 
@@ -57,7 +58,7 @@ pub struct OrderSnapshot {
     /// Committed orders: tx → (user, sku, qty, amount).
     pub orders: BTreeMap<TxId, (String, String, i64, i64)>,
     /// Branch states: tx → `prepared`, `committed` or `aborted`.
-    pub branches: BTreeMap<TxId, String>,
+    pub branches: BTreeMap<TxId, BranchState>,
 }
 
 /// Reads the order service's tables (see [`MIGRATIONS`]) and its branches.
@@ -98,8 +99,8 @@ fn reserve(op: &BranchOp) -> Option<(&str, &str, u64, u64)> {
 }
 
 impl Resource for Order {
-    fn name(&self) -> &'static str {
-        subjects::ORDER
+    fn name(&self) -> ParticipantName {
+        participant::ORDER
     }
 
     fn migrations(&self) -> &'static [&'static str] {
@@ -270,7 +271,7 @@ pub async fn serve_public(
     db: Db,
     max_inflight: usize,
 ) -> anyhow::Result<()> {
-    let s = subjects::ORDER;
+    let s = participant::ORDER.as_str();
     tokio::try_join!(
         serve_json(
             serving.clone(),

@@ -32,7 +32,7 @@ use twopc_schemas::protocol::{
     self, BranchOp, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Prepare, TxId,
     Vote,
 };
-use twopc_schemas::{subjects, Code};
+use twopc_schemas::{subjects, Code, ParticipantName};
 
 use crate::branch::{on_decide, on_prepare, Branch, BranchState, OnDecide, OnPrepare};
 use crate::config::ParticipantArgs;
@@ -47,7 +47,7 @@ pub type Refusal = (Code, String);
 /// resource change and the protocol state are durable together.
 pub trait Resource: Send + Sync + 'static {
     /// The participant's name (`wallet`, `order`): subjects and logs.
-    fn name(&self) -> &'static str;
+    fn name(&self) -> ParticipantName;
     /// Schema of the resource's own tables, applied in order once each.
     fn migrations(&self) -> &'static [&'static str];
     /// Checks `op` and holds what it needs. `Ok(Err(refusal))` means a no
@@ -90,9 +90,19 @@ pub fn tx_column(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<TxId> {
 /// Every branch's stored state (`prepared`, `committed`, `aborted`), by
 /// transaction: the library table's part of a participant's snapshot, read
 /// by the invariant checker.
-pub fn branch_states(conn: &Connection) -> rusqlite::Result<BTreeMap<TxId, String>> {
+pub fn branch_states(conn: &Connection) -> rusqlite::Result<BTreeMap<TxId, BranchState>> {
     let mut s = conn.prepare("SELECT tx, state FROM branches")?;
-    let rows = s.query_map([], |r| Ok((tx_column(r, 0)?, r.get(1)?)))?;
+    let rows = s.query_map([], |r| {
+        let state: String = r.get(1)?;
+        let state = BranchState::parse(&state).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                1,
+                rusqlite::types::Type::Text,
+                format!("unknown branch state {state:?}").into(),
+            )
+        })?;
+        Ok((tx_column(r, 0)?, state))
+    })?;
     rows.collect()
 }
 
@@ -374,7 +384,7 @@ impl<R: Resource> Participant<R> {
         let path = args.data_dir.join(format!("{}.db", resource.name()));
         let conn = db::open(&path, resource.migrations())?;
         conn.execute_batch(BRANCHES_SQL)?;
-        Ok(Db::start(conn, resource.name()))
+        Ok(Db::start(conn, resource.name().as_str()))
     }
 
     pub fn new(
@@ -399,7 +409,7 @@ impl<R: Resource> Participant<R> {
         &self.db
     }
 
-    fn name(&self) -> &'static str {
+    fn name(&self) -> ParticipantName {
         self.resource.name()
     }
 
@@ -407,7 +417,7 @@ impl<R: Resource> Participant<R> {
     /// closes or a task fails.
     pub async fn run(self: Arc<Self>) -> anyhow::Result<()> {
         let name = self.name();
-        let queue = subjects::queue_group(name);
+        let queue = subjects::queue_group(name.as_str());
         let busy = |body: Vec<u8>| {
             Response::error(body, 503, format!("busy: {name} is at its in-flight limit"))
         };
@@ -429,12 +439,11 @@ impl<R: Resource> Participant<R> {
             code: Code::Busy,
             message: format!("{name} is at its in-flight limit"),
         }));
-        let busy_json =
-            Response::api_error(&ApiError::new(Code::Busy, "too many requests in flight"));
+        let busy_json = refusal(&ApiError::new(Code::Busy, "too many requests in flight"));
 
         let p = self.clone();
         let prepare = serve(
-            endpoint("prepare", subjects::prepare(name), busy_vote),
+            endpoint("prepare", subjects::prepare(&name), busy_vote),
             move |msg| {
                 let p = p.clone();
                 async move { p.on_prepare(msg).await }
@@ -442,7 +451,7 @@ impl<R: Resource> Participant<R> {
         );
         let p = self.clone();
         let decide = serve(
-            endpoint("decide", subjects::decide(name), busy_decide),
+            endpoint("decide", subjects::decide(&name), busy_decide),
             move |msg| {
                 let p = p.clone();
                 async move { p.on_decide(msg).await }
@@ -450,24 +459,23 @@ impl<R: Resource> Participant<R> {
         );
         let p = self.clone();
         let status = serve(
-            endpoint("tx-status", subjects::participant_tx(name), busy_json),
+            endpoint("tx-status", subjects::participant_tx(&name), busy_json),
             move |msg| {
                 let p = p.clone();
                 async move { p.on_tx_status(msg.payload).await }
             },
         );
         let p = self.clone();
-        let in_doubt_busy =
-            Response::api_error(&ApiError::new(Code::Busy, "too many requests in flight"));
+        let in_doubt_busy = refusal(&ApiError::new(Code::Busy, "too many requests in flight"));
         let in_doubt = serve(
             endpoint(
                 "in-doubt",
-                subjects::participant_in_doubt(name),
+                subjects::participant_in_doubt(&name),
                 in_doubt_busy,
             ),
             move |_msg| {
                 let p = p.clone();
-                async move { Response::json(p.in_doubt().await) }
+                async move { Response::json(p.in_doubt().await, refusal) }
             },
         );
         // Rows are only ever added, with growing rowids, so those up to the
@@ -482,7 +490,7 @@ impl<R: Resource> Participant<R> {
             })
             .await?;
         let recovery = self.clone().recovery_loop(started_after_rowid);
-        info!(participant = name, faults = ?twopc_common::fault::armed(), "participant serving");
+        info!(participant = %name, faults = ?twopc_common::fault::armed(), "participant serving");
         tokio::try_join!(prepare, decide, status, in_doubt, recovery)?;
         Ok(())
     }
@@ -499,9 +507,9 @@ impl<R: Resource> Participant<R> {
                 // Nothing is written for either: the message is refused
                 // before anything is held, so a no vote is always safe.
                 if matches!(e, protocol::DecodeError::Invalid(_)) {
-                    warn!(participant = name, error = %e, "rejected prepare outside the protocol's limits");
+                    warn!(participant = %name, error = %e, "rejected prepare outside the protocol's limits");
                 } else {
-                    warn!(participant = name, error = %e, "rejected prepare that does not decode");
+                    warn!(participant = %name, error = %e, "rejected prepare that does not decode");
                 }
                 let body = protocol::encode(&Vote::No {
                     code: Code::BadMessage,
@@ -510,9 +518,9 @@ impl<R: Resource> Participant<R> {
                 return Response::error(body, 400, format!("bad_message: {e}"));
             }
         };
-        let span = tracing::info_span!("prepare", participant = name, tx = %msg.tx, %trace_id);
+        let span = tracing::info_span!("prepare", participant = %name, tx = %msg.tx, %trace_id);
         async move {
-            let delay = delay_for(ParticipantDelay::Prepare.at(name));
+            let delay = delay_for(ParticipantDelay::Prepare.at(&name));
             if let Some(d) = delay {
                 tokio::time::sleep(d).await;
             }
@@ -549,7 +557,7 @@ impl<R: Resource> Participant<R> {
             // Durable point: `db.run` returned only after the batch holding
             // this prepare was fsynced, so the yes vote below announces a
             // durable prepared record.
-            crash_point(ParticipantCrash::PrepareAfterDurable.at(name));
+            crash_point(ParticipantCrash::PrepareAfterDurable.at(&name));
             tracing::debug!(log_us = started.elapsed().as_micros() as u64, "timings");
             metrics::counter!(
                 "twopc_votes_total",
@@ -575,7 +583,7 @@ impl<R: Resource> Participant<R> {
         let msg = match protocol::decode::<Decide>(&payload) {
             Ok(m) => m,
             Err(e) => {
-                warn!(participant = name, error = %e, "rejected decision that does not decode");
+                warn!(participant = %name, error = %e, "rejected decision that does not decode");
                 let body = protocol::encode(&DecideReply::Rejected {
                     code: Code::BadMessage,
                     message: e.to_string(),
@@ -583,19 +591,19 @@ impl<R: Resource> Participant<R> {
                 return Response::error(body, 400, format!("bad_message: {e}"));
             }
         };
-        let delay = delay_for(ParticipantDelay::Decide.at(name));
+        let delay = delay_for(ParticipantDelay::Decide.at(&name));
         if let Some(d) = delay {
             tokio::time::sleep(d).await;
         }
         // Crash point: the decision arrived but is not applied (the
         // participant stays prepared, in doubt, until it recovers).
-        crash_point(ParticipantCrash::DecideBeforeApply.at(name));
+        crash_point(ParticipantCrash::DecideBeforeApply.at(&name));
         let reply = self.apply_decision(msg.tx, msg.decision, &trace_id).await;
         match &reply {
             DecideReply::Ack => Response::ok(protocol::encode(&reply)),
             DecideReply::Rejected { code, message } => Response::error(
                 protocol::encode(&reply),
-                twopc_common::serve::status_of(*code),
+                code.status(),
                 format!("{code}: {message}"),
             ),
         }
@@ -604,7 +612,7 @@ impl<R: Resource> Participant<R> {
     /// Applies a decision durably (phase 2 delivery and recovery share it).
     async fn apply_decision(&self, tx: TxId, decision: Decision, trace_id: &str) -> DecideReply {
         let name = self.name();
-        let span = tracing::info_span!("decide", participant = name, %tx, decision = decision.as_str(), trace_id);
+        let span = tracing::info_span!("decide", participant = %name, %tx, decision = decision.as_str(), trace_id);
         async move {
             let resource = self.resource.clone();
             let reply = match self
@@ -627,7 +635,7 @@ impl<R: Resource> Participant<R> {
             };
             // Durable point: the decision's effect is fsynced before the ack
             // leaves, so the coordinator may forget the transaction after it.
-            crash_point(ParticipantCrash::DecideAfterDurable.at(name));
+            crash_point(ParticipantCrash::DecideAfterDurable.at(&name));
             match &reply {
                 DecideReply::Ack => {
                     metrics::counter!("twopc_decisions_applied_total", "decision" => decision.as_str())
@@ -647,7 +655,7 @@ impl<R: Resource> Participant<R> {
     async fn on_tx_status(&self, payload: Bytes) -> Response {
         let tx = match TxQuery::parse(&payload) {
             Ok(tx) => tx,
-            Err(e) => return Response::api_error(&e),
+            Err(e) => return refusal(&e),
         };
         let name = self.name();
         let res = self
@@ -668,7 +676,7 @@ impl<R: Resource> Participant<R> {
             Ok((b, at)) => {
                 let status = BranchStatus {
                     tx: tx.to_string(),
-                    participant: name.to_owned(),
+                    participant: name.to_string(),
                     state: b
                         .as_ref()
                         .map_or("unknown", |b| b.state.as_str())
@@ -683,7 +691,7 @@ impl<R: Resource> Participant<R> {
                 };
                 Response::ok(serde_json::to_vec(&status).expect("status serialises"))
             }
-            Err(e) => Response::api_error(&ApiError::new(Code::Internal, e.to_string())),
+            Err(e) => refusal(&ApiError::new(Code::Internal, e.to_string())),
         }
     }
 
@@ -708,7 +716,7 @@ impl<R: Resource> Participant<R> {
             .await
             .map_err(db_error)?;
         Ok(ParticipantInDoubt {
-            participant: self.name().to_owned(),
+            participant: self.name().to_string(),
             prepared,
         })
     }
@@ -739,14 +747,14 @@ impl<R: Resource> Participant<R> {
                     MAX_QUERIES_PER_PASS,
                 ),
                 Err(e) => {
-                    warn!(participant = name, error = %e, "could not list in-doubt branches");
+                    warn!(participant = %name, error = %e, "could not list in-doubt branches");
                     vec![]
                 }
             };
             metrics::gauge!("twopc_in_doubt").set(tracker.in_doubt(now) as f64);
             if !due.is_empty() {
                 info!(
-                    participant = name,
+                    participant = %name,
                     count = due.len(),
                     "resolving in-doubt transactions"
                 );
@@ -771,7 +779,7 @@ impl<R: Resource> Participant<R> {
         if twopc_common::fault::broken("decide_alone") {
             // DELIBERATELY BROKEN (tests only): a participant in doubt
             // aborts on its own instead of asking the coordinator.
-            warn!(participant = name, %tx, "BROKEN: aborting an in-doubt transaction alone");
+            warn!(participant = %name, %tx, "BROKEN: aborting an in-doubt transaction alone");
             return matches!(
                 self.apply_decision(tx, Decision::Abort, "").await,
                 DecideReply::Ack
@@ -794,14 +802,14 @@ impl<R: Resource> Participant<R> {
             Ok(m) => m,
             Err(e) => {
                 // A timeout is "unknown": ask again later, never guess.
-                warn!(participant = name, %tx, error = %e, "decision query unanswered; will retry");
+                warn!(participant = %name, %tx, error = %e, "decision query unanswered; will retry");
                 return false;
             }
         };
         match protocol::decode::<DecisionReply>(&reply.payload) {
             Ok(DecisionReply::Decided { tx: got, decision }) if got == tx => {
-                info!(participant = name, %tx, decision = decision.as_str(), "in-doubt transaction resolved by the coordinator");
-                crash_point(ParticipantCrash::RecoverBeforeApply.at(name));
+                info!(participant = %name, %tx, decision = decision.as_str(), "in-doubt transaction resolved by the coordinator");
+                crash_point(ParticipantCrash::RecoverBeforeApply.at(&name));
                 metrics::counter!("twopc_recoveries_total").increment(1);
                 matches!(
                     self.apply_decision(tx, decision, "").await,
@@ -809,15 +817,15 @@ impl<R: Resource> Participant<R> {
                 )
             }
             Ok(DecisionReply::Decided { tx: got, .. }) => {
-                error!(participant = name, %tx, %got, "decision reply for another transaction; ignored");
+                error!(participant = %name, %tx, %got, "decision reply for another transaction; ignored");
                 false
             }
             Ok(DecisionReply::Rejected { code, message }) => {
-                warn!(participant = name, %tx, %code, %message, "decision query refused; will retry");
+                warn!(participant = %name, %tx, %code, %message, "decision query refused; will retry");
                 false
             }
             Err(e) => {
-                warn!(participant = name, %tx, error = %e, "decision reply does not decode; will retry");
+                warn!(participant = %name, %tx, error = %e, "decision reply does not decode; will retry");
                 false
             }
         }
@@ -841,12 +849,16 @@ where
 {
     let name = resource.name();
     let db = Participant::open_db(&args, &resource)?;
-    info!(participant = name, db = %db.path().display(), "database open (WAL, synchronous=FULL)");
+    info!(participant = %name, db = %db.path().display(), "database open (WAL, synchronous=FULL)");
     if let Some(addr) = args.metrics_addr {
         twopc_common::telemetry::install(addr)?;
     }
-    let client = twopc_common::nats::connect(&args.nats_url, name).await?;
-    let registry = Arc::new(Registry::new(name, env!("CARGO_PKG_VERSION"), description));
+    let client = twopc_common::nats::connect(&args.nats_url, name.as_str()).await?;
+    let registry = Arc::new(Registry::new(
+        name.as_str(),
+        env!("CARGO_PKG_VERSION"),
+        description,
+    ));
     let shutdown = Shutdown::new();
     let discovery = registry
         .clone()
@@ -870,13 +882,13 @@ where
     tokio::select! {
         r = &mut work => r,
         _ = stop => {
-            info!(participant = name, "SIGTERM: draining (no new requests; in-flight ones finish)");
+            info!(participant = %name, "SIGTERM: draining (no new requests; in-flight ones finish)");
             shutdown.begin();
             // Endpoints and recovery return once drained; discovery answers
             // until the end, so stop waiting after the drain bound.
             let _ = tokio::time::timeout(twopc_common::serve::DRAIN_TIMEOUT, &mut work).await;
             let _ = client.flush().await;
-            info!(participant = name, "drained; exiting");
+            info!(participant = %name, "drained; exiting");
             Ok(())
         }
     }
@@ -907,11 +919,11 @@ where
         subject: subject.into(),
         queue: subjects::queue_group(service),
         max_inflight,
-        busy: Response::api_error(&ApiError::new(Code::Busy, "too many requests in flight")),
+        busy: refusal(&ApiError::new(Code::Busy, "too many requests in flight")),
     };
     serve(ep, move |m| {
         let db = db.clone();
-        async move { Response::json(handler(db, m.payload).await) }
+        async move { Response::json(handler(db, m.payload).await, refusal) }
     })
     .await
 }
@@ -922,4 +934,10 @@ pub fn db_error(e: DbError) -> ApiError {
         DbError::Busy => ApiError::new(Code::Busy, "too many requests in flight"),
         other => ApiError::new(Code::Internal, other.to_string()),
     }
+}
+
+/// The reply refusing a request: `{"error": ...}` with the service-protocol
+/// error headers.
+fn refusal(e: &ApiError) -> Response {
+    Response::error(e.to_json(), e.code.status(), e.to_string())
 }

@@ -13,6 +13,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use twopc_common::db::{self, Db};
 use twopc_common::now_ms;
 use twopc_schemas::api::{ApiError, Balance, BalanceQuery, CreateUser};
+use twopc_schemas::participant::{self, BranchState, ParticipantName};
 use twopc_schemas::protocol::{BranchOp, TxId};
 use twopc_schemas::{subjects, Code};
 
@@ -54,7 +55,7 @@ pub struct WalletSnapshot {
     /// Committed debits: tx → (user, amount).
     pub debits: BTreeMap<TxId, (String, i64)>,
     /// Branch states: tx → `prepared`, `committed` or `aborted`.
-    pub branches: BTreeMap<TxId, String>,
+    pub branches: BTreeMap<TxId, BranchState>,
 }
 
 /// Reads the wallet's tables (see [`MIGRATIONS`]) and its branches. Run it
@@ -85,8 +86,8 @@ fn debit(op: &BranchOp) -> Option<(&str, u64)> {
 }
 
 impl Resource for Wallet {
-    fn name(&self) -> &'static str {
-        subjects::WALLET
+    fn name(&self) -> ParticipantName {
+        participant::WALLET
     }
 
     fn migrations(&self) -> &'static [&'static str] {
@@ -229,7 +230,7 @@ pub async fn serve_public(
     db: Db,
     max_inflight: usize,
 ) -> anyhow::Result<()> {
-    let s = subjects::WALLET;
+    let s = participant::WALLET.as_str();
     tokio::try_join!(
         serve_json(
             serving.clone(),

@@ -83,6 +83,27 @@ impl Code {
         }
     }
 
+    /// The HTTP-like status a reply with this code carries in the service
+    /// protocol's `Nats-Service-Error-Code` header.
+    pub fn status(self) -> u16 {
+        match self {
+            Code::UnknownUser | Code::UnknownSku | Code::UnknownTx => 404,
+            Code::AlreadyExists | Code::Conflict => 409,
+            Code::PayloadTooLarge => 413,
+            Code::Busy | Code::ShuttingDown | Code::Unavailable => 503,
+            Code::Internal => 500,
+            Code::Timeout | Code::OutcomeUnknown => 504,
+            Code::InsufficientFunds
+            | Code::OutOfStock
+            | Code::PriceMismatch
+            | Code::AlreadyAborted
+            | Code::PresumedAbort
+            | Code::MalformedJson
+            | Code::InvalidRequest
+            | Code::BadMessage => 400,
+        }
+    }
+
     /// Parses the snake_case name (used when reading codes back from SQLite).
     pub fn parse(s: &str) -> Option<Code> {
         serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()

@@ -9,8 +9,10 @@
 
 pub mod api;
 pub mod code;
+pub mod participant;
 pub mod points;
 pub mod protocol;
 pub mod subjects;
 
 pub use code::Code;
+pub use participant::{BranchState, ParticipantName};

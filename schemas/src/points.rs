@@ -6,6 +6,8 @@
 
 use std::fmt;
 
+use crate::ParticipantName;
+
 /// Where the coordinator can be made to crash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CoordinatorCrash {
@@ -71,7 +73,7 @@ impl ParticipantCrash {
 
     /// The point's name at `participant`, formatted only when displayed
     /// (the fault module formats names only when some fault is armed).
-    pub fn at(self, participant: &str) -> PointName<'_> {
+    pub fn at(self, participant: &ParticipantName) -> PointName<'_> {
         PointName {
             participant,
             step: self.step(),
@@ -98,7 +100,7 @@ impl ParticipantDelay {
         }
     }
 
-    pub fn at(self, participant: &str) -> PointName<'_> {
+    pub fn at(self, participant: &ParticipantName) -> PointName<'_> {
         PointName {
             participant,
             step: self.step(),
@@ -109,7 +111,7 @@ impl ParticipantDelay {
 /// `<participant>.<step>`.
 #[derive(Debug, Clone, Copy)]
 pub struct PointName<'a> {
-    participant: &'a str,
+    participant: &'a ParticipantName,
     step: &'static str,
 }
 
@@ -120,7 +122,7 @@ impl fmt::Display for PointName<'_> {
 }
 
 /// Every crash point of a system whose participants are `participants`.
-pub fn crash_points(participants: &[&str]) -> Vec<String> {
+pub fn crash_points(participants: &[ParticipantName]) -> Vec<String> {
     let mut v: Vec<String> = CoordinatorCrash::ALL
         .iter()
         .map(|c| c.name().to_owned())
@@ -132,7 +134,7 @@ pub fn crash_points(participants: &[&str]) -> Vec<String> {
 }
 
 /// Every delay point of a system whose participants are `participants`.
-pub fn delay_points(participants: &[&str]) -> Vec<String> {
+pub fn delay_points(participants: &[ParticipantName]) -> Vec<String> {
     participants
         .iter()
         .flat_map(|p| ParticipantDelay::ALL.iter().map(|d| d.at(p).to_string()))
@@ -142,7 +144,7 @@ pub fn delay_points(participants: &[&str]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::subjects::PARTICIPANTS;
+    use crate::participant::{ORDER, PURCHASE_PARTICIPANTS, WALLET};
     use std::collections::BTreeSet;
 
     /// The backticked names in the first column of the ARCHITECTURE.md
@@ -171,24 +173,24 @@ mod tests {
 
     #[test]
     fn architecture_md_lists_exactly_the_crash_points_in_the_code() {
-        let code: BTreeSet<String> = crash_points(&PARTICIPANTS).into_iter().collect();
+        let code: BTreeSet<String> = crash_points(&PURCHASE_PARTICIPANTS).into_iter().collect();
         assert_eq!(documented("crash point"), code);
     }
 
     #[test]
     fn architecture_md_lists_exactly_the_delay_points_in_the_code() {
-        let code: BTreeSet<String> = delay_points(&PARTICIPANTS).into_iter().collect();
+        let code: BTreeSet<String> = delay_points(&PURCHASE_PARTICIPANTS).into_iter().collect();
         assert_eq!(documented("delay point"), code);
     }
 
     #[test]
     fn names_are_formatted_as_documented() {
         assert_eq!(
-            ParticipantCrash::DecideBeforeApply.at("wallet").to_string(),
+            ParticipantCrash::DecideBeforeApply.at(&WALLET).to_string(),
             "wallet.decide.before_apply"
         );
         assert_eq!(
-            ParticipantDelay::Prepare.at("order").to_string(),
+            ParticipantDelay::Prepare.at(&ORDER).to_string(),
             "order.prepare"
         );
     }

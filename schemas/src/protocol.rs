@@ -13,7 +13,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::api::{check_id, check_range, MAX_AMOUNT, MAX_QTY};
-use crate::Code;
+use crate::{Code, ParticipantName};
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -117,7 +117,7 @@ pub enum DecideReply {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DecisionQuery {
     pub tx: TxId,
-    pub participant: String,
+    pub participant: ParticipantName,
 }
 
 /// Coordinator → participant: the answer to a [`DecisionQuery`].
@@ -161,11 +161,7 @@ message!(Prepare, 1, |m| m.op.validate());
 message!(Vote, 2);
 message!(Decide, 3);
 message!(DecideReply, 4);
-message!(DecisionQuery, 5, |m| check_id(
-    "participant",
-    &m.participant
-)
-.map_err(|e| e.message));
+message!(DecisionQuery, 5);
 message!(DecisionReply, 6);
 
 /// Why bytes are not a valid protocol message.
@@ -320,7 +316,7 @@ mod golden {
     fn decision_query() {
         let msg = DecisionQuery {
             tx: tx(),
-            participant: "w".into(),
+            participant: ParticipantName::new("w").unwrap(),
         };
         check(msg, &with_tx(&[1, b'w']));
     }
@@ -446,15 +442,17 @@ mod limits {
     }
 
     #[test]
-    fn decision_query_names_a_participant_by_the_identifier_rules() {
+    fn decision_query_names_a_participant_by_the_naming_rule() {
+        // Built by hand: a `DecisionQuery` cannot hold a bad name.
         let q = |participant: &str| {
-            decode::<DecisionQuery>(&encode(&DecisionQuery {
-                tx: Uuid::from_u128(1),
-                participant: participant.into(),
-            }))
+            let mut bytes = postcard::to_allocvec(&PROTOCOL_VERSION).unwrap();
+            bytes.push(DecisionQuery::KIND);
+            bytes.extend(postcard::to_allocvec(&(Uuid::from_u128(1), participant)).unwrap());
+            decode::<DecisionQuery>(&bytes)
         };
-        assert!(q("wallet").is_ok());
-        assert!(matches!(q(""), Err(DecodeError::Invalid(_))));
-        assert!(matches!(q("wal let"), Err(DecodeError::Invalid(_))));
+        assert_eq!(q("wallet").unwrap().participant, crate::participant::WALLET);
+        for bad in ["", "wal let", "twopc.>", "Wallet"] {
+            assert!(matches!(q(bad), Err(DecodeError::Body(_))), "{bad:?}");
+        }
     }
 }

@@ -20,28 +20,25 @@ pub const ORDER_STOCK: &str = "order.stock";
 /// Public: create a product with price and stock, served by order.
 pub const ORDER_CREATE_PRODUCT: &str = "order.products.create";
 
-/// The participants of a purchase, in the order the coordinator lists them.
-pub const WALLET: &str = "wallet";
-pub const ORDER: &str = "order";
-pub const PARTICIPANTS: [&str; 2] = [WALLET, ORDER];
+use crate::participant::ParticipantName;
 
 /// Internal: phase 1 requests to one participant.
-pub fn prepare(participant: &str) -> String {
+pub fn prepare(participant: &ParticipantName) -> String {
     format!("twopc.{participant}.prepare")
 }
 
 /// Internal: phase 2 (decision delivery) to one participant.
-pub fn decide(participant: &str) -> String {
+pub fn decide(participant: &ParticipantName) -> String {
     format!("twopc.{participant}.decide")
 }
 
 /// Public: a transaction's state at one participant (JSON `{"tx": ...}`).
-pub fn participant_tx(participant: &str) -> String {
+pub fn participant_tx(participant: &ParticipantName) -> String {
     format!("{participant}.tx")
 }
 
 /// Public: a participant's prepared, undecided transactions (JSON `{}`).
-pub fn participant_in_doubt(participant: &str) -> String {
+pub fn participant_in_doubt(participant: &ParticipantName) -> String {
     format!("{participant}.in_doubt")
 }
 

@@ -631,7 +631,7 @@ fn undecodable_protocol_messages_are_refused() {
     };
     let query = DecisionQuery {
         tx,
-        participant: "wallet".into(),
+        participant: twopc_schemas::participant::WALLET,
     };
     let prepare_json =
         format!(r#"{{"tx":"{tx}","op":{{"Debit":{{"user":"alice","amount":1250}}}}}}"#);

@@ -9,7 +9,7 @@ use twopc_launcher::client::{request, request_raw, Reply};
 use twopc_schemas::api::{
     CreateProduct, CreateUser, PurchaseReply, PurchaseRequest, Stock, StockQuery,
 };
-use twopc_schemas::subjects;
+use twopc_schemas::{participant, subjects};
 
 use super::{print_json, print_reply};
 
@@ -87,8 +87,8 @@ pub async fn tx(client: &async_nats::Client, timeout: Duration, id: String) -> a
     let body = serde_json::to_vec(&serde_json::json!({ "tx": id }))?;
     let parts = [
         ("coordinator", subjects::TX_STATUS.to_owned()),
-        ("wallet", subjects::participant_tx(subjects::WALLET)),
-        ("order", subjects::participant_tx(subjects::ORDER)),
+        ("wallet", subjects::participant_tx(&participant::WALLET)),
+        ("order", subjects::participant_tx(&participant::ORDER)),
     ];
     print_json(&ask_each(client, &parts, body, timeout).await);
     Ok(())
@@ -97,8 +97,11 @@ pub async fn tx(client: &async_nats::Client, timeout: Duration, id: String) -> a
 pub async fn in_doubt(client: &async_nats::Client, timeout: Duration) -> anyhow::Result<()> {
     let parts = [
         ("coordinator", subjects::IN_DOUBT.to_owned()),
-        ("wallet", subjects::participant_in_doubt(subjects::WALLET)),
-        ("order", subjects::participant_in_doubt(subjects::ORDER)),
+        (
+            "wallet",
+            subjects::participant_in_doubt(&participant::WALLET),
+        ),
+        ("order", subjects::participant_in_doubt(&participant::ORDER)),
     ];
     print_json(&ask_each(client, &parts, b"{}".to_vec(), timeout).await);
     Ok(())

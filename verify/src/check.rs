@@ -11,6 +11,8 @@ use std::path::Path;
 
 use rusqlite::{Connection, OpenFlags};
 use twopc_schemas::api::Outcome;
+use twopc_schemas::protocol::Decision;
+use twopc_schemas::{BranchState, ParticipantName};
 use uuid::Uuid;
 
 /// What the system was seeded with.
@@ -39,10 +41,10 @@ pub struct Snapshot {
     /// Committed orders: tx → (user, sku, qty, amount).
     pub orders: BTreeMap<Uuid, (String, String, i64, i64)>,
     /// Branch states at each participant: tx → state.
-    pub wallet_branches: BTreeMap<Uuid, String>,
-    pub order_branches: BTreeMap<Uuid, String>,
+    pub wallet_branches: BTreeMap<Uuid, BranchState>,
+    pub order_branches: BTreeMap<Uuid, BranchState>,
     /// Coordinator decisions: tx → (decision, participants pending, request id).
-    pub decisions: BTreeMap<Uuid, (String, Vec<String>, Option<String>)>,
+    pub decisions: BTreeMap<Uuid, (Decision, Vec<ParticipantName>, Option<String>)>,
 }
 
 fn open(path: &Path) -> rusqlite::Result<Connection> {
@@ -108,14 +110,14 @@ pub fn atomicity(s: &Snapshot) -> Vec<String> {
     }
     for tx in committed_w.union(&committed_o) {
         match s.decisions.get(tx) {
-            Some((d, _, _)) if d == "commit" => {}
+            Some((Decision::Commit, _, _)) => {}
             other => v.push(format!(
                 "tx {tx} applied but the coordinator's decision is {other:?}"
             )),
         }
     }
     for (tx, (d, pending, _)) in &s.decisions {
-        if d == "commit"
+        if *d == Decision::Commit
             && pending.is_empty()
             && !(s.debits.contains_key(tx) && s.orders.contains_key(tx))
         {
@@ -123,19 +125,19 @@ pub fn atomicity(s: &Snapshot) -> Vec<String> {
                 "tx {tx} decided commit and delivered, but not applied at both"
             ));
         }
-        if d == "abort" && (s.debits.contains_key(tx) || s.orders.contains_key(tx)) {
+        if *d == Decision::Abort && (s.debits.contains_key(tx) || s.orders.contains_key(tx)) {
             v.push(format!("tx {tx} decided abort but applied"));
         }
     }
     for (name, branches) in [("wallet", &s.wallet_branches), ("order", &s.order_branches)] {
         for (tx, state) in branches {
-            let decided = s.decisions.get(tx).map(|d| d.0.as_str());
-            match (state.as_str(), decided) {
-                ("committed", Some("commit")) => {}
-                ("committed", other) => v.push(format!(
+            let decided = s.decisions.get(tx).map(|d| d.0);
+            match (state, decided) {
+                (BranchState::Committed, Some(Decision::Commit)) => {}
+                (BranchState::Committed, other) => v.push(format!(
                     "{name} committed tx {tx}, coordinator decided {other:?}"
                 )),
-                ("aborted", Some("commit")) => v.push(format!(
+                (BranchState::Aborted, Some(Decision::Commit)) => v.push(format!(
                     "{name} aborted tx {tx}, coordinator decided commit"
                 )),
                 _ => {}
@@ -233,7 +235,7 @@ pub fn no_holds_left(s: &Snapshot) -> Vec<String> {
     }
     for (name, branches) in [("wallet", &s.wallet_branches), ("order", &s.order_branches)] {
         for (tx, state) in branches {
-            if state == "prepared" {
+            if *state == BranchState::Prepared {
                 v.push(format!("{name} still in doubt about tx {tx}"));
             }
         }
@@ -241,7 +243,8 @@ pub fn no_holds_left(s: &Snapshot) -> Vec<String> {
     for (tx, (d, pending, _)) in &s.decisions {
         if !pending.is_empty() {
             v.push(format!(
-                "{d} of tx {tx} not yet acknowledged by {pending:?}"
+                "{} of tx {tx} not yet acknowledged by {pending:?}",
+                d.as_str()
             ));
         }
     }
@@ -432,9 +435,9 @@ mod tests {
 
     /// A snapshot in which `tx` was decided with `decision`, bound to `key`,
     /// and (when `applied`) debited and ordered.
-    fn decided(s: &mut Snapshot, tx: Uuid, decision: &str, key: Option<&str>, applied: bool) {
+    fn decided(s: &mut Snapshot, tx: Uuid, decision: Decision, key: Option<&str>, applied: bool) {
         s.decisions
-            .insert(tx, (decision.into(), vec![], key.map(Into::into)));
+            .insert(tx, (decision, vec![], key.map(Into::into)));
         if applied {
             s.debits.insert(tx, (ALICE.into(), 100));
             s.orders.insert(tx, (ALICE.into(), "sku-0".into(), 1, 100));
@@ -444,8 +447,8 @@ mod tests {
     #[test]
     fn a_key_answered_the_same_every_time_passes() {
         let mut s = Snapshot::default();
-        decided(&mut s, tx(1), "commit", Some("k1"), true);
-        decided(&mut s, tx(2), "abort", Some("k2"), false);
+        decided(&mut s, tx(1), Decision::Commit, Some("k1"), true);
+        decided(&mut s, tx(2), Decision::Abort, Some("k2"), false);
         let replies = [
             answer("k1", tx(1), Outcome::Committed, false),
             answer("k1", tx(1), Outcome::Committed, true),
@@ -461,8 +464,8 @@ mod tests {
         // abort row without the key), the re-send ran a new transaction
         // under the key and charged it.
         let mut s = Snapshot::default();
-        decided(&mut s, tx(1), "abort", None, false);
-        decided(&mut s, tx(2), "commit", Some("k"), true);
+        decided(&mut s, tx(1), Decision::Abort, None, false);
+        decided(&mut s, tx(2), Decision::Commit, Some("k"), true);
         let replies = [
             answer("k", tx(1), Outcome::Aborted, false),
             answer("k", tx(2), Outcome::Committed, false),
@@ -484,8 +487,8 @@ mod tests {
         // The client never heard of tx 2 (its re-send timed out), but the
         // decision log bound the key to it and it was applied.
         let mut s = Snapshot::default();
-        decided(&mut s, tx(1), "abort", None, false);
-        decided(&mut s, tx(2), "commit", Some("k"), true);
+        decided(&mut s, tx(1), Decision::Abort, None, false);
+        decided(&mut s, tx(2), Decision::Commit, Some("k"), true);
         let replies = [answer("k", tx(1), Outcome::Aborted, false)];
         let v = request_id_client_view(&replies, &s);
         assert_eq!(v.len(), 1, "{v:?}");
@@ -497,7 +500,7 @@ mod tests {
     #[test]
     fn a_key_told_aborted_whose_told_tx_is_applied_is_caught() {
         let mut s = Snapshot::default();
-        decided(&mut s, tx(1), "commit", Some("k"), false);
+        decided(&mut s, tx(1), Decision::Commit, Some("k"), false);
         s.debits.insert(tx(1), (ALICE.into(), 100));
         let replies = [answer("k", tx(1), Outcome::Aborted, false)];
         let v = request_id_client_view(&replies, &s);
@@ -508,8 +511,8 @@ mod tests {
     #[test]
     fn two_answers_with_different_txs_are_caught_even_if_both_aborted() {
         let mut s = Snapshot::default();
-        decided(&mut s, tx(1), "abort", None, false);
-        decided(&mut s, tx(2), "abort", None, false);
+        decided(&mut s, tx(1), Decision::Abort, None, false);
+        decided(&mut s, tx(2), Decision::Abort, None, false);
         let replies = [
             answer("k", tx(1), Outcome::Aborted, false),
             answer("k", tx(2), Outcome::Aborted, false),
@@ -523,13 +526,13 @@ mod tests {
     fn a_key_told_committed_must_be_applied_at_both_and_bound_to_that_tx() {
         let mut s = Snapshot::default();
         // k1: applied at the wallet only.
-        decided(&mut s, tx(1), "commit", Some("k1"), false);
+        decided(&mut s, tx(1), Decision::Commit, Some("k1"), false);
         s.debits.insert(tx(1), (ALICE.into(), 100));
         // k2: applied, but the log does not carry the key.
-        decided(&mut s, tx(2), "commit", None, true);
+        decided(&mut s, tx(2), Decision::Commit, None, true);
         // k3: applied, but the log binds the key to another transaction.
-        decided(&mut s, tx(3), "commit", None, true);
-        decided(&mut s, tx(4), "abort", Some("k3"), false);
+        decided(&mut s, tx(3), Decision::Commit, None, true);
+        decided(&mut s, tx(4), Decision::Abort, Some("k3"), false);
         let replies = [
             answer("k1", tx(1), Outcome::Committed, false),
             answer("k2", tx(2), Outcome::Committed, false),
@@ -546,8 +549,8 @@ mod tests {
     fn keys_are_checked_separately() {
         // Two keys, one committed and one aborted, never mix.
         let mut s = Snapshot::default();
-        decided(&mut s, tx(1), "commit", Some("a"), true);
-        decided(&mut s, tx(2), "abort", Some("b"), false);
+        decided(&mut s, tx(1), Decision::Commit, Some("a"), true);
+        decided(&mut s, tx(2), Decision::Abort, Some("b"), false);
         let replies = [
             answer("a", tx(1), Outcome::Committed, false),
             answer("b", tx(2), Outcome::Aborted, false),

@@ -11,6 +11,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use twopc_launcher::Kind;
 use twopc_schemas::points::{CoordinatorCrash, ParticipantCrash, ParticipantDelay};
+use twopc_schemas::ParticipantName;
 
 use super::{Config, Shared};
 use crate::proxy::Link;
@@ -62,11 +63,17 @@ pub fn crash_points(target: &str) -> Vec<String> {
             .map(|c| c.name().to_owned())
             .collect()
     } else {
+        let target = participant_named(target);
         ParticipantCrash::ALL
             .iter()
-            .map(|c| c.at(target).to_string())
+            .map(|c| c.at(&target).to_string())
             .collect()
     }
+}
+
+/// The participant a participant service's name names.
+fn participant_named(service: &str) -> ParticipantName {
+    ParticipantName::new(service).expect("participant services are named by the naming rule")
 }
 
 /// Restarts services that died on their own (crash points armed by env,
@@ -266,7 +273,7 @@ async fn fault(
             shared.proxies[target].set(Link::Up);
         }
         FaultKind::Slow => {
-            let p = slow.at(target).to_string();
+            let p = slow.at(&participant_named(target)).to_string();
             shared.say(&format!("nemesis: slow {p} by {slow_ms} ms for {hold:?}"));
             let _ = std::fs::write(
                 &shared.faults_files[target],
