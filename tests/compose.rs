@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use twopc_launcher::client::{request, Reply};
 use twopc_schemas::api::{Balance, PurchaseReply, PurchaseRequest, Stock};
+use twopc_schemas::points::ParticipantDelay;
 use twopc_schemas::{participant, subjects};
 
 struct Compose {
@@ -127,7 +128,10 @@ async fn compose_up_buy_kill_wallet_in_doubt_then_down_up_keeps_data() {
             ("METRICS_PORT_ORDER".into(), port(4)),
             // The wallet applies decisions 3 s late: a window in which a
             // committed purchase is in doubt at the wallet.
-            ("WALLET_DELAY".into(), "wallet.decide:3000".into()),
+            (
+                "WALLET_DELAY".into(),
+                format!("{}:3000", ParticipantDelay::Decide.at(&participant::WALLET)),
+            ),
             // ... and the coordinator waits long enough for its late acks.
             ("DECIDE_TIMEOUT_MS".into(), "5000".into()),
         ],

@@ -11,7 +11,8 @@ use harness::{poll_until, told, Options, System};
 use twopc::launcher::Kind;
 use twopc_common::micro::{Info, Ping, Stats};
 use twopc_schemas::api::{CoordinatorInDoubt, Outcome, PurchaseRequest};
-use twopc_schemas::subjects;
+use twopc_schemas::points::ParticipantDelay;
+use twopc_schemas::{participant, subjects};
 
 /// Sends one request to a subject every instance answers and collects
 /// replies until `expected` have come, or `timeout` passes (then it returns
@@ -165,7 +166,11 @@ async fn error_replies_carry_service_error_headers_and_a_json_body() {
 async fn sigterm_drains_in_flight_purchases_and_exits_cleanly() {
     // The wallet takes 300 ms to prepare, so purchases are in flight when
     // the signal lands.
-    let opts = Options::default().set(Kind::Wallet, "TWOPC_DELAY", "wallet.prepare:300");
+    let opts = Options::default().set(
+        Kind::Wallet,
+        "TWOPC_DELAY",
+        &format!("{}:300", ParticipantDelay::Prepare.at(&participant::WALLET)),
+    );
     let mut sys = System::start(opts).await.unwrap();
     sys.seed(&[("erin", 1_000_000)], &[("mug-1", 300, 1_000)])
         .await

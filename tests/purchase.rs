@@ -9,6 +9,7 @@ use harness::{told, tx_id, Options, System};
 use twopc_launcher::client::Reply;
 use twopc_launcher::Kind;
 use twopc_schemas::api::{Outcome, PurchaseRequest};
+use twopc_schemas::points::ParticipantDelay;
 use twopc_schemas::{participant, subjects, Code};
 use twopc_verify::check::{KeyReply, Told};
 
@@ -128,7 +129,14 @@ async fn retry_with_same_request_id_after_client_timeout_charges_once() {
     // The wallet takes 1.5 s to prepare; the coordinator waits up to 5 s;
     // the client gives up after 0.3 s.
     let opts = Options::default()
-        .set(Kind::Wallet, "TWOPC_DELAY", "wallet.prepare:1500")
+        .set(
+            Kind::Wallet,
+            "TWOPC_DELAY",
+            &format!(
+                "{}:1500",
+                ParticipantDelay::Prepare.at(&participant::WALLET)
+            ),
+        )
         .set(Kind::Coordinator, "TWOPC_PREPARE_TIMEOUT_MS", "5000");
     let mut sys = System::start(opts).await.unwrap();
     sys.seed_standard().await.unwrap();
