@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 use twopc_common::logging::LogFormat;
-use twopc_coordinator::config::{CoordinatorArgs, ReplyAfter};
+use twopc_coordinator::config::{CoordinatorArgs, ReplyAfter, Store};
 use twopc_launcher::client::{request, Reply};
 use twopc_launcher::process::NatsServer;
 use twopc_launcher::Kind;
@@ -22,6 +22,13 @@ fn coordinator_args(url: &str, dir: &Path) -> CoordinatorArgs {
     CoordinatorArgs {
         nats_url: url.to_owned(),
         data_dir: dir.join("coordinator"),
+        store: Store::Sqlite,
+        kv_bucket: String::new(),
+        kv_replicas: 1,
+        kv_timeout_ms: 2_000,
+        nats_monitor: vec![],
+        allow_unsynced_jetstream: false,
+        sweep_interval_ms: 5_000,
         prepare_timeout_ms: 2_000,
         decide_timeout_ms: 1_000,
         retry_base_ms: 50,

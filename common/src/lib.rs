@@ -5,6 +5,7 @@
 pub mod backoff;
 pub mod db;
 pub mod fault;
+pub mod http;
 pub mod logging;
 pub mod nats;
 

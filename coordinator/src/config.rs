@@ -7,6 +7,16 @@ pub enum ReplyAfter {
     Delivery,
 }
 
+/// Where decisions are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Store {
+    /// One SQLite file in the data folder: one coordinator, one disk.
+    Sqlite,
+    /// JetStream KV (replicated on a NATS cluster): any number of
+    /// coordinator replicas share it.
+    Kv,
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct CoordinatorArgs {
     /// NATS server URL(s), comma-separated, as the nats CLI reads them.
@@ -15,6 +25,34 @@ pub struct CoordinatorArgs {
     /// Folder for the coordinator's decision log (SQLite).
     #[arg(long, env = "TWOPC_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,
+    /// Where decisions are kept: `sqlite` (one coordinator) or `kv`
+    /// (JetStream KV, shared by coordinator replicas).
+    #[arg(long, env = "TWOPC_STORE", value_enum, default_value = "sqlite")]
+    pub store: Store,
+    /// The KV bucket of decisions (`--store kv`).
+    #[arg(long, env = "TWOPC_KV_BUCKET", default_value = crate::kv::DEFAULT_BUCKET)]
+    pub kv_bucket: String,
+    /// Copies of each decision in KV: 3 on a 3-node cluster, 1 on one server.
+    #[arg(long, env = "TWOPC_KV_REPLICAS", default_value_t = 1)]
+    pub kv_replicas: usize,
+    /// Bound of one KV request; a decision write not confirmed in time is
+    /// an unknown outcome (the client hears `outcome_unknown`).
+    #[arg(long, env = "TWOPC_KV_TIMEOUT_MS", default_value_t = 2_000)]
+    pub kv_timeout_ms: u64,
+    /// Monitoring URLs of the NATS servers (comma-separated, e.g.
+    /// http://127.0.0.1:8222): with `--store kv` the coordinator reads each
+    /// server's /varz and refuses to start unless JetStream runs with
+    /// `sync_interval: always`. Without them it cannot check, and says so.
+    #[arg(long, env = "TWOPC_NATS_MONITOR", value_delimiter = ',')]
+    pub nats_monitor: Vec<String>,
+    /// Start even if a server's JetStream does not fsync every write
+    /// (acknowledged decisions can then be lost in a power failure).
+    #[arg(long, env = "TWOPC_ALLOW_UNSYNCED_JETSTREAM", default_value_t = false)]
+    pub allow_unsynced_jetstream: bool,
+    /// How often to look for recorded decisions that no live replica is
+    /// delivering (a replica died mid-delivery) and deliver them.
+    #[arg(long, env = "TWOPC_SWEEP_INTERVAL_MS", default_value_t = 5_000)]
+    pub sweep_interval_ms: u64,
     /// How long to wait for each participant's vote. No answer is a no vote.
     #[arg(long, env = "TWOPC_PREPARE_TIMEOUT_MS", default_value_t = 2_000)]
     pub prepare_timeout_ms: u64,

@@ -32,9 +32,10 @@ use twopc_schemas::protocol::{
 };
 use twopc_schemas::{subjects, Code, ParticipantName};
 
-use crate::config::CoordinatorArgs;
+use crate::config::{CoordinatorArgs, Store};
 use crate::core::{log_error, ClientId, Cmd, Core, CoreConfig, Delivery, Event, QueryId};
-use crate::log::{DecisionLog, LogError, SqliteLog};
+use crate::kv::{KvConfig, KvLog};
+use crate::log::{DecisionLog, LogError, Record, SqliteLog};
 use crate::phase::Ballot;
 use twopc_common::micro::Registry;
 use twopc_common::serve::{serve, Endpoint, Response, Shutdown};
@@ -173,9 +174,39 @@ impl<L: DecisionLog> Coordinator<L> {
                 async move { Response::json(c.in_doubt().await, refusal) }
             },
         );
+        let sweep = self.clone().sweep();
         info!(faults = ?twopc_common::fault::armed(), "coordinator serving");
-        tokio::try_join!(purchase, status, decision, in_doubt)?;
+        tokio::try_join!(purchase, status, decision, in_doubt, sweep)?;
         Ok(())
+    }
+
+    /// Now and then, delivers recorded decisions that nobody here is
+    /// delivering and that are older than one sweep interval: those of a
+    /// replica that died mid-delivery, or whose acknowledgements were not
+    /// noted. Several replicas may deliver one decision at once; delivery is
+    /// idempotent and acknowledgements merge (compare-and-set), so they
+    /// finish together instead of fighting.
+    async fn sweep(self: Arc<Self>) -> anyhow::Result<()> {
+        let every = Duration::from_millis(self.args.sweep_interval_ms.max(100));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = self.shutdown.begun() => return Ok(()),
+            }
+            let older_than = twopc_common::now_ms() - every.as_millis() as i64;
+            match self.log.incomplete().await {
+                Ok(records) => {
+                    let records: Vec<Record> = records
+                        .into_iter()
+                        .filter(|r| r.decided_at_ms < older_than)
+                        .collect();
+                    if !records.is_empty() {
+                        self.step(Event::Resume { records });
+                    }
+                }
+                Err(e) => warn!(error = %e, "could not list undelivered decisions; will retry"),
+            }
+        }
     }
 
     /// What this coordinator has not finished: transactions in phase 1 and
@@ -692,13 +723,94 @@ pub async fn run(
     args: CoordinatorArgs,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.data_dir)?;
-    let log = SqliteLog::open(&args.data_dir.join("coordinator.db"))?;
-    info!(db = %log.path().display(), "decision log open (WAL, synchronous=FULL)");
     if let Some(addr) = args.metrics_addr {
         twopc_common::telemetry::install(addr)?;
     }
     let client = twopc_common::nats::connect(&args.nats_url, SERVICE).await?;
+    match args.store {
+        Store::Sqlite => {
+            std::fs::create_dir_all(&args.data_dir)?;
+            let log = SqliteLog::open(&args.data_dir.join("coordinator.db"))?;
+            info!(db = %log.path().display(), "decision log open (SQLite: WAL, synchronous=FULL)");
+            run_with(log, client, args, stop).await
+        }
+        Store::Kv => {
+            check_jetstream_sync(&args.nats_monitor, args.allow_unsynced_jetstream).await?;
+            let log = KvLog::open(
+                client.clone(),
+                KvConfig {
+                    bucket: args.kv_bucket.clone(),
+                    replicas: args.kv_replicas,
+                    timeout: Duration::from_millis(args.kv_timeout_ms),
+                },
+            )
+            .await?;
+            info!(
+                bucket = %args.kv_bucket,
+                replicas = args.kv_replicas,
+                "decision log open (JetStream KV)"
+            );
+            run_with(log, client, args, stop).await
+        }
+    }
+}
+
+/// Refuses to start on JetStream that acknowledges writes before they are
+/// on disk: reads each server's `/varz` (`jetstream.config.sync_always`).
+/// Without monitoring URLs nothing can be checked, and the log says so.
+async fn check_jetstream_sync(monitors: &[String], allow_unsynced: bool) -> anyhow::Result<()> {
+    if monitors.is_empty() {
+        warn!(
+            "cannot confirm that JetStream fsyncs every write (no --nats-monitor given): \
+             unless every server runs with `jetstream {{ sync_interval: always }}`, \
+             acknowledged decisions can be lost in a power failure"
+        );
+        return Ok(());
+    }
+    let mut unsynced = vec![];
+    for m in monitors {
+        let url = format!("{}/varz", m.trim_end_matches('/'));
+        let (status, body) = twopc_common::http::get(&url, Duration::from_secs(5)).await?;
+        anyhow::ensure!(status == 200, "GET {url}: status {status}");
+        let varz: serde_json::Value = serde_json::from_str(&body)?;
+        let config = &varz["jetstream"]["config"];
+        anyhow::ensure!(
+            !config.is_null(),
+            "{m}: JetStream is not enabled on this server"
+        );
+        if config["sync_always"].as_bool() != Some(true) {
+            unsynced.push(m.clone());
+        }
+    }
+    if unsynced.is_empty() {
+        info!(
+            servers = monitors.len(),
+            "JetStream fsyncs every write (sync_interval: always) on every server"
+        );
+        return Ok(());
+    }
+    if allow_unsynced {
+        error!(
+            servers = ?unsynced,
+            "JetStream does NOT fsync every write on these servers: acknowledged decisions \
+             can be lost in a power failure (starting anyway: --allow-unsynced-jetstream)"
+        );
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "JetStream does not fsync every write on {unsynced:?}: set \
+             `jetstream {{ sync_interval: always }}` in their configuration (or start with \
+             --allow-unsynced-jetstream to accept losing acknowledged decisions in a power failure)"
+        )
+    }
+}
+
+async fn run_with<L: DecisionLog>(
+    log: L,
+    client: Client,
+    args: CoordinatorArgs,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let registry = Arc::new(Registry::new(
         SERVICE,
         env!("CARGO_PKG_VERSION"),

@@ -9,8 +9,10 @@
 //!   after a restart.
 
 pub mod config;
+pub mod conformance;
 pub mod coordinator;
 pub mod core;
+pub mod kv;
 pub mod log;
 pub mod phase;
 pub mod status;

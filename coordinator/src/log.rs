@@ -142,12 +142,12 @@ impl SqliteLog {
 /// still read every row it wrote before. Changing a shape here means a new
 /// shape (and a migration), never an edit; `stored_shapes_read_back` holds
 /// rows written by earlier versions.
-mod stored {
+pub(crate) mod stored {
     use serde::{Deserialize, Serialize};
     use twopc_schemas::api::{AbortReason, PurchaseRequest, VoteSummary};
     use twopc_schemas::Code;
 
-    #[derive(Serialize, Deserialize)]
+    #[derive(Debug, Serialize, Deserialize)]
     pub struct Purchase {
         user: String,
         sku: String,
@@ -182,7 +182,7 @@ mod stored {
     }
 
     /// Codes are stored by their snake_case names, which never change.
-    #[derive(Serialize, Deserialize)]
+    #[derive(Debug, Serialize, Deserialize)]
     pub struct Reason {
         participant: String,
         code: Code,
@@ -209,7 +209,7 @@ mod stored {
         }
     }
 
-    #[derive(Serialize, Deserialize)]
+    #[derive(Debug, Serialize, Deserialize)]
     pub struct Vote {
         participant: String,
         vote: String,
@@ -501,127 +501,15 @@ pub fn snapshot(
 mod tests {
     use super::*;
 
-    fn rec(tx: TxId, decision: Decision, rid: Option<&str>) -> Record {
-        Record {
-            tx,
-            decision,
-            request_id: rid.map(Into::into),
-            purchase: None,
-            reason: None,
-            deliver_to: vec![
-                twopc_schemas::participant::WALLET,
-                twopc_schemas::participant::ORDER,
-            ],
-            pending: vec![
-                twopc_schemas::participant::WALLET,
-                twopc_schemas::participant::ORDER,
-            ],
-            decided_at_ms: 1,
-            completed_at_ms: None,
-            votes: vec![],
-            delivery_attempts: 0,
-        }
-    }
-
     #[tokio::test]
-    async fn first_writer_wins_and_request_ids_are_unique() {
+    async fn sqlite_passes_the_decision_log_suite() {
         let dir = tempfile::tempdir().unwrap();
         let log = SqliteLog::open(&dir.path().join("c.db")).unwrap();
-        let tx = TxId::now_v7();
-        assert!(matches!(
-            log.record(rec(tx, Decision::Abort, None)).await.unwrap(),
-            Recorded::New(_)
-        ));
-        match log.record(rec(tx, Decision::Commit, None)).await.unwrap() {
-            Recorded::Existing(r) => assert_eq!(r.decision, Decision::Abort),
-            other => panic!("{other:?}"),
-        }
-        let a = TxId::now_v7();
-        let b = TxId::now_v7();
-        assert!(matches!(
-            log.record(rec(a, Decision::Commit, Some("k")))
-                .await
-                .unwrap(),
-            Recorded::New(_)
-        ));
-        match log
-            .record(rec(b, Decision::Commit, Some("k")))
-            .await
-            .unwrap()
-        {
-            Recorded::KeyTaken(r) => assert_eq!(r.tx, a),
-            other => panic!("{other:?}"),
-        }
-        assert_eq!(
-            log.get(b).await.unwrap(),
-            None,
-            "a taken key writes nothing"
-        );
-        assert_eq!(log.by_request_id("k".into()).await.unwrap().unwrap().tx, a);
-        log.record(rec(b, Decision::Abort, None)).await.unwrap();
-        assert_eq!(log.incomplete().await.unwrap().len(), 3);
-        log.acked(a, vec![twopc_schemas::participant::WALLET], 1)
-            .await
-            .unwrap();
-        assert_eq!(log.get(a).await.unwrap().unwrap().pending, vec!["order"]);
-        log.acked(a, vec![twopc_schemas::participant::ORDER], 3)
-            .await
-            .unwrap();
-        let done = log.get(a).await.unwrap().unwrap();
-        assert!(done.pending.is_empty() && done.completed_at_ms.is_some());
-        assert_eq!(done.delivery_attempts, 3);
-        assert_eq!(log.incomplete().await.unwrap().len(), 2);
-    }
-
-    /// A presumed abort recorded first (no key) and the attempt's own
-    /// record second: the key is bound to the abort in that second write,
-    /// and only if no other transaction holds it.
-    #[tokio::test]
-    async fn a_key_binds_to_a_decision_recorded_by_someone_else() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = SqliteLog::open(&dir.path().join("c.db")).unwrap();
-        let tx = TxId::now_v7();
-        let mut presumed = rec(tx, Decision::Abort, None);
-        presumed.deliver_to.clear();
-        presumed.pending.clear();
-        assert!(matches!(
-            log.record(presumed).await.unwrap(),
-            Recorded::New(_)
-        ));
-        let mut attempt = rec(tx, Decision::Commit, Some("k"));
-        attempt.purchase = Some(PurchaseRequest {
-            user: "alice".into(),
-            sku: "book-1".into(),
-            qty: 1,
-            amount: 1,
-            request_id: Some("k".into()),
-        });
-        match log.record(attempt.clone()).await.unwrap() {
-            Recorded::Existing(r) => {
-                assert_eq!(r.decision, Decision::Abort);
-                assert_eq!(r.request_id.as_deref(), Some("k"));
-                assert_eq!(r.purchase, attempt.purchase);
-            }
-            other => panic!("{other:?}"),
-        }
-        // Read back from disk: the binding is durable, not just returned.
-        let stored = log.by_request_id("k".into()).await.unwrap().unwrap();
-        assert_eq!((stored.tx, stored.decision), (tx, Decision::Abort));
-        // Recording again is idempotent.
-        assert!(matches!(
-            log.record(attempt).await.unwrap(),
-            Recorded::Existing(r) if r.request_id.as_deref() == Some("k")
-        ));
-
-        // A presumed abort whose key is held by another transaction stays
-        // unbound.
-        let other = TxId::now_v7();
-        log.record(rec(other, Decision::Abort, None)).await.unwrap();
-        assert!(matches!(
-            log.record(rec(other, Decision::Commit, Some("k"))).await.unwrap(),
-            Recorded::KeyTaken(r) if r.tx == tx
-        ));
-        assert_eq!(log.get(other).await.unwrap().unwrap().request_id, None);
+        crate::conformance::run_all(&log).await;
+        // And what it wrote is on disk: a second handle reads it back.
+        drop(log);
+        let again = SqliteLog::open(&dir.path().join("c.db")).unwrap();
+        assert!(!again.recent(1).await.unwrap().is_empty());
     }
 
     /// Rows as earlier versions wrote them still read back, whatever the

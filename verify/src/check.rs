@@ -58,6 +58,33 @@ impl Snapshot {
     /// out by the launcher, each through its owning service's snapshot
     /// reader and in its own SQLite transaction.
     pub fn read(root: &Path) -> anyhow::Result<Snapshot> {
+        let (wallet, order) = Self::read_participants(root)?;
+        // Decisions last: anything a participant applied was decided before.
+        let decisions = {
+            let c = open(&root.join("coordinator/coordinator.db"))?;
+            twopc_coordinator::log::snapshot(&c)?
+        };
+        Ok(Self::assemble(wallet, order, decisions))
+    }
+
+    /// As [`Snapshot::read`], with the decisions read from a JetStream KV
+    /// bucket (coordinator replicas on a cluster) instead of SQLite.
+    pub async fn read_with_kv(
+        root: &Path,
+        client: async_nats::Client,
+        bucket: &str,
+    ) -> anyhow::Result<Snapshot> {
+        let (wallet, order) = Self::read_participants(root)?;
+        let decisions = twopc_coordinator::kv::snapshot(client, bucket).await?;
+        Ok(Self::assemble(wallet, order, decisions))
+    }
+
+    fn read_participants(
+        root: &Path,
+    ) -> anyhow::Result<(
+        twopc_participants::wallet::WalletSnapshot,
+        twopc_participants::order::OrderSnapshot,
+    )> {
         let wallet = {
             let mut c = open(&root.join("wallet/wallet.db"))?;
             let t = c.transaction()?;
@@ -68,11 +95,15 @@ impl Snapshot {
             let t = c.transaction()?;
             twopc_participants::order::snapshot(&t)?
         };
-        let decisions = {
-            let c = open(&root.join("coordinator/coordinator.db"))?;
-            twopc_coordinator::log::snapshot(&c)?
-        };
-        Ok(Snapshot {
+        Ok((wallet, order))
+    }
+
+    fn assemble(
+        wallet: twopc_participants::wallet::WalletSnapshot,
+        order: twopc_participants::order::OrderSnapshot,
+        decisions: BTreeMap<Uuid, twopc_coordinator::log::StoredDecision>,
+    ) -> Snapshot {
+        Snapshot {
             users: wallet.users,
             holds: wallet.holds,
             debits: wallet.debits,
@@ -85,7 +116,7 @@ impl Snapshot {
                 .into_iter()
                 .map(|(tx, d)| (tx, (d.decision, d.pending, d.request_id)))
                 .collect(),
-        })
+        }
     }
 
     /// True when nothing is in flight: no holds, reservations, prepared

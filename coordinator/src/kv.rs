@@ -1,0 +1,661 @@
+//! The decision log in JetStream KV: NATS's own replicated store (Raft,
+//! replicas 3 on a cluster), so that coordinator replicas share decisions
+//! and losing one node loses none. No consensus of our own.
+//!
+//! Keys of the bucket:
+//! * `tx.<tx id, 32 hex>` → the transaction's [`Record`], written by
+//!   `create` (put-if-absent): **first writer wins**, whichever replica it
+//!   is, and whether it records the attempt's decision or a presumed abort
+//!   for a participant's query. Updates (acknowledgements) are
+//!   compare-and-set on the revision.
+//! * `rid.<request id, hex>` → the transaction that claimed the request id,
+//!   also by `create`. An attempt claims its key *before* it records its
+//!   decision, so a transaction records a decision only while holding its
+//!   key (or without one): two attempts with one key can never both commit.
+//!
+//! A claim whose transaction has no decision [`CLAIM_GRACE_MS`] after it
+//! was made belongs to an attempt that died between the two writes; the
+//! next attempt with that key ends it by recording a presumed abort for it
+//! (first writer wins, so this is safe at any timing: if the first attempt
+//! was only slow, its own `create` then finds the abort and its client hears
+//! `aborted` too).
+//!
+//! Reads that decide something (after a lost `create`, for a compare-and-
+//! set) go to the stream leader (`get_last_raw_message_by_subject`): KV's
+//! direct gets may be answered by a follower that has not yet applied the
+//! write that won.
+//!
+//! Durability: every server the project ships runs JetStream with
+//! `sync_interval: always` (see the README for what survives what).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, ErrorCode};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use twopc_common::now_ms;
+use twopc_schemas::api::{AbortReason, PurchaseRequest, VoteSummary};
+use twopc_schemas::protocol::{Decision, TxId};
+use twopc_schemas::{Code, ParticipantName};
+
+use crate::log::{stored, DecisionLog, LogError, Record, Recorded, StoredDecision};
+
+/// The default bucket name.
+pub const DEFAULT_BUCKET: &str = "twopc_decisions";
+
+/// How long a request-id claim may stay without a decision before another
+/// attempt with the key ends it by presumed abort. The claiming attempt
+/// writes its decision right after the claim (one KV write), so this only
+/// needs to outlast a slow write.
+pub const CLAIM_GRACE_MS: i64 = 5_000;
+
+/// Largest stored value (a record is well under 2 KiB).
+const MAX_VALUE_BYTES: i32 = 64 * 1024;
+
+/// Attempts of a compare-and-set before giving up (each loses only to
+/// another writer's success).
+const CAS_ATTEMPTS: usize = 32;
+
+/// Where and how to keep the decisions.
+#[derive(Debug, Clone)]
+pub struct KvConfig {
+    pub bucket: String,
+    /// Copies of each decision: 3 on a 3-node cluster, 1 on one server.
+    pub replicas: usize,
+    /// Bound of each KV request (a timeout is an unknown outcome).
+    pub timeout: Duration,
+}
+
+/// The JetStream KV decision log.
+#[derive(Clone)]
+pub struct KvLog {
+    kv: kv::Store,
+    client: async_nats::Client,
+    /// Bound of one KV request; a write retried after unknown answers gives
+    /// up after twice this.
+    timeout: Duration,
+    /// `$KV.<bucket>.` — the stream subject prefix of keys.
+    subject_prefix: String,
+}
+
+fn tx_key(tx: TxId) -> String {
+    format!("tx.{}", tx.simple())
+}
+
+/// KV keys allow `[-/_=.a-zA-Z0-9]`; request ids may also hold `:` and `@`,
+/// so the key carries the id's bytes in hex (at most 128 characters).
+fn rid_key(request_id: &str) -> String {
+    let mut k = String::with_capacity(4 + 2 * request_id.len());
+    k.push_str("rid.");
+    for b in request_id.bytes() {
+        k.push_str(&format!("{b:02x}"));
+    }
+    k
+}
+
+/// The value of a `tx.` key: its own shape, versioned apart from the API
+/// types (the same rule as the SQLite log's JSON columns).
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredRecord {
+    v: u32,
+    /// Written by whom: tells this writer's own write apart from another's
+    /// after a write whose answer was lost.
+    writer: u64,
+    tx: TxId,
+    decision: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    request_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    purchase: Option<stored::Purchase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reason: Option<stored::Reason>,
+    deliver_to: Vec<ParticipantName>,
+    pending: Vec<ParticipantName>,
+    decided_at_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    completed_at_ms: Option<i64>,
+    #[serde(default)]
+    votes: Vec<stored::Vote>,
+    #[serde(default)]
+    delivery_attempts: u32,
+}
+
+const STORED_VERSION: u32 = 1;
+
+impl StoredRecord {
+    fn from_record(r: &Record, writer: u64) -> Self {
+        StoredRecord {
+            v: STORED_VERSION,
+            writer,
+            tx: r.tx,
+            decision: r.decision.as_str().to_owned(),
+            request_id: r.request_id.clone(),
+            purchase: r.purchase.as_ref().map(stored::Purchase::from),
+            reason: r.reason.as_ref().map(stored::Reason::from),
+            deliver_to: r.deliver_to.clone(),
+            pending: r.pending.clone(),
+            decided_at_ms: r.decided_at_ms,
+            completed_at_ms: r.completed_at_ms,
+            votes: r.votes.iter().map(stored::Vote::from).collect(),
+            delivery_attempts: r.delivery_attempts,
+        }
+    }
+
+    fn into_record(self) -> Result<Record, LogError> {
+        let decision = match self.decision.as_str() {
+            "commit" => Decision::Commit,
+            "abort" => Decision::Abort,
+            other => return Err(corrupt(format!("decision {other:?}"))),
+        };
+        Ok(Record {
+            tx: self.tx,
+            decision,
+            request_id: self.request_id,
+            purchase: self.purchase.map(PurchaseRequest::from),
+            reason: self.reason.map(AbortReason::from),
+            deliver_to: self.deliver_to,
+            pending: self.pending,
+            decided_at_ms: self.decided_at_ms,
+            completed_at_ms: self.completed_at_ms,
+            votes: self.votes.into_iter().map(VoteSummary::from).collect(),
+            delivery_attempts: self.delivery_attempts,
+        })
+    }
+}
+
+/// The value of a `rid.` key.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredClaim {
+    v: u32,
+    writer: u64,
+    tx: TxId,
+    claimed_at_ms: i64,
+}
+
+fn corrupt(what: String) -> LogError {
+    LogError::Failed(format!("decision log holds a value it cannot read: {what}"))
+}
+
+fn failed(what: &str, e: impl std::fmt::Display) -> LogError {
+    LogError::Failed(format!("{what}: {e}"))
+}
+
+/// The JetStream error code somewhere in `e`'s chain of sources, if any.
+fn js_code(e: &(dyn std::error::Error + 'static)) -> Option<ErrorCode> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(js) = err.downcast_ref::<jetstream::Error>() {
+            return Some(js.error_code());
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// How a put-if-absent ended.
+enum Create {
+    /// This call's value was written, at this revision.
+    Written,
+    /// Another value is there (the winner's).
+    Lost,
+    /// The server did not say (timeout, connection lost, no quorum).
+    Unknown(String),
+}
+
+/// A value and the revision it was read at.
+struct Versioned<T> {
+    value: T,
+    revision: u64,
+}
+
+impl KvLog {
+    /// Opens (creating when missing) the bucket.
+    pub async fn open(client: async_nats::Client, cfg: KvConfig) -> anyhow::Result<Self> {
+        let js = jetstream::ContextBuilder::new()
+            .timeout(cfg.timeout)
+            .build(client.clone());
+        let config = kv::Config {
+            bucket: cfg.bucket.clone(),
+            description: "twopc: one decision per transaction, first writer wins".into(),
+            history: 1,
+            max_value_size: MAX_VALUE_BYTES,
+            num_replicas: cfg.replicas.max(1),
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        };
+        let kv = match js.create_key_value(config).await {
+            Ok(kv) => kv,
+            Err(e) if e.kind() == jetstream::context::CreateKeyValueErrorKind::BucketCreate => {
+                // It exists with another configuration (say, other
+                // replicas): use it as it is, and say so.
+                let kv = js.get_key_value(cfg.bucket.clone()).await?;
+                tracing::warn!(
+                    bucket = %cfg.bucket,
+                    asked_replicas = cfg.replicas,
+                    error = %e,
+                    "decision bucket exists with another configuration; using it as it is"
+                );
+                kv
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let subject_prefix = format!("$KV.{}.", cfg.bucket);
+        Ok(KvLog {
+            kv,
+            client,
+            timeout: cfg.timeout,
+            subject_prefix,
+        })
+    }
+
+    /// Put-if-absent of `value` at `key`.
+    async fn create(&self, key: &str, value: Bytes) -> Create {
+        match self.kv.create(key, value).await {
+            Ok(_) => Create::Written,
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Create::Lost,
+            // A replicated stream refuses a write to a key with another
+            // write to it in flight (10164); async-nats files it as Other.
+            Err(e) if js_code(&e) == Some(ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT) => {
+                Create::Lost
+            }
+            Err(e) => Create::Unknown(e.to_string()),
+        }
+    }
+
+    /// The current value at `key`, read from the stream leader.
+    async fn read_raw(&self, key: &str) -> Result<Option<Versioned<Bytes>>, LogError> {
+        let subject = format!("{}{key}", self.subject_prefix);
+        match self
+            .kv
+            .stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            Ok(m) => {
+                let deleted = m
+                    .headers
+                    .get("KV-Operation")
+                    .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+                Ok((!deleted).then_some(Versioned {
+                    value: m.payload,
+                    revision: m.sequence,
+                }))
+            }
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(failed("reading the decision log", e)),
+        }
+    }
+
+    async fn read_record(&self, tx: TxId) -> Result<Option<Versioned<StoredRecord>>, LogError> {
+        let Some(raw) = self.read_raw(&tx_key(tx)).await? else {
+            return Ok(None);
+        };
+        let value: StoredRecord = serde_json::from_slice(&raw.value)
+            .map_err(|e| corrupt(format!("record of {tx}: {e}")))?;
+        if value.tx != tx {
+            return Err(corrupt(format!("record under {tx} is of {}", value.tx)));
+        }
+        Ok(Some(Versioned {
+            value,
+            revision: raw.revision,
+        }))
+    }
+
+    async fn read_claim(&self, request_id: &str) -> Result<Option<StoredClaim>, LogError> {
+        let Some(raw) = self.read_raw(&rid_key(request_id)).await? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&raw.value)
+            .map(Some)
+            .map_err(|e| corrupt(format!("claim of {request_id:?}: {e}")))
+    }
+
+    /// First writer wins for `rec.tx`: `Ok(Ok(rec))` if this call's record
+    /// is the one stored, `Ok(Err(winner))` otherwise.
+    async fn create_record(&self, rec: Record) -> Result<Result<Record, Record>, LogError> {
+        let writer: u64 = rand::random();
+        let value = Bytes::from(
+            serde_json::to_vec(&StoredRecord::from_record(&rec, writer)).expect("serialises"),
+        );
+        let key = tx_key(rec.tx);
+        let mut last_unknown = String::new();
+        let deadline = tokio::time::Instant::now() + 2 * self.timeout;
+        while tokio::time::Instant::now() < deadline {
+            let why = match self.create(&key, value.clone()).await {
+                Create::Written => return Ok(Ok(rec)),
+                Create::Lost => "refused, yet no value is there".to_owned(),
+                Create::Unknown(e) => e,
+            };
+            // Lost, or not known: what is there decides. Our own value (a
+            // write whose answer was lost) means we won.
+            match self.read_record(rec.tx).await? {
+                Some(v) if v.value.writer == writer => return Ok(Ok(rec)),
+                Some(v) => return Ok(Err(v.value.into_record()?)),
+                None => last_unknown = why,
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err(LogError::Failed(format!(
+            "recording the decision of {}: {last_unknown}",
+            rec.tx
+        )))
+    }
+
+    /// Claims `request_id` for `tx`; `Ok(None)` when this transaction holds
+    /// it (now or already), else the holder's claim.
+    async fn claim(&self, request_id: &str, tx: TxId) -> Result<Option<StoredClaim>, LogError> {
+        let claim = StoredClaim {
+            v: STORED_VERSION,
+            writer: rand::random(),
+            tx,
+            claimed_at_ms: now_ms(),
+        };
+        let value = Bytes::from(serde_json::to_vec(&claim).expect("serialises"));
+        let mut last_unknown = String::new();
+        let deadline = tokio::time::Instant::now() + 2 * self.timeout;
+        while tokio::time::Instant::now() < deadline {
+            let why = match self.create(&rid_key(request_id), value.clone()).await {
+                Create::Written => return Ok(None),
+                Create::Lost => "refused, yet no claim is there".to_owned(),
+                Create::Unknown(e) => e,
+            };
+            match self.read_claim(request_id).await? {
+                Some(holder) if holder.tx == tx => return Ok(None),
+                Some(holder) => return Ok(Some(holder)),
+                None => last_unknown = why,
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err(LogError::Failed(format!(
+            "claiming request id {request_id:?}: {last_unknown}"
+        )))
+    }
+
+    /// The decision of the transaction holding a key claimed by another:
+    /// its record, waiting up to the claim's grace for it, then a presumed
+    /// abort recorded for it (see the module doc).
+    async fn holder_decision(
+        &self,
+        request_id: &str,
+        holder: StoredClaim,
+    ) -> Result<Record, LogError> {
+        loop {
+            if let Some(v) = self.read_record(holder.tx).await? {
+                return v.value.into_record();
+            }
+            if now_ms() - holder.claimed_at_ms > CLAIM_GRACE_MS {
+                let abort = Record {
+                    tx: holder.tx,
+                    decision: Decision::Abort,
+                    request_id: Some(request_id.to_owned()),
+                    purchase: None,
+                    reason: Some(AbortReason {
+                        participant: "coordinator".into(),
+                        code: Code::PresumedAbort,
+                        message: "the attempt holding this request id recorded no decision".into(),
+                    }),
+                    deliver_to: vec![],
+                    pending: vec![],
+                    decided_at_ms: now_ms(),
+                    completed_at_ms: Some(now_ms()),
+                    votes: vec![],
+                    delivery_attempts: 0,
+                };
+                return Ok(match self.create_record(abort).await? {
+                    Ok(r) | Err(r) => r,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Read, change, compare-and-set, until it holds or `change` says no.
+    async fn update_record(
+        &self,
+        tx: TxId,
+        change: impl Fn(&mut StoredRecord) -> bool,
+    ) -> Result<(), LogError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let Some(mut v) = self.read_record(tx).await? else {
+                return Ok(());
+            };
+            if !change(&mut v.value) {
+                return Ok(());
+            }
+            v.value.writer = rand::random();
+            let value = Bytes::from(serde_json::to_vec(&v.value).expect("serialises"));
+            match self.kv.update(tx_key(tx), value, v.revision).await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
+                Err(e) if js_code(&e) == Some(ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT) => {}
+                // Unknown: read again; a change already made is seen then.
+                Err(e) if e.kind() == kv::UpdateErrorKind::TimedOut => {}
+                Err(e) => return Err(failed("updating the decision log", e)),
+            }
+        }
+        Err(LogError::Failed(format!(
+            "updating the record of {tx}: too many concurrent writers"
+        )))
+    }
+
+    /// Every record, read in one pass over the bucket (an ordered consumer
+    /// over the last value of each `tx.` key).
+    async fn scan(&self) -> Result<Vec<Record>, LogError> {
+        let consumer = self
+            .kv
+            .stream
+            .create_consumer(jetstream::consumer::push::OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                filter_subject: format!("{}tx.>", self.subject_prefix),
+                deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
+                replay_policy: jetstream::consumer::ReplayPolicy::Instant,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| failed("listing the decision log", e))?;
+        let mut out = vec![];
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(out);
+        }
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| failed("listing the decision log", e))?;
+        while let Some(m) = messages.next().await {
+            let m = m.map_err(|e| failed("listing the decision log", e))?;
+            let pending = m
+                .info()
+                .map_err(|e| failed("listing the decision log", e))?
+                .pending;
+            let deleted = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("KV-Operation"))
+                .is_some();
+            if !deleted {
+                let v: StoredRecord = serde_json::from_slice(&m.payload)
+                    .map_err(|e| corrupt(format!("record at {}: {e}", m.subject)))?;
+                out.push(v.into_record()?);
+            }
+            if pending == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl DecisionLog for KvLog {
+    async fn record(&self, mut rec: Record) -> Result<Recorded, LogError> {
+        if rec.pending.is_empty() && rec.completed_at_ms.is_none() {
+            rec.completed_at_ms = Some(now_ms());
+        }
+        if let Some(rid) = rec.request_id.clone() {
+            if let Some(holder) = self.claim(&rid, rec.tx).await? {
+                // Nothing is written for this transaction: by presumed
+                // abort it is aborted, and the key keeps its first outcome.
+                return Ok(Recorded::KeyTaken(
+                    self.holder_decision(&rid, holder).await?,
+                ));
+            }
+        }
+        match self.create_record(rec.clone()).await? {
+            Ok(rec) => Ok(Recorded::New(rec)),
+            Err(mut existing) => {
+                if existing.request_id.is_none() && rec.request_id.is_some() {
+                    // The key is bound to this transaction by the claim; the
+                    // record says so too, for status queries.
+                    let (rid, purchase, votes) = (
+                        rec.request_id.clone(),
+                        rec.purchase.clone(),
+                        rec.votes.clone(),
+                    );
+                    self.update_record(rec.tx, |s| {
+                        if s.request_id.is_some() {
+                            return false;
+                        }
+                        s.request_id = rid.clone();
+                        if s.purchase.is_none() {
+                            s.purchase = purchase.as_ref().map(stored::Purchase::from);
+                        }
+                        if s.votes.is_empty() {
+                            s.votes = votes.iter().map(stored::Vote::from).collect();
+                        }
+                        true
+                    })
+                    .await?;
+                    existing.request_id = rec.request_id;
+                    existing.purchase = existing.purchase.or(rec.purchase);
+                    if existing.votes.is_empty() {
+                        existing.votes = rec.votes;
+                    }
+                }
+                Ok(Recorded::Existing(existing))
+            }
+        }
+    }
+
+    async fn get(&self, tx: TxId) -> Result<Option<Record>, LogError> {
+        match self.read_record(tx).await? {
+            Some(v) => v.value.into_record().map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn by_request_id(&self, request_id: String) -> Result<Option<Record>, LogError> {
+        let Some(claim) = self.read_claim(&request_id).await? else {
+            return Ok(None);
+        };
+        // A claim without a decision yet is an attempt in flight (or one
+        // that died): the key is not free, but there is no outcome to give.
+        Ok(self.get(claim.tx).await?.map(|mut r| {
+            r.request_id.get_or_insert(request_id);
+            r
+        }))
+    }
+
+    async fn acked(
+        &self,
+        tx: TxId,
+        participants: Vec<ParticipantName>,
+        attempts: u32,
+    ) -> Result<(), LogError> {
+        self.update_record(tx, |s| {
+            let before = s.pending.len();
+            s.pending.retain(|p| !participants.contains(p));
+            let grew = attempts > s.delivery_attempts;
+            s.delivery_attempts = s.delivery_attempts.max(attempts);
+            if s.pending.is_empty() && s.completed_at_ms.is_none() {
+                s.completed_at_ms = Some(now_ms());
+            }
+            s.pending.len() != before || grew
+        })
+        .await
+    }
+
+    async fn incomplete(&self) -> Result<Vec<Record>, LogError> {
+        let mut v: Vec<Record> = self
+            .scan()
+            .await?
+            .into_iter()
+            .filter(|r| r.completed_at_ms.is_none())
+            .collect();
+        v.sort_by_key(|r| r.decided_at_ms);
+        Ok(v)
+    }
+
+    async fn recent(&self, n: usize) -> Result<Vec<Record>, LogError> {
+        let mut v = self.scan().await?;
+        v.sort_by(|a, b| (b.decided_at_ms, b.tx).cmp(&(a.decided_at_ms, a.tx)));
+        v.truncate(n);
+        Ok(v)
+    }
+}
+
+/// Reads every decision in the bucket, by transaction, for the invariant
+/// checker (the KV counterpart of [`crate::log::snapshot`]).
+pub async fn snapshot(
+    client: async_nats::Client,
+    bucket: &str,
+) -> anyhow::Result<BTreeMap<TxId, StoredDecision>> {
+    let log = KvLog::open(
+        client,
+        KvConfig {
+            bucket: bucket.to_owned(),
+            replicas: 1,
+            timeout: Duration::from_secs(5),
+        },
+    )
+    .await?;
+    Ok(log
+        .scan()
+        .await?
+        .into_iter()
+        .map(|r| {
+            (
+                r.tx,
+                StoredDecision {
+                    decision: r.decision,
+                    pending: r.pending,
+                    request_id: r.request_id,
+                    decided_at_ms: r.decided_at_ms,
+                },
+            )
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_valid_kv_keys_for_every_request_id_the_api_accepts() {
+        let rid = rid_key("a:b@c.d-e_f");
+        assert_eq!(rid, "rid.613a6240632e642d655f66");
+        assert!(rid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-/_=.".contains(&b)));
+        let tx = tx_key(TxId::from_u128(0x0193_0000_0000_7000_8000_0000_0000_002a));
+        assert_eq!(tx, "tx.0193000000007000800000000000002a");
+    }
+
+    #[test]
+    fn the_stored_shape_reads_back_what_an_earlier_version_wrote() {
+        // Written by version 1; never edit, add a new case for a new shape.
+        let v1 = r#"{"v":1,"writer":7,"tx":"01930000-0000-7000-8000-00000000002a","decision":"commit","request_id":"k","purchase":{"user":"alice","sku":"book-1","qty":2,"amount":2500,"request_id":"k"},"deliver_to":["wallet","order"],"pending":["order"],"decided_at_ms":1700000000000,"votes":[{"participant":"wallet","vote":"yes"}],"delivery_attempts":1}"#;
+        let s: StoredRecord = serde_json::from_str(v1).unwrap();
+        let r = s.into_record().unwrap();
+        assert_eq!(r.decision, Decision::Commit);
+        assert_eq!(r.pending, vec![twopc_schemas::participant::ORDER]);
+        assert_eq!(r.purchase.unwrap().qty, 2);
+        assert_eq!(r.votes[0].vote, "yes");
+    }
+}
