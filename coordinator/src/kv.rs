@@ -593,7 +593,7 @@ impl DecisionLog for KvLog {
 
     async fn recent(&self, n: usize) -> Result<Vec<Record>, LogError> {
         let mut v = self.scan().await?;
-        v.sort_by(|a, b| (b.decided_at_ms, b.tx).cmp(&(a.decided_at_ms, a.tx)));
+        v.sort_by_key(|r| std::cmp::Reverse((r.decided_at_ms, r.tx)));
         v.truncate(n);
         Ok(v)
     }
