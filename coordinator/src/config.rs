@@ -49,6 +49,20 @@ pub struct CoordinatorArgs {
     /// (acknowledged decisions can then be lost in a power failure).
     #[arg(long, env = "TWOPC_ALLOW_UNSYNCED_JETSTREAM", default_value_t = false)]
     pub allow_unsynced_jetstream: bool,
+    /// A commit is recorded only within this long of the transaction's
+    /// start; past it, a decision query is answered from the log without
+    /// writing. See ARCHITECTURE.md, "The retention rule".
+    #[arg(long, env = "TWOPC_TX_WINDOW_MS", default_value_t = twopc_schemas::protocol::TxWindow::DEFAULT.window_ms)]
+    pub tx_window_ms: i64,
+    /// Decisions every participant acknowledged, and request ids, are
+    /// deleted this long after the decision (so a retry with a request id
+    /// gets its first outcome for this long); must exceed the window plus
+    /// the clock skew.
+    #[arg(long, env = "TWOPC_RETENTION_MS", default_value_t = twopc_schemas::protocol::TxWindow::DEFAULT.retention_ms)]
+    pub retention_ms: i64,
+    /// The clock skew between machines the window rule tolerates.
+    #[arg(long, env = "TWOPC_MAX_SKEW_MS", default_value_t = twopc_schemas::protocol::TxWindow::DEFAULT.max_skew_ms)]
+    pub max_skew_ms: i64,
     /// How often to look for recorded decisions that no live replica is
     /// delivering (a replica died mid-delivery) and deliver them.
     #[arg(long, env = "TWOPC_SWEEP_INTERVAL_MS", default_value_t = 5_000)]
@@ -88,4 +102,11 @@ pub struct CoordinatorArgs {
     /// Serve the status page at http://ADDR/ (e.g. 127.0.0.1:8080).
     #[arg(long, env = "TWOPC_HTTP_ADDR")]
     pub http_addr: Option<std::net::SocketAddr>,
+}
+
+impl CoordinatorArgs {
+    /// The window settings, checked (`retention > window + skew`).
+    pub fn tx_window(&self) -> Result<twopc_schemas::protocol::TxWindow, String> {
+        twopc_schemas::protocol::TxWindow::new(self.tx_window_ms, self.retention_ms, self.max_skew_ms)
+    }
 }

@@ -53,6 +53,7 @@ pub async fn run_all<L: DecisionLog>(log: &L) {
     concurrent_writers_of_one_transaction_agree(log).await;
     concurrent_attempts_with_one_key_bind_it_once(log).await;
     recent_is_newest_first(log).await;
+    collection_keeps_what_is_undelivered_or_young(log).await;
 }
 
 pub async fn first_writer_wins<L: DecisionLog>(log: &L) {
@@ -259,4 +260,28 @@ pub async fn recent_is_newest_first<L: DecisionLog>(log: &L) {
         recent.iter().map(|r| r.tx).collect::<Vec<_>>(),
         vec![newer.tx, older.tx]
     );
+}
+
+/// The retention rule as the store applies it: only records every
+/// participant acknowledged, decided before the cutoff, go, with their
+/// request-id binding.
+pub async fn collection_keeps_what_is_undelivered_or_young<L: DecisionLog>(log: &L) {
+    let cutoff = twopc_common::now_ms();
+    let k = fresh_key("collected");
+    let (old_done, old_undelivered, young_done) =
+        (TxId::now_v7(), TxId::now_v7(), TxId::now_v7());
+    let mut r = record(old_done, Decision::Commit, Some(&k));
+    r.decided_at_ms = cutoff - 10_000;
+    log.record(r).await.unwrap();
+    log.acked(old_done, vec![WALLET, ORDER], 1).await.unwrap();
+    let mut r = record(old_undelivered, Decision::Commit, None);
+    r.decided_at_ms = cutoff - 10_000;
+    log.record(r).await.unwrap();
+    log.record(presumed_abort(young_done)).await.unwrap();
+    let gone = log.collect(cutoff).await.unwrap();
+    assert!(gone >= 1, "{gone}");
+    assert_eq!(log.get(old_done).await.unwrap(), None);
+    assert_eq!(log.by_request_id(k).await.unwrap(), None);
+    assert!(log.get(old_undelivered).await.unwrap().is_some(), "undelivered stays");
+    assert!(log.get(young_done).await.unwrap().is_some(), "young stays");
 }

@@ -94,6 +94,9 @@ impl<L: DecisionLog> Coordinator<L> {
             retry_cap_ms: args.retry_cap_ms.max(base),
             reply_after: args.reply_after,
             seed: rand::random(),
+            window: args
+                .tx_window()
+                .expect("the window settings are checked before the service starts"),
         });
         Arc::new(Coordinator {
             log,
@@ -175,9 +178,31 @@ impl<L: DecisionLog> Coordinator<L> {
             },
         );
         let sweep = self.clone().sweep();
+        let collection = self.clone().collection();
         info!(faults = ?twopc_common::fault::armed(), "coordinator serving");
-        tokio::try_join!(purchase, status, decision, in_doubt, sweep)?;
+        tokio::try_join!(purchase, status, decision, in_doubt, sweep, collection)?;
         Ok(())
+    }
+
+    /// Now and then (every tenth of the retention, at most a minute apart),
+    /// deletes what the retention rule lets go: records every participant
+    /// acknowledged, decided more than the retention ago, and request-id
+    /// claims as old. Replicas may all do it; deleting is idempotent.
+    async fn collection(self: Arc<Self>) -> anyhow::Result<()> {
+        let window = self.args.tx_window().map_err(anyhow::Error::msg)?;
+        let every = Duration::from_millis((window.retention_ms / 10).clamp(100, 60_000) as u64);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = self.shutdown.begun() => return Ok(()),
+            }
+            let before = twopc_common::now_ms() - window.retention_ms;
+            match self.log.collect(before).await {
+                Ok(0) => {}
+                Ok(n) => info!(records = n, "collected decisions past retention"),
+                Err(e) => warn!(error = %e, "collecting old decisions failed; will retry"),
+            }
+        }
     }
 
     /// Now and then, delivers recorded decisions that nobody here is
@@ -362,6 +387,13 @@ impl<L: DecisionLog> Coordinator<L> {
                         crash_point(CoordinatorCrash::AfterDecision);
                     }
                     c.step(Event::Recorded { tx, result });
+                });
+            }
+            Cmd::LookUpDecision { query, tx } => {
+                let c = self.clone();
+                tokio::spawn(async move {
+                    let found = c.log.get(tx).await;
+                    c.step(Event::DecisionFound { query, tx, found });
                 });
             }
             Cmd::RecordPresumedAbort { query, rec } => {
@@ -723,6 +755,7 @@ pub async fn run(
     args: CoordinatorArgs,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    args.tx_window().map_err(anyhow::Error::msg)?;
     if let Some(addr) = args.metrics_addr {
         twopc_common::telemetry::install(addr)?;
     }

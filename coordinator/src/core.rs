@@ -30,7 +30,12 @@
 //!   (`on_resume`);
 //! * a decision query for an undecided transaction records abort first
 //!   (presumed abort), and is answered with whatever the log holds
-//!   (`on_decision_query`, `on_query_recorded`).
+//!   (`on_decision_query`, `on_query_recorded`);
+//! * the transaction window: all yes past it records abort (`on_voted`);
+//!   a decision query past it reads the log and writes nothing, no record
+//!   meaning abort (`on_decision_query`, `on_decision_found`). With the
+//!   participants refusing prepares past it, this is what lets old records
+//!   be collected (ARCHITECTURE.md, "The retention rule").
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -42,7 +47,7 @@ use twopc_schemas::api::{
     AbortReason, ApiError, PurchaseReply, PurchaseRequest, Refusal, VoteSummary,
 };
 use twopc_schemas::participant::{self, ParticipantName};
-use twopc_schemas::protocol::{BranchOp, Decision, DecisionReply, TxId, Vote};
+use twopc_schemas::protocol::{BranchOp, Decision, DecisionReply, TxId, TxWindow, Vote};
 use twopc_schemas::Code;
 
 use crate::config::ReplyAfter;
@@ -70,6 +75,8 @@ pub struct CoreConfig {
     pub reply_after: ReplyAfter,
     /// Seed of the jitter of retry delays (fixed in tests).
     pub seed: u64,
+    /// The transaction window: no commit is recorded past it.
+    pub window: TxWindow,
 }
 
 /// What one delivery attempt got.
@@ -128,6 +135,12 @@ pub enum Event {
         tx: TxId,
         participant: ParticipantName,
     },
+    /// The log's answer to [`Cmd::LookUpDecision`].
+    DecisionFound {
+        query: QueryId,
+        tx: TxId,
+        found: Result<Option<Record>, LogError>,
+    },
     /// The log's answer to [`Cmd::RecordPresumedAbort`].
     QueryRecorded {
         query: QueryId,
@@ -151,6 +164,9 @@ pub enum Cmd {
     /// Record the decision durably (first writer wins) →
     /// [`Event::Recorded`]. Nobody hears it before.
     Record { rec: Record },
+    /// Read a transaction's decision, writing nothing →
+    /// [`Event::DecisionFound`].
+    LookUpDecision { query: QueryId, tx: TxId },
     /// Record abort unless a decision exists → [`Event::QueryRecorded`].
     RecordPresumedAbort { query: QueryId, rec: Record },
     /// Deliver a decision once → [`Event::Delivered`].
@@ -364,6 +380,7 @@ impl Core {
             | Event::Delivered { tx, .. }
             | Event::RetryDue { tx }
             | Event::QueryRecorded { tx, .. }
+            | Event::DecisionFound { tx, .. }
             | Event::DecisionQuery { tx, .. } => Some(*tx),
             Event::KeyFound { tx, .. } => Some(*tx),
             Event::Resume { .. } => None,
@@ -396,6 +413,9 @@ impl Core {
             } => self.on_decision_query(now_ms, query, tx, participant, &mut out),
             Event::QueryRecorded { query, tx, result } => {
                 self.on_query_recorded(query, tx, result, &mut out)
+            }
+            Event::DecisionFound { query, tx, found } => {
+                self.on_decision_found(query, tx, found, &mut out)
             }
         }
         self.check_invariants(touched);
@@ -589,7 +609,21 @@ impl Core {
             .iter()
             .map(|(p, b)| (p.clone(), b.clone().expect("all in")))
             .collect();
-        let outcome = decide(&ballots);
+        let mut outcome = decide(&ballots);
+        if outcome.decision == Decision::Commit && self.config.window.expired(tx, now_ms) {
+            // Too late to commit: a participant may have given up on it and
+            // its rows may be collected (the retention rule). Everyone voted
+            // yes, so everyone hears the abort.
+            outcome.decision = Decision::Abort;
+            outcome.reason = Some(AbortReason {
+                participant: "coordinator".into(),
+                code: Code::Expired,
+                message: format!(
+                    "all voted yes, but later than {} ms after the transaction began",
+                    self.config.window.window_ms
+                ),
+            });
+        }
         let rec = Record {
             tx,
             decision: outcome.decision,
@@ -837,6 +871,13 @@ impl Core {
         participant: ParticipantName,
         out: &mut Vec<Cmd>,
     ) {
+        if self.config.window.expired(tx, now_ms) {
+            // Past the window no commit can be recorded any more, so no
+            // record means abort, and nothing needs writing (a flood of
+            // queries for old ids writes nothing; see the retention rule).
+            out.push(Cmd::LookUpDecision { query, tx });
+            return;
+        }
         // With no decision recorded, abort is recorded first, so that the
         // transaction can never commit (presumed abort).
         let rec = Record {
@@ -873,6 +914,30 @@ impl Core {
             },
             Ok(Recorded::KeyTaken(_)) => unreachable!("a decision query carries no request id"),
             // Unknown: the participant asks again later.
+            Err(e) => DecisionReply::Rejected {
+                code: Code::Busy,
+                message: e.to_string(),
+            },
+        };
+        out.push(Cmd::Answer { query, reply });
+    }
+
+    fn on_decision_found(
+        &mut self,
+        query: QueryId,
+        tx: TxId,
+        found: Result<Option<Record>, LogError>,
+        out: &mut Vec<Cmd>,
+    ) {
+        let reply = match found {
+            Ok(Some(r)) => DecisionReply::Decided {
+                tx,
+                decision: r.decision,
+            },
+            Ok(None) => DecisionReply::Decided {
+                tx,
+                decision: Decision::Abort,
+            },
             Err(e) => DecisionReply::Rejected {
                 code: Code::Busy,
                 message: e.to_string(),
@@ -958,6 +1023,7 @@ mod tests {
             retry_cap_ms: 1_000,
             reply_after,
             seed: 7,
+            window: TxWindow::DEFAULT,
         })
     }
 
@@ -1642,5 +1708,91 @@ mod tests {
             },
         );
         assert_eq!(c.in_phase_1(tx), Some(book(None)));
+    }
+
+    /// A UUIDv7 made at `ms`.
+    fn tx_at(ms: i64) -> TxId {
+        uuid::Builder::from_unix_timestamp_millis(ms as u64, &[7; 10]).into_uuid()
+    }
+
+    #[test]
+    fn all_yes_past_the_window_aborts_and_tells_everyone() {
+        let mut c = core(ReplyAfter::Decision);
+        let w = TxWindow::DEFAULT.window_ms;
+        let tx = tx_at(NOW);
+        c.step(NOW, purchase(1, book(None), tx));
+        c.step(NOW + w, voted(tx, "wallet", yes()));
+        // One millisecond inside the window the same votes commit...
+        let inside = tx_at(NOW + 1);
+        c.step(NOW + 1, purchase(2, book(None), inside));
+        c.step(NOW + 1, voted(inside, "wallet", yes()));
+        let rec = record_of(&c.step(NOW + w, voted(inside, "order", yes())));
+        assert_eq!(rec.decision, Decision::Commit);
+        // ...and past it they abort, delivered to both (both are prepared).
+        let rec = record_of(&c.step(NOW + w + 1, voted(tx, "order", yes())));
+        assert_eq!(rec.decision, Decision::Abort);
+        assert_eq!(rec.reason.as_ref().unwrap().code, Code::Expired);
+        assert_eq!(rec.deliver_to.len(), 2);
+    }
+
+    #[test]
+    fn a_decision_query_past_the_window_writes_nothing_and_answers_the_log() {
+        let mut c = core(ReplyAfter::Decision);
+        let w = TxWindow::DEFAULT.window_ms;
+        let tx = tx_at(NOW);
+        let cmds = c.step(
+            NOW + w + 1,
+            Event::DecisionQuery {
+                query: 9,
+                tx,
+                participant: participant::WALLET,
+            },
+        );
+        assert_eq!(cmds, vec![Cmd::LookUpDecision { query: 9, tx }]);
+        // No record: it can never commit now, so abort, with nothing written.
+        let cmds = c.step(
+            NOW + w + 2,
+            Event::DecisionFound {
+                query: 9,
+                tx,
+                found: Ok(None),
+            },
+        );
+        assert_eq!(
+            cmds,
+            vec![Cmd::Answer {
+                query: 9,
+                reply: DecisionReply::Decided {
+                    tx,
+                    decision: Decision::Abort
+                }
+            }]
+        );
+        // A record (say, a commit not yet collected) is answered as it is.
+        let mut rec = record_of(&through_votes(&mut c, tx_at(NOW + 5), yes(), yes()));
+        rec.tx = tx;
+        let cmds = c.step(
+            NOW + w + 3,
+            Event::DecisionFound {
+                query: 10,
+                tx,
+                found: Ok(Some(rec)),
+            },
+        );
+        assert!(matches!(
+            &cmds[..],
+            [Cmd::Answer { query: 10, reply: DecisionReply::Decided { decision: Decision::Commit, .. } }]
+        ));
+        // Within the window the query still records a presumed abort first.
+        let fresh = tx_at(NOW + w);
+        let cmds = c.step(
+            NOW + w + 3,
+            Event::DecisionQuery {
+                query: 11,
+                tx: fresh,
+                participant: participant::WALLET,
+            },
+        );
+        assert!(matches!(&cmds[..], [Cmd::RecordPresumedAbort { query: 11, .. }]));
     }
 }

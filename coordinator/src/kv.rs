@@ -51,6 +51,10 @@ pub const DEFAULT_BUCKET: &str = "twopc_decisions";
 /// needs to outlast a slow write.
 pub const CLAIM_GRACE_MS: i64 = 5_000;
 
+/// How long the marker a deletion leaves behind lives (the smallest
+/// per-message TTL JetStream takes).
+const MARKER_TTL: Duration = Duration::from_secs(1);
+
 /// Largest stored value (a record is well under 2 KiB).
 const MAX_VALUE_BYTES: i32 = 64 * 1024;
 
@@ -223,6 +227,8 @@ impl KvLog {
             max_value_size: MAX_VALUE_BYTES,
             num_replicas: cfg.replicas.max(1),
             storage: jetstream::stream::StorageType::File,
+            // Per-message TTLs, so the marker a deletion leaves expires too.
+            limit_markers: Some(MARKER_TTL),
             ..Default::default()
         };
         let kv = match js.create_key_value(config).await {
@@ -445,15 +451,15 @@ impl KvLog {
         )))
     }
 
-    /// Every record, read in one pass over the bucket (an ordered consumer
-    /// over the last value of each `tx.` key).
-    async fn scan(&self) -> Result<Vec<Record>, LogError> {
+    /// The last value of every key under `prefix` (`tx.` or `rid.`), with
+    /// its key and revision, in one pass (an ordered consumer).
+    async fn scan_raw(&self, prefix: &str) -> Result<Vec<(String, Versioned<Bytes>)>, LogError> {
         let consumer = self
             .kv
             .stream
             .create_consumer(jetstream::consumer::push::OrderedConfig {
                 deliver_subject: self.client.new_inbox(),
-                filter_subject: format!("{}tx.>", self.subject_prefix),
+                filter_subject: format!("{}{prefix}>", self.subject_prefix),
                 deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
                 replay_policy: jetstream::consumer::ReplayPolicy::Instant,
                 ..Default::default()
@@ -470,25 +476,69 @@ impl KvLog {
             .map_err(|e| failed("listing the decision log", e))?;
         while let Some(m) = messages.next().await {
             let m = m.map_err(|e| failed("listing the decision log", e))?;
-            let pending = m
+            let info = m
                 .info()
-                .map_err(|e| failed("listing the decision log", e))?
-                .pending;
+                .map_err(|e| failed("listing the decision log", e))?;
+            let (pending, revision) = (info.pending, info.stream_sequence);
             let deleted = m
                 .headers
                 .as_ref()
                 .and_then(|h| h.get("KV-Operation"))
                 .is_some();
             if !deleted {
-                let v: StoredRecord = serde_json::from_slice(&m.payload)
-                    .map_err(|e| corrupt(format!("record at {}: {e}", m.subject)))?;
-                out.push(v.into_record()?);
+                let key = m
+                    .subject
+                    .as_str()
+                    .strip_prefix(&self.subject_prefix)
+                    .unwrap_or_default()
+                    .to_owned();
+                out.push((
+                    key,
+                    Versioned {
+                        value: m.payload.clone(),
+                        revision,
+                    },
+                ));
             }
             if pending == 0 {
                 break;
             }
         }
         Ok(out)
+    }
+
+    /// Every record, with its key and revision.
+    async fn scan(&self) -> Result<Vec<(String, Versioned<Record>)>, LogError> {
+        let mut out = vec![];
+        for (key, raw) in self.scan_raw("tx.").await? {
+            let v: StoredRecord = serde_json::from_slice(&raw.value)
+                .map_err(|e| corrupt(format!("record at {key}: {e}")))?;
+            out.push((
+                key,
+                Versioned {
+                    value: v.into_record()?,
+                    revision: raw.revision,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Deletes `key` if it is still at `revision` (a changed value stays).
+    /// The purge marker left behind expires after [`MARKER_TTL`].
+    async fn delete_at(&self, key: &str, revision: u64) -> Result<bool, LogError> {
+        match self
+            .kv
+            .purge_expect_revision_with_ttl(key, revision, MARKER_TTL)
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+            Err(e) if js_code(&e) == Some(ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT) => {
+                Ok(false)
+            }
+            Err(e) => Err(failed("deleting from the decision log", e)),
+        }
     }
 }
 
@@ -585,6 +635,7 @@ impl DecisionLog for KvLog {
             .scan()
             .await?
             .into_iter()
+            .map(|(_, r)| r.value)
             .filter(|r| r.completed_at_ms.is_none())
             .collect();
         v.sort_by_key(|r| r.decided_at_ms);
@@ -592,10 +643,32 @@ impl DecisionLog for KvLog {
     }
 
     async fn recent(&self, n: usize) -> Result<Vec<Record>, LogError> {
-        let mut v = self.scan().await?;
+        let mut v: Vec<Record> = self.scan().await?.into_iter().map(|(_, r)| r.value).collect();
         v.sort_by_key(|r| std::cmp::Reverse((r.decided_at_ms, r.tx)));
         v.truncate(n);
         Ok(v)
+    }
+
+    async fn collect(&self, before_ms: i64) -> Result<usize, LogError> {
+        // Claims first: a claim is made before its attempt's record, so deleting claims first never
+        // leaves a claim pointing at a collected record.
+        for (key, raw) in self.scan_raw("rid.").await? {
+            let claim: StoredClaim = serde_json::from_slice(&raw.value)
+                .map_err(|e| corrupt(format!("claim at {key}: {e}")))?;
+            if claim.claimed_at_ms < before_ms {
+                self.delete_at(&key, raw.revision).await?;
+            }
+        }
+        let mut gone = 0;
+        for (key, r) in self.scan().await? {
+            if r.value.completed_at_ms.is_some()
+                && r.value.decided_at_ms < before_ms
+                && self.delete_at(&key, r.revision).await?
+            {
+                gone += 1;
+            }
+        }
+        Ok(gone)
     }
 }
 
@@ -618,6 +691,7 @@ pub async fn snapshot(
         .scan()
         .await?
         .into_iter()
+        .map(|(_, r)| r.value)
         .map(|r| {
             (
                 r.tx,

@@ -95,6 +95,11 @@ pub trait DecisionLog: Clone + Send + Sync + 'static {
     fn incomplete(&self) -> impl Future<Output = Result<Vec<Record>, LogError>> + Send;
     /// The `n` most recent decisions, newest first.
     fn recent(&self, n: usize) -> impl Future<Output = Result<Vec<Record>, LogError>> + Send;
+    /// Deletes what the retention rule lets go: records acknowledged by
+    /// every participant and decided before `before_ms`, and request-id
+    /// bindings as old. Never an undelivered record. Returns how many
+    /// records went.
+    fn collect(&self, before_ms: i64) -> impl Future<Output = Result<usize, LogError>> + Send;
 }
 
 const MIGRATIONS: &[&str] = &[
@@ -115,6 +120,9 @@ CREATE INDEX decisions_incomplete ON decisions (decided_at_ms) WHERE completed_a
     "
 ALTER TABLE decisions ADD COLUMN votes TEXT;
 ALTER TABLE decisions ADD COLUMN delivery_attempts INTEGER NOT NULL DEFAULT 0;
+",
+    "
+CREATE INDEX decisions_completed ON decisions (decided_at_ms) WHERE completed_at_ms IS NOT NULL;
 ",
 ];
 
@@ -437,6 +445,22 @@ impl DecisionLog for SqliteLog {
                 ))?;
                 let rows = stmt.query_map([n as i64], row_to_record)?;
                 rows.collect()
+            })
+            .await?)
+    }
+
+    async fn collect(&self, before_ms: i64) -> Result<usize, LogError> {
+        // The request id is a column of the record: it goes with it.
+        Ok(self
+            .db
+            .run(move |c| {
+                c.execute(
+                    "DELETE FROM decisions WHERE rowid IN (
+                         SELECT rowid FROM decisions
+                         WHERE completed_at_ms IS NOT NULL AND decided_at_ms < ?1
+                         LIMIT 10000)",
+                    [before_ms],
+                )
             })
             .await?)
     }

@@ -33,8 +33,19 @@ pub enum OnPrepare {
     Repeat(Vote),
 }
 
-pub fn on_prepare(stored: Option<&Branch>, op: &BranchOp) -> OnPrepare {
+/// `expired`: the transaction is past the window ([`TxWindow`]); with
+/// nothing stored it is refused and nothing is written (its rows may have
+/// been collected: holding now could apply an old transaction twice).
+///
+/// [`TxWindow`]: twopc_schemas::protocol::TxWindow
+pub fn on_prepare(stored: Option<&Branch>, op: &BranchOp, expired: bool) -> OnPrepare {
     let Some(b) = stored else {
+        if expired {
+            return OnPrepare::Repeat(Vote::No {
+                code: Code::Expired,
+                message: "transaction is older than the prepare window".into(),
+            });
+        }
         return OnPrepare::Hold;
     };
     match b.state {
@@ -75,11 +86,14 @@ pub enum OnDecide {
     Reject(Code, String),
 }
 
-pub fn on_decide(stored: Option<&Branch>, decision: Decision) -> OnDecide {
+/// `expired`: the transaction is past the window; an abort of one never
+/// prepared here needs no tombstone then (a late prepare is refused anyway).
+pub fn on_decide(stored: Option<&Branch>, decision: Decision, expired: bool) -> OnDecide {
     match (stored.map(|b| b.state), decision) {
         (Some(BranchState::Prepared), d) => OnDecide::Apply(d),
         (Some(BranchState::Committed), Decision::Commit) => OnDecide::Ack,
         (Some(BranchState::Aborted), Decision::Abort) => OnDecide::Ack,
+        (None, Decision::Abort) if expired => OnDecide::Ack,
         (None, Decision::Abort) => OnDecide::Tombstone,
         (None, Decision::Commit) => OnDecide::Reject(
             Code::UnknownTx,
@@ -117,13 +131,13 @@ mod tests {
 
     #[test]
     fn first_prepare_holds_repeat_gets_same_vote() {
-        assert_eq!(on_prepare(None, &op()), OnPrepare::Hold);
+        assert_eq!(on_prepare(None, &op(), false), OnPrepare::Hold);
         assert_eq!(
-            on_prepare(Some(&branch(BranchState::Prepared)), &op()),
+            on_prepare(Some(&branch(BranchState::Prepared)), &op(), false),
             OnPrepare::Repeat(Vote::Yes)
         );
         assert_eq!(
-            on_prepare(Some(&branch(BranchState::Committed)), &op()),
+            on_prepare(Some(&branch(BranchState::Committed)), &op(), false),
             OnPrepare::Repeat(Vote::Yes)
         );
     }
@@ -135,7 +149,7 @@ mod tests {
             amount: 2,
         };
         assert!(matches!(
-            on_prepare(Some(&branch(BranchState::Prepared)), &other),
+            on_prepare(Some(&branch(BranchState::Prepared)), &other, false),
             OnPrepare::Repeat(Vote::No {
                 code: Code::Conflict,
                 ..
@@ -152,7 +166,7 @@ mod tests {
             message: None,
         };
         assert!(matches!(
-            on_prepare(Some(&tomb), &op()),
+            on_prepare(Some(&tomb), &op(), false),
             OnPrepare::Repeat(Vote::No {
                 code: Code::AlreadyAborted,
                 ..
@@ -165,27 +179,52 @@ mod tests {
         use BranchState::*;
         use Decision::*;
         assert_eq!(
-            on_decide(Some(&branch(Prepared)), Commit),
+            on_decide(Some(&branch(Prepared)), Commit, false),
             OnDecide::Apply(Commit)
         );
         assert_eq!(
-            on_decide(Some(&branch(Prepared)), Abort),
+            on_decide(Some(&branch(Prepared)), Abort, false),
             OnDecide::Apply(Abort)
         );
-        assert_eq!(on_decide(Some(&branch(Committed)), Commit), OnDecide::Ack);
-        assert_eq!(on_decide(Some(&branch(Aborted)), Abort), OnDecide::Ack);
-        assert_eq!(on_decide(None, Abort), OnDecide::Tombstone);
+        assert_eq!(on_decide(Some(&branch(Committed)), Commit, false), OnDecide::Ack);
+        assert_eq!(on_decide(Some(&branch(Aborted)), Abort, false), OnDecide::Ack);
+        assert_eq!(on_decide(None, Abort, false), OnDecide::Tombstone);
         assert!(matches!(
-            on_decide(None, Commit),
+            on_decide(None, Commit, false),
             OnDecide::Reject(Code::UnknownTx, _)
         ));
         assert!(matches!(
-            on_decide(Some(&branch(Committed)), Abort),
+            on_decide(Some(&branch(Committed)), Abort, false),
             OnDecide::Reject(Code::Conflict, _)
         ));
         assert!(matches!(
-            on_decide(Some(&branch(Aborted)), Commit),
+            on_decide(Some(&branch(Aborted)), Commit, false),
             OnDecide::Reject(Code::Conflict, _)
+        ));
+    }
+
+    #[test]
+    fn an_expired_transaction_is_refused_unless_stored() {
+        use BranchState::*;
+        use Decision::*;
+        assert_eq!(
+            on_prepare(None, &op(), true),
+            OnPrepare::Repeat(Vote::No {
+                code: Code::Expired,
+                message: "transaction is older than the prepare window".into(),
+            })
+        );
+        // Stored: the answer is the stored one, whatever its age.
+        assert_eq!(
+            on_prepare(Some(&branch(Prepared)), &op(), true),
+            OnPrepare::Repeat(Vote::Yes)
+        );
+        assert_eq!(on_decide(Some(&branch(Prepared)), Commit, true), OnDecide::Apply(Commit));
+        // An old abort of something never prepared here writes nothing.
+        assert_eq!(on_decide(None, Abort, true), OnDecide::Ack);
+        assert!(matches!(
+            on_decide(None, Commit, true),
+            OnDecide::Reject(Code::UnknownTx, _)
         ));
     }
 }

@@ -20,6 +20,17 @@ pub struct ParticipantArgs {
     /// Timeout of one decision query to the coordinator.
     #[arg(long, env = "TWOPC_DECISION_TIMEOUT_MS", default_value_t = 2_000)]
     pub decision_timeout_ms: u64,
+    /// A prepare is accepted only within this long of the transaction's
+    /// start (its UUIDv7 time); see ARCHITECTURE.md, "The retention rule".
+    #[arg(long, env = "TWOPC_TX_WINDOW_MS", default_value_t = twopc_schemas::protocol::TxWindow::DEFAULT.window_ms)]
+    pub tx_window_ms: i64,
+    /// Decided branches are deleted this long after their last change; must
+    /// exceed the window plus the clock skew.
+    #[arg(long, env = "TWOPC_RETENTION_MS", default_value_t = twopc_schemas::protocol::TxWindow::DEFAULT.retention_ms)]
+    pub retention_ms: i64,
+    /// The clock skew between machines the window rule tolerates.
+    #[arg(long, env = "TWOPC_MAX_SKEW_MS", default_value_t = twopc_schemas::protocol::TxWindow::DEFAULT.max_skew_ms)]
+    pub max_skew_ms: i64,
     /// Most requests handled at once per subject; more get `busy`.
     #[arg(long, env = "TWOPC_MAX_INFLIGHT", default_value_t = 4_096)]
     pub max_inflight: usize,
@@ -29,4 +40,11 @@ pub struct ParticipantArgs {
     /// Log format: `human` or `json` (level from RUST_LOG).
     #[arg(long, env = "TWOPC_LOG_FORMAT", value_enum, default_value = "human")]
     pub log_format: twopc_common::logging::LogFormat,
+}
+
+impl ParticipantArgs {
+    /// The window settings, checked (`retention > window + skew`).
+    pub fn tx_window(&self) -> Result<twopc_schemas::protocol::TxWindow, String> {
+        twopc_schemas::protocol::TxWindow::new(self.tx_window_ms, self.retention_ms, self.max_skew_ms)
+    }
 }

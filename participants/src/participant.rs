@@ -30,7 +30,7 @@ use twopc_schemas::api::{ApiError, BranchStatus, ParticipantInDoubt, PreparedBra
 use twopc_schemas::points::{ParticipantCrash, ParticipantDelay};
 use twopc_schemas::protocol::{
     self, BranchOp, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Prepare, TxId,
-    Vote,
+    TxWindow, Vote,
 };
 use twopc_schemas::{subjects, Code, ParticipantName};
 
@@ -77,7 +77,26 @@ CREATE TABLE IF NOT EXISTS branches (
 );
 CREATE INDEX IF NOT EXISTS branches_in_doubt ON branches (prepared_at_ms) WHERE state = 'prepared';
 CREATE INDEX IF NOT EXISTS branches_prepared_by_tx ON branches (tx) WHERE state = 'prepared';
+CREATE INDEX IF NOT EXISTS branches_decided ON branches (updated_at_ms) WHERE state != 'prepared';
 ";
+
+/// Rows deleted per collection job (each job is one short write
+/// transaction; a backlog takes several).
+const COLLECT_BATCH: i64 = 1_000;
+
+/// Deletes decided branches last changed before `before_ms`, at most
+/// [`COLLECT_BATCH`]; returns how many. Prepared branches are never
+/// collected. Runs in the writer thread, so it serialises with prepares:
+/// a prepare either finds the row or, past the window, is refused.
+pub fn collect_branches(conn: &Connection, before_ms: i64) -> rusqlite::Result<usize> {
+    conn.execute(
+        "DELETE FROM branches WHERE rowid IN (
+             SELECT rowid FROM branches
+             WHERE state != 'prepared' AND updated_at_ms < ?1
+             LIMIT ?2)",
+        params![before_ms, COLLECT_BATCH],
+    )
+}
 
 /// Reads a transaction id column (a 16-byte BLOB).
 pub fn tx_column(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<TxId> {
@@ -270,9 +289,13 @@ fn prepare_job<R: Resource>(
     conn: &Connection,
     tx: TxId,
     op: &BranchOp,
+    window: TxWindow,
 ) -> rusqlite::Result<Vote> {
     let stored = load_branch(conn, tx)?;
-    match on_prepare(stored.as_ref(), op) {
+    // Checked inside the write transaction, which also serialises with the
+    // collection of old rows: a row is either here or the prepare is
+    // refused.
+    match on_prepare(stored.as_ref(), op, window.expired(tx, now_ms())) {
         OnPrepare::Repeat(vote) => Ok(vote),
         OnPrepare::Hold => {
             // Decoding validated the message already; check again right
@@ -323,9 +346,10 @@ fn decide_job<R: Resource>(
     conn: &Connection,
     tx: TxId,
     decision: Decision,
+    window: TxWindow,
 ) -> rusqlite::Result<DecideReply> {
     let stored = load_branch(conn, tx)?;
-    match on_decide(stored.as_ref(), decision) {
+    match on_decide(stored.as_ref(), decision, window.expired(tx, now_ms())) {
         OnDecide::Ack => Ok(DecideReply::Ack),
         OnDecide::Reject(code, message) => Ok(DecideReply::Rejected { code, message }),
         OnDecide::Tombstone => {
@@ -375,6 +399,8 @@ pub struct Participant<R: Resource> {
     registry: Arc<Registry>,
     /// This service's shutdown signal (endpoints and recovery stop on it).
     shutdown: Shutdown,
+    /// The transaction window and retention (checked at start).
+    window: TxWindow,
 }
 
 impl<R: Resource> Participant<R> {
@@ -395,6 +421,9 @@ impl<R: Resource> Participant<R> {
         registry: Arc<Registry>,
         shutdown: Shutdown,
     ) -> Arc<Self> {
+        let window = args
+            .tx_window()
+            .expect("the window settings are checked before the service starts");
         Arc::new(Participant {
             resource: Arc::new(resource),
             db,
@@ -402,6 +431,7 @@ impl<R: Resource> Participant<R> {
             args,
             registry,
             shutdown,
+            window,
         })
     }
 
@@ -490,8 +520,9 @@ impl<R: Resource> Participant<R> {
             })
             .await?;
         let recovery = self.clone().recovery_loop(started_after_rowid);
+        let collection = self.clone().collection_loop();
         info!(participant = %name, faults = ?twopc_common::fault::armed(), "participant serving");
-        tokio::try_join!(prepare, decide, status, in_doubt, recovery)?;
+        tokio::try_join!(prepare, decide, status, in_doubt, recovery, collection)?;
         Ok(())
     }
 
@@ -525,20 +556,21 @@ impl<R: Resource> Participant<R> {
                 tokio::time::sleep(d).await;
             }
             let resource = self.resource.clone();
+            let window = self.window;
             let Prepare { tx, op } = msg;
             if twopc_common::fault::broken("vote_before_durable") {
                 // DELIBERATELY BROKEN (tests only): vote yes before the
                 // prepare is written, or even known to be possible.
                 let db = self.db.clone();
                 tokio::spawn(
-                    async move { db.run(move |c| prepare_job(&*resource, c, tx, &op)).await },
+                    async move { db.run(move |c| prepare_job(&*resource, c, tx, &op, window)).await },
                 );
                 return Response::ok(protocol::encode(&Vote::Yes));
             }
             let started = std::time::Instant::now();
             let vote = match self
                 .db
-                .run(move |c| prepare_job(&*resource, c, tx, &op))
+                .run(move |c| prepare_job(&*resource, c, tx, &op, window))
                 .await
             {
                 Ok(v) => v,
@@ -615,9 +647,10 @@ impl<R: Resource> Participant<R> {
         let span = tracing::info_span!("decide", participant = %name, %tx, decision = decision.as_str(), trace_id);
         async move {
             let resource = self.resource.clone();
+            let window = self.window;
             let reply = match self
                 .db
-                .run(move |c| decide_job(&*resource, c, tx, decision))
+                .run(move |c| decide_job(&*resource, c, tx, decision, window))
                 .await
             {
                 Ok(r) => r,
@@ -726,6 +759,35 @@ impl<R: Resource> Participant<R> {
     /// recovery first listed them, measured on the monotonic clock (see
     /// [`crate::recovery`]). Each is asked about with its own capped,
     /// jittered backoff until answered, a bounded number per pass.
+    /// Deletes decided branches older than the retention, now and then
+    /// (every tenth of the retention, at most a minute apart).
+    async fn collection_loop(self: Arc<Self>) -> anyhow::Result<()> {
+        let every = Duration::from_millis((self.window.retention_ms / 10).clamp(100, 60_000) as u64);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = self.shutdown.begun() => return Ok(()),
+            }
+            let before = now_ms() - self.window.retention_ms;
+            loop {
+                match self.db.run(move |c| collect_branches(c, before)).await {
+                    Ok(n) => {
+                        if n > 0 {
+                            info!(participant = %self.name(), rows = n, "collected decided branches past retention");
+                        }
+                        if (n as i64) < COLLECT_BATCH {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "collecting old branches failed; will retry");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
     async fn recovery_loop(self: Arc<Self>, started_after_rowid: i64) -> anyhow::Result<()> {
         let name = self.name();
         let interval = Duration::from_millis(self.args.recovery_interval_ms.max(10));
@@ -848,6 +910,7 @@ where
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
 {
     let name = resource.name();
+    args.tx_window().map_err(anyhow::Error::msg)?;
     let db = Participant::open_db(&args, &resource)?;
     info!(participant = %name, db = %db.path().display(), "database open (WAL, synchronous=FULL)");
     if let Some(addr) = args.metrics_addr {

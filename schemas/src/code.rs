@@ -54,6 +54,9 @@ pub enum Code {
     /// retry with the same `request_id` to learn the outcome, or ask
     /// `shop.tx` about the transaction named in the message.
     OutcomeUnknown,
+    /// The transaction is older than the protocol's window (see
+    /// `protocol::TX_WINDOW`): too old to prepare or to commit.
+    Expired,
 }
 
 impl Code {
@@ -80,6 +83,7 @@ impl Code {
             Code::Internal => "internal",
             Code::ShuttingDown => "shutting_down",
             Code::OutcomeUnknown => "outcome_unknown",
+            Code::Expired => "expired",
         }
     }
 
@@ -93,6 +97,7 @@ impl Code {
             Code::Busy | Code::ShuttingDown | Code::Unavailable => 503,
             Code::Internal => 500,
             Code::Timeout | Code::OutcomeUnknown => 504,
+            Code::Expired => 410,
             Code::InsufficientFunds
             | Code::OutOfStock
             | Code::PriceMismatch

@@ -25,6 +25,76 @@ pub const MAX_MESSAGE_BYTES: usize = 8 * 1024;
 /// A transaction id: a UUIDv7, so ids sort by creation time.
 pub type TxId = Uuid;
 
+/// When the coordinator that made `tx` started it (the UUIDv7 timestamp,
+/// ms since the epoch by that coordinator's clock); `None` for an id that
+/// is not a UUIDv7.
+pub fn started_at_ms(tx: TxId) -> Option<i64> {
+    if tx.get_version_num() != 7 {
+        return None;
+    }
+    let b = tx.as_bytes();
+    let mut ms = [0u8; 8];
+    ms[2..].copy_from_slice(&b[..6]);
+    Some(i64::from_be_bytes(ms))
+}
+
+/// The transaction window and retention, which together bound what is kept
+/// without letting an old message break atomicity (ARCHITECTURE.md, "The
+/// retention rule"):
+/// * a participant prepares a transaction only within `window_ms` of its
+///   start, and a coordinator records commit only within it;
+/// * a record the protocol no longer needs (decided and acknowledged by
+///   everyone) is kept for `retention_ms` after the decision, and
+///   `retention_ms > window_ms + max_skew_ms`, so every message that could
+///   still act on a transaction finds its record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxWindow {
+    pub window_ms: i64,
+    pub retention_ms: i64,
+    /// The clock skew between machines the rule tolerates.
+    pub max_skew_ms: i64,
+}
+
+impl TxWindow {
+    /// 5 minutes to prepare and commit, a minute of skew; records kept for
+    /// a day.
+    pub const DEFAULT: TxWindow = TxWindow {
+        window_ms: 5 * 60_000,
+        retention_ms: 24 * 3_600_000,
+        max_skew_ms: 60_000,
+    };
+
+    /// Checks `retention > window + skew`.
+    pub fn new(window_ms: i64, retention_ms: i64, max_skew_ms: i64) -> Result<Self, String> {
+        if window_ms <= 0 || max_skew_ms < 0 {
+            return Err(format!(
+                "the transaction window must be positive and the skew not negative, \
+                 got {window_ms} ms and {max_skew_ms} ms"
+            ));
+        }
+        if retention_ms <= window_ms + max_skew_ms {
+            return Err(format!(
+                "retention ({retention_ms} ms) must exceed the transaction window \
+                 ({window_ms} ms) plus the tolerated clock skew ({max_skew_ms} ms)"
+            ));
+        }
+        Ok(TxWindow {
+            window_ms,
+            retention_ms,
+            max_skew_ms,
+        })
+    }
+
+    /// Whether `tx` is past the window at `now_ms` (an id that is not a
+    /// UUIDv7 always is: its age cannot be known).
+    pub fn expired(&self, tx: TxId, now_ms: i64) -> bool {
+        match started_at_ms(tx) {
+            Some(t) => now_ms - t > self.window_ms,
+            None => true,
+        }
+    }
+}
+
 /// The 2PC decision. Not to be confused with a SQLite commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Decision {
@@ -439,6 +509,26 @@ mod limits {
                 "decode refuses {op:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_transaction_is_dated_by_its_uuidv7_and_expires_after_the_window() {
+        let w = TxWindow::new(1_000, 5_000, 500).unwrap();
+        let tx = Uuid::now_v7();
+        let t = started_at_ms(tx).unwrap();
+        assert!((t - twopc_now()).abs() < 5_000);
+        assert!(!w.expired(tx, t + 1_000));
+        assert!(w.expired(tx, t + 1_001));
+        assert!(w.expired(Uuid::from_u128(1), t), "not a UUIDv7: age unknown");
+        assert!(TxWindow::new(1_000, 1_500, 500).is_err());
+        assert!(TxWindow::new(0, 5_000, 0).is_err());
+    }
+
+    fn twopc_now() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
     }
 
     #[test]
