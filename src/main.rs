@@ -29,19 +29,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Start nats-server (unless NATS_URL is set) and the three services
-    /// with demo users and products; Ctrl-C stops them.
-    Up {
-        /// Folder for the services' databases and logs.
-        #[arg(long, default_value = ".twopc")]
-        data_dir: PathBuf,
-        /// Port of the nats-server started here (when NATS_URL is not set).
-        #[arg(long, default_value_t = 4222)]
-        port: u16,
-        /// Do not create the demo users and products.
-        #[arg(long)]
-        no_demo: bool,
-    },
+    /// Start nats-server (unless NATS_URL is set; a cluster with
+    /// --cluster 3) and the three services with demo users and products;
+    /// Ctrl-C stops them.
+    Up(cli::up::UpArgs),
     /// Buy `qty` of `sku` for `user`. The amount defaults to price × qty.
     Purchase {
         #[arg(long)]
@@ -118,13 +109,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = match cli.cmd {
         Cmd::Chaos(a) => return cli::chaos::run(a).await,
         Cmd::Bench(a) => return cli::bench::run(a, cli.nats_url).await,
-        Cmd::Up {
-            data_dir,
-            port,
-            no_demo,
-        } => {
+        Cmd::Up(a) => {
             let env_url = std::env::var("NATS_URL").ok().filter(|s| !s.is_empty());
-            return cli::up::run(data_dir, port, no_demo, env_url).await;
+            return cli::up::run(a, env_url).await;
         }
         _ => twopc_common::nats::connect_with(
             &cli.nats_url,
@@ -134,7 +121,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .with_context(|| format!("connecting to NATS at {}", cli.nats_url))?,
     };
     match cli.cmd {
-        Cmd::Up { .. } | Cmd::Chaos(_) | Cmd::Bench(_) => unreachable!("dispatched above"),
+        Cmd::Up(_) | Cmd::Chaos(_) | Cmd::Bench(_) => unreachable!("dispatched above"),
         Cmd::Echo { subject } => twopc_verify::bench::echo(client, subject).await,
         Cmd::Purchase {
             user,

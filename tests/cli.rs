@@ -172,3 +172,43 @@ fn twopc_bench_runs_and_reports() {
         }
     }
 }
+
+/// `twopc up` refuses a cluster or replica count it cannot run, before it
+/// starts anything, and says why.
+#[test]
+fn twopc_up_refuses_bad_cluster_and_replica_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    let up = |args: &[&str], nats_url: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_twopc"));
+        cmd.args(["up", "--data-dir", data_dir, "--no-demo"])
+            .args(args)
+            .env_remove("NATS_URL");
+        if let Some(url) = nats_url {
+            cmd.env("NATS_URL", url);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for n in ["1", "2", "4", "7"] {
+        let (ok, err) = up(&["--cluster", n], None);
+        assert!(!ok);
+        assert!(
+            err.contains(&format!("a cluster of {n} nats-servers")),
+            "{err}"
+        );
+    }
+    let (ok, err) = up(&["--coordinators", "2"], None);
+    assert!(!ok);
+    assert!(err.contains("shared decision log"), "{err}");
+    let (ok, err) = up(&["--cluster", "3"], Some("nats://127.0.0.1:1"));
+    assert!(!ok);
+    assert!(err.contains("NATS_URL is set"), "{err}");
+    assert!(
+        !dir.path().join("nats").exists() && !dir.path().join("coordinator").exists(),
+        "nothing started"
+    );
+}

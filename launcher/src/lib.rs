@@ -1,18 +1,27 @@
 //! Starts and controls a twopc system of real processes: a `nats-server`
-//! and the coordinator, wallet and order binaries, each with its own data
-//! folder and log file. `twopc up` runs one for people; the end-to-end tests
+//! (or a JetStream cluster of them) and the coordinator (one or more
+//! replicas), wallet and order binaries, each with its own data folder and
+//! log file. `twopc up` runs one for people; the end-to-end tests
 //! run one per test and kill, stop and restart its processes with real
 //! signals.
 //!
 //! [`System::start`] with a [`SystemConfig`] is the one way to start a
-//! system; [`process`] holds the processes it is made of.
+//! system; [`process`] holds the processes it is made of, [`cluster`] the
+//! nats-server cluster, [`http`] the GET that reads the servers' monitoring
+//! endpoints.
 
 pub mod client;
+pub mod cluster;
+pub mod http;
 pub mod process;
 pub mod system;
 
-pub use process::{find_nats_server, free_port, signal, Binaries, NatsServer, Proc};
+pub use cluster::NatsCluster;
+pub use http::http_get;
+pub use process::{
+    find_nats_server, free_port, free_ports, signal, Binaries, NatsServer, Proc, ServerConfig,
+};
 pub use system::{
-    seed, CoordinatorSettings, Kind, Nats, ParticipantSettings, ReplyAfter, Service, System,
-    SystemConfig,
+    seed, CoordinatorSettings, DecisionStore, Kind, Nats, ParticipantSettings, ReplyAfter, Service,
+    System, SystemConfig,
 };

@@ -1,6 +1,7 @@
 //! Child processes we own: started with a log file, signalled, killed and
-//! started again with the same command line; and `nats-server` on a fixed
-//! port.
+//! started again with the same command line; and `nats-server` on fixed
+//! ports, started from a config file written here (JetStream on, every
+//! write fsynced before it is acknowledged).
 
 use std::fs::File;
 use std::net::TcpListener;
@@ -60,6 +61,31 @@ pub fn find_nats_server() -> anyhow::Result<PathBuf> {
 /// A free TCP port on the loopback interface.
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// `n` distinct free TCP ports on the loopback interface, none of them in
+/// `taken`. Each stays bound until all are found, so the kernel cannot
+/// hand out one twice.
+pub fn free_ports(n: usize, taken: &[u16]) -> anyhow::Result<Vec<u16>> {
+    let mut held = vec![];
+    let mut ports = vec![];
+    // Bounded: a port in `taken` is skipped, and the kernel gives out each
+    // ephemeral port only once while it is bound.
+    for _ in 0..n + taken.len() + 16 {
+        if ports.len() == n {
+            break;
+        }
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        if !taken.contains(&port) {
+            ports.push(port);
+        }
+        held.push(listener);
+    }
+    if ports.len() < n {
+        bail!("found only {} of {n} free ports", ports.len());
+    }
+    Ok(ports)
 }
 
 /// Sends a signal to a process we started.
@@ -237,63 +263,232 @@ impl Drop for Proc {
     }
 }
 
-/// A `nats-server` on a fixed loopback port, restartable on that port.
-pub struct NatsServer {
+/// The config file of a nats-server, in its folder; written at every start
+/// from a [`ServerConfig`], read again by a restart.
+pub const CONFIG_FILE: &str = "nats-server.conf";
+
+/// JetStream's file storage limit per server.
+pub const JS_MAX_FILE_STORE_BYTES: u64 = 1 << 30;
+
+/// JetStream's memory storage limit per server (twopc keeps nothing in
+/// memory streams; the limit only bounds what the server may reserve).
+pub const JS_MAX_MEMORY_STORE_BYTES: u64 = 256 << 20;
+
+/// Longest a started nats-server may take to listen on its client port.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest a single (unclustered) server may take from listening until
+/// JetStream is ready.
+const SINGLE_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often a wait for a server to listen tries to connect.
+const LISTEN_POLL: Duration = Duration::from_millis(20);
+
+/// How often a wait for JetStream asks the server's health endpoint.
+const HEALTH_POLL: Duration = Duration::from_millis(50);
+
+/// Longest one health request may take (a loopback GET takes about a
+/// millisecond; a stopped server never answers).
+const HEALTH_GET_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What a nats-server's config file says ([`ServerConfig::text`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// `server_name`: unique in a cluster and the same across restarts
+    /// (JetStream knows its peers by their names).
+    pub name: String,
+    /// The client port, on 127.0.0.1.
     pub port: u16,
+    /// The monitoring port (`/healthz`, `/varz`, `/jsz`), on 127.0.0.1.
+    pub monitor_port: u16,
+    /// JetStream's store; the server keeps its files in `jetstream/` below.
+    /// Distinct per server.
+    pub store_dir: PathBuf,
+    /// Membership of a cluster; `None` for a single server.
+    pub cluster: Option<ClusterMembership>,
+}
+
+/// One server's part of a cluster's config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterMembership {
+    /// The cluster's name, the same on every node.
+    pub name: String,
+    /// This server's route port, on 127.0.0.1.
+    pub route_port: u16,
+    /// The route port of every node, this one's included (a route to itself
+    /// is ignored). On a fresh store JetStream expects as many peers as
+    /// there are routes before it elects its first meta leader.
+    pub route_ports: Vec<u16>,
+}
+
+impl ServerConfig {
+    /// The config file's text. Every string is quoted (a path may hold
+    /// spaces, `#`, `$` or `{`); a path that is not UTF-8 or holds control
+    /// characters is refused.
+    pub fn text(&self) -> anyhow::Result<String> {
+        let store_dir = self
+            .store_dir
+            .to_str()
+            .with_context(|| format!("store dir is not UTF-8: {}", self.store_dir.display()))?;
+        let mut t = String::new();
+        t.push_str("# Written by twopc-launcher at every start of this server.\n");
+        t.push_str(&format!("server_name: {}\n", quote(&self.name)?));
+        t.push_str(&format!(
+            "listen: {}\n",
+            quote(&format!("127.0.0.1:{}", self.port))?
+        ));
+        t.push_str(&format!(
+            "http: {}\n",
+            quote(&format!("127.0.0.1:{}", self.monitor_port))?
+        ));
+        t.push_str("jetstream {\n");
+        t.push_str(&format!("  store_dir: {}\n", quote(store_dir)?));
+        t.push_str(
+            "  # Durability: fsync every write before it is acknowledged (the\n  \
+             # default syncs every 2 minutes and acknowledges before).\n",
+        );
+        t.push_str("  sync_interval: always\n");
+        t.push_str(&format!("  max_file_store: {JS_MAX_FILE_STORE_BYTES}\n"));
+        t.push_str(&format!(
+            "  max_memory_store: {JS_MAX_MEMORY_STORE_BYTES}\n"
+        ));
+        t.push_str("}\n");
+        if let Some(c) = &self.cluster {
+            let routes = c
+                .route_ports
+                .iter()
+                .map(|p| quote(&format!("nats-route://127.0.0.1:{p}")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            t.push_str("cluster {\n");
+            t.push_str(&format!("  name: {}\n", quote(&c.name)?));
+            t.push_str(&format!(
+                "  listen: {}\n",
+                quote(&format!("127.0.0.1:{}", c.route_port))?
+            ));
+            t.push_str(&format!("  routes: [{}]\n", routes.join(", ")));
+            t.push_str("}\n");
+        }
+        Ok(t)
+    }
+}
+
+/// `s` as a double-quoted string of the nats-server config format: `"` and
+/// `\` escaped; nothing in it is a variable (`$X` expands only unquoted).
+fn quote(s: &str) -> anyhow::Result<String> {
+    if s.chars().any(char::is_control) {
+        bail!("control character in a nats-server config value: {s:?}");
+    }
+    Ok(format!(
+        "\"{}\"",
+        s.replace('\\', "\\\\").replace('"', "\\\"")
+    ))
+}
+
+/// A `nats-server` on fixed loopback ports, started from a config file in
+/// its folder, with JetStream on and every write fsynced before it is
+/// acknowledged; restartable on the same ports with the same store.
+pub struct NatsServer {
+    /// Its `server_name` (a cluster's `/jsz` names the meta leader by it).
+    pub name: String,
+    /// The client port.
+    pub port: u16,
+    /// The monitoring port ([`NatsServer::monitor_url`]).
+    pub monitor_port: u16,
     pub proc: Proc,
+    /// The config file it runs from (written at start, read by restarts).
+    pub config_path: PathBuf,
+    /// Longest a (re)start may take from listening until JetStream is
+    /// ready: longer for a cluster node, which waits for a meta leader.
+    ready_timeout: Duration,
 }
 
 impl NatsServer {
-    /// Starts a server and waits (asynchronously) until it listens.
+    /// Starts a single server (no cluster) with its files in `dir` and
+    /// waits (asynchronously) until it listens and JetStream is ready.
     pub async fn start(dir: &Path, port: Option<u16>) -> anyhow::Result<Self> {
-        let bin = find_nats_server()?;
         let port = match port {
             Some(p) => p,
             None => free_port()?,
         };
+        let monitor_port = free_ports(1, &[port])?[0];
+        let config = ServerConfig {
+            name: format!("twopc-{port}"),
+            port,
+            monitor_port,
+            store_dir: dir.join("js"),
+            cluster: None,
+        };
+        let mut s = NatsServer::spawn(dir, &config, SINGLE_READY_TIMEOUT)?;
+        s.wait_listening(LISTEN_TIMEOUT).await?;
+        s.wait_jetstream_ready(s.ready_timeout).await?;
+        Ok(s)
+    }
+
+    /// Writes `config` to [`CONFIG_FILE`] in `dir` and starts a server from
+    /// it (log `nats-server.log` in `dir`); does not wait. `ready_timeout`
+    /// bounds each restart's wait for JetStream.
+    pub(crate) fn spawn(
+        dir: &Path,
+        config: &ServerConfig,
+        ready_timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let bin = find_nats_server()?;
         std::fs::create_dir_all(dir)?;
-        let args = vec![
-            "-a".into(),
-            "127.0.0.1".into(),
-            "-p".into(),
-            port.to_string(),
-            "-n".into(),
-            format!("twopc-{port}"),
-        ];
+        let config_path = dir.join(CONFIG_FILE);
+        std::fs::write(&config_path, config.text()?)
+            .with_context(|| format!("write {}", config_path.display()))?;
+        let args = vec!["-c".into(), config_path.display().to_string()];
         let mut proc = Proc::new(
-            "nats-server",
+            &format!("nats-server {}", config.name),
             &bin,
             args,
             vec![],
             dir.join("nats-server.log"),
         );
         proc.start()?;
-        let mut s = NatsServer { port, proc };
-        s.wait_listening(Duration::from_secs(10)).await?;
-        Ok(s)
+        Ok(NatsServer {
+            name: config.name.clone(),
+            port: config.port,
+            monitor_port: config.monitor_port,
+            proc,
+            config_path,
+            ready_timeout,
+        })
     }
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The monitoring endpoint's base URL (append `/varz`, `/healthz`, ...).
+    pub fn monitor_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.monitor_port)
+    }
+
     fn listening(&mut self) -> anyhow::Result<bool> {
         if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
             return Ok(true);
         }
-        if !self.proc.is_running() {
-            bail!("nats-server exited; log:\n{}", self.proc.log());
-        }
+        self.ensure_running()?;
         Ok(false)
     }
 
-    async fn wait_listening(&mut self, timeout: Duration) -> anyhow::Result<()> {
+    fn ensure_running(&mut self) -> anyhow::Result<()> {
+        if !self.proc.is_running() {
+            bail!("{} exited; log:\n{}", self.proc.name, self.proc.log());
+        }
+        Ok(())
+    }
+
+    /// Waits (asynchronously) until the server accepts connections on its
+    /// client port.
+    pub async fn wait_listening(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if self.listening()? {
                 return Ok(());
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(LISTEN_POLL).await;
         }
         bail!(
             "nats-server not listening on {} after {timeout:?}",
@@ -301,11 +496,132 @@ impl NatsServer {
         )
     }
 
-    /// Kills (SIGKILL) and starts again on the same port; waits
-    /// (asynchronously) until the server listens, at most 10 s.
+    /// Whether JetStream is ready: `/healthz?js-meta-only=true` answers 200
+    /// once the server knows a meta leader (a single server: once
+    /// JetStream runs). The answer's body when it is not.
+    pub async fn jetstream_ready(&self) -> Result<(), String> {
+        let url = format!("{}/healthz?js-meta-only=true", self.monitor_url());
+        match crate::http::http_get(&url, HEALTH_GET_TIMEOUT).await {
+            Ok((200, _)) => Ok(()),
+            Ok((status, body)) => Err(format!("{status} {}", body.trim())),
+            Err(e) => Err(format!("{e:#}")),
+        }
+    }
+
+    /// Waits (asynchronously, polling its health endpoint) until JetStream
+    /// is ready ([`NatsServer::jetstream_ready`]).
+    pub async fn wait_jetstream_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match self.jetstream_ready().await {
+                Ok(()) => return Ok(()),
+                Err(why) => why,
+            };
+            self.ensure_running()?;
+            if Instant::now() >= deadline {
+                bail!(
+                    "{}: JetStream not ready after {timeout:?} (healthz: {last}); log:\n{}",
+                    self.proc.name,
+                    self.proc.log()
+                );
+            }
+            tokio::time::sleep(HEALTH_POLL).await;
+        }
+    }
+
+    /// The meta leader this server knows (`/jsz`: `meta_cluster.leader`);
+    /// `None` when it knows none or is not clustered. After the leader dies
+    /// the others keep naming it for a few seconds (see
+    /// [`crate::NatsCluster::wait_ready`]).
+    pub async fn meta_leader(&self) -> anyhow::Result<Option<String>> {
+        let url = format!("{}/jsz", self.monitor_url());
+        let (status, body) = crate::http::http_get(&url, HEALTH_GET_TIMEOUT).await?;
+        if status != 200 {
+            bail!("GET {url}: {status} {body}");
+        }
+        let jsz: serde_json::Value =
+            serde_json::from_str(&body).with_context(|| format!("GET {url}: {body}"))?;
+        Ok(jsz["meta_cluster"]["leader"].as_str().map(str::to_owned))
+    }
+
+    /// Kills (SIGKILL) and starts again on the same ports with the same
+    /// store; waits (asynchronously) until the server listens and JetStream
+    /// is ready (a cluster node: it is current with a meta leader).
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.proc.kill()?;
         self.proc.start()?;
-        self.wait_listening(Duration::from_secs(10)).await
+        self.wait_listening(LISTEN_TIMEOUT).await?;
+        self.wait_jetstream_ready(self.ready_timeout).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(route_ports: Vec<u16>) -> ServerConfig {
+        ServerConfig {
+            name: "twopc-n0".into(),
+            port: 14222,
+            monitor_port: 18222,
+            store_dir: "/data/we \"ird\\ $HOME #dir/n0/js".into(),
+            cluster: Some(ClusterMembership {
+                name: "twopc".into(),
+                route_port: route_ports[0],
+                route_ports,
+            }),
+        }
+    }
+
+    #[test]
+    fn config_syncs_every_write_and_routes_to_every_node() {
+        let text = node(vec![16001, 16002, 16003]).text().unwrap();
+        assert!(text.contains("\n  sync_interval: always\n"), "{text}");
+        assert!(text.contains("server_name: \"twopc-n0\"\n"), "{text}");
+        assert!(text.contains("listen: \"127.0.0.1:14222\"\n"), "{text}");
+        assert!(text.contains("http: \"127.0.0.1:18222\"\n"), "{text}");
+        assert!(
+            text.contains(
+                "  routes: [\"nats-route://127.0.0.1:16001\", \
+                 \"nats-route://127.0.0.1:16002\", \"nats-route://127.0.0.1:16003\"]\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("  listen: \"127.0.0.1:16001\"\n"),
+            "route listen: {text}"
+        );
+        // The path is quoted, `"` and `\` escaped.
+        assert!(
+            text.contains(r#"  store_dir: "/data/we \"ird\\ $HOME #dir/n0/js""#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_single_server_has_no_cluster_block_but_syncs_always() {
+        let mut c = node(vec![1]);
+        c.cluster = None;
+        let text = c.text().unwrap();
+        assert!(!text.contains("cluster"), "{text}");
+        assert!(text.contains("sync_interval: always"), "{text}");
+    }
+
+    #[test]
+    fn control_characters_are_refused() {
+        let mut c = node(vec![1]);
+        c.store_dir = "/tmp/a\nb".into();
+        assert!(c.text().is_err());
+    }
+
+    #[test]
+    fn free_ports_are_distinct_and_avoid_the_taken_ones() {
+        let taken = free_ports(2, &[]).unwrap();
+        let ports = free_ports(9, &taken).unwrap();
+        let mut unique = ports.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), 9);
+        assert!(ports.iter().all(|p| !taken.contains(p)));
     }
 }

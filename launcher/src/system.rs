@@ -1,20 +1,49 @@
 //! The one way to start a twopc system: [`System::start`] with a
 //! [`SystemConfig`] of typed per-service settings, turned into the
 //! services' environment in one place ([`CoordinatorSettings::env`],
-//! [`ParticipantSettings::env`]), with asynchronous readiness waits.
-//! `twopc up`, `twopc bench --start`, `twopc chaos` and the test harness all
-//! start their systems here.
+//! [`ParticipantSettings::env`], [`DecisionStore::env`]), with asynchronous
+//! readiness waits. `twopc up`, `twopc bench --start`, `twopc chaos` and the
+//! test harness all start their systems here.
+//!
+//! A system runs on one nats-server or on a JetStream cluster
+//! ([`Nats::Cluster`]), with one coordinator or, on a cluster, several
+//! replicas that share their decision log.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use futures::StreamExt;
 use twopc_schemas::api::{CreateProduct, CreateUser};
 use twopc_schemas::{participant, subjects, Code, ParticipantName};
 
 use crate::client::{request, Reply};
+use crate::cluster::NatsCluster;
 use crate::process::{Binaries, NatsServer, Proc};
+
+/// Most coordinator replicas a system runs.
+pub const MAX_COORDINATORS: usize = 5;
+
+/// The coordinator replicas' names, in [`System::services`], as data
+/// folders and log files: the first is plain `coordinator` (as with one).
+const COORDINATOR_NAMES: [&str; MAX_COORDINATORS] = [
+    "coordinator",
+    "coordinator-2",
+    "coordinator-3",
+    "coordinator-4",
+    "coordinator-5",
+];
+
+/// The name of coordinator replica `i` (from 0): `coordinator`,
+/// `coordinator-2`, `coordinator-3`, ... Panics from [`MAX_COORDINATORS`].
+pub fn coordinator_name(i: usize) -> &'static str {
+    COORDINATOR_NAMES[i]
+}
+
+/// How long one count of a service's instances listens for their
+/// `$SRV.PING` answers (loopback answers take about a millisecond).
+const PING_WINDOW: Duration = Duration::from_millis(250);
 
 /// Which service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -172,17 +201,61 @@ fn overlay(env: &mut Vec<(String, String)>, extra: &[(String, String)]) {
 #[derive(Debug, Clone)]
 pub enum Nats {
     /// Start a `nats-server` on this loopback port (a free one if `None`).
+    /// The services keep their own SQLite files.
     Start { port: Option<u16> },
+    /// Start a JetStream cluster of `nodes` nats-servers (3 or 5) on
+    /// loopback; node `i` on client port `port + i` (free ports if `None`).
+    /// The coordinators keep their decisions in a KV bucket with a replica
+    /// on every node ([`DecisionStore::Kv`]); the participants keep SQLite.
+    Cluster { nodes: usize, port: Option<u16> },
     /// Use a server that runs already.
     Use { url: String },
+}
+
+/// Where the coordinators keep their decision log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecisionStore {
+    /// Each coordinator's SQLite file in its data folder (the service's
+    /// default: nothing is set).
+    Sqlite,
+    /// A JetStream KV bucket with `replicas` replicas, shared by every
+    /// coordinator replica; `monitor_urls` are the servers' monitoring
+    /// endpoints (their `/varz` says whether each fsyncs every write).
+    Kv {
+        replicas: usize,
+        monitor_urls: Vec<String>,
+    },
+}
+
+impl DecisionStore {
+    /// The coordinator's environment for this store (`TWOPC_STORE`,
+    /// `TWOPC_KV_REPLICAS`, `TWOPC_NATS_MONITOR`).
+    pub fn env(&self) -> Vec<(String, String)> {
+        match self {
+            DecisionStore::Sqlite => vec![],
+            DecisionStore::Kv {
+                replicas,
+                monitor_urls,
+            } => vec![
+                ("TWOPC_STORE".into(), "kv".into()),
+                ("TWOPC_KV_REPLICAS".into(), replicas.to_string()),
+                ("TWOPC_NATS_MONITOR".into(), monitor_urls.join(",")),
+            ],
+        }
+    }
 }
 
 /// Everything needed to start a system.
 #[derive(Debug, Clone)]
 pub struct SystemConfig {
-    /// Data folder: `nats/`, one folder per service, and the log files.
+    /// Data folder: `nats/` (a cluster: `nats/node-<i>/`), one folder per
+    /// service (`coordinator`, `coordinator-2`, ..., `wallet`, `order`),
+    /// and the log files.
     pub root: PathBuf,
     pub nats: Nats,
+    /// Coordinator replicas (1 to [`MAX_COORDINATORS`]); more than one needs
+    /// [`Nats::Cluster`], where they share their decision log.
+    pub coordinators: usize,
     pub binaries: Binaries,
     /// `RUST_LOG` of every service.
     pub log_level: String,
@@ -205,6 +278,7 @@ impl SystemConfig {
         SystemConfig {
             root: root.to_owned(),
             nats: Nats::Start { port: None },
+            coordinators: 1,
             binaries,
             log_level: "info".into(),
             coordinator: CoordinatorSettings::default(),
@@ -214,6 +288,40 @@ impl SystemConfig {
             ready_timeout: Duration::from_secs(30),
             client_name: "twopc-launcher".into(),
         }
+    }
+
+    /// Refuses a configuration that cannot run (before anything starts):
+    /// a cluster size [`NatsCluster::check_size`] refuses, no coordinator or
+    /// too many, or coordinator replicas without a shared decision log.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if let Nats::Cluster { nodes, .. } = self.nats {
+            NatsCluster::check_size(nodes)?;
+        }
+        let n = self.coordinators;
+        if !(1..=MAX_COORDINATORS).contains(&n) {
+            bail!("{n} coordinators: run from 1 to {MAX_COORDINATORS}");
+        }
+        if n > 1 && !matches!(self.nats, Nats::Cluster { .. }) {
+            bail!(
+                "{n} coordinator replicas need a shared decision log, the cluster's KV \
+                 bucket (Nats::Cluster, `twopc up --cluster 3`): on SQLite each replica \
+                 would keep its own log, and two logs could record different decisions \
+                 for one transaction"
+            );
+        }
+        Ok(())
+    }
+
+    /// The services to start, by name: the coordinator replicas, then the
+    /// participants.
+    fn services(&self) -> Vec<(&'static str, Kind)> {
+        let mut out: Vec<_> = COORDINATOR_NAMES[..self.coordinators]
+            .iter()
+            .map(|&name| (name, Kind::Coordinator))
+            .collect();
+        out.push((Kind::Wallet.name(), Kind::Wallet));
+        out.push((Kind::Order.name(), Kind::Order));
+        out
     }
 
     /// The environment of one service, beyond its NATS URL and data folder.
@@ -231,19 +339,24 @@ impl SystemConfig {
 
 /// One service process with its own data folder.
 pub struct Service {
+    /// Its name in [`System::services`], its data folder and its log
+    /// file: the kind's name, or a coordinator replica's
+    /// ([`coordinator_name`]).
+    pub name: &'static str,
     pub kind: Kind,
     pub proc: Proc,
 }
 
 impl Service {
     fn new(
+        name: &'static str,
         kind: Kind,
         bins: &Binaries,
         root: &Path,
         nats_url: &str,
         env_extra: Vec<(String, String)>,
     ) -> anyhow::Result<Self> {
-        let data = root.join(kind.name());
+        let data = root.join(name);
         std::fs::create_dir_all(&data)?;
         let program = match kind {
             Kind::Coordinator => &bins.coordinator,
@@ -255,14 +368,8 @@ impl Service {
             ("TWOPC_DATA_DIR".to_owned(), data.display().to_string()),
         ];
         overlay(&mut env, &env_extra);
-        let proc = Proc::new(
-            kind.name(),
-            program,
-            vec![],
-            env,
-            root.join(format!("{}.log", kind.name())),
-        );
-        Ok(Service { kind, proc })
+        let proc = Proc::new(name, program, vec![], env, root.join(format!("{name}.log")));
+        Ok(Service { name, kind, proc })
     }
 
     /// Waits until the service answers its probe subject.
@@ -279,14 +386,14 @@ impl Service {
             if !self.proc.is_running() {
                 bail!(
                     "{} exited during start; log:\n{}",
-                    self.kind.name(),
+                    self.name,
                     self.proc.log()
                 );
             }
             if Instant::now() > deadline {
                 bail!(
                     "{} not ready after {timeout:?}; log:\n{}",
-                    self.kind.name(),
+                    self.name,
                     self.proc.log()
                 );
             }
@@ -295,50 +402,74 @@ impl Service {
     }
 }
 
-/// A running system: nats-server (when started here), the three services
-/// and a NATS client. Dropping it kills every process.
+/// A running system: nats-server or a cluster (when started here), the
+/// services and a NATS client. Dropping it kills every process.
 pub struct System {
-    /// The nats-server started here (`None` with [`Nats::Use`]).
+    /// The single nats-server started here (`None` with [`Nats::Use`] and
+    /// [`Nats::Cluster`]).
     pub nats: Option<NatsServer>,
+    /// The cluster started here ([`Nats::Cluster`]).
+    pub cluster: Option<NatsCluster>,
+    /// The NATS URL the services use: a cluster's nodes comma-separated.
     pub url: String,
+    /// Where the coordinators keep their decisions.
+    pub store: DecisionStore,
     pub root: PathBuf,
+    /// The services by name: `coordinator` (and `coordinator-2`, ... with
+    /// replicas), `wallet`, `order`.
     pub services: BTreeMap<&'static str, Service>,
     pub client: async_nats::Client,
     pub ready_timeout: Duration,
 }
 
 impl System {
-    /// Starts nats-server (unless told to use one), then the services, and
-    /// waits until each answers.
+    /// Starts nats-server or a cluster (unless told to use one), then the
+    /// services, and waits until each answers.
     pub async fn start(cfg: SystemConfig) -> anyhow::Result<System> {
+        cfg.check()?;
         std::fs::create_dir_all(&cfg.root)?;
-        let (nats, url) = match &cfg.nats {
+        let nats_dir = cfg.root.join("nats");
+        let (nats, cluster, url, store) = match &cfg.nats {
             Nats::Start { port } => {
-                let s = NatsServer::start(&cfg.root.join("nats"), *port)
+                let s = NatsServer::start(&nats_dir, *port)
                     .await
                     .context("starting nats-server")?;
                 let url = s.url();
-                (Some(s), url)
+                (Some(s), None, url, DecisionStore::Sqlite)
             }
-            Nats::Use { url } => (None, url.clone()),
+            Nats::Cluster { nodes, port } => {
+                let c = NatsCluster::start_at(&nats_dir, *nodes, *port)
+                    .await
+                    .context("starting the nats-server cluster")?;
+                let store = DecisionStore::Kv {
+                    replicas: *nodes,
+                    monitor_urls: c.monitor_urls(),
+                };
+                let url = c.url_list();
+                (None, Some(c), url, store)
+            }
+            Nats::Use { url } => (None, None, url.clone(), DecisionStore::Sqlite),
         };
         let client = twopc_common::nats::connect(&url, &cfg.client_name).await?;
         let mut services = BTreeMap::new();
-        for kind in Kind::ALL {
+        for (name, kind) in cfg.services() {
             let service_url = cfg.nats_url_of.get(&kind).unwrap_or(&url);
-            let mut s = Service::new(
-                kind,
-                &cfg.binaries,
-                &cfg.root,
-                service_url,
-                cfg.env_of(kind),
-            )?;
+            let mut env = match kind {
+                Kind::Coordinator => store.env(),
+                Kind::Wallet | Kind::Order => vec![],
+            };
+            // The typed settings and their extra environment come last:
+            // a test may override anything.
+            overlay(&mut env, &cfg.env_of(kind));
+            let mut s = Service::new(name, kind, &cfg.binaries, &cfg.root, service_url, env)?;
             s.proc.start()?;
-            services.insert(kind.name(), s);
+            services.insert(name, s);
         }
         let mut sys = System {
             nats,
+            cluster,
             url,
+            store,
             root: cfg.root,
             services,
             client,
@@ -347,25 +478,92 @@ impl System {
         for kind in Kind::ALL {
             sys.wait_ready(kind).await?;
         }
+        // A replica that failed at start does not keep the others from
+        // answering; it still fails the start.
+        for s in sys.services.values_mut() {
+            if !s.proc.is_running() {
+                bail!("{} exited during start; log:\n{}", s.name, s.proc.log());
+            }
+        }
         Ok(sys)
     }
 
+    /// The service of `kind`; for the coordinator, the first replica.
     pub fn service(&mut self, kind: Kind) -> &mut Service {
         self.services.get_mut(kind.name()).expect("service exists")
     }
 
-    /// The nats-server started here.
+    /// Coordinator replica `i` (from 0; 0 is [`System::service`]'s).
+    pub fn coordinator(&mut self, i: usize) -> &mut Service {
+        assert!(
+            i < self.coordinator_count(),
+            "coordinator replica {i} of {}",
+            self.coordinator_count()
+        );
+        self.services
+            .get_mut(coordinator_name(i))
+            .expect("replica exists")
+    }
+
+    /// How many coordinator replicas the system runs.
+    pub fn coordinator_count(&self) -> usize {
+        self.services
+            .values()
+            .filter(|s| s.kind == Kind::Coordinator)
+            .count()
+    }
+
+    /// The single nats-server started here.
     pub fn nats_server(&mut self) -> &mut NatsServer {
         self.nats
             .as_mut()
-            .expect("this system started its nats-server")
+            .expect("this system started a single nats-server (a cluster: System::cluster)")
     }
 
-    /// Waits until `kind` answers (up to the configured ready timeout).
+    /// The nats-server cluster started here, if any.
+    pub fn cluster(&mut self) -> Option<&mut NatsCluster> {
+        self.cluster.as_mut()
+    }
+
+    /// Waits until `kind` answers (up to the configured ready timeout);
+    /// for the coordinator with replicas, until every replica that runs
+    /// answers `$SRV.PING.coordinator` too (its public subjects are served
+    /// by whichever replica the queue group picks). A paused replica that
+    /// runs never answers: this then times out.
     pub async fn wait_ready(&mut self, kind: Kind) -> anyhow::Result<()> {
         let client = self.client.clone();
         let timeout = self.ready_timeout;
-        self.service(kind).wait_ready(&client, timeout).await
+        let deadline = Instant::now() + timeout;
+        self.service(kind).wait_ready(&client, timeout).await?;
+        let replicas: Vec<&'static str> = self
+            .services
+            .values()
+            .filter(|s| s.kind == kind)
+            .map(|s| s.name)
+            .collect();
+        if replicas.len() < 2 {
+            return Ok(());
+        }
+        loop {
+            let mut running = 0;
+            for name in &replicas {
+                let s = self.services.get_mut(name).expect("service exists");
+                if s.proc.is_running() {
+                    running += 1;
+                }
+            }
+            let answering = instances(&client, kind.name(), running).await?;
+            if answering >= running {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{answering} of {running} running {} replicas answer $SRV.PING after \
+                     {timeout:?}",
+                    kind.name()
+                );
+            }
+        }
     }
 
     /// Creates users and products through the public create requests. With
@@ -381,11 +579,12 @@ impl System {
     }
 
     /// SIGTERM every service (waiting up to `grace` each), then stop
-    /// nats-server. The system's client is closed first, so that it does
-    /// not report the server going away.
+    /// nats-server or the cluster's nodes. The system's client is closed
+    /// first, so that it does not report the server going away.
     pub async fn stop(self, grace: Duration) -> anyhow::Result<()> {
         let System {
             nats,
+            cluster,
             mut services,
             client,
             ..
@@ -397,8 +596,45 @@ impl System {
         if let Some(mut n) = nats {
             n.proc.terminate(grace).await?;
         }
+        if let Some(mut c) = cluster {
+            for n in &mut c.nodes {
+                n.proc.terminate(grace).await?;
+            }
+        }
         Ok(())
     }
+}
+
+/// How many instances of the service `name` answer `$SRV.PING.<name>`
+/// (distinct ids) within [`PING_WINDOW`]; stops listening once `enough`
+/// have answered.
+async fn instances(
+    client: &async_nats::Client,
+    name: &str,
+    enough: usize,
+) -> anyhow::Result<usize> {
+    let inbox = client.new_inbox();
+    let mut answers = client.subscribe(inbox.clone()).await?;
+    client
+        .publish_with_reply(
+            twopc_common::micro::ping_subject(name),
+            inbox,
+            Vec::new().into(),
+        )
+        .await?;
+    let deadline = tokio::time::Instant::now() + PING_WINDOW;
+    let mut ids = BTreeSet::new();
+    while ids.len() < enough {
+        match tokio::time::timeout_at(deadline, answers.next()).await {
+            Ok(Some(m)) => {
+                if let Ok(p) = serde_json::from_slice::<twopc_common::micro::Ping>(&m.payload) {
+                    ids.insert(p.id);
+                }
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    Ok(ids.len())
 }
 
 /// Creates users and products through the typed create requests
@@ -471,6 +707,86 @@ mod tests {
             get(&cfg.env_of(Kind::Order), "TWOPC_IN_DOUBT_AFTER_MS"),
             None
         );
+    }
+
+    #[test]
+    fn a_kv_store_tells_the_coordinator_its_replicas_and_monitors() {
+        let kv = DecisionStore::Kv {
+            replicas: 3,
+            monitor_urls: vec!["http://127.0.0.1:1".into(), "http://127.0.0.1:2".into()],
+        };
+        let env = kv.env();
+        assert_eq!(get(&env, "TWOPC_STORE"), Some("kv"));
+        assert_eq!(get(&env, "TWOPC_KV_REPLICAS"), Some("3"));
+        assert_eq!(
+            get(&env, "TWOPC_NATS_MONITOR"),
+            Some("http://127.0.0.1:1,http://127.0.0.1:2")
+        );
+        assert!(
+            DecisionStore::Sqlite.env().is_empty(),
+            "SQLite: the default"
+        );
+    }
+
+    #[test]
+    fn replicas_are_named_after_the_first_coordinator() {
+        let mut cfg =
+            SystemConfig::new(Path::new("/tmp/x"), Binaries::beside_current_exe().unwrap());
+        assert_eq!(
+            cfg.services(),
+            [
+                ("coordinator", Kind::Coordinator),
+                ("wallet", Kind::Wallet),
+                ("order", Kind::Order)
+            ]
+        );
+        cfg.nats = Nats::Cluster {
+            nodes: 3,
+            port: None,
+        };
+        cfg.coordinators = 3;
+        cfg.check().unwrap();
+        let names: Vec<_> = cfg.services().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            [
+                "coordinator",
+                "coordinator-2",
+                "coordinator-3",
+                "wallet",
+                "order"
+            ]
+        );
+    }
+
+    #[test]
+    fn replicas_without_a_cluster_and_bad_sizes_are_refused() {
+        let mut cfg =
+            SystemConfig::new(Path::new("/tmp/x"), Binaries::beside_current_exe().unwrap());
+        cfg.check().unwrap();
+        cfg.coordinators = 2;
+        let err = cfg.check().unwrap_err().to_string();
+        assert!(err.contains("shared decision log"), "{err}");
+        cfg.coordinators = 0;
+        assert!(cfg.check().is_err());
+        for (nodes, ok) in [
+            (1, false),
+            (2, false),
+            (3, true),
+            (4, false),
+            (5, true),
+            (7, false),
+        ] {
+            cfg.nats = Nats::Cluster { nodes, port: None };
+            cfg.coordinators = 2;
+            assert_eq!(cfg.check().is_ok(), ok, "{nodes} nodes");
+        }
+        cfg.coordinators = MAX_COORDINATORS + 1;
+        cfg.nats = Nats::Cluster {
+            nodes: 3,
+            port: None,
+        };
+        assert!(cfg.check().is_err());
     }
 
     #[test]

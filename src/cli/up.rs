@@ -1,43 +1,102 @@
 //! `twopc up`: a local system for people, with demo data; Ctrl-C stops it.
+//! With `--cluster 3`, a JetStream cluster of three nats-servers and two
+//! coordinator replicas sharing their decision log in it.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use twopc_launcher::{Binaries, Nats, System, SystemConfig};
 
 use super::seed::{demo, seed};
 
-pub async fn run(
-    data_dir: PathBuf,
-    port: u16,
-    no_demo: bool,
-    nats_url_env: Option<String>,
-) -> anyhow::Result<()> {
+#[derive(clap::Args)]
+pub struct UpArgs {
+    /// Folder for the services' databases and logs.
+    #[arg(long, default_value = ".twopc")]
+    pub data_dir: PathBuf,
+    /// Port of the nats-server started here (when NATS_URL is not set);
+    /// with --cluster, the first node's (the others take the next ports).
+    #[arg(long, default_value_t = 4222)]
+    pub port: u16,
+    /// Do not create the demo users and products.
+    #[arg(long)]
+    pub no_demo: bool,
+    /// Start a JetStream cluster of N nats-servers (3; 5 also works) with
+    /// `sync_interval: always`; the coordinators keep their decisions in a
+    /// KV bucket replicated on every node.
+    #[arg(long, value_name = "N")]
+    pub cluster: Option<usize>,
+    /// Coordinator replicas (default: 2 with --cluster, else 1; more than
+    /// one needs --cluster, where they share their decision log).
+    #[arg(long)]
+    pub coordinators: Option<usize>,
+}
+
+pub async fn run(args: UpArgs, nats_url_env: Option<String>) -> anyhow::Result<()> {
+    let UpArgs {
+        data_dir,
+        port,
+        no_demo,
+        cluster,
+        coordinators,
+    } = args;
     std::fs::create_dir_all(&data_dir)?;
     let data_dir = data_dir.canonicalize()?;
     let mut cfg = SystemConfig::new(&data_dir, Binaries::beside_current_exe()?);
     cfg.client_name = "twopc-up".into();
     cfg.ready_timeout = Duration::from_secs(20);
-    let sys = match nats_url_env {
-        Some(url) => {
+    cfg.coordinators = coordinators.unwrap_or(if cluster.is_some() { 2 } else { 1 });
+    cfg.nats = match (cluster, nats_url_env) {
+        (Some(_), Some(url)) => {
+            bail!("--cluster starts its own nats-servers, but NATS_URL is set ({url}): unset it")
+        }
+        (Some(nodes), None) => Nats::Cluster {
+            nodes,
+            port: Some(port),
+        },
+        (None, Some(url)) => {
             println!("using NATS at {url} (from NATS_URL)");
-            cfg.nats = Nats::Use { url };
-            System::start(cfg).await?
+            Nats::Use { url }
         }
-        None => {
-            cfg.nats = Nats::Start { port: Some(port) };
-            let sys = System::start(cfg).await.context(
-                "starting the system (is the port in use? set NATS_URL to use a running nats-server)",
-            )?;
-            println!("nats-server listening on {}", sys.url);
-            sys
-        }
+        (None, None) => Nats::Start { port: Some(port) },
     };
+    // Refuse a bad --cluster or --coordinators before anything starts.
+    cfg.check()?;
+    let started_here = !matches!(cfg.nats, Nats::Use { .. });
+    let sys = System::start(cfg).await.with_context(|| {
+        if started_here {
+            "starting the system (is a port in use? set NATS_URL to use a running nats-server)"
+        } else {
+            "starting the system"
+        }
+    })?;
+    if let Some(c) = &sys.cluster {
+        println!(
+            "nats-server cluster of {} (JetStream, sync_interval: always):",
+            c.nodes.len()
+        );
+        for n in &c.nodes {
+            println!(
+                "  {}  monitoring {}  (pid {})",
+                n.url(),
+                n.monitor_url(),
+                n.proc.pid().unwrap_or(0)
+            );
+        }
+        println!("NATS_URL={}", sys.url);
+        println!("monitoring: {}", c.monitor_urls().join(","));
+    } else if let Some(n) = &sys.nats {
+        println!(
+            "nats-server listening on {} (monitoring {})",
+            sys.url,
+            n.monitor_url()
+        );
+    }
     for s in sys.services.values() {
         println!(
-            "{:<12} running (pid {}), log {}",
-            s.kind.name(),
+            "{:<14} running (pid {}), log {}",
+            s.name,
             s.proc.pid().unwrap_or(0),
             s.proc.log_path().display()
         );
