@@ -107,6 +107,10 @@ pub struct CoordinatorArgs {
 impl CoordinatorArgs {
     /// The window settings, checked (`retention > window + skew`).
     pub fn tx_window(&self) -> Result<twopc_schemas::protocol::TxWindow, String> {
-        twopc_schemas::protocol::TxWindow::new(self.tx_window_ms, self.retention_ms, self.max_skew_ms)
+        twopc_schemas::protocol::TxWindow::new(
+            self.tx_window_ms,
+            self.retention_ms,
+            self.max_skew_ms,
+        )
     }
 }

@@ -268,8 +268,7 @@ pub async fn recent_is_newest_first<L: DecisionLog>(log: &L) {
 pub async fn collection_keeps_what_is_undelivered_or_young<L: DecisionLog>(log: &L) {
     let cutoff = twopc_common::now_ms();
     let k = fresh_key("collected");
-    let (old_done, old_undelivered, young_done) =
-        (TxId::now_v7(), TxId::now_v7(), TxId::now_v7());
+    let (old_done, old_undelivered, young_done) = (TxId::now_v7(), TxId::now_v7(), TxId::now_v7());
     let mut r = record(old_done, Decision::Commit, Some(&k));
     r.decided_at_ms = cutoff - 10_000;
     log.record(r).await.unwrap();
@@ -282,6 +281,9 @@ pub async fn collection_keeps_what_is_undelivered_or_young<L: DecisionLog>(log: 
     assert!(gone >= 1, "{gone}");
     assert_eq!(log.get(old_done).await.unwrap(), None);
     assert_eq!(log.by_request_id(k).await.unwrap(), None);
-    assert!(log.get(old_undelivered).await.unwrap().is_some(), "undelivered stays");
+    assert!(
+        log.get(old_undelivered).await.unwrap().is_some(),
+        "undelivered stays"
+    );
     assert!(log.get(young_done).await.unwrap().is_some(), "young stays");
 }

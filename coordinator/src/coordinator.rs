@@ -803,7 +803,7 @@ async fn check_jetstream_sync(monitors: &[String], allow_unsynced: bool) -> anyh
     let mut unsynced = vec![];
     for m in monitors {
         let url = format!("{}/varz", m.trim_end_matches('/'));
-        let (status, body) = twopc_common::http::get(&url, Duration::from_secs(5)).await?;
+        let (status, body) = twopc_common::http::http_get(&url, Duration::from_secs(5)).await?;
         anyhow::ensure!(status == 200, "GET {url}: status {status}");
         let varz: serde_json::Value = serde_json::from_str(&body)?;
         let config = &varz["jetstream"]["config"];

@@ -1781,7 +1781,13 @@ mod tests {
         );
         assert!(matches!(
             &cmds[..],
-            [Cmd::Answer { query: 10, reply: DecisionReply::Decided { decision: Decision::Commit, .. } }]
+            [Cmd::Answer {
+                query: 10,
+                reply: DecisionReply::Decided {
+                    decision: Decision::Commit,
+                    ..
+                }
+            }]
         ));
         // Within the window the query still records a presumed abort first.
         let fresh = tx_at(NOW + w);
@@ -1793,6 +1799,9 @@ mod tests {
                 participant: participant::WALLET,
             },
         );
-        assert!(matches!(&cmds[..], [Cmd::RecordPresumedAbort { query: 11, .. }]));
+        assert!(matches!(
+            &cmds[..],
+            [Cmd::RecordPresumedAbort { query: 11, .. }]
+        ));
     }
 }

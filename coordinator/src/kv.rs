@@ -643,7 +643,12 @@ impl DecisionLog for KvLog {
     }
 
     async fn recent(&self, n: usize) -> Result<Vec<Record>, LogError> {
-        let mut v: Vec<Record> = self.scan().await?.into_iter().map(|(_, r)| r.value).collect();
+        let mut v: Vec<Record> = self
+            .scan()
+            .await?
+            .into_iter()
+            .map(|(_, r)| r.value)
+            .collect();
         v.sort_by_key(|r| std::cmp::Reverse((r.decided_at_ms, r.tx)));
         v.truncate(n);
         Ok(v)

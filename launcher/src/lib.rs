@@ -7,17 +7,15 @@
 //!
 //! [`System::start`] with a [`SystemConfig`] is the one way to start a
 //! system; [`process`] holds the processes it is made of, [`cluster`] the
-//! nats-server cluster, [`http`] the GET that reads the servers' monitoring
-//! endpoints.
+//! nats-server cluster; `twopc_common::http` has the GET that reads the
+//! servers' monitoring endpoints.
 
 pub mod client;
 pub mod cluster;
-pub mod http;
 pub mod process;
 pub mod system;
 
 pub use cluster::NatsCluster;
-pub use http::http_get;
 pub use process::{
     find_nats_server, free_port, free_ports, signal, Binaries, NatsServer, Proc, ServerConfig,
 };
@@ -25,3 +23,4 @@ pub use system::{
     seed, CoordinatorSettings, DecisionStore, Kind, Nats, ParticipantSettings, ReplyAfter, Service,
     System, SystemConfig,
 };
+pub use twopc_common::http::http_get;

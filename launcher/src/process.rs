@@ -501,7 +501,7 @@ impl NatsServer {
     /// JetStream runs). The answer's body when it is not.
     pub async fn jetstream_ready(&self) -> Result<(), String> {
         let url = format!("{}/healthz?js-meta-only=true", self.monitor_url());
-        match crate::http::http_get(&url, HEALTH_GET_TIMEOUT).await {
+        match twopc_common::http::http_get(&url, HEALTH_GET_TIMEOUT).await {
             Ok((200, _)) => Ok(()),
             Ok((status, body)) => Err(format!("{status} {}", body.trim())),
             Err(e) => Err(format!("{e:#}")),
@@ -535,7 +535,7 @@ impl NatsServer {
     /// [`crate::NatsCluster::wait_ready`]).
     pub async fn meta_leader(&self) -> anyhow::Result<Option<String>> {
         let url = format!("{}/jsz", self.monitor_url());
-        let (status, body) = crate::http::http_get(&url, HEALTH_GET_TIMEOUT).await?;
+        let (status, body) = twopc_common::http::http_get(&url, HEALTH_GET_TIMEOUT).await?;
         if status != 200 {
             bail!("GET {url}: {status} {body}");
         }

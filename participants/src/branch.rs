@@ -186,8 +186,14 @@ mod tests {
             on_decide(Some(&branch(Prepared)), Abort, false),
             OnDecide::Apply(Abort)
         );
-        assert_eq!(on_decide(Some(&branch(Committed)), Commit, false), OnDecide::Ack);
-        assert_eq!(on_decide(Some(&branch(Aborted)), Abort, false), OnDecide::Ack);
+        assert_eq!(
+            on_decide(Some(&branch(Committed)), Commit, false),
+            OnDecide::Ack
+        );
+        assert_eq!(
+            on_decide(Some(&branch(Aborted)), Abort, false),
+            OnDecide::Ack
+        );
         assert_eq!(on_decide(None, Abort, false), OnDecide::Tombstone);
         assert!(matches!(
             on_decide(None, Commit, false),
@@ -219,7 +225,10 @@ mod tests {
             on_prepare(Some(&branch(Prepared)), &op(), true),
             OnPrepare::Repeat(Vote::Yes)
         );
-        assert_eq!(on_decide(Some(&branch(Prepared)), Commit, true), OnDecide::Apply(Commit));
+        assert_eq!(
+            on_decide(Some(&branch(Prepared)), Commit, true),
+            OnDecide::Apply(Commit)
+        );
         // An old abort of something never prepared here writes nothing.
         assert_eq!(on_decide(None, Abort, true), OnDecide::Ack);
         assert!(matches!(

@@ -562,9 +562,10 @@ impl<R: Resource> Participant<R> {
                 // DELIBERATELY BROKEN (tests only): vote yes before the
                 // prepare is written, or even known to be possible.
                 let db = self.db.clone();
-                tokio::spawn(
-                    async move { db.run(move |c| prepare_job(&*resource, c, tx, &op, window)).await },
-                );
+                tokio::spawn(async move {
+                    db.run(move |c| prepare_job(&*resource, c, tx, &op, window))
+                        .await
+                });
                 return Response::ok(protocol::encode(&Vote::Yes));
             }
             let started = std::time::Instant::now();
@@ -762,7 +763,8 @@ impl<R: Resource> Participant<R> {
     /// Deletes decided branches older than the retention, now and then
     /// (every tenth of the retention, at most a minute apart).
     async fn collection_loop(self: Arc<Self>) -> anyhow::Result<()> {
-        let every = Duration::from_millis((self.window.retention_ms / 10).clamp(100, 60_000) as u64);
+        let every =
+            Duration::from_millis((self.window.retention_ms / 10).clamp(100, 60_000) as u64);
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}

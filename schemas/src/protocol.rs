@@ -519,7 +519,10 @@ mod limits {
         assert!((t - twopc_now()).abs() < 5_000);
         assert!(!w.expired(tx, t + 1_000));
         assert!(w.expired(tx, t + 1_001));
-        assert!(w.expired(Uuid::from_u128(1), t), "not a UUIDv7: age unknown");
+        assert!(
+            w.expired(Uuid::from_u128(1), t),
+            "not a UUIDv7: age unknown"
+        );
         assert!(TxWindow::new(1_000, 1_500, 500).is_err());
         assert!(TxWindow::new(0, 5_000, 0).is_err());
     }
