@@ -1,8 +1,8 @@
 //! A system on a 3-node JetStream cluster with two coordinator replicas, as
 //! `twopc up --cluster 3` starts it: what each service is told (read back
 //! from the running processes' environment), both replicas serving, one
-//! replica killed and started again. The coordinators' KV decision log is
-//! not exercised here; they are only told to use it.
+//! replica killed and started again (the faults under load are in
+//! `cluster.rs`).
 
 mod harness;
 

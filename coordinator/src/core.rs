@@ -353,7 +353,12 @@ pub fn summarize(participant: &str, ballot: &Ballot) -> VoteSummary {
 pub fn log_error(e: &LogError) -> ApiError {
     match e {
         LogError::Busy => ApiError::new(Code::Busy, "the decision log is overloaded; retry"),
-        LogError::Failed(m) => ApiError::new(Code::Internal, m.clone()),
+        // Nothing was started or changed; a replicated log that is electing
+        // a leader answers again in seconds: retry.
+        LogError::Failed(m) => ApiError::new(
+            Code::Unavailable,
+            format!("the decision log did not answer ({m}); nothing was started: retry"),
+        ),
     }
 }
 

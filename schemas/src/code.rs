@@ -19,7 +19,8 @@ pub enum Code {
     /// A participant did not answer within the prepare timeout. The
     /// participant may still have prepared; it will learn the abort.
     Timeout,
-    /// Nobody serves the participant's subject (NATS "no responders").
+    /// Nobody serves the participant's subject (NATS "no responders"), or a
+    /// store the request needs did not answer; nothing was changed: retry.
     Unavailable,
     /// The transaction was already aborted at this participant (for example a
     /// prepare arriving after the abort): a tombstone answers no.

@@ -1,0 +1,297 @@
+//! No single point of failure: a system on a 3-node JetStream cluster with
+//! two coordinator replicas sharing decisions in replicated KV, under a
+//! purchase workload, while one NATS node is killed (and later the meta
+//! leader), and one coordinator replica is killed. Every purchase a client
+//! heard about is as it heard, none is split, every request id keeps one
+//! outcome, and nothing is left in doubt after healing.
+
+mod harness;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use twopc_launcher::client::{request, Reply};
+use twopc_launcher::{CoordinatorSettings, Kind, Nats, ParticipantSettings, System, SystemConfig};
+use twopc_schemas::api::{CreateProduct, CreateUser, Outcome, PurchaseReply, PurchaseRequest};
+use twopc_schemas::{subjects, Code};
+use twopc_verify::check::{self, Initial, KeyReply, Snapshot, Told};
+
+const USERS: usize = 4;
+const PRODUCTS: usize = 3;
+const BALANCE: u64 = 1_000_000_000;
+const STOCK: u64 = 1_000_000;
+const WORKERS: usize = 8;
+
+#[derive(Default)]
+struct Heard {
+    told: Mutex<Vec<Told>>,
+    replies: Mutex<Vec<KeyReply>>,
+    commits: AtomicU64,
+    /// Commit times, ms since the run began, to find the longest gap.
+    commit_times: Mutex<Vec<u64>>,
+}
+
+/// One client: purchases with request ids; a timeout or an
+/// `outcome_unknown`/`busy`/`unavailable` answer is retried with the same
+/// key (the outcome is unknown, not failed).
+async fn worker(
+    w: usize,
+    client: async_nats::Client,
+    heard: Arc<Heard>,
+    stop: Arc<AtomicBool>,
+    began: Instant,
+) {
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let sku = (n as usize + w) % PRODUCTS;
+        let req = PurchaseRequest {
+            user: format!("user-{}", (n as usize * 7 + w) % USERS),
+            sku: format!("sku-{sku}"),
+            qty: 1,
+            amount: 100 + 37 * sku as u64,
+            request_id: Some(format!("w{w}-{n}")),
+        };
+        let mut answered = false;
+        for _attempt in 0..40 {
+            match request::<_, PurchaseReply>(
+                &client,
+                subjects::PURCHASE,
+                &req,
+                Duration::from_secs(3),
+            )
+            .await
+            {
+                Ok(Reply::Ok(r)) => {
+                    let tx: uuid::Uuid = r.tx.parse().expect("tx id");
+                    heard.replies.lock().unwrap().push(KeyReply {
+                        request_id: req.request_id.clone().unwrap(),
+                        tx,
+                        outcome: r.outcome,
+                        duplicate: r.duplicate,
+                    });
+                    heard.told.lock().unwrap().push(match r.outcome {
+                        Outcome::Committed => Told::Committed(tx),
+                        Outcome::Aborted => Told::Aborted(tx),
+                    });
+                    if r.outcome == Outcome::Committed {
+                        heard.commits.fetch_add(1, Ordering::Relaxed);
+                        heard
+                            .commit_times
+                            .lock()
+                            .unwrap()
+                            .push(began.elapsed().as_millis() as u64);
+                    }
+                    answered = true;
+                    break;
+                }
+                Ok(Reply::Err(e))
+                    if matches!(
+                        e.error.code,
+                        Code::OutcomeUnknown | Code::Busy | Code::Unavailable | Code::ShuttingDown
+                    ) => {}
+                Ok(Reply::Err(e)) => panic!("purchase refused: {e:?}"),
+                // A timeout or no responders (a replica's node is down and
+                // the client's reconnects): unknown; ask again, same key.
+                Err(_) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if !answered {
+            heard.told.lock().unwrap().push(Told::Unknown);
+        }
+    }
+}
+
+/// Waits until `more` commits past `from` were heard (bounded).
+async fn commits_go_on(heard: &Heard, from: u64, more: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while heard.commits.load(Ordering::Relaxed) < from + more {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: only {} commits in 60 s",
+            heard.commits.load(Ordering::Relaxed) - from
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The server leading the KV stream of decisions.
+async fn decisions_leader(client: &async_nats::Client) -> String {
+    let js = async_nats::jetstream::new(client.clone());
+    let stream = format!("KV_{}", twopc_coordinator::kv::DEFAULT_BUCKET);
+    let mut s = js.get_stream(&stream).await.unwrap();
+    let info = s.info().await.unwrap();
+    info.cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .expect("a replicated stream has a leader")
+}
+
+fn node_named(sys: &mut System, name: &str) -> usize {
+    (0..3)
+        .find(|&i| sys.cluster().unwrap().node(i).name == name)
+        .unwrap_or_else(|| panic!("{name} is not a node"))
+}
+
+fn say(s: &str) {
+    eprintln!("--- {s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_a_nats_node_or_a_coordinator_replica_under_load_loses_and_splits_nothing() {
+    let dir = tempfile::Builder::new()
+        .prefix("twopc-test-cluster-faults-")
+        .tempdir()
+        .unwrap();
+    let root = dir.path().to_owned();
+    let mut cfg = SystemConfig::new(&root, harness::bins());
+    cfg.client_name = "twopc-test".into();
+    cfg.nats = Nats::Cluster {
+        nodes: 3,
+        port: None,
+    };
+    cfg.coordinators = 2;
+    cfg.coordinator = CoordinatorSettings {
+        prepare_timeout_ms: Some(1_000),
+        decide_timeout_ms: Some(500),
+        retry_base_ms: Some(20),
+        retry_cap_ms: Some(1_000),
+        extra_env: vec![("TWOPC_SWEEP_INTERVAL_MS".into(), "1000".into())],
+        ..Default::default()
+    };
+    let participant = ParticipantSettings {
+        in_doubt_after_ms: Some(2_000),
+        recovery_interval_ms: Some(250),
+        decision_timeout_ms: Some(1_000),
+        ..Default::default()
+    };
+    cfg.wallet = participant.clone();
+    cfg.order = participant;
+    let mut sys = System::start(cfg).await.unwrap();
+
+    let users: Vec<CreateUser> = (0..USERS)
+        .map(|i| CreateUser {
+            user: format!("user-{i}"),
+            balance: BALANCE,
+        })
+        .collect();
+    let products: Vec<CreateProduct> = (0..PRODUCTS)
+        .map(|i| CreateProduct {
+            sku: format!("sku-{i}"),
+            price: 100 + 37 * i as u64,
+            stock: STOCK,
+        })
+        .collect();
+    sys.seed(&users, &products, false).await.unwrap();
+    let mut initial = Initial::default();
+    for u in &users {
+        initial.balances.insert(u.user.clone(), u.balance);
+    }
+    for p in &products {
+        initial.products.insert(p.sku.clone(), (p.price, p.stock));
+    }
+
+    let heard = Arc::new(Heard::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let began = Instant::now();
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            tokio::spawn(worker(
+                w,
+                sys.client.clone(),
+                heard.clone(),
+                stop.clone(),
+                began,
+            ))
+        })
+        .collect();
+    commits_go_on(&heard, 0, 50, "before any fault").await;
+
+    // The node leading the decisions' stream: every decision write goes
+    // through it, so its loss is the one that costs an election.
+    let leader = decisions_leader(&sys.client).await;
+    let node = node_named(&mut sys, &leader);
+    say(&format!(
+        "kill the decisions' stream leader, NATS node {node} ({leader}); purchases must go on"
+    ));
+    sys.cluster().unwrap().kill(node).unwrap();
+    let c = heard.commits.load(Ordering::Relaxed);
+    commits_go_on(&heard, c, 100, "with the stream leader's node down").await;
+    say("restart it");
+    sys.cluster().unwrap().restart(node).await.unwrap();
+
+    say("kill coordinator replica 1 (SIGKILL); the other serves");
+    sys.coordinator(0).proc.kill().unwrap();
+    let c = heard.commits.load(Ordering::Relaxed);
+    commits_go_on(&heard, c, 100, "with one coordinator replica down").await;
+    say("restart coordinator replica 1");
+    sys.coordinator(0).proc.start().unwrap();
+    sys.wait_ready(Kind::Coordinator).await.unwrap();
+
+    let leader = sys.cluster().unwrap().live_leader().await.unwrap();
+    let node = node_named(&mut sys, &leader);
+    say(&format!(
+        "kill the JetStream meta leader, node {node} ({leader})"
+    ));
+    sys.cluster().unwrap().kill(node).unwrap();
+    let c = heard.commits.load(Ordering::Relaxed);
+    commits_go_on(&heard, c, 100, "with the meta leader down").await;
+    say("restart it");
+    sys.cluster().unwrap().restart(node).await.unwrap();
+    let c = heard.commits.load(Ordering::Relaxed);
+    commits_go_on(&heard, c, 50, "after healing").await;
+
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let healed = Instant::now();
+    let bucket = twopc_coordinator::kv::DEFAULT_BUCKET;
+    let snapshot = loop {
+        let s = Snapshot::read_with_kv(&root, sys.client.clone(), bucket).await;
+        if let Ok(s) = &s {
+            if s.quiescent() {
+                break s.clone();
+            }
+        }
+        assert!(
+            healed.elapsed() < Duration::from_secs(60),
+            "not quiescent 60 s after healing: {:?}",
+            s.map(|s| check::no_holds_left(&s))
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let told = heard.told.lock().unwrap().clone();
+    let replies = heard.replies.lock().unwrap().clone();
+    let mut gaps: Vec<u64> = {
+        let mut t = heard.commit_times.lock().unwrap().clone();
+        t.sort_unstable();
+        t.windows(2).map(|w| w[1] - w[0]).collect()
+    };
+    gaps.sort_unstable();
+    eprintln!(
+        "{} purchases answered ({} committed), {} unknown to the client; \
+         quiescent {} ms after healing; longest time without a commit {} ms",
+        replies.len(),
+        heard.commits.load(Ordering::Relaxed),
+        told.iter().filter(|t| matches!(t, Told::Unknown)).count(),
+        healed.elapsed().as_millis(),
+        gaps.last().copied().unwrap_or(0),
+    );
+    let violations: Vec<String> = [
+        check::atomicity(&snapshot),
+        check::conservation(&initial, &snapshot),
+        check::no_holds_left(&snapshot),
+        check::client_view(&told, &snapshot),
+        check::request_id_client_view(&replies, &snapshot),
+    ]
+    .concat();
+    assert!(violations.is_empty(), "violations: {violations:#?}");
+    assert!(
+        !snapshot.decisions.is_empty()
+            && snapshot.debits.len() as u64 >= heard.commits.load(Ordering::Relaxed),
+        "every commit a client heard is applied"
+    );
+}
