@@ -769,15 +769,25 @@ pub async fn run(
         }
         Store::Kv => {
             check_jetstream_sync(&args.nats_monitor, args.allow_unsynced_jetstream).await?;
-            let log = KvLog::open(
-                client.clone(),
-                KvConfig {
-                    bucket: args.kv_bucket.clone(),
-                    replicas: args.kv_replicas,
-                    timeout: Duration::from_millis(args.kv_timeout_ms),
-                },
-            )
-            .await?;
+            let config = KvConfig {
+                bucket: args.kv_bucket.clone(),
+                replicas: args.kv_replicas,
+                timeout: Duration::from_millis(args.kv_timeout_ms),
+            };
+            // A cluster electing a leader (a node just died) refuses for a
+            // few seconds: keep trying for a while before giving up.
+            let mut backoff = Backoff::new(200, 5_000);
+            let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
+            let log = loop {
+                match KvLog::open(client.clone(), config.clone()).await {
+                    Ok(log) => break log,
+                    Err(e) if tokio::time::Instant::now() < give_up => {
+                        warn!(error = %format!("{e:#}"), "decision bucket not reachable yet; retrying");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                    Err(e) => return Err(e.context("opening the decision bucket")),
+                }
+            };
             info!(
                 bucket = %args.kv_bucket,
                 replicas = args.kv_replicas,
@@ -801,11 +811,20 @@ async fn check_jetstream_sync(monitors: &[String], allow_unsynced: bool) -> anyh
         return Ok(());
     }
     let mut unsynced = vec![];
+    let mut unreachable = vec![];
     for m in monitors {
         let url = format!("{}/varz", m.trim_end_matches('/'));
-        let (status, body) = twopc_common::http::http_get(&url, Duration::from_secs(5)).await?;
-        anyhow::ensure!(status == 200, "GET {url}: status {status}");
-        let varz: serde_json::Value = serde_json::from_str(&body)?;
+        let varz = match twopc_common::http::http_get(&url, Duration::from_secs(2)).await {
+            Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body)?,
+            Ok((status, _)) => {
+                unreachable.push(format!("{m} (status {status})"));
+                continue;
+            }
+            Err(e) => {
+                unreachable.push(format!("{m} ({e:#})"));
+                continue;
+            }
+        };
         let config = &varz["jetstream"]["config"];
         anyhow::ensure!(
             !config.is_null(),
@@ -814,6 +833,19 @@ async fn check_jetstream_sync(monitors: &[String], allow_unsynced: bool) -> anyh
         if config["sync_always"].as_bool() != Some(true) {
             unsynced.push(m.clone());
         }
+    }
+    if !unreachable.is_empty() {
+        // A node down while a replica starts must not keep it down; what
+        // can be read is checked, and what cannot is said.
+        warn!(
+            servers = ?unreachable,
+            "could not read these servers' JetStream settings; their fsync setting is unconfirmed"
+        );
+        anyhow::ensure!(
+            unreachable.len() < monitors.len(),
+            "no NATS server's monitoring answered ({unreachable:?}): cannot confirm \
+             that JetStream fsyncs every write"
+        );
     }
     if unsynced.is_empty() {
         info!(

@@ -40,13 +40,19 @@ pub struct ChaosArgs {
     /// Mean time between faults, in milliseconds.
     #[arg(long, default_value_t = 700)]
     pub fault_interval_ms: u64,
-    /// Fault kinds with weights, e.g. `kill=2,pause,partition=1`
-    /// (kinds: kill, pause, nats_restart, partition, slow, crash_point).
-    #[arg(
-        long,
-        default_value = "kill,pause,nats_restart,partition,slow,crash_point"
-    )]
-    pub faults: String,
+    /// Fault kinds with weights, e.g. `kill=2,pause,partition=1`. On one
+    /// server (default: all of them): kill, pause, nats_restart, partition,
+    /// slow, crash_point. On a cluster (default: all of them): kill, pause,
+    /// slow, crash_point, node_kill, node_pause.
+    #[arg(long)]
+    pub faults: Option<String>,
+    /// Run on a JetStream cluster of N nodes (3 or 5), decisions in
+    /// replicated KV, with coordinator replicas.
+    #[arg(long)]
+    pub cluster: Option<usize>,
+    /// Coordinator replicas on a cluster.
+    #[arg(long, default_value_t = 2)]
+    pub coordinators: usize,
     /// Keep databases and logs here (default: a temporary folder, removed).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -85,7 +91,18 @@ pub async fn run(a: ChaosArgs) -> anyhow::Result<()> {
     cfg.bad_share = a.bad_share.clamp(0.0, 1.0);
     cfg.resend_share = a.resend_share.clamp(0.0, 1.0);
     cfg.fault_interval = Duration::from_millis(a.fault_interval_ms.max(10));
-    cfg.weights = parse_weights(&a.faults)?;
+    let kinds: &[FaultKind] = if a.cluster.is_some() {
+        &FaultKind::CLUSTER
+    } else {
+        &FaultKind::SINGLE
+    };
+    let default = kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(",");
+    cfg.weights = parse_weights(a.faults.as_deref().unwrap_or(&default))?;
+    if let Some(nodes) = a.cluster {
+        twopc_launcher::NatsCluster::check_size(nodes)?;
+        cfg.cluster = Some(nodes);
+        cfg.coordinators = a.coordinators.max(1);
+    }
     cfg.data_dir = a.data_dir;
     cfg.verbose = !a.json;
     let report = chaos::run(cfg).await?;

@@ -40,7 +40,7 @@ pub use report::{InvariantResult, Report};
 
 use crate::check::{self, Initial, Snapshot};
 use crate::proxy::Proxy;
-use nemesis::{heal_all, kind_of, nemesis, supervise, TARGETS};
+use nemesis::{heal_all, nemesis, supervise, TARGETS};
 use report::result;
 use workload::{worker, Heard, Stats};
 
@@ -88,6 +88,12 @@ pub struct Config {
     pub extra_env: Vec<(Kind, String, String)>,
     /// Prints progress lines to stderr.
     pub verbose: bool,
+    /// Run on a JetStream cluster of this many nodes, with the decisions in
+    /// replicated KV and [`Config::coordinators`] replicas (`None`: one
+    /// nats-server, one coordinator on SQLite).
+    pub cluster: Option<usize>,
+    /// Coordinator replicas (on a cluster).
+    pub coordinators: usize,
 }
 
 impl Config {
@@ -106,14 +112,44 @@ impl Config {
             resend_share: 0.33,
             fault_interval: Duration::from_millis(700),
             max_active_faults: 2,
-            weights: FaultKind::ALL.into_iter().map(|k| (k, 1)).collect(),
+            weights: FaultKind::SINGLE.into_iter().map(|k| (k, 1)).collect(),
             quiesce_timeout: Duration::from_secs(60),
             data_dir: None,
             bins,
             targets: TARGETS.to_vec(),
             extra_env: vec![],
             verbose: true,
+            cluster: None,
+            coordinators: 1,
         }
+    }
+
+    /// Refuses fault kinds the run's setup cannot inject.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let allowed: &[FaultKind] = if self.cluster.is_some() {
+            &FaultKind::CLUSTER
+        } else {
+            &FaultKind::SINGLE
+        };
+        for (kind, w) in &self.weights {
+            if *w > 0 && !allowed.contains(kind) {
+                anyhow::bail!(
+                    "fault {} cannot be injected {} (allowed: {})",
+                    kind.name(),
+                    if self.cluster.is_some() {
+                        "on a cluster"
+                    } else {
+                        "on one server"
+                    },
+                    allowed
+                        .iter()
+                        .map(|k| k.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+        }
+        Ok(())
     }
 }
 
@@ -124,14 +160,9 @@ struct Cluster {
     busy: BTreeSet<&'static str>,
 }
 
-impl Cluster {
-    fn service(&mut self, kind: Kind) -> &mut Service {
-        self.sys.service(kind)
-    }
-}
-
 struct Shared {
     cluster: Mutex<Cluster>,
+    client: async_nats::Client,
     proxies: BTreeMap<&'static str, Proxy>,
     faults_files: BTreeMap<&'static str, PathBuf>,
     faults: Mutex<BTreeMap<String, u64>>,
@@ -146,14 +177,12 @@ impl Shared {
         }
     }
 
-    /// Runs `f` on the process of service `target`, under the cluster lock.
+    /// Runs `f` on the process of service `target` (by name: each
+    /// coordinator replica has its own), under the cluster lock.
     fn with_proc<T>(&self, target: &str, f: impl FnOnce(&mut twopc_launcher::Proc) -> T) -> T {
-        f(&mut self
-            .cluster
-            .lock()
-            .expect("lock")
-            .service(kind_of(target))
-            .proc)
+        let mut c = self.cluster.lock().expect("lock");
+        let s: &mut Service = c.sys.services.get_mut(target).expect("a service");
+        f(&mut s.proc)
     }
 
     fn count(&self, kind: FaultKind) {
@@ -177,9 +206,13 @@ fn system_config(
     proxies: &BTreeMap<&'static str, Proxy>,
 ) -> SystemConfig {
     let mut sc = SystemConfig::new(root, cfg.bins.clone());
-    sc.nats = Nats::Start {
-        port: Some(nats_port),
+    sc.nats = match cfg.cluster {
+        Some(nodes) => Nats::Cluster { nodes, port: None },
+        None => Nats::Start {
+            port: Some(nats_port),
+        },
     };
+    sc.coordinators = cfg.coordinators.max(1);
     sc.client_name = "twopc-chaos".into();
     sc.coordinator = CoordinatorSettings {
         prepare_timeout_ms: Some(1_000),
@@ -212,15 +245,32 @@ fn system_config(
             Kind::Wallet => sc.wallet.extra_env = extra,
             Kind::Order => sc.order.extra_env = extra,
         }
-        sc.nats_url_of.insert(kind, proxies[kind.name()].url());
+        if let Some(proxy) = proxies.get(kind.name()) {
+            sc.nats_url_of.insert(kind, proxy.url());
+        }
     }
     sc
+}
+
+/// The state of the databases: the decisions from SQLite, or from the
+/// replicated KV bucket on a cluster.
+async fn snapshot(
+    root: &Path,
+    cluster: bool,
+    client: async_nats::Client,
+) -> anyhow::Result<Snapshot> {
+    if cluster {
+        Snapshot::read_with_kv(root, client, twopc_coordinator::kv::DEFAULT_BUCKET).await
+    } else {
+        Snapshot::read(root)
+    }
 }
 
 /// Runs a chaos experiment and reports. An `Err` means the experiment
 /// itself could not run (no nats-server, a service would not start), not
 /// that an invariant failed.
 pub async fn run(cfg: Config) -> anyhow::Result<Report> {
+    cfg.check()?;
     let started = Instant::now();
     let (_tmp, root) = match &cfg.data_dir {
         Some(d) => {
@@ -239,7 +289,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     let mut proxies = BTreeMap::new();
     let mut faults_files = BTreeMap::new();
     for kind in Kind::ALL {
-        proxies.insert(kind.name(), Proxy::start(nats_port).await?);
+        if cfg.cluster.is_none() {
+            proxies.insert(kind.name(), Proxy::start(nats_port).await?);
+        }
         let file = root.join(format!("{}.faults", kind.name()));
         std::fs::write(&file, "")?;
         faults_files.insert(kind.name(), file);
@@ -258,6 +310,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
             sys,
             busy: BTreeSet::new(),
         }),
+        client: client.clone(),
         proxies,
         faults_files,
         faults: Mutex::new(BTreeMap::new()),
@@ -320,8 +373,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     for w in workers {
         w.await?;
     }
+    let read = || snapshot(&root, cfg.cluster.is_some(), client.clone());
     let quiescent_at = loop {
-        if let Ok(s) = Snapshot::read(&root) {
+        if let Ok(s) = read().await {
             if s.quiescent() {
                 break Some(Instant::now());
             }
@@ -332,7 +386,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     supervisor.abort();
-    let snapshot = Snapshot::read(&root)?;
+    let snapshot = read().await?;
     let told = heard.told.lock().expect("lock").clone();
     let replies = heard.replies.lock().expect("lock").clone();
     let mut invariants = vec![

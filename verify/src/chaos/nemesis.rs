@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
+use twopc_launcher::system::coordinator_name;
 use twopc_launcher::Kind;
 use twopc_schemas::points::{CoordinatorCrash, ParticipantCrash, ParticipantDelay};
 use twopc_schemas::ParticipantName;
@@ -26,16 +27,46 @@ pub enum FaultKind {
     Partition,
     Slow,
     CrashPoint,
+    /// On a cluster: SIGKILL one NATS node (half the time the one leading
+    /// the decisions' stream), start it again later.
+    NodeKill,
+    /// On a cluster: SIGSTOP one NATS node (half the time the decisions'
+    /// stream leader) for a while: it keeps its sockets but answers
+    /// nothing, the nastiest way for a leader to go quiet.
+    NodePause,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 6] = [
+    pub const ALL: [FaultKind; 8] = [
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::NatsRestart,
         FaultKind::Partition,
         FaultKind::Slow,
         FaultKind::CrashPoint,
+        FaultKind::NodeKill,
+        FaultKind::NodePause,
+    ];
+
+    /// The kinds a single-server run can inject.
+    pub const SINGLE: [FaultKind; 6] = [
+        FaultKind::Kill,
+        FaultKind::Pause,
+        FaultKind::NatsRestart,
+        FaultKind::Partition,
+        FaultKind::Slow,
+        FaultKind::CrashPoint,
+    ];
+
+    /// The kinds a cluster run can inject (services reach the nodes
+    /// directly, so there is no per-service link to cut).
+    pub const CLUSTER: [FaultKind; 6] = [
+        FaultKind::Kill,
+        FaultKind::Pause,
+        FaultKind::Slow,
+        FaultKind::CrashPoint,
+        FaultKind::NodeKill,
+        FaultKind::NodePause,
     ];
 
     pub fn name(self) -> &'static str {
@@ -46,6 +77,8 @@ impl FaultKind {
             FaultKind::Partition => "partition",
             FaultKind::Slow => "slow",
             FaultKind::CrashPoint => "crash_point",
+            FaultKind::NodeKill => "node_kill",
+            FaultKind::NodePause => "node_pause",
         }
     }
 
@@ -57,7 +90,7 @@ impl FaultKind {
 /// Crash points the nemesis may arm at `target` (a service name), from the
 /// one vocabulary in `twopc_schemas::points`.
 pub fn crash_points(target: &str) -> Vec<String> {
-    if target == Kind::Coordinator.name() {
+    if target.starts_with(Kind::Coordinator.name()) {
         CoordinatorCrash::ALL
             .iter()
             .map(|c| c.name().to_owned())
@@ -125,7 +158,9 @@ fn draw_kind(cfg: &Config, rng: &mut StdRng) -> Option<FaultKind> {
         .map(|(k, _)| *k)
 }
 
-/// Picks a free target for `kind` and marks it busy.
+/// Picks a free target for `kind` and marks it busy: a service by name
+/// (coordinator replicas each by their own), or [`NATS`] for a fault of
+/// the server or of one cluster node.
 fn pick_target(
     cfg: &Config,
     kind: FaultKind,
@@ -134,35 +169,46 @@ fn pick_target(
 ) -> Option<&'static str> {
     let mut c = shared.cluster.lock().expect("lock");
     let nats_busy = c.busy.contains(NATS);
-    let eligible: Vec<Kind> = match kind {
-        FaultKind::NatsRestart => vec![],
-        FaultKind::Slow => cfg
-            .targets
+    let replicas: Vec<&'static str> = (0..c.sys.coordinator_count())
+        .map(coordinator_name)
+        .collect();
+    let services = |filter: &dyn Fn(Kind) -> bool| -> Vec<&'static str> {
+        cfg.targets
             .iter()
             .copied()
-            .filter(|k| *k != Kind::Coordinator)
-            .collect(),
-        _ => cfg.targets.clone(),
+            .filter(|k| filter(*k))
+            .flat_map(|k| match k {
+                Kind::Coordinator => replicas.clone(),
+                other => vec![other.name()],
+            })
+            .collect()
     };
-    let target = match kind {
-        FaultKind::NatsRestart => NATS,
-        _ if eligible.is_empty() => return None,
-        _ => eligible[rng.random_range(0..eligible.len())].name(),
+    let eligible: Vec<&'static str> = match kind {
+        FaultKind::NatsRestart | FaultKind::NodeKill | FaultKind::NodePause => vec![NATS],
+        FaultKind::Slow => services(&|k| k != Kind::Coordinator),
+        // Replicas share one faults file: a crash point armed for one would
+        // be armed for all.
+        FaultKind::CrashPoint if cfg.cluster.is_some() => services(&|k| k != Kind::Coordinator),
+        _ => services(&|_| true),
     };
-    // The whole system depends on nats: no other fault while it restarts,
-    // and no restart while another fault runs.
-    if nats_busy || c.busy.contains(target) || (target == NATS && !c.busy.is_empty()) {
+    if eligible.is_empty() {
+        return None;
+    }
+    let target = eligible[rng.random_range(0..eligible.len())];
+    // One server: the whole system depends on it, so no other fault while
+    // it restarts, and no restart while another fault runs. A cluster:
+    // one node fault at a time (two would take the quorum), alongside
+    // service faults.
+    let blocked = if cfg.cluster.is_some() {
+        c.busy.contains(target)
+    } else {
+        nats_busy || c.busy.contains(target) || (target == NATS && !c.busy.is_empty())
+    };
+    if blocked {
         return None;
     }
     c.busy.insert(target);
     Some(target)
-}
-
-pub(super) fn kind_of(name: &str) -> Kind {
-    Kind::ALL
-        .into_iter()
-        .find(|k| k.name() == name)
-        .expect("a service")
 }
 
 /// Injects faults until the deadline; returns when every fault has healed.
@@ -205,6 +251,7 @@ pub(super) async fn nemesis(cfg: &Config, shared: Arc<Shared>, deadline: Instant
             ParticipantDelay::Decide
         };
         let slow_ms = rng.random_range(500..=2_500);
+        let node_choice = rng.random_range(0..6usize);
         shared.count(kind);
         tasks.push(tokio::spawn(fault(
             shared.clone(),
@@ -214,6 +261,7 @@ pub(super) async fn nemesis(cfg: &Config, shared: Arc<Shared>, deadline: Instant
             point,
             slow,
             slow_ms,
+            node_choice,
         )));
     }
     for t in tasks {
@@ -230,8 +278,35 @@ async fn fault(
     point: String,
     slow: ParticipantDelay,
     slow_ms: u64,
+    node_choice: usize,
 ) {
     match kind {
+        FaultKind::NodeKill | FaultKind::NodePause => {
+            let node = pick_node(&shared, node_choice).await;
+            let name = {
+                let mut c = shared.cluster.lock().expect("lock");
+                c.sys.cluster().map(|n| n.node(node).name.clone())
+            };
+            let Some(name) = name else {
+                shared.say("nemesis: a node fault needs a cluster");
+                shared.cluster.lock().expect("lock").busy.remove(target);
+                return;
+            };
+            if kind == FaultKind::NodeKill {
+                shared.say(&format!(
+                    "nemesis: SIGKILL NATS node {name}, down {:?}",
+                    hold
+                ));
+                let _ = with_node(&shared, node, |p| p.kill());
+                tokio::time::sleep(hold).await;
+                let _ = with_node(&shared, node, |p| p.start());
+            } else {
+                shared.say(&format!("nemesis: SIGSTOP NATS node {name} for {hold:?}"));
+                let _ = with_node(&shared, node, |p| p.pause());
+                tokio::time::sleep(hold).await;
+                let _ = with_node(&shared, node, |p| p.resume());
+            }
+        }
         FaultKind::Kill => {
             shared.say(&format!("nemesis: SIGKILL {target}, down {:?}", hold / 4));
             let _ = shared.with_proc(target, |p| p.kill());
@@ -305,6 +380,48 @@ async fn fault(
     shared.cluster.lock().expect("lock").busy.remove(target);
 }
 
+/// Runs `f` on NATS node `i`'s process, under the cluster lock.
+fn with_node<T>(shared: &Shared, i: usize, f: impl FnOnce(&mut twopc_launcher::Proc) -> T) -> T {
+    let mut c = shared.cluster.lock().expect("lock");
+    f(c.sys.cluster().expect("a cluster").proc(i))
+}
+
+/// The node a node fault hits: half the time the one leading the
+/// decisions' stream (every decision write goes through it), else one
+/// drawn from the seed.
+async fn pick_node(shared: &Shared, choice: usize) -> usize {
+    let nodes = {
+        let mut c = shared.cluster.lock().expect("lock");
+        c.sys.cluster().map_or(1, |n| n.nodes.len())
+    };
+    if choice % 2 == 0 {
+        if let Some(leader) = decisions_leader(&shared.client).await {
+            let mut c = shared.cluster.lock().expect("lock");
+            if let Some(n) = c.sys.cluster() {
+                if let Some(i) = (0..nodes).find(|&i| n.node(i).name == leader) {
+                    return i;
+                }
+            }
+        }
+    }
+    (choice / 2) % nodes
+}
+
+/// The server leading the KV stream of decisions, if it can be learned
+/// within a second.
+async fn decisions_leader(client: &async_nats::Client) -> Option<String> {
+    let js = async_nats::jetstream::new(client.clone());
+    let stream = format!("KV_{}", twopc_coordinator::kv::DEFAULT_BUCKET);
+    let ask = async {
+        let mut s = js.get_stream(&stream).await.ok()?;
+        s.info().await.ok()?.cluster.as_ref()?.leader.clone()
+    };
+    tokio::time::timeout(Duration::from_secs(1), ask)
+        .await
+        .ok()
+        .flatten()
+}
+
 /// Leaves nothing paused, cut, armed or down.
 pub(super) fn heal_all(shared: &Shared) {
     for p in shared.proxies.values() {
@@ -314,7 +431,17 @@ pub(super) fn heal_all(shared: &Shared) {
         let _ = std::fs::write(f, "");
     }
     let mut c = shared.cluster.lock().expect("lock");
-    if !c.sys.nats_server().proc.is_running() {
+    if let Some(nodes) = c.sys.cluster() {
+        for i in 0..nodes.nodes.len() {
+            let p = nodes.proc(i);
+            if p.is_running() {
+                let _ = p.resume();
+            } else {
+                let _ = p.kill();
+                let _ = p.start();
+            }
+        }
+    } else if !c.sys.nats_server().proc.is_running() {
         let _ = c.sys.nats_server().proc.kill();
         let _ = c.sys.nats_server().proc.start();
     }
