@@ -257,11 +257,13 @@ pub(super) async fn nemesis(cfg: &Config, shared: Arc<Shared>, deadline: Instant
             shared.clone(),
             kind,
             target,
-            hold,
-            point,
-            slow,
-            slow_ms,
-            node_choice,
+            Draw {
+                hold,
+                point,
+                slow,
+                slow_ms,
+                node_choice,
+            },
         )));
     }
     for t in tasks {
@@ -269,17 +271,27 @@ pub(super) async fn nemesis(cfg: &Config, shared: Arc<Shared>, deadline: Instant
     }
 }
 
-/// Applies one fault, holds it, heals it, frees the target.
-async fn fault(
-    shared: Arc<Shared>,
-    kind: FaultKind,
-    target: &'static str,
+/// A fault's random choices, drawn from the seeded generator.
+struct Draw {
     hold: Duration,
+    /// The crash point to arm (`crash_point`).
     point: String,
+    /// What to slow, and by how much (`slow`).
     slow: ParticipantDelay,
     slow_ms: u64,
+    /// Which node (`node_kill`, `node_pause`).
     node_choice: usize,
-) {
+}
+
+/// Applies one fault, holds it, heals it, frees the target.
+async fn fault(shared: Arc<Shared>, kind: FaultKind, target: &'static str, draw: Draw) {
+    let Draw {
+        hold,
+        point,
+        slow,
+        slow_ms,
+        node_choice,
+    } = draw;
     match kind {
         FaultKind::NodeKill | FaultKind::NodePause => {
             let node = pick_node(&shared, node_choice).await;
@@ -394,7 +406,7 @@ async fn pick_node(shared: &Shared, choice: usize) -> usize {
         let mut c = shared.cluster.lock().expect("lock");
         c.sys.cluster().map_or(1, |n| n.nodes.len())
     };
-    if choice % 2 == 0 {
+    if choice.is_multiple_of(2) {
         if let Some(leader) = decisions_leader(&shared.client).await {
             let mut c = shared.cluster.lock().expect("lock");
             if let Some(n) = c.sys.cluster() {
