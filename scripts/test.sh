@@ -3,7 +3,7 @@
 # against a real nats-server and real service processes.
 # Installs nats-server and headless Chromium (for the status page test) if
 # they are missing; builds the docker compose images and runs the compose
-# test (unless TWOPC_SKIP_DOCKER is set).
+# tests (unless TWOPC_SKIP_DOCKER is set).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 NATS_SERVER_BIN="$(./scripts/install-nats.sh)"
@@ -12,12 +12,13 @@ echo "using $("$NATS_SERVER_BIN" --version) at $NATS_SERVER_BIN"
 CHROMIUM_BIN="$(./scripts/install-chromium.sh)"
 export CHROMIUM_BIN
 cargo test --workspace --all-targets "$@"
-# The compose test runs the real images. It is #[ignore]d, so the command
-# above does not run it; here it runs explicitly, after building the images
-# (set TWOPC_SKIP_DOCKER=1 on a machine without Docker).
+# The compose tests (single node, and the three-node cluster) run the real
+# images. They are #[ignore]d, so the command above does not run them; here
+# they run explicitly, after building the images (set TWOPC_SKIP_DOCKER=1 on
+# a machine without Docker).
 if [[ -z "${TWOPC_SKIP_DOCKER:-}" ]]; then
   ./compose/build-images.sh
   cargo test --test compose -- --ignored
 else
-  echo "TWOPC_SKIP_DOCKER set: compose test not run"
+  echo "TWOPC_SKIP_DOCKER set: compose tests not run"
 fi
