@@ -466,7 +466,7 @@ impl Ledger {
 /// Sends a purchase until it has a known outcome: a timeout, "no
 /// responders", `outcome_unknown`, `busy` or `shutting_down` says nothing
 /// about it, so it is sent again with the same request id. So is
-/// `internal`, which changed nothing: the coordinator answers it when it
+/// `unavailable`, which changed nothing: the coordinator answers it when it
 /// cannot look the request id up, as while the decision bucket elects a new
 /// leader.
 async fn buy(
@@ -495,7 +495,7 @@ async fn buy(
             Ok(Reply::Err(e))
                 if matches!(
                     e.error.code,
-                    Code::OutcomeUnknown | Code::Busy | Code::ShuttingDown | Code::Internal
+                    Code::OutcomeUnknown | Code::Busy | Code::ShuttingDown | Code::Unavailable
                 ) =>
             {
                 unknown.push(format!("{}: {}", e.error.code.as_str(), e.error.message));
