@@ -291,7 +291,7 @@ fn twopc_bench_compares_the_cluster_with_one_node() {
     );
     for t in &targets[1..] {
         assert!(
-            t["verdict"] == "met" || t["verdict"] == "not_met",
+            ["met", "not_met", "inconclusive"].contains(&t["verdict"].as_str().unwrap()),
             "computed: {t}"
         );
     }
