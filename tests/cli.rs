@@ -212,3 +212,87 @@ fn twopc_up_refuses_bad_cluster_and_replica_counts() {
         "nothing started"
     );
 }
+
+/// `twopc bench --cluster 3` measures both systems in one run and reports
+/// the ratios and a computed verdict for each target (not how fast
+/// anything is: any verdict passes).
+#[test]
+fn twopc_bench_compares_the_cluster_with_one_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_twopc"))
+        .args([
+            "bench",
+            "--cluster",
+            "3",
+            "--concurrency",
+            "1,4",
+            "--duration",
+            "1s",
+            "--baseline-duration",
+            "1s",
+            "--kv-concurrency",
+            "4",
+            "--failover",
+            "follower",
+            "--failover-down",
+            "1s",
+            "--json",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ])
+        .env_remove("NATS_URL")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    for system in ["single", "cluster"] {
+        let runs = r[system]["runs"].as_array().unwrap();
+        assert_eq!(runs.len(), 2, "{r}");
+        for run in runs {
+            assert!(run["load"]["committed"].as_u64().unwrap() > 0, "{run}");
+        }
+    }
+    assert!(
+        r["single"]["disk_baseline"]["latency"]["p50_us"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    for kv in ["kv_create_c1", "kv_create"] {
+        let b = &r["cluster"][kv];
+        assert!(b["creates_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert_eq!(b["replicas"], 3, "{r}");
+        assert_eq!(b["errors"], 0, "{r}");
+    }
+    assert!(
+        r["cluster"]["runs"][0]["rss_kib"]["coordinator-2"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "both coordinator replicas run: {r}"
+    );
+    let failover = &r["cluster"]["failover"][0];
+    assert_eq!(failover["target"], "follower", "{r}");
+    assert!(failover["gaps"]["commits"].as_u64().unwrap() > 0, "{r}");
+    assert!(
+        failover["killed_at_ms"].as_u64().unwrap() < failover["restarted_at_ms"].as_u64().unwrap()
+    );
+    assert_eq!(r["cluster_over_single"].as_array().unwrap().len(), 2);
+    let targets = r["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 3);
+    assert_eq!(
+        targets[0]["verdict"], "not_measured",
+        "no run at concurrency 256: {r}"
+    );
+    for t in &targets[1..] {
+        assert!(
+            ["met", "not_met", "inconclusive"].contains(&t["verdict"].as_str().unwrap()),
+            "computed: {t}"
+        );
+    }
+}
