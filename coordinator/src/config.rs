@@ -65,7 +65,11 @@ pub struct CoordinatorArgs {
     pub max_skew_ms: i64,
     /// How often to look for recorded decisions that no live replica is
     /// delivering (a replica died mid-delivery) and deliver them.
-    #[arg(long, env = "TWOPC_SWEEP_INTERVAL_MS", default_value_t = 5_000)]
+    /// Each sweep reads every record in a KV bucket, so it is not frequent:
+    /// participants in doubt ask for their decisions on their own; the
+    /// sweep is what completes a dead replica's records (so they can be
+    /// collected) and tells participants that are not in doubt.
+    #[arg(long, env = "TWOPC_SWEEP_INTERVAL_MS", default_value_t = 60_000)]
     pub sweep_interval_ms: u64,
     /// How long to wait for each participant's vote. No answer is a no vote.
     #[arg(long, env = "TWOPC_PREPARE_TIMEOUT_MS", default_value_t = 2_000)]

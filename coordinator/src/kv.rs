@@ -454,6 +454,22 @@ impl KvLog {
     /// The last value of every key under `prefix` (`tx.` or `rid.`), with
     /// its key and revision, in one pass (an ordered consumer).
     async fn scan_raw(&self, prefix: &str) -> Result<Vec<(String, Versioned<Bytes>)>, LogError> {
+        let mut out = vec![];
+        self.scan_each(prefix, |key, raw| {
+            out.push((key, raw));
+            Ok(())
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// Calls `each` with the key and last value of every key under
+    /// `prefix`, in one pass (an ordered consumer), without holding them.
+    async fn scan_each(
+        &self,
+        prefix: &str,
+        mut each: impl FnMut(String, Versioned<Bytes>) -> Result<(), LogError>,
+    ) -> Result<(), LogError> {
         let consumer = self
             .kv
             .stream
@@ -466,9 +482,8 @@ impl KvLog {
             })
             .await
             .map_err(|e| failed("listing the decision log", e))?;
-        let mut out = vec![];
         if consumer.cached_info().num_pending == 0 {
-            return Ok(out);
+            return Ok(());
         }
         let mut messages = consumer
             .messages()
@@ -492,35 +507,48 @@ impl KvLog {
                     .strip_prefix(&self.subject_prefix)
                     .unwrap_or_default()
                     .to_owned();
-                out.push((
+                each(
                     key,
                     Versioned {
                         value: m.payload.clone(),
                         revision,
                     },
-                ));
+                )?;
             }
             if pending == 0 {
                 break;
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Every record, with its key and revision.
     async fn scan(&self) -> Result<Vec<(String, Versioned<Record>)>, LogError> {
+        self.scan_where(|_| true).await
+    }
+
+    /// The records `keep` accepts, with their keys and revisions; the rest
+    /// are decoded and dropped as they stream by, not held.
+    async fn scan_where(
+        &self,
+        keep: impl Fn(&StoredRecord) -> bool,
+    ) -> Result<Vec<(String, Versioned<Record>)>, LogError> {
         let mut out = vec![];
-        for (key, raw) in self.scan_raw("tx.").await? {
+        self.scan_each("tx.", |key, raw| {
             let v: StoredRecord = serde_json::from_slice(&raw.value)
                 .map_err(|e| corrupt(format!("record at {key}: {e}")))?;
-            out.push((
-                key,
-                Versioned {
-                    value: v.into_record()?,
-                    revision: raw.revision,
-                },
-            ));
-        }
+            if keep(&v) {
+                out.push((
+                    key,
+                    Versioned {
+                        value: v.into_record()?,
+                        revision: raw.revision,
+                    },
+                ));
+            }
+            Ok(())
+        })
+        .await?;
         Ok(out)
     }
 
@@ -632,11 +660,10 @@ impl DecisionLog for KvLog {
 
     async fn incomplete(&self) -> Result<Vec<Record>, LogError> {
         let mut v: Vec<Record> = self
-            .scan()
+            .scan_where(|s| s.completed_at_ms.is_none())
             .await?
             .into_iter()
             .map(|(_, r)| r.value)
-            .filter(|r| r.completed_at_ms.is_none())
             .collect();
         v.sort_by_key(|r| r.decided_at_ms);
         Ok(v)
@@ -665,11 +692,11 @@ impl DecisionLog for KvLog {
             }
         }
         let mut gone = 0;
-        for (key, r) in self.scan().await? {
-            if r.value.completed_at_ms.is_some()
-                && r.value.decided_at_ms < before_ms
-                && self.delete_at(&key, r.revision).await?
-            {
+        let old = self
+            .scan_where(|s| s.completed_at_ms.is_some() && s.decided_at_ms < before_ms)
+            .await?;
+        for (key, r) in old {
+            if self.delete_at(&key, r.revision).await? {
                 gone += 1;
             }
         }

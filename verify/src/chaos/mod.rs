@@ -234,6 +234,11 @@ fn system_config(
             "TWOPC_FAULTS_FILE".to_owned(),
             faults_files[kind.name()].display().to_string(),
         )];
+        if kind == Kind::Coordinator {
+            // Undelivered decisions of a replica that stays down are taken
+            // over within the quiescence wait.
+            extra.push(("TWOPC_SWEEP_INTERVAL_MS".to_owned(), "2000".to_owned()));
+        }
         extra.extend(
             cfg.extra_env
                 .iter()
