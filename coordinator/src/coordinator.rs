@@ -849,8 +849,9 @@ async fn check_jetstream_sync(monitors: &[String], allow_unsynced: bool) -> anyh
     }
     if unsynced.is_empty() {
         info!(
-            servers = monitors.len(),
-            "JetStream fsyncs every write (sync_interval: always) on every server"
+            checked = monitors.len() - unreachable.len(),
+            of = monitors.len(),
+            "JetStream fsyncs every write (sync_interval: always) on every server checked"
         );
         return Ok(());
     }
