@@ -50,8 +50,9 @@ async fn chaos_with_every_fault_kind_keeps_every_invariant() {
 }
 
 /// The same on a 3-node JetStream cluster with two coordinator replicas
-/// and decisions in replicated KV: NATS nodes killed and paused (half the
-/// time the decisions' stream leader), replicas killed and paused.
+/// and decisions in replicated KV: NATS nodes killed, paused and cut off
+/// from the others (half the time the decisions' stream leader), replicas
+/// killed and paused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_on_a_cluster_keeps_every_invariant() {
     let secs = std::env::var("TWOPC_CHAOS_SECS")
@@ -65,7 +66,12 @@ async fn chaos_on_a_cluster_keeps_every_invariant() {
     let report = chaos::run(cfg).await.unwrap();
     eprintln!("{}", report.text());
     assert!(report.ok, "invariants violated:\n{}", report.text());
-    for kind in [FaultKind::NodeKill, FaultKind::NodePause, FaultKind::Kill] {
+    let mut kinds = vec![FaultKind::NodeKill, FaultKind::NodePause, FaultKind::Kill];
+    match twopc_launcher::NatsCluster::can_isolate() {
+        Ok(()) => kinds.push(FaultKind::NodePartition),
+        Err(why) => eprintln!("node_partition not injected: {why}"),
+    }
+    for kind in kinds {
         let n = report.faults.get(kind.name()).copied().unwrap_or(0);
         assert!(
             n >= 2,

@@ -36,7 +36,16 @@ pub struct NatsCluster {
     /// The nodes, in the order of [`NatsCluster::urls`]; node `i`'s files
     /// are in `<dir>/node-<i>`.
     pub nodes: Vec<NatsServer>,
+    /// Each node's route port.
+    route_ports: Vec<u16>,
+    /// Each node's user id, when started isolatable.
+    uids: Option<Vec<u32>>,
+    /// Nodes cut off from the others now, with the rules that do it.
+    isolated: std::collections::BTreeMap<usize, Vec<Vec<String>>>,
 }
+
+/// User ids the nodes of an isolatable cluster run as (node `i`: base + i).
+const ISOLATABLE_UID_BASE: u32 = 47_100;
 
 impl NatsCluster {
     /// Whether `n` nodes make a sensible cluster: odd (an even one
@@ -72,6 +81,25 @@ impl NatsCluster {
         n: usize,
         first_port: Option<u16>,
     ) -> anyhow::Result<NatsCluster> {
+        Self::start_with(dir, n, first_port, false).await
+    }
+
+    /// As [`NatsCluster::start_at`]; `isolatable` runs each node as a user
+    /// of its own, so that [`NatsCluster::isolate`] can cut it off from the
+    /// others (needs [`NatsCluster::can_isolate`]).
+    pub async fn start_with(
+        dir: &Path,
+        n: usize,
+        first_port: Option<u16>,
+        isolatable: bool,
+    ) -> anyhow::Result<NatsCluster> {
+        if isolatable {
+            if let Err(why) = NatsCluster::can_isolate() {
+                bail!("cannot start an isolatable cluster: {why}");
+            }
+        }
+        let uids: Option<Vec<u32>> =
+            isolatable.then(|| (0..n as u32).map(|i| ISOLATABLE_UID_BASE + i).collect());
         NatsCluster::check_size(n)?;
         let client_ports: Vec<u16> = match first_port {
             Some(p) => (0..n)
@@ -100,6 +128,7 @@ impl NatsCluster {
                     route_port: route_ports[i],
                     route_ports: route_ports.clone(),
                 }),
+                run_as: uids.as_ref().map(|u| u[i]),
             };
             nodes.push(NatsServer::spawn(
                 &node_dir,
@@ -107,12 +136,133 @@ impl NatsCluster {
                 CLUSTER_READY_TIMEOUT,
             )?);
         }
-        let mut cluster = NatsCluster { nodes };
+        let mut cluster = NatsCluster {
+            nodes,
+            route_ports,
+            uids,
+            isolated: Default::default(),
+        };
         for node in &mut cluster.nodes {
             node.wait_listening(LISTEN_TIMEOUT).await?;
         }
         cluster.wait_ready(CLUSTER_READY_TIMEOUT).await?;
         Ok(cluster)
+    }
+
+    /// Whether nodes can be isolated here: root, `setpriv` and a working
+    /// `iptables` (the rules match the sending user of loopback packets).
+    pub fn can_isolate() -> Result<(), String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not root".into());
+        }
+        if !Path::new(crate::process::SETPRIV).is_file() {
+            return Err(format!("{} missing", crate::process::SETPRIV));
+        }
+        match std::process::Command::new("iptables")
+            .args(["-w", "-n", "-L", "OUTPUT"])
+            .output()
+        {
+            Ok(o) if o.status.success() => Ok(()),
+            Ok(o) => Err(format!(
+                "iptables refuses: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => Err(format!("no iptables: {e}")),
+        }
+    }
+
+    /// The iptables rules that cut node `i` off from the other nodes: its
+    /// route packets to them, its answers on routes they opened, and theirs
+    /// to its route port are dropped. Clients keep reaching it (a node
+    /// partitioned from its peers, not from its clients).
+    fn isolation_rules(&self, i: usize) -> anyhow::Result<Vec<Vec<String>>> {
+        let uids = self
+            .uids
+            .as_ref()
+            .context("this cluster was not started isolatable")?;
+        let rule = |uid: u32, port_match: &[&str]| -> Vec<String> {
+            let mut r: Vec<String> = [
+                "OUTPUT",
+                "-o",
+                "lo",
+                "-p",
+                "tcp",
+                "-m",
+                "owner",
+                "--uid-owner",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            r.push(uid.to_string());
+            r.extend(port_match.iter().map(|s| s.to_string()));
+            r.extend(["-j", "DROP"].iter().map(|s| s.to_string()));
+            r
+        };
+        let mut rules = vec![];
+        let ri = self.route_ports[i].to_string();
+        rules.push(rule(uids[i], &["--sport", &ri]));
+        for j in (0..self.nodes.len()).filter(|&j| j != i) {
+            let rj = self.route_ports[j].to_string();
+            rules.push(rule(uids[i], &["--dport", &rj]));
+            rules.push(rule(uids[j], &["--dport", &ri]));
+        }
+        Ok(rules)
+    }
+
+    fn iptables(action: &str, rule: &[String]) -> anyhow::Result<()> {
+        let out = std::process::Command::new("iptables")
+            .arg("-w")
+            .arg(action)
+            .args(rule)
+            .output()
+            .context("run iptables")?;
+        if !out.status.success() {
+            bail!(
+                "iptables {action} {}: {}",
+                rule.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// Cuts node `i` off from the other nodes (it keeps running and keeps
+    /// its clients); [`NatsCluster::reconnect`] undoes it.
+    pub fn isolate(&mut self, i: usize) -> anyhow::Result<()> {
+        if self.isolated.contains_key(&i) {
+            return Ok(());
+        }
+        let rules = self.isolation_rules(i)?;
+        for r in &rules {
+            Self::iptables("-I", r)?;
+        }
+        self.isolated.insert(i, rules);
+        Ok(())
+    }
+
+    /// Ends node `i`'s isolation.
+    pub fn reconnect(&mut self, i: usize) -> anyhow::Result<()> {
+        if let Some(rules) = self.isolated.remove(&i) {
+            for r in &rules {
+                Self::iptables("-D", r)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends every isolation.
+    pub fn reconnect_all(&mut self) {
+        let isolated: Vec<usize> = self.isolated.keys().copied().collect();
+        for i in isolated {
+            let _ = self.reconnect(i);
+        }
+    }
+
+    /// Whether node `i` is cut off now.
+    pub fn is_isolated(&self, i: usize) -> bool {
+        self.isolated.contains_key(&i)
     }
 
     /// Every node's client URL.
@@ -225,4 +375,11 @@ fn tail(text: &str, n: usize) -> String {
     let mut out = lines[lines.len().saturating_sub(n)..].join("\n");
     out.push('\n');
     out
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        // Never leave a rule behind.
+        self.reconnect_all();
+    }
 }

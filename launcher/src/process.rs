@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+/// Runs a program as another user (util-linux); it execs, so the pid is
+/// the program's.
+pub const SETPRIV: &str = "/usr/bin/setpriv";
+
 /// How often an asynchronous wait for a child's exit looks at it.
 const EXIT_POLL: Duration = Duration::from_millis(10);
 
@@ -306,6 +310,10 @@ pub struct ServerConfig {
     pub store_dir: PathBuf,
     /// Membership of a cluster; `None` for a single server.
     pub cluster: Option<ClusterMembership>,
+    /// Run the server as this user id (through `setpriv`), so that its
+    /// packets can be told apart from other nodes' (see
+    /// `NatsCluster::isolate`); `None`: as the caller.
+    pub run_as: Option<u32>,
 }
 
 /// One server's part of a cluster's config.
@@ -366,6 +374,12 @@ impl ServerConfig {
                 quote(&format!("127.0.0.1:{}", c.route_port))?
             ));
             t.push_str(&format!("  routes: [{}]\n", routes.join(", ")));
+            if self.run_as.is_some() {
+                // An isolatable node: a route whose packets are dropped is
+                // seen dead after three missed pings, not minutes of TCP
+                // retransmission.
+                t.push_str("  ping_interval: \"1s\"\n  ping_max: 3\n");
+            }
             t.push_str("}\n");
         }
         Ok(t)
@@ -412,6 +426,7 @@ impl NatsServer {
         };
         let monitor_port = free_ports(1, &[port])?[0];
         let config = ServerConfig {
+            run_as: None,
             name: format!("twopc-{port}"),
             port,
             monitor_port,
@@ -437,10 +452,30 @@ impl NatsServer {
         let config_path = dir.join(CONFIG_FILE);
         std::fs::write(&config_path, config.text()?)
             .with_context(|| format!("write {}", config_path.display()))?;
-        let args = vec!["-c".into(), config_path.display().to_string()];
+        let mut args = vec!["-c".into(), config_path.display().to_string()];
+        let mut program = bin.clone();
+        if let Some(uid) = config.run_as {
+            std::fs::create_dir_all(&config.store_dir)?;
+            for d in [dir, config.store_dir.as_path()] {
+                std::os::unix::fs::chown(d, Some(uid), Some(uid))
+                    .with_context(|| format!("chown {} to {uid}", d.display()))?;
+            }
+            program = PathBuf::from(SETPRIV);
+            let mut with = vec![
+                "--reuid".to_owned(),
+                uid.to_string(),
+                "--regid".to_owned(),
+                uid.to_string(),
+                "--clear-groups".to_owned(),
+                "--".to_owned(),
+                bin.display().to_string(),
+            ];
+            with.append(&mut args);
+            args = with;
+        }
         let mut proc = Proc::new(
             &format!("nats-server {}", config.name),
-            &bin,
+            &program,
             args,
             vec![],
             dir.join("nats-server.log"),
@@ -561,6 +596,7 @@ mod tests {
 
     fn node(route_ports: Vec<u16>) -> ServerConfig {
         ServerConfig {
+            run_as: None,
             name: "twopc-n0".into(),
             port: 14222,
             monitor_port: 18222,

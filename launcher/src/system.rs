@@ -269,6 +269,9 @@ pub struct SystemConfig {
     pub ready_timeout: Duration,
     /// The name of the system's own NATS client.
     pub client_name: String,
+    /// On a cluster: run each node as a user of its own, so that one can be
+    /// cut off from the others (`NatsCluster::isolate`).
+    pub cluster_isolatable: bool,
 }
 
 impl SystemConfig {
@@ -287,6 +290,7 @@ impl SystemConfig {
             nats_url_of: BTreeMap::new(),
             ready_timeout: Duration::from_secs(30),
             client_name: "twopc-launcher".into(),
+            cluster_isolatable: false,
         }
     }
 
@@ -438,7 +442,7 @@ impl System {
                 (Some(s), None, url, DecisionStore::Sqlite)
             }
             Nats::Cluster { nodes, port } => {
-                let c = NatsCluster::start_at(&nats_dir, *nodes, *port)
+                let c = NatsCluster::start_with(&nats_dir, *nodes, *port, cfg.cluster_isolatable)
                     .await
                     .context("starting the nats-server cluster")?;
                 let store = DecisionStore::Kv {

@@ -137,3 +137,71 @@ async fn a_single_server_runs_jetstream_with_sync_always_and_restarts() {
     let v = varz(&server).await;
     assert_eq!(v["jetstream"]["config"]["store_dir"], store.as_str());
 }
+
+/// Routes each node has now (`/routez`).
+async fn routes(node: &NatsServer) -> usize {
+    get_json(&format!("{}/routez", node.monitor_url())).await["num_routes"]
+        .as_u64()
+        .unwrap_or(0) as usize
+}
+
+/// A node cut off from its peers (iptables on the sending user of each
+/// node's route packets) loses its routes, the other two keep theirs to
+/// each other and elect without it, and it rejoins when reconnected. Where
+/// nodes cannot be isolated (not root, no iptables), it says so and checks
+/// nothing.
+#[tokio::test]
+async fn an_isolated_node_loses_its_routes_and_rejoins() {
+    if let Err(why) = NatsCluster::can_isolate() {
+        eprintln!("--- SKIPPED: nodes cannot be isolated here: {why}");
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("twopc-cluster-iso-")
+        .tempdir()
+        .unwrap();
+    let mut cluster = NatsCluster::start_with(dir.path(), 3, None, true)
+        .await
+        .unwrap();
+    for node in &cluster.nodes {
+        assert!(routes(node).await >= 2, "{} before", node.name);
+    }
+    cluster.isolate(0).unwrap();
+    assert!(cluster.is_isolated(0));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let cut = routes(&cluster.nodes[0]).await;
+        let others = [
+            routes(&cluster.nodes[1]).await,
+            routes(&cluster.nodes[2]).await,
+        ];
+        if cut == 0 && others.iter().all(|&r| r >= 1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 0 still has {cut} routes; others {others:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The other two still have a live meta leader among themselves.
+    let leader = loop {
+        if let Ok(Some(l)) = cluster.nodes[1].meta_leader().await {
+            if l != cluster.nodes[0].name {
+                break l;
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader without node 0");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("--- node 0 cut off; the others follow {leader}");
+    cluster.reconnect(0).unwrap();
+    loop {
+        if routes(&cluster.nodes[0]).await >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 0 never rejoined");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cluster.wait_ready(Duration::from_secs(30)).await.unwrap();
+}

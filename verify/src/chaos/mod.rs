@@ -213,6 +213,11 @@ fn system_config(
         },
     };
     sc.coordinators = cfg.coordinators.max(1);
+    sc.cluster_isolatable = cfg.cluster.is_some()
+        && cfg
+            .weights
+            .get(&FaultKind::NodePartition)
+            .is_some_and(|w| *w > 0);
     sc.client_name = "twopc-chaos".into();
     sc.coordinator = CoordinatorSettings {
         prepare_timeout_ms: Some(1_000),
@@ -274,8 +279,18 @@ async fn snapshot(
 /// Runs a chaos experiment and reports. An `Err` means the experiment
 /// itself could not run (no nats-server, a service would not start), not
 /// that an invariant failed.
-pub async fn run(cfg: Config) -> anyhow::Result<Report> {
+pub async fn run(mut cfg: Config) -> anyhow::Result<Report> {
     cfg.check()?;
+    if cfg
+        .weights
+        .get(&FaultKind::NodePartition)
+        .is_some_and(|w| *w > 0)
+    {
+        if let Err(why) = twopc_launcher::NatsCluster::can_isolate() {
+            eprintln!("chaos: node_partition left out: nodes cannot be isolated here ({why})");
+            cfg.weights.insert(FaultKind::NodePartition, 0);
+        }
+    }
     let started = Instant::now();
     let (_tmp, root) = match &cfg.data_dir {
         Some(d) => {

@@ -34,10 +34,15 @@ pub enum FaultKind {
     /// stream leader) for a while: it keeps its sockets but answers
     /// nothing, the nastiest way for a leader to go quiet.
     NodePause,
+    /// On a cluster: cut one NATS node (half the time the decisions'
+    /// stream leader) off from the other two for a while; it keeps running
+    /// and keeps its clients (needs root and iptables; see
+    /// `NatsCluster::isolate`).
+    NodePartition,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 8] = [
+    pub const ALL: [FaultKind; 9] = [
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::NatsRestart,
@@ -46,6 +51,7 @@ impl FaultKind {
         FaultKind::CrashPoint,
         FaultKind::NodeKill,
         FaultKind::NodePause,
+        FaultKind::NodePartition,
     ];
 
     /// The kinds a single-server run can inject.
@@ -60,13 +66,14 @@ impl FaultKind {
 
     /// The kinds a cluster run can inject (services reach the nodes
     /// directly, so there is no per-service link to cut).
-    pub const CLUSTER: [FaultKind; 6] = [
+    pub const CLUSTER: [FaultKind; 7] = [
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::Slow,
         FaultKind::CrashPoint,
         FaultKind::NodeKill,
         FaultKind::NodePause,
+        FaultKind::NodePartition,
     ];
 
     pub fn name(self) -> &'static str {
@@ -79,6 +86,7 @@ impl FaultKind {
             FaultKind::CrashPoint => "crash_point",
             FaultKind::NodeKill => "node_kill",
             FaultKind::NodePause => "node_pause",
+            FaultKind::NodePartition => "node_partition",
         }
     }
 
@@ -184,7 +192,10 @@ fn pick_target(
             .collect()
     };
     let eligible: Vec<&'static str> = match kind {
-        FaultKind::NatsRestart | FaultKind::NodeKill | FaultKind::NodePause => vec![NATS],
+        FaultKind::NatsRestart
+        | FaultKind::NodeKill
+        | FaultKind::NodePause
+        | FaultKind::NodePartition => vec![NATS],
         FaultKind::Slow => services(&|k| k != Kind::Coordinator),
         // Replicas share one faults file: a crash point armed for one would
         // be armed for all.
@@ -293,7 +304,7 @@ async fn fault(shared: Arc<Shared>, kind: FaultKind, target: &'static str, draw:
         node_choice,
     } = draw;
     match kind {
-        FaultKind::NodeKill | FaultKind::NodePause => {
+        FaultKind::NodeKill | FaultKind::NodePause | FaultKind::NodePartition => {
             let node = pick_node(&shared, node_choice).await;
             let name = {
                 let mut c = shared.cluster.lock().expect("lock");
@@ -304,7 +315,21 @@ async fn fault(shared: Arc<Shared>, kind: FaultKind, target: &'static str, draw:
                 shared.cluster.lock().expect("lock").busy.remove(target);
                 return;
             };
-            if kind == FaultKind::NodeKill {
+            if kind == FaultKind::NodePartition {
+                shared.say(&format!(
+                    "nemesis: cut NATS node {name} off from the others for {hold:?}"
+                ));
+                let r = {
+                    let mut c = shared.cluster.lock().expect("lock");
+                    c.sys.cluster().expect("a cluster").isolate(node)
+                };
+                if let Err(e) = r {
+                    shared.say(&format!("nemesis: isolating {name} failed: {e:#}"));
+                }
+                tokio::time::sleep(hold).await;
+                let mut c = shared.cluster.lock().expect("lock");
+                let _ = c.sys.cluster().expect("a cluster").reconnect(node);
+            } else if kind == FaultKind::NodeKill {
                 shared.say(&format!(
                     "nemesis: SIGKILL NATS node {name}, down {:?}",
                     hold
@@ -444,6 +469,7 @@ pub(super) fn heal_all(shared: &Shared) {
     }
     let mut c = shared.cluster.lock().expect("lock");
     if let Some(nodes) = c.sys.cluster() {
+        nodes.reconnect_all();
         for i in 0..nodes.nodes.len() {
             let p = nodes.proc(i);
             if p.is_running() {
