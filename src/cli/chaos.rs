@@ -43,7 +43,8 @@ pub struct ChaosArgs {
     /// Fault kinds with weights, e.g. `kill=2,pause,partition=1`. On one
     /// server (default: all of them): kill, pause, nats_restart, partition,
     /// slow, crash_point. On a cluster (default: all of them): kill, pause,
-    /// slow, crash_point, node_kill, node_pause.
+    /// slow, crash_point, node_kill, node_pause, node_partition (needs
+    /// root and iptables).
     #[arg(long)]
     pub faults: Option<String>,
     /// Run on a JetStream cluster of N nodes (3 or 5), decisions in
