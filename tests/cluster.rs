@@ -119,13 +119,8 @@ async fn commits_go_on(heard: &Heard, from: u64, more: u64, what: &str) {
 
 /// The server leading the KV stream of decisions.
 async fn decisions_leader(client: &async_nats::Client) -> String {
-    let js = async_nats::jetstream::new(client.clone());
-    let stream = format!("KV_{}", twopc_coordinator::kv::DEFAULT_BUCKET);
-    let mut s = js.get_stream(&stream).await.unwrap();
-    let info = s.info().await.unwrap();
-    info.cluster
-        .as_ref()
-        .and_then(|c| c.leader.clone())
+    twopc_coordinator::kv::leader(client, twopc_coordinator::kv::DEFAULT_BUCKET)
+        .await
         .expect("a replicated stream has a leader")
 }
 

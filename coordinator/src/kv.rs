@@ -247,13 +247,26 @@ impl KvLog {
             }
             Err(e) => return Err(e.into()),
         };
-        let subject_prefix = format!("$KV.{}.", cfg.bucket);
-        Ok(KvLog {
+        Ok(Self::with_store(kv, client, &cfg))
+    }
+
+    /// The bucket as it is, for readers (the invariant checker): never
+    /// creates it or changes its configuration.
+    pub async fn attach(client: async_nats::Client, cfg: KvConfig) -> anyhow::Result<Self> {
+        let js = jetstream::ContextBuilder::new()
+            .timeout(cfg.timeout)
+            .build(client.clone());
+        let kv = js.get_key_value(cfg.bucket.clone()).await?;
+        Ok(Self::with_store(kv, client, &cfg))
+    }
+
+    fn with_store(kv: kv::Store, client: async_nats::Client, cfg: &KvConfig) -> Self {
+        KvLog {
             kv,
             client,
             timeout: cfg.timeout,
-            subject_prefix,
-        })
+            subject_prefix: format!("$KV.{}.", cfg.bucket),
+        }
     }
 
     /// Put-if-absent of `value` at `key`.
@@ -704,13 +717,26 @@ impl DecisionLog for KvLog {
     }
 }
 
+/// The JetStream stream behind a KV bucket.
+pub fn stream_name(bucket: &str) -> String {
+    format!("KV_{bucket}")
+}
+
+/// The server leading `bucket`'s stream now (every decision write goes
+/// through it), if the stream has one and says so.
+pub async fn leader(client: &async_nats::Client, bucket: &str) -> Option<String> {
+    let js = jetstream::new(client.clone());
+    let mut stream = js.get_stream(stream_name(bucket)).await.ok()?;
+    stream.info().await.ok()?.cluster.as_ref()?.leader.clone()
+}
+
 /// Reads every decision in the bucket, by transaction, for the invariant
 /// checker (the KV counterpart of [`crate::log::snapshot`]).
 pub async fn snapshot(
     client: async_nats::Client,
     bucket: &str,
 ) -> anyhow::Result<BTreeMap<TxId, StoredDecision>> {
-    let log = KvLog::open(
+    let log = KvLog::attach(
         client,
         KvConfig {
             bucket: bucket.to_owned(),

@@ -107,14 +107,7 @@ pub async fn run(a: BenchArgs, nats_url: String) -> anyhow::Result<()> {
     if let Some(nodes) = a.cluster {
         return compare(a, nodes).await;
     }
-    let tmp = tempfile::Builder::new().prefix("twopc-bench-").tempdir()?;
-    let dir = match &a.data_dir {
-        Some(d) => {
-            std::fs::create_dir_all(d)?;
-            d.clone()
-        }
-        None => tmp.path().to_owned(),
-    };
+    let (_tmp, dir) = data_dir(&a)?;
     let started = if a.start {
         Some(System::start(system_config(&a, &dir)?).await?)
     } else {
@@ -266,8 +259,9 @@ async fn measure(
     Ok(Measured { rtt1, rows, loads })
 }
 
-/// `--cluster N`: the single node, then the cluster, then the comparison.
-async fn compare(a: BenchArgs, nodes: usize) -> anyhow::Result<()> {
+/// Where the run keeps its data: `--data-dir`, or a temporary folder
+/// (removed when the returned guard drops).
+fn data_dir(a: &BenchArgs) -> anyhow::Result<(tempfile::TempDir, PathBuf)> {
     let tmp = tempfile::Builder::new().prefix("twopc-bench-").tempdir()?;
     let dir = match &a.data_dir {
         Some(d) => {
@@ -276,6 +270,12 @@ async fn compare(a: BenchArgs, nodes: usize) -> anyhow::Result<()> {
         }
         None => tmp.path().to_owned(),
     };
+    Ok((tmp, dir))
+}
+
+/// `--cluster N`: the single node, then the cluster, then the comparison.
+async fn compare(a: BenchArgs, nodes: usize) -> anyhow::Result<()> {
+    let (_tmp, dir) = data_dir(&a)?;
     let progress = !a.json;
     let mut cluster_cfg = system_config(&a, &dir.join("cluster"))?;
     cluster_cfg.nats = Nats::Cluster { nodes, port: None };
@@ -522,7 +522,7 @@ struct FailoverRun {
 
 /// The decision bucket's stream.
 fn decision_stream() -> String {
-    format!("KV_{}", twopc_coordinator::kv::DEFAULT_BUCKET)
+    twopc_coordinator::kv::stream_name(twopc_coordinator::kv::DEFAULT_BUCKET)
 }
 
 /// The decision bucket's stream leader, once it has one and every replica

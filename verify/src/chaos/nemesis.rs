@@ -447,12 +447,7 @@ async fn pick_node(shared: &Shared, choice: usize) -> usize {
 /// The server leading the KV stream of decisions, if it can be learned
 /// within a second.
 async fn decisions_leader(client: &async_nats::Client) -> Option<String> {
-    let js = async_nats::jetstream::new(client.clone());
-    let stream = format!("KV_{}", twopc_coordinator::kv::DEFAULT_BUCKET);
-    let ask = async {
-        let mut s = js.get_stream(&stream).await.ok()?;
-        s.info().await.ok()?.cluster.as_ref()?.leader.clone()
-    };
+    let ask = twopc_coordinator::kv::leader(client, twopc_coordinator::kv::DEFAULT_BUCKET);
     tokio::time::timeout(Duration::from_secs(1), ask)
         .await
         .ok()
