@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use twopc_common::nats::AuthArgs;
+use twopc_schemas::ClientName;
 
 #[derive(Parser)]
 #[command(
@@ -23,6 +25,21 @@ struct Cli {
     /// How long to wait for a reply, in milliseconds.
     #[arg(long, global = true, default_value_t = 10_000)]
     timeout_ms: u64,
+    #[command(flatten)]
+    auth: AuthArgs,
+    /// Where `twopc up` keeps the identities' NKey seeds: without --nkey or
+    /// --creds, each command uses the identity it needs from here (a
+    /// purchase the shop client's, everything else admin's).
+    #[arg(
+        long,
+        global = true,
+        env = "TWOPC_CREDS_DIR",
+        default_value = ".twopc/creds"
+    )]
+    creds_dir: PathBuf,
+    /// The shop client that buys (`shop.<client>.purchase`).
+    #[arg(long, global = true, env = "TWOPC_CLIENT", default_value = twopc_schemas::client::DEFAULT_CLIENT)]
+    client: ClientName,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -106,16 +123,26 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let timeout = Duration::from_millis(cli.timeout_ms);
+    let ids = cli::Identities {
+        explicit: cli.auth.clone(),
+        dir: cli.creds_dir.clone(),
+    };
+    // Who this command is: the shop client buys; everything else is admin.
+    let identity = match &cli.cmd {
+        Cmd::Purchase { .. } => cli.client.as_str().to_owned(),
+        _ => "admin".to_owned(),
+    };
     let client = match cli.cmd {
         Cmd::Chaos(a) => return cli::chaos::run(a).await,
-        Cmd::Bench(a) => return cli::bench::run(a, cli.nats_url).await,
+        Cmd::Bench(a) => return cli::bench::run(a, cli.nats_url, ids.auth("admin")).await,
         Cmd::Up(a) => {
             let env_url = std::env::var("NATS_URL").ok().filter(|s| !s.is_empty());
             return cli::up::run(a, env_url).await;
         }
         _ => twopc_common::nats::connect_with(
             &cli.nats_url,
-            &twopc_common::nats::ConnectSettings::fail_fast("twopc-cli"),
+            &twopc_common::nats::ConnectSettings::fail_fast("twopc-cli")
+                .with_auth(&ids.auth(&identity)),
         )
         .await
         .with_context(|| format!("connecting to NATS at {}", cli.nats_url))?,
@@ -129,7 +156,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             qty,
             amount,
             request_id,
-        } => cli::ops::purchase(&client, timeout, user, sku, qty, amount, request_id).await,
+        } => {
+            let shop = twopc_launcher::client::Shop {
+                client,
+                name: cli.client,
+            };
+            cli::ops::purchase(&shop, timeout, user, sku, qty, amount, request_id).await
+        }
         Cmd::Balance { user } => cli::ops::balance(&client, timeout, user).await,
         Cmd::Stock { sku } => cli::ops::stock(&client, timeout, sku).await,
         Cmd::Tx { id } => cli::ops::tx(&client, timeout, id).await,

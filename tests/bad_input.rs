@@ -9,7 +9,7 @@ mod harness;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use harness::{tx_id, Options, System};
+use harness::{tx_id, Options, System, PURCHASE};
 use twopc::check::{Snapshot, Told};
 use twopc::launcher::Kind;
 use twopc_schemas::api::{Outcome, MAX_REQUEST_BYTES};
@@ -231,8 +231,8 @@ async fn bad_purchase_requests_get_error_replies_and_change_nothing() {
         .into_iter()
         .map(|(case, payload, code, hint)| {
             (
-                format!("{} {case}", subjects::PURCHASE),
-                subjects::PURCHASE,
+                format!("{} {case}", PURCHASE.as_str()),
+                PURCHASE.as_str(),
                 payload,
                 code,
                 hint,
@@ -322,7 +322,7 @@ async fn bad_purchase_requests_get_error_replies_and_change_nothing() {
     let at_limit = format!("{valid}{}", " ".repeat(MAX_REQUEST_BYTES - valid.len()));
     assert_eq!(at_limit.len(), MAX_REQUEST_BYTES);
     let raw = sys
-        .raw(subjects::PURCHASE, at_limit.as_bytes())
+        .raw(PURCHASE.as_str(), at_limit.as_bytes())
         .await
         .unwrap();
     let r: twopc_schemas::api::PurchaseReply = serde_json::from_slice(&raw).unwrap_or_else(|e| {

@@ -11,10 +11,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use harness::PURCHASE;
 use twopc_launcher::client::{request, Reply};
 use twopc_launcher::{CoordinatorSettings, Kind, Nats, ParticipantSettings, System, SystemConfig};
 use twopc_schemas::api::{CreateProduct, CreateUser, Outcome, PurchaseReply, PurchaseRequest};
-use twopc_schemas::{subjects, Code};
+use twopc_schemas::Code;
 use twopc_verify::check::{self, Initial, KeyReply, Snapshot, Told};
 
 const USERS: usize = 4;
@@ -57,7 +58,7 @@ async fn worker(
         for _attempt in 0..40 {
             match request::<_, PurchaseReply>(
                 &client,
-                subjects::PURCHASE,
+                PURCHASE.as_str(),
                 &req,
                 Duration::from_secs(3),
             )
@@ -66,7 +67,8 @@ async fn worker(
                 Ok(Reply::Ok(r)) => {
                     let tx: uuid::Uuid = r.tx.parse().expect("tx id");
                     heard.replies.lock().unwrap().push(KeyReply {
-                        request_id: req.request_id.clone().unwrap(),
+                        // As the decision log keys it.
+                        request_id: format!("web/{}", req.request_id.as_deref().unwrap()),
                         tx,
                         outcome: r.outcome,
                         duplicate: r.duplicate,
@@ -195,7 +197,7 @@ async fn killing_a_nats_node_or_a_coordinator_replica_under_load_loses_and_split
         .map(|w| {
             tokio::spawn(worker(
                 w,
-                sys.client.clone(),
+                sys.shop.client.clone(),
                 heard.clone(),
                 stop.clone(),
                 began,

@@ -12,7 +12,6 @@ use std::time::Duration;
 use twopc_launcher::client::{request, Reply};
 use twopc_launcher::{Kind, Nats, System, SystemConfig};
 use twopc_schemas::api::{CreateProduct, CreateUser, Outcome, PurchaseReply, PurchaseRequest};
-use twopc_schemas::subjects;
 
 /// The environment a running process was started with.
 fn environ(pid: u32) -> BTreeMap<String, String> {
@@ -39,8 +38,8 @@ async fn buy(sys: &System, request_id: &str) -> PurchaseReply {
         request_id: Some(request_id.into()),
     };
     match request(
-        &sys.client,
-        subjects::PURCHASE,
+        &sys.shop.client,
+        &sys.shop.purchase_subject(),
         &req,
         Duration::from_secs(10),
     )

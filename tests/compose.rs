@@ -329,10 +329,13 @@ async fn single_node() {
     // nats-server runs from compose/nats/single.conf: JetStream fsyncs
     // every write, which no command-line flag can ask for.
     assert_sync_always(&monitor_port).await;
-    let client =
-        twopc_common::nats::connect(&format!("nats://127.0.0.1:{nats_port}"), "twopc-test")
-            .await
-            .unwrap();
+    let client = twopc_common::nats::connect(
+        &format!("nats://127.0.0.1:{nats_port}"),
+        "twopc-test",
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     ready(&client).await;
     for service in ["coordinator", "wallet", "order"] {
         compose.healthy(service).await;
@@ -349,7 +352,7 @@ async fn single_node() {
     };
     let reply = match request::<_, PurchaseReply>(
         &client,
-        subjects::PURCHASE,
+        &purchase_subject(),
         &req,
         Duration::from_secs(10),
     )
@@ -397,10 +400,13 @@ async fn single_node() {
     drop(client);
     compose.run(&["down", "--timeout", "10"]);
     compose.run(&["up", "-d"]);
-    let client =
-        twopc_common::nats::connect(&format!("nats://127.0.0.1:{nats_port}"), "twopc-test")
-            .await
-            .unwrap();
+    let client = twopc_common::nats::connect(
+        &format!("nats://127.0.0.1:{nats_port}"),
+        "twopc-test",
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     ready(&client).await;
     let b = balance(&client, "dora").await.unwrap();
     assert_eq!(
@@ -415,7 +421,7 @@ async fn single_node() {
     // The idempotency record survived too: a retry is not charged again.
     let again = match request::<_, PurchaseReply>(
         &client,
-        subjects::PURCHASE,
+        &purchase_subject(),
         &req,
         Duration::from_secs(10),
     )
@@ -477,7 +483,7 @@ async fn buy(
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut unknown = vec![];
     loop {
-        match request::<_, PurchaseReply>(client, subjects::PURCHASE, req, Duration::from_secs(6))
+        match request::<_, PurchaseReply>(client, &purchase_subject(), req, Duration::from_secs(6))
             .await
         {
             Ok(Reply::Ok(r)) => {
@@ -625,7 +631,7 @@ async fn cluster() {
         .map(|p| format!("nats://127.0.0.1:{p}"))
         .collect::<Vec<_>>()
         .join(",");
-    let client = twopc_common::nats::connect(&urls, "twopc-test")
+    let client = twopc_common::nats::connect(&urls, "twopc-test", &Default::default())
         .await
         .unwrap();
     ready(&client).await;
@@ -781,4 +787,11 @@ async fn cluster() {
                 .count()
         ),
     );
+}
+
+/// The default shop client's purchase subject.
+fn purchase_subject() -> String {
+    subjects::purchase(
+        &twopc_schemas::ClientName::new(twopc_schemas::client::DEFAULT_CLIENT).expect("valid"),
+    )
 }

@@ -9,7 +9,7 @@ use twopc_coordinator::kv::{KvConfig, KvLog};
 use twopc_launcher::{NatsCluster, NatsServer};
 
 async fn open(url: &str, bucket: &str, replicas: usize) -> KvLog {
-    let client = twopc_common::nats::connect(url, "decision-log-test")
+    let client = twopc_common::nats::connect(url, "decision-log-test", &Default::default())
         .await
         .unwrap();
     KvLog::open(

@@ -6,7 +6,7 @@ mod harness;
 
 use std::time::{Duration, Instant};
 
-use harness::{poll_until, told, tracing_line, tx_id, Options, System};
+use harness::{poll_until, told, tracing_line, tx_id, Options, System, PURCHASE};
 use twopc::check::Told;
 use twopc::client::Reply;
 use twopc::launcher::Kind;
@@ -351,7 +351,7 @@ async fn nats_server_restart_mid_run_ends_consistent() {
         .await
         .unwrap();
 
-    let client = sys.client.clone();
+    let client = sys.shop.client.clone();
     let workload = tokio::spawn(async move {
         let mut results = vec![];
         for i in 0..60 {
@@ -364,7 +364,7 @@ async fn nats_server_restart_mid_run_ends_consistent() {
             };
             let r = twopc::client::request::<_, twopc_schemas::api::PurchaseReply>(
                 &client,
-                subjects::PURCHASE,
+                PURCHASE.as_str(),
                 &req,
                 Duration::from_secs(3),
             )

@@ -21,6 +21,7 @@ use twopc_schemas::subjects;
 fn coordinator_args(url: &str, dir: &Path) -> CoordinatorArgs {
     CoordinatorArgs {
         nats_url: url.to_owned(),
+        auth: Default::default(),
         data_dir: dir.join("coordinator"),
         store: Store::Sqlite,
         kv_bucket: String::new(),
@@ -47,6 +48,7 @@ fn coordinator_args(url: &str, dir: &Path) -> CoordinatorArgs {
 fn participant_args(url: &str, dir: &Path) -> ParticipantArgs {
     ParticipantArgs {
         nats_url: url.to_owned(),
+        auth: Default::default(),
         data_dir: dir.to_owned(),
         in_doubt_after_ms: 5_000,
         recovery_interval_ms: 1_000,
@@ -132,7 +134,7 @@ async fn three_services_in_one_process_commit_a_purchase_and_stop_one_at_a_time(
         spawn(|rx| twopc_coordinator::coordinator::run(args, stop_signal(rx)))
     };
 
-    let client = twopc_common::nats::connect(&url, "in-process-test")
+    let client = twopc_common::nats::connect(&url, "in-process-test", &Default::default())
         .await
         .unwrap();
     // Ready when each answers its probe subject.
@@ -160,6 +162,9 @@ async fn three_services_in_one_process_commit_a_purchase_and_stop_one_at_a_time(
     .unwrap();
 
     let timeout = Duration::from_secs(10);
+    // No credentials here: any client token goes.
+    let purchase_subject =
+        subjects::purchase(&twopc_schemas::ClientName::new("in-process").unwrap());
     let buy = PurchaseRequest {
         request_id: Some("in-process-1".into()),
         user: "alice".into(),
@@ -167,7 +172,7 @@ async fn three_services_in_one_process_commit_a_purchase_and_stop_one_at_a_time(
         qty: 2,
         amount: 2_500,
     };
-    let reply = match request::<_, PurchaseReply>(&client, subjects::PURCHASE, &buy, timeout)
+    let reply = match request::<_, PurchaseReply>(&client, &purchase_subject, &buy, timeout)
         .await
         .unwrap()
     {
@@ -187,7 +192,7 @@ async fn three_services_in_one_process_commit_a_purchase_and_stop_one_at_a_time(
         request_id: Some("in-process-2".into()),
         ..buy
     };
-    match request::<_, PurchaseReply>(&client, subjects::PURCHASE, &buy, timeout)
+    match request::<_, PurchaseReply>(&client, &purchase_subject, &buy, timeout)
         .await
         .unwrap()
     {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use harness::{poll_until, told, Options, System};
+use harness::{poll_until, told, Options, System, PURCHASE};
 use twopc::launcher::Kind;
 use twopc_common::micro::{Info, Ping, Stats};
 use twopc_schemas::api::{CoordinatorInDoubt, Outcome, PurchaseRequest};
@@ -46,7 +46,7 @@ async fn services_answer_the_nats_micro_protocol_with_counts() {
     sys.seed_standard().await.unwrap();
     let ok = sys.purchase("alice", "book-1", 1, 1_250).await;
     assert_eq!(ok.outcome, Outcome::Committed);
-    let bad = sys.raw(subjects::PURCHASE, b"{").await.unwrap();
+    let bad = sys.raw(PURCHASE.as_str(), b"{").await.unwrap();
     assert!(String::from_utf8_lossy(&bad).contains("malformed_json"));
 
     // $SRV.PING: every service answers, once: the first three replies come
@@ -110,7 +110,7 @@ async fn error_replies_carry_service_error_headers_and_a_json_body() {
     let mut sys = System::start(Options::default()).await.unwrap();
     sys.seed_standard().await.unwrap();
     for (subject, body, code, status) in [
-        (subjects::PURCHASE, &b"{"[..], "malformed_json", "400"),
+        (PURCHASE.as_str(), &b"{"[..], "malformed_json", "400"),
         (
             subjects::WALLET_BALANCE,
             br#"{"user":"nobody"}"#,
@@ -127,7 +127,11 @@ async fn error_replies_carry_service_error_headers_and_a_json_body() {
         let req = async_nats::Request::new()
             .payload(body.to_vec().into())
             .timeout(Some(Duration::from_secs(5)));
-        let msg = sys.client.send_request(subject, req).await.unwrap();
+        let msg = sys
+            .client_for(subject)
+            .send_request(subject.to_owned(), req)
+            .await
+            .unwrap();
         let headers = msg.headers.expect("error headers");
         assert_eq!(
             headers.get("Nats-Service-Error-Code").unwrap().as_str(),
@@ -177,7 +181,7 @@ async fn sigterm_drains_in_flight_purchases_and_exits_cleanly() {
         .unwrap();
     let mut tasks = vec![];
     for i in 0..20 {
-        let client = sys.client.clone();
+        let client = sys.shop.client.clone();
         tasks.push(tokio::spawn(async move {
             let req = PurchaseRequest {
                 user: "erin".into(),
@@ -188,7 +192,7 @@ async fn sigterm_drains_in_flight_purchases_and_exits_cleanly() {
             };
             twopc::client::request::<_, twopc_schemas::api::PurchaseReply>(
                 &client,
-                subjects::PURCHASE,
+                PURCHASE.as_str(),
                 &req,
                 Duration::from_secs(5),
             )
@@ -357,8 +361,9 @@ async fn json_logs_carry_the_tx_and_one_trace_across_services() {
         )
         .timeout(Some(Duration::from_secs(10)));
     let msg = sys
+        .shop
         .client
-        .send_request(subjects::PURCHASE, req)
+        .send_request(PURCHASE.as_str(), req)
         .await
         .unwrap();
     let reply: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();

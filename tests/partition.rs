@@ -6,7 +6,7 @@ mod harness;
 
 use std::time::{Duration, Instant};
 
-use harness::{tracing_line, Options, System};
+use harness::{tracing_line, Options, System, PURCHASE};
 use twopc_launcher::client::Reply;
 use twopc_launcher::Kind;
 use twopc_schemas::api::{Outcome, PurchaseReply, PurchaseRequest};
@@ -92,7 +92,7 @@ async fn issue_8_phase_1_ends_in_a_decision_within_its_deadline_while_the_link_s
     tracing_line(&format!("--- a burst of {BURST} purchases"));
     let mut burst = vec![];
     for i in 0..BURST {
-        let client = sys.client.clone();
+        let client = sys.shop.client.clone();
         let req = PurchaseRequest {
             user: format!("u{}", i % 50),
             sku: "pen-1".into(),
@@ -103,7 +103,7 @@ async fn issue_8_phase_1_ends_in_a_decision_within_its_deadline_while_the_link_s
         burst.push(tokio::spawn(async move {
             twopc_launcher::client::request::<_, PurchaseReply>(
                 &client,
-                twopc_schemas::subjects::PURCHASE,
+                PURCHASE.as_str(),
                 &req,
                 Duration::from_secs(15),
             )

@@ -189,7 +189,7 @@ async fn retry_with_same_request_id_after_client_timeout_charges_once() {
     let replies: Vec<KeyReply> = [&second, &third]
         .into_iter()
         .map(|r| KeyReply {
-            request_id: "order-42".into(),
+            request_id: sys.shop.log_key("order-42"),
             tx: r.tx.parse().unwrap(),
             outcome: r.outcome,
             duplicate: r.duplicate,
@@ -240,11 +240,11 @@ async fn concurrent_purchases_are_atomic_and_conserve_money_and_stock() {
             amount,
             request_id: (i % 5 == 0).then(|| format!("req-{i}")),
         };
-        let client = sys.client.clone();
+        let shop = sys.shop.clone();
         tasks.push(tokio::spawn(async move {
             twopc_launcher::client::request::<_, twopc_schemas::api::PurchaseReply>(
-                &client,
-                subjects::PURCHASE,
+                &shop.client,
+                &shop.purchase_subject(),
                 &req,
                 Duration::from_secs(30),
             )

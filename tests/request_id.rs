@@ -5,7 +5,7 @@ mod harness;
 
 use std::time::Duration;
 
-use harness::{poll_until, told, tracing_line, tx_id, Options, System};
+use harness::{poll_until, told, tracing_line, tx_id, Options, System, PURCHASE};
 use twopc_launcher::client::Reply;
 use twopc_launcher::Kind;
 use twopc_schemas::api::{Outcome, PurchaseReply, PurchaseRequest};
@@ -61,11 +61,11 @@ async fn issue_8_key_told_aborted_by_presumed_abort_is_never_charged() {
 
     tracing_line("--- stop the order service (SIGSTOP); its vote will be late");
     sys.service(Kind::Order).proc.pause().unwrap();
-    let client = sys.client.clone();
+    let client = sys.shop.client.clone();
     let first = tokio::spawn(async move {
         twopc_launcher::client::request::<_, PurchaseReply>(
             &client,
-            twopc_schemas::subjects::PURCHASE,
+            PURCHASE.as_str(),
             &book("issue-8-key"),
             Duration::from_secs(40),
         )

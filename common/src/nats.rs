@@ -1,6 +1,9 @@
 //! Connecting to NATS the way every twopc service does.
 
+use std::path::PathBuf;
 use std::time::Duration;
+
+use anyhow::Context;
 
 /// The default server, as the nats CLI assumes.
 pub const DEFAULT_URL: &str = "nats://127.0.0.1:4222";
@@ -19,6 +22,116 @@ pub fn server_addrs(url: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     anyhow::ensure!(!addrs.is_empty(), "no NATS URL given");
     Ok(addrs)
+}
+
+/// How a client proves who it is to the server, and where its replies
+/// arrive: the nats CLI's flags and variables, taken by every twopc
+/// program (`#[command(flatten)]`).
+///
+/// With the server config twopc generates (`twopc auth init`, `twopc up`),
+/// every connection must present an NKey seed, and each identity may
+/// subscribe only below its own inbox prefix `_INBOX_<name>`: without
+/// `--inbox-prefix` it is derived from the seed file's name
+/// (`creds/wallet.nk` → `_INBOX_wallet`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AuthArgs {
+    /// File holding an NKey user seed (`SU...`), as the nats CLI's --nkey.
+    #[arg(long = "nkey", env = "NATS_NKEY", value_name = "FILE", global = true)]
+    pub nkey: Option<PathBuf>,
+    /// A JWT credentials file, as the nats CLI's --creds (servers in
+    /// operator mode).
+    #[arg(long = "creds", env = "NATS_CREDS", value_name = "FILE", global = true)]
+    pub creds: Option<PathBuf>,
+    /// Prefix of this client's reply subjects (default `_INBOX_<name>` for
+    /// an NKey file `<name>.nk`, else `_INBOX`).
+    #[arg(long = "inbox-prefix", env = "NATS_INBOX_PREFIX", global = true)]
+    pub inbox_prefix: Option<String>,
+    /// CA certificate(s) that sign the server's TLS certificate; turns TLS on.
+    #[arg(long = "tlsca", env = "NATS_CA", value_name = "FILE", global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate for mutual TLS (with --tlskey).
+    #[arg(
+        long = "tlscert",
+        env = "NATS_CERT",
+        value_name = "FILE",
+        global = true
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// Client certificate's private key (with --tlscert).
+    #[arg(long = "tlskey", env = "NATS_KEY", value_name = "FILE", global = true)]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl AuthArgs {
+    /// An NKey identity from its seed file, replies under its own prefix.
+    pub fn nkey_file(path: impl Into<PathBuf>) -> Self {
+        AuthArgs {
+            nkey: Some(path.into()),
+            ..Default::default()
+        }
+    }
+
+    /// The reply prefix this client uses: the one given, else derived from
+    /// the NKey file's name, else async-nats' `_INBOX`.
+    pub fn inbox_prefix(&self) -> Option<String> {
+        if let Some(p) = &self.inbox_prefix {
+            return Some(p.clone());
+        }
+        let stem = self.nkey.as_ref()?.file_stem()?.to_str()?;
+        Some(inbox_prefix(stem))
+    }
+
+    /// Applies these settings to `options`: reads the seed or credentials
+    /// file (a missing or unreadable one is an error naming it).
+    async fn apply(
+        &self,
+        mut options: async_nats::ConnectOptions,
+    ) -> anyhow::Result<async_nats::ConnectOptions> {
+        if let Some(path) = &self.nkey {
+            let seed = read_seed(path)?;
+            options = options.nkey(seed);
+        }
+        if let Some(path) = &self.creds {
+            options = options
+                .credentials_file(path)
+                .await
+                .with_context(|| format!("credentials file {}", path.display()))?;
+        }
+        if let Some(prefix) = self.inbox_prefix() {
+            options = options.custom_inbox_prefix(prefix);
+        }
+        if let Some(ca) = &self.tls_ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                options = options
+                    .add_client_certificate(cert.clone(), key.clone())
+                    .require_tls(true);
+            }
+            (None, None) => {}
+            _ => anyhow::bail!("--tlscert and --tlskey go together"),
+        }
+        Ok(options)
+    }
+}
+
+/// The reply prefix of identity `name`: `_INBOX_<name>`. The generated
+/// permissions let `name` subscribe only below it.
+pub fn inbox_prefix(name: &str) -> String {
+    format!("_INBOX_{name}")
+}
+
+/// Reads an NKey seed file: the first line that looks like a user seed
+/// (`SU...`), so that a file with comments, as `nsc` writes, works too.
+pub fn read_seed(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading NKey seed file {}", path.display()))?;
+    text.lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("SU"))
+        .map(str::to_owned)
+        .with_context(|| format!("no NKey user seed (SU...) in {}", path.display()))
 }
 
 /// What to do when the server cannot be reached at the first connect.
@@ -41,6 +154,8 @@ pub struct ConnectSettings {
     /// and the `service` field of our connection log lines.
     pub name: String,
     pub first_connect: FirstConnect,
+    /// Credentials, inbox prefix and TLS.
+    pub auth: AuthArgs,
 }
 
 impl ConnectSettings {
@@ -49,6 +164,7 @@ impl ConnectSettings {
         ConnectSettings {
             name: name.to_owned(),
             first_connect: FirstConnect::Retry,
+            auth: AuthArgs::default(),
         }
     }
 
@@ -57,15 +173,22 @@ impl ConnectSettings {
         ConnectSettings {
             name: name.to_owned(),
             first_connect: FirstConnect::FailFast,
+            auth: AuthArgs::default(),
         }
+    }
+
+    /// These settings with `auth`'s credentials.
+    pub fn with_auth(mut self, auth: &AuthArgs) -> Self {
+        self.auth = auth.clone();
+        self
     }
 }
 
 /// Connects as a service does: reconnects forever, a start that may
 /// precede the server, and a short capped reconnect delay (a restarted
 /// server is found within about a second).
-pub async fn connect(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
-    connect_with(url, &ConnectSettings::retrying(name)).await
+pub async fn connect(url: &str, name: &str, auth: &AuthArgs) -> anyhow::Result<async_nats::Client> {
+    connect_with(url, &ConnectSettings::retrying(name).with_auth(auth)).await
 }
 
 /// Connects with reconnects forever and a short capped reconnect delay;
@@ -91,6 +214,9 @@ pub async fn connect_with(
                     async_nats::Event::SlowConsumer(sid) => {
                         tracing::error!(service = %name, sid, "slow consumer: NATS dropped messages")
                     }
+                    async_nats::Event::ServerError(e) => {
+                        tracing::error!(service = %name, error = %e, "NATS server error (wrong credentials or a permission denied?)")
+                    }
                     other => tracing::info!(service = %name, event = %other, "NATS event"),
                 }
             }
@@ -98,6 +224,7 @@ pub async fn connect_with(
     if settings.first_connect == FirstConnect::Retry {
         options = options.retry_on_initial_connect();
     }
+    options = settings.auth.apply(options).await?;
     let client = options.connect(addrs).await?;
     Ok(client)
 }

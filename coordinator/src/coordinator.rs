@@ -26,6 +26,7 @@ use twopc_schemas::api::{
     ApiError, CoordinatorInDoubt, Delivery as ApiDelivery, PurchaseReply, PurchaseRequest, TxQuery,
     TxStatus, Undelivered,
 };
+use twopc_schemas::client::{self, ClientName};
 use twopc_schemas::points::CoordinatorCrash;
 use twopc_schemas::protocol::{
     self, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Prepare, TxId, Vote,
@@ -146,7 +147,7 @@ impl<L: DecisionLog> Coordinator<L> {
         );
         let c = self.clone();
         let purchase = serve(
-            endpoint("purchase", subjects::PURCHASE, busy_json.clone()),
+            endpoint("purchase", &subjects::purchase_any(), busy_json.clone()),
             move |m| {
                 let c = c.clone();
                 async move { c.on_purchase(m).await }
@@ -154,10 +155,23 @@ impl<L: DecisionLog> Coordinator<L> {
         );
         let c = self.clone();
         let status = serve(
-            endpoint("tx-status", subjects::TX_STATUS, busy_json),
+            endpoint("tx-status", subjects::TX_STATUS, busy_json.clone()),
             move |m| {
                 let c = c.clone();
-                async move { c.on_tx_status(m.payload).await }
+                async move { c.on_tx_status(m.payload, None).await }
+            },
+        );
+        let c = self.clone();
+        let client_status = serve(
+            endpoint("client-tx-status", &subjects::client_tx_any(), busy_json),
+            move |m| {
+                let c = c.clone();
+                async move {
+                    match client_of(&m.subject) {
+                        Ok(client) => c.on_tx_status(m.payload, Some(client)).await,
+                        Err(e) => refusal(&e),
+                    }
+                }
             },
         );
         let c = self.clone();
@@ -180,7 +194,15 @@ impl<L: DecisionLog> Coordinator<L> {
         let sweep = self.clone().sweep();
         let collection = self.clone().collection();
         info!(faults = ?twopc_common::fault::armed(), "coordinator serving");
-        tokio::try_join!(purchase, status, decision, in_doubt, sweep, collection)?;
+        tokio::try_join!(
+            purchase,
+            status,
+            client_status,
+            decision,
+            in_doubt,
+            sweep,
+            collection
+        )?;
         Ok(())
     }
 
@@ -533,6 +555,10 @@ impl<L: DecisionLog> Coordinator<L> {
         // Continue the client's trace, or start one for this purchase.
         let trace =
             TraceContext::from_headers(msg.headers.as_ref()).unwrap_or_else(TraceContext::root);
+        let buyer = match client_of(&msg.subject) {
+            Ok(c) => c,
+            Err(e) => return refusal(&e),
+        };
         let mut req = match PurchaseRequest::parse(&msg.payload) {
             Ok(r) => r,
             Err(e) => {
@@ -540,6 +566,10 @@ impl<L: DecisionLog> Coordinator<L> {
                 return refusal(&e);
             }
         };
+        // Request ids are the buyer's own namespace: the log keys them as
+        // `<client>/<request_id>` (the subject's client token is the
+        // authenticated sender; see launcher::auth).
+        req.request_id = req.request_id.map(|r| client::scope_request_id(&buyer, &r));
         if twopc_common::fault::broken("forget_request_ids") {
             // DELIBERATELY BROKEN (tests only): ignore the idempotency key,
             // so a re-send runs a new transaction.
@@ -563,6 +593,10 @@ impl<L: DecisionLog> Coordinator<L> {
             ))
         });
         metrics::histogram!("twopc_purchase_seconds").record(started.elapsed().as_secs_f64());
+        let reply = reply.map(|mut r| {
+            r.request_id = r.request_id.map(|k| unscoped(&k).to_owned());
+            r
+        });
         Response::json(reply, refusal)
     }
 
@@ -675,11 +709,27 @@ impl<L: DecisionLog> Coordinator<L> {
         }
     }
 
-    async fn on_tx_status(self: Arc<Self>, payload: Bytes) -> Response {
+    /// A transaction's status: any transaction for admin (`shop.tx`,
+    /// `client` `None`); for a client (`shop.<client>.tx`) only its own —
+    /// one it bought with a request id — and `unknown` for any other, as
+    /// for a transaction that does not exist.
+    async fn on_tx_status(self: Arc<Self>, payload: Bytes, client: Option<ClientName>) -> Response {
         let tx = match TxQuery::parse(&payload) {
             Ok(tx) => tx,
             Err(e) => return refusal(&e),
         };
+        let status = match self.tx_status(tx).await {
+            Ok(s) => s,
+            Err(e) => return refusal(&e),
+        };
+        let status = match client {
+            None => status,
+            Some(client) => for_client(status, &client),
+        };
+        Response::ok(serde_json::to_vec(&status).expect("serialises"))
+    }
+
+    async fn tx_status(&self, tx: TxId) -> Result<TxStatus, ApiError> {
         let in_phase_1 = self.core.lock().expect("lock").in_phase_1(tx);
         if let Some(p) = in_phase_1 {
             let status = TxStatus {
@@ -694,7 +744,7 @@ impl<L: DecisionLog> Coordinator<L> {
                 votes: vec![],
                 delivery_attempts: 0,
             };
-            return Response::ok(serde_json::to_vec(&status).expect("serialises"));
+            return Ok(status);
         }
         match self.log.get(tx).await {
             Ok(rec) => {
@@ -735,10 +785,51 @@ impl<L: DecisionLog> Coordinator<L> {
                         delivery_attempts: r.delivery_attempts,
                     },
                 };
-                Response::ok(serde_json::to_vec(&status).expect("serialises"))
+                Ok(status)
             }
-            Err(e) => refusal(&log_error(&e)),
+            Err(e) => Err(log_error(&e)),
         }
+    }
+}
+
+/// The client's token of a `shop.<client>.<verb>` subject.
+fn client_of(subject: &str) -> Result<ClientName, ApiError> {
+    let token = subject.split('.').nth(1).unwrap_or_default();
+    ClientName::new(token).map_err(ApiError::invalid)
+}
+
+/// A client's own request id, from the log's scoped key.
+fn unscoped(key: &str) -> &str {
+    client::split_request_id(key).map_or(key, |(_, rid)| rid)
+}
+
+/// What `client` may see of `status`: all of it, request ids unscoped, if
+/// it is the client's; else the reply for a transaction that does not
+/// exist.
+fn for_client(mut status: TxStatus, client: &ClientName) -> TxStatus {
+    let owner = status
+        .request_id
+        .as_deref()
+        .and_then(client::split_request_id)
+        .map(|(c, _)| c);
+    if owner == Some(client.as_str()) {
+        status.request_id = status.request_id.map(|k| unscoped(&k).to_owned());
+        if let Some(p) = status.purchase.as_mut() {
+            p.request_id = p.request_id.take().map(|k| unscoped(&k).to_owned());
+        }
+        return status;
+    }
+    TxStatus {
+        tx: status.tx,
+        state: "unknown".into(),
+        request_id: None,
+        purchase: None,
+        reason: None,
+        deliveries: vec![],
+        decided_at_ms: None,
+        completed_at_ms: None,
+        votes: vec![],
+        delivery_attempts: 0,
     }
 }
 
@@ -759,7 +850,7 @@ pub async fn run(
     if let Some(addr) = args.metrics_addr {
         twopc_common::telemetry::install(addr)?;
     }
-    let client = twopc_common::nats::connect(&args.nats_url, SERVICE).await?;
+    let client = twopc_common::nats::connect(&args.nats_url, SERVICE, &args.auth).await?;
     match args.store {
         Store::Sqlite => {
             std::fs::create_dir_all(&args.data_dir)?;

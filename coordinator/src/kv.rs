@@ -43,7 +43,7 @@ use twopc_schemas::{Code, ParticipantName};
 use crate::log::{stored, DecisionLog, LogError, Record, Recorded, StoredDecision};
 
 /// The default bucket name.
-pub const DEFAULT_BUCKET: &str = "twopc_decisions";
+pub const DEFAULT_BUCKET: &str = twopc_schemas::subjects::DECISION_BUCKET;
 
 /// How long a request-id claim may stay without a decision before another
 /// attempt with the key ends it by presumed abort. The claiming attempt

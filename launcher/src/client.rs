@@ -6,6 +6,30 @@ use anyhow::Context;
 use serde::{de::DeserializeOwned, Serialize};
 use twopc_schemas::api::ErrorReply;
 
+/// A shop client's connection: it buys on its own purchase subject.
+#[derive(Clone, Debug)]
+pub struct Shop {
+    pub client: async_nats::Client,
+    pub name: twopc_schemas::ClientName,
+}
+
+impl Shop {
+    /// `shop.<name>.purchase`.
+    pub fn purchase_subject(&self) -> String {
+        twopc_schemas::subjects::purchase(&self.name)
+    }
+
+    /// `shop.<name>.tx`: this client's own transactions.
+    pub fn tx_subject(&self) -> String {
+        twopc_schemas::subjects::client_tx(&self.name)
+    }
+
+    /// How the coordinator's log keys this client's `request_id`.
+    pub fn log_key(&self, request_id: &str) -> String {
+        twopc_schemas::client::scope_request_id(&self.name, request_id)
+    }
+}
+
 /// The reply to a public request: the value, or the service's error reply.
 #[derive(Debug)]
 pub enum Reply<T> {

@@ -81,17 +81,19 @@ impl NatsCluster {
         n: usize,
         first_port: Option<u16>,
     ) -> anyhow::Result<NatsCluster> {
-        Self::start_with(dir, n, first_port, false).await
+        Self::start_with(dir, n, first_port, false, None).await
     }
 
     /// As [`NatsCluster::start_at`]; `isolatable` runs each node as a user
     /// of its own, so that [`NatsCluster::isolate`] can cut it off from the
-    /// others (needs [`NatsCluster::can_isolate`]).
+    /// others (needs [`NatsCluster::can_isolate`]); with `auth`, only its
+    /// users may connect, with their permissions, and routes authenticate.
     pub async fn start_with(
         dir: &Path,
         n: usize,
         first_port: Option<u16>,
         isolatable: bool,
+        auth: Option<crate::auth::Credentials>,
     ) -> anyhow::Result<NatsCluster> {
         if isolatable {
             if let Err(why) = NatsCluster::can_isolate() {
@@ -129,6 +131,7 @@ impl NatsCluster {
                     route_ports: route_ports.clone(),
                 }),
                 run_as: uids.as_ref().map(|u| u[i]),
+                auth: auth.clone(),
             };
             nodes.push(NatsServer::spawn(
                 &node_dir,

@@ -10,6 +10,7 @@
 //! nats-server cluster; `twopc_common::http` has the GET that reads the
 //! servers' monitoring endpoints.
 
+pub mod auth;
 pub mod client;
 pub mod cluster;
 pub mod process;

@@ -314,6 +314,9 @@ pub struct ServerConfig {
     /// packets can be told apart from other nodes' (see
     /// `NatsCluster::isolate`); `None`: as the caller.
     pub run_as: Option<u32>,
+    /// Who may connect and what each may do (and, in a cluster, the
+    /// routes' password); `None`: anyone may do anything.
+    pub auth: Option<crate::auth::Credentials>,
 }
 
 /// One server's part of a cluster's config.
@@ -361,11 +364,19 @@ impl ServerConfig {
             "  max_memory_store: {JS_MAX_MEMORY_STORE_BYTES}\n"
         ));
         t.push_str("}\n");
+        if let Some(auth) = &self.auth {
+            t.push_str(&auth.authorization(twopc_schemas::subjects::DECISION_BUCKET));
+        }
         if let Some(c) = &self.cluster {
             let routes = c
                 .route_ports
                 .iter()
-                .map(|p| quote(&format!("nats-route://127.0.0.1:{p}")))
+                .map(|&p| {
+                    quote(&match &self.auth {
+                        Some(auth) => auth.route_url(p),
+                        None => format!("nats-route://127.0.0.1:{p}"),
+                    })
+                })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             t.push_str("cluster {\n");
             t.push_str(&format!("  name: {}\n", quote(&c.name)?));
@@ -374,6 +385,9 @@ impl ServerConfig {
                 quote(&format!("127.0.0.1:{}", c.route_port))?
             ));
             t.push_str(&format!("  routes: [{}]\n", routes.join(", ")));
+            if let Some(auth) = &self.auth {
+                t.push_str(&format!("  {}\n", auth.route_authorization()));
+            }
             if self.run_as.is_some() {
                 // An isolatable node: a route whose packets are dropped is
                 // seen dead after three missed pings, not minutes of TCP
@@ -420,6 +434,16 @@ impl NatsServer {
     /// Starts a single server (no cluster) with its files in `dir` and
     /// waits (asynchronously) until it listens and JetStream is ready.
     pub async fn start(dir: &Path, port: Option<u16>) -> anyhow::Result<Self> {
+        NatsServer::start_with(dir, port, None).await
+    }
+
+    /// As [`NatsServer::start`], with `auth`'s users and permissions: only
+    /// they may connect.
+    pub async fn start_with(
+        dir: &Path,
+        port: Option<u16>,
+        auth: Option<crate::auth::Credentials>,
+    ) -> anyhow::Result<Self> {
         let port = match port {
             Some(p) => p,
             None => free_port()?,
@@ -432,6 +456,7 @@ impl NatsServer {
             monitor_port,
             store_dir: dir.join("js"),
             cluster: None,
+            auth,
         };
         let mut s = NatsServer::spawn(dir, &config, SINGLE_READY_TIMEOUT)?;
         s.wait_listening(LISTEN_TIMEOUT).await?;
@@ -597,6 +622,7 @@ mod tests {
     fn node(route_ports: Vec<u16>) -> ServerConfig {
         ServerConfig {
             run_as: None,
+            auth: None,
             name: "twopc-n0".into(),
             port: 14222,
             monitor_port: 18222,

@@ -16,9 +16,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use futures::StreamExt;
 use twopc_schemas::api::{CreateProduct, CreateUser};
+use twopc_schemas::client::{self, ClientName};
 use twopc_schemas::{participant, subjects, Code, ParticipantName};
 
-use crate::client::{request, Reply};
+use crate::auth::{self, Credentials};
+use crate::client::{request, Reply, Shop};
 use crate::cluster::NatsCluster;
 use crate::process::{Binaries, NatsServer, Proc};
 
@@ -272,6 +274,14 @@ pub struct SystemConfig {
     /// On a cluster: run each node as a user of its own, so that one can be
     /// cut off from the others (`NatsCluster::isolate`).
     pub cluster_isolatable: bool,
+    /// Credentials and permissions (the default): every service, the
+    /// system's clients and anyone else connect with an NKey identity from
+    /// `root/creds` ([`crate::auth`]), and a server started here refuses
+    /// any other connection. With [`Nats::Use`] the identities are made
+    /// and used, and the server's own config decides (include
+    /// `creds/auth.conf` in it to enforce them). `false`: no credentials at
+    /// all (a baseline, or a server of one's own without them).
+    pub auth: bool,
 }
 
 impl SystemConfig {
@@ -291,6 +301,7 @@ impl SystemConfig {
             ready_timeout: Duration::from_secs(30),
             client_name: "twopc-launcher".into(),
             cluster_isolatable: false,
+            auth: true,
         }
     }
 
@@ -422,7 +433,13 @@ pub struct System {
     /// The services by name: `coordinator` (and `coordinator-2`, ... with
     /// replicas), `wallet`, `order`.
     pub services: BTreeMap<&'static str, Service>,
+    /// The system's admin client: creates users and products, reads
+    /// everything ([`crate::auth::Role::Admin`]).
     pub client: async_nats::Client,
+    /// The default shop client: it buys.
+    pub shop: Shop,
+    /// The identities' credentials (`None` when started without auth).
+    pub creds: Option<Credentials>,
     pub ready_timeout: Duration,
 }
 
@@ -433,18 +450,33 @@ impl System {
         cfg.check()?;
         std::fs::create_dir_all(&cfg.root)?;
         let nats_dir = cfg.root.join("nats");
+        let creds = if cfg.auth {
+            Some(Credentials::ensure(
+                &cfg.root.join(auth::CREDS_DIR),
+                &auth::default_roles(),
+                subjects::DECISION_BUCKET,
+            )?)
+        } else {
+            None
+        };
         let (nats, cluster, url, store) = match &cfg.nats {
             Nats::Start { port } => {
-                let s = NatsServer::start(&nats_dir, *port)
+                let s = NatsServer::start_with(&nats_dir, *port, creds.clone())
                     .await
                     .context("starting nats-server")?;
                 let url = s.url();
                 (Some(s), None, url, DecisionStore::Sqlite)
             }
             Nats::Cluster { nodes, port } => {
-                let c = NatsCluster::start_with(&nats_dir, *nodes, *port, cfg.cluster_isolatable)
-                    .await
-                    .context("starting the nats-server cluster")?;
+                let c = NatsCluster::start_with(
+                    &nats_dir,
+                    *nodes,
+                    *port,
+                    cfg.cluster_isolatable,
+                    creds.clone(),
+                )
+                .await
+                .context("starting the nats-server cluster")?;
                 let store = DecisionStore::Kv {
                     replicas: *nodes,
                     monitor_urls: c.monitor_urls(),
@@ -454,7 +486,19 @@ impl System {
             }
             Nats::Use { url } => (None, None, url.clone(), DecisionStore::Sqlite),
         };
-        let client = twopc_common::nats::connect(&url, &cfg.client_name).await?;
+        let shop_name = ClientName::new(client::DEFAULT_CLIENT).expect("valid");
+        let auth_of = |name: &str| creds.as_ref().map(|c| c.auth(name)).unwrap_or_default();
+        let client = twopc_common::nats::connect(&url, &cfg.client_name, &auth_of("admin")).await?;
+        let shop_client = twopc_common::nats::connect(
+            &url,
+            &format!("{}-shop", cfg.client_name),
+            &auth_of(shop_name.as_str()),
+        )
+        .await?;
+        let shop = Shop {
+            client: shop_client,
+            name: shop_name,
+        };
         let mut services = BTreeMap::new();
         for (name, kind) in cfg.services() {
             let service_url = cfg.nats_url_of.get(&kind).unwrap_or(&url);
@@ -462,6 +506,10 @@ impl System {
                 Kind::Coordinator => store.env(),
                 Kind::Wallet | Kind::Order => vec![],
             };
+            if let Some(c) = &creds {
+                let seed = c.seed_file(kind.name());
+                env.push(("NATS_NKEY".into(), seed.display().to_string()));
+            }
             // The typed settings and their extra environment come last:
             // a test may override anything.
             overlay(&mut env, &cfg.env_of(kind));
@@ -477,6 +525,8 @@ impl System {
             root: cfg.root,
             services,
             client,
+            shop,
+            creds,
             ready_timeout: cfg.ready_timeout,
         };
         for kind in Kind::ALL {
@@ -490,6 +540,23 @@ impl System {
             }
         }
         Ok(sys)
+    }
+
+    /// A new connection as identity `name` (`admin`, `coordinator`,
+    /// `wallet`, `order`, `web`; see [`crate::auth`]); without auth, a plain
+    /// one.
+    pub async fn connect_as(&self, name: &str) -> anyhow::Result<async_nats::Client> {
+        let auth = self
+            .creds
+            .as_ref()
+            .map(|c| c.auth(name))
+            .unwrap_or_default();
+        twopc_common::nats::connect_with(
+            &self.url,
+            &twopc_common::nats::ConnectSettings::fail_fast(&format!("test-{name}"))
+                .with_auth(&auth),
+        )
+        .await
     }
 
     /// The service of `kind`; for the coordinator, the first replica.
@@ -591,9 +658,11 @@ impl System {
             cluster,
             mut services,
             client,
+            shop,
             ..
         } = self;
         drop(client);
+        drop(shop);
         for s in services.values_mut().rev() {
             s.proc.terminate(grace).await?;
         }

@@ -7,6 +7,9 @@ pub struct ParticipantArgs {
     /// NATS server URL(s), comma-separated, as the nats CLI reads them.
     #[arg(long, env = "NATS_URL", default_value = twopc_common::nats::DEFAULT_URL)]
     pub nats_url: String,
+    /// NATS credentials (--nkey/NATS_NKEY, --creds), inbox prefix and TLS.
+    #[command(flatten)]
+    pub auth: twopc_common::nats::AuthArgs,
     /// Folder for this service's SQLite database.
     #[arg(long, env = "TWOPC_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,

@@ -918,7 +918,7 @@ where
     if let Some(addr) = args.metrics_addr {
         twopc_common::telemetry::install(addr)?;
     }
-    let client = twopc_common::nats::connect(&args.nats_url, name.as_str()).await?;
+    let client = twopc_common::nats::connect(&args.nats_url, name.as_str(), &args.auth).await?;
     let registry = Arc::new(Registry::new(
         name.as_str(),
         env!("CARGO_PKG_VERSION"),

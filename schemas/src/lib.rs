@@ -8,11 +8,13 @@
 //! ones are appended, and `golden` tests pin the bytes.
 
 pub mod api;
+pub mod client;
 pub mod code;
 pub mod participant;
 pub mod points;
 pub mod protocol;
 pub mod subjects;
 
+pub use client::ClientName;
 pub use code::Code;
 pub use participant::{BranchState, ParticipantName};

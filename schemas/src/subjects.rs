@@ -1,12 +1,35 @@
 //! NATS subjects. Public subjects carry JSON; `twopc.` subjects carry the
 //! internal postcard protocol.
 
-/// Public: a purchase (JSON [`crate::api::PurchaseRequest`]), served by the
-/// coordinator.
-pub const PURCHASE: &str = "shop.purchase";
-/// Public: a transaction's status at the coordinator (JSON `{"tx": ...}`).
+use crate::client::ClientName;
+
+/// Public: a purchase by `client` (JSON [`crate::api::PurchaseRequest`]),
+/// served by the coordinator. Only the client's credentials may publish
+/// it, so the token is the authenticated buyer: its `request_id`s are its
+/// own namespace.
+pub fn purchase(client: &ClientName) -> String {
+    format!("shop.{client}.purchase")
+}
+
+/// Public: the status of one of `client`'s transactions (JSON
+/// `{"tx": ...}`); another client's transaction is `not_found`.
+pub fn client_tx(client: &ClientName) -> String {
+    format!("shop.{client}.tx")
+}
+
+/// Every client's purchase subject (the coordinator's subscription).
+pub fn purchase_any() -> String {
+    "shop.*.purchase".to_owned()
+}
+
+/// Every client's transaction-status subject.
+pub fn client_tx_any() -> String {
+    "shop.*.tx".to_owned()
+}
+
+/// Admin: any transaction's status at the coordinator (JSON `{"tx": ...}`).
 pub const TX_STATUS: &str = "shop.tx";
-/// Public: transactions not yet resolved at the coordinator (JSON `{}`).
+/// Admin: transactions not yet resolved at the coordinator (JSON `{}`).
 pub const IN_DOUBT: &str = "shop.in_doubt";
 /// Internal: participants ask the coordinator for a transaction's decision.
 pub const DECISION_QUERY: &str = "twopc.decision";
@@ -47,3 +70,7 @@ pub fn participant_in_doubt(participant: &ParticipantName) -> String {
 pub fn queue_group(service: &str) -> String {
     format!("twopc-{service}")
 }
+
+/// The JetStream KV bucket of the coordinators' decision log (a cluster's
+/// `--store kv`); its stream is `KV_<bucket>`, its subjects `$KV.<bucket>.>`.
+pub const DECISION_BUCKET: &str = "twopc_decisions";

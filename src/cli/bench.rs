@@ -11,7 +11,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use twopc_common::nats::AuthArgs;
+use twopc_launcher::client::Shop;
 use twopc_launcher::{Binaries, Nats, System, SystemConfig};
+use twopc_schemas::ClientName;
 use twopc_verify::bench;
 
 use super::{parse_duration, print_json};
@@ -103,7 +106,7 @@ pub enum FailoverTarget {
     None,
 }
 
-pub async fn run(a: BenchArgs, nats_url: String) -> anyhow::Result<()> {
+pub async fn run(a: BenchArgs, nats_url: String, auth: AuthArgs) -> anyhow::Result<()> {
     if let Some(nodes) = a.cluster {
         return compare(a, nodes).await;
     }
@@ -117,7 +120,7 @@ pub async fn run(a: BenchArgs, nats_url: String) -> anyhow::Result<()> {
         Some(sys) => sys.url.clone(),
         None => nats_url,
     };
-    let client = twopc_common::nats::connect(&url, "twopc-bench").await?;
+    let client = twopc_common::nats::connect(&url, "twopc-bench", &auth).await?;
     let progress = !a.json;
     let mut cfg = load_config(&a, progress);
     let catalogue = bench::seed(&client, &cfg).await?;
@@ -161,8 +164,20 @@ pub async fn run(a: BenchArgs, nats_url: String) -> anyhow::Result<()> {
 }
 
 /// The system `--start` (or each system of `--cluster`) starts in `dir`.
+/// The bench's purchases: as the default shop client.
+fn shop(client: &async_nats::Client) -> Shop {
+    Shop {
+        client: client.clone(),
+        name: ClientName::new(twopc_schemas::client::DEFAULT_CLIENT).expect("valid"),
+    }
+}
+
 fn system_config(a: &BenchArgs, dir: &Path) -> anyhow::Result<SystemConfig> {
     let mut cfg = SystemConfig::new(dir, Binaries::beside_current_exe()?);
+    // The bench's baselines (bare request-reply on its own subjects, a KV
+    // bucket of its own) are outside the roles' permissions: its systems
+    // run without credentials, purchases and baselines alike.
+    cfg.auth = false;
     cfg.log_level = a.service_log.clone();
     cfg.client_name = "twopc-bench".into();
     Ok(cfg)
@@ -232,11 +247,11 @@ async fn measure(
         let mut warm = cfg.clone();
         warm.duration = Duration::from_secs(1).min(cfg.duration);
         warm.progress = false;
-        bench::purchases(client, &warm, catalogue).await;
+        bench::purchases(&shop(client), &warm, catalogue).await;
         let nats =
             bench::nats_baseline(client, url, cfg.concurrency, a.baseline_duration, progress)
                 .await?;
-        let load = bench::purchases(client, cfg, catalogue).await;
+        let load = bench::purchases(&shop(client), cfg, catalogue).await;
         let ceiling = nats.requests_per_s / 5.0;
         let row = serde_json::json!({
             "load": load,
@@ -289,7 +304,7 @@ async fn compare(a: BenchArgs, nodes: usize) -> anyhow::Result<()> {
     }
     let single_dir = dir.join("single");
     let sys = System::start(system_config(&a, &single_dir)?).await?;
-    let client = twopc_common::nats::connect(&sys.url, "twopc-bench").await?;
+    let client = twopc_common::nats::connect(&sys.url, "twopc-bench", &AuthArgs::default()).await?;
     let mut cfg = load_config(&a, progress);
     let catalogue = bench::seed(&client, &cfg).await?;
     let single_disk = disk_baseline(&single_dir, a.baseline_duration).await?;
@@ -315,7 +330,7 @@ async fn compare(a: BenchArgs, nodes: usize) -> anyhow::Result<()> {
     }
     let cluster_dir = dir.join("cluster");
     let mut sys = System::start(cluster_cfg).await?;
-    let client = twopc_common::nats::connect(&sys.url, "twopc-bench").await?;
+    let client = twopc_common::nats::connect(&sys.url, "twopc-bench", &AuthArgs::default()).await?;
     let catalogue = bench::seed(&client, &cfg).await?;
     let kv1 = bench::kv_baseline(&client, nodes, 1, a.baseline_duration, progress).await?;
     let kvn = if a.kv_concurrency > 1 {
@@ -595,8 +610,12 @@ async fn failover(
         .filter(|(i, _)| *i != victim)
         .map(|(_, u)| u)
         .collect();
-    let load_client =
-        twopc_common::nats::connect(&survivors.join(","), "twopc-bench-failover").await?;
+    let load_client = twopc_common::nats::connect(
+        &survivors.join(","),
+        "twopc-bench-failover",
+        &AuthArgs::default(),
+    )
+    .await?;
     let mut load_cfg = cfg.clone();
     load_cfg.concurrency = a.failover_concurrency.max(1);
     load_cfg.rate = None;
@@ -612,8 +631,14 @@ async fn failover(
         cluster.restart(victim).await?;
         anyhow::Ok((killed, restarted, Instant::now()))
     };
-    let (load, gaps, start, times) =
-        bench::purchases_during(&load_client, &load_cfg, catalogue, nemesis, FAILOVER_AFTER).await;
+    let (load, gaps, start, times) = bench::purchases_during(
+        &shop(&load_client),
+        &load_cfg,
+        catalogue,
+        nemesis,
+        FAILOVER_AFTER,
+    )
+    .await;
     let (killed, restarted, ready) = times?;
     let ms = |t: Instant| t.saturating_duration_since(start).as_millis() as u64;
     Ok(FailoverRun {

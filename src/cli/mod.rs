@@ -7,10 +7,33 @@ pub mod ops;
 pub mod seed;
 pub mod up;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
 use twopc_launcher::client::Reply;
+
+/// Which credentials a command connects with: those given (`--nkey`,
+/// `--creds`, `NATS_NKEY`, ...), else the identity's seed in `dir` when
+/// `twopc up` made one there, else none.
+pub struct Identities {
+    pub explicit: twopc_common::nats::AuthArgs,
+    pub dir: PathBuf,
+}
+
+impl Identities {
+    /// How identity `name` (`admin`, a client) connects.
+    pub fn auth(&self, name: &str) -> twopc_common::nats::AuthArgs {
+        let mut auth = self.explicit.clone();
+        if auth.nkey.is_none() && auth.creds.is_none() {
+            let seed = self.dir.join(format!("{name}.nk"));
+            if seed.exists() {
+                auth.nkey = Some(seed);
+            }
+        }
+        auth
+    }
+}
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde_json::Value;
-use twopc_launcher::client::{request, request_raw, Reply};
+use twopc_launcher::client::{request, request_raw, Reply, Shop};
 use twopc_schemas::api::{
     CreateProduct, CreateUser, PurchaseReply, PurchaseRequest, Stock, StockQuery,
 };
@@ -15,7 +15,7 @@ use super::{print_json, print_reply};
 
 /// Buys `qty` of `sku`; the amount defaults to the listed price × qty.
 pub async fn purchase(
-    client: &async_nats::Client,
+    shop: &Shop,
     timeout: Duration,
     user: String,
     sku: String,
@@ -26,7 +26,7 @@ pub async fn purchase(
     let amount = match amount {
         Some(a) => a,
         None => match request::<_, Stock>(
-            client,
+            &shop.client,
             subjects::ORDER_STOCK,
             &StockQuery { sku: sku.clone() },
             timeout,
@@ -37,16 +37,20 @@ pub async fn purchase(
             Reply::Err(e) => return print_reply::<Value>(Reply::Err(e)),
         },
     };
+    // Without a request id of its own, one of ours: a retry after a timeout
+    // (the same command with --request-id) is then safe, and the client
+    // can read the transaction back on its own subject.
+    let request_id = request_id.unwrap_or_else(|| format!("cli-{}", uuid::Uuid::now_v7()));
     let req = PurchaseRequest {
         user,
         sku,
         qty,
         amount,
-        request_id,
+        request_id: Some(request_id.clone()),
     };
-    match request::<_, PurchaseReply>(client, subjects::PURCHASE, &req, timeout).await {
+    match request::<_, PurchaseReply>(&shop.client, &shop.purchase_subject(), &req, timeout).await {
         Ok(r) => print_reply(r),
-        Err(e) => bail!("{e:#}\nno reply in time: the purchase may or may not have happened; retry with the same --request-id, or check `twopc tx`"),
+        Err(e) => bail!("{e:#}\nno reply in time: the purchase may or may not have happened; retry with --request-id {request_id}, or check `twopc tx`"),
     }
 }
 

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use twopc_launcher::client::{request, request_raw, Reply};
+use twopc_launcher::auth::Credentials;
+use twopc_launcher::client::{request, request_raw, Reply, Shop};
 use twopc_launcher::{
     self as launcher, Binaries, CoordinatorSettings, Kind, NatsServer, ParticipantSettings,
     ReplyAfter, Service, SystemConfig,
@@ -18,6 +19,13 @@ use twopc_schemas::api::{
 };
 use twopc_schemas::subjects;
 use twopc_verify::check::{self, Initial, KeyReply, Snapshot, Told};
+
+/// The default shop client's purchase subject, `shop.web.purchase`.
+pub static PURCHASE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    subjects::purchase(
+        &twopc_schemas::ClientName::new(twopc_schemas::client::DEFAULT_CLIENT).expect("valid"),
+    )
+});
 
 pub fn bins() -> Binaries {
     Binaries {
@@ -82,7 +90,12 @@ pub struct System {
     pub dir: tempfile::TempDir,
     pub nats: NatsServer,
     pub services: BTreeMap<&'static str, Service>,
+    /// The admin identity's connection (creates, reads everything).
     pub client: async_nats::Client,
+    /// The default shop client: it buys.
+    pub shop: Shop,
+    /// Every identity's credentials.
+    pub creds: Credentials,
     pub initial: Initial,
 }
 
@@ -115,6 +128,8 @@ impl System {
             nats,
             services,
             client,
+            shop,
+            creds,
             ..
         } = launcher::System::start(cfg).await?;
         Ok(System {
@@ -122,8 +137,31 @@ impl System {
             nats: nats.expect("the test system starts its own nats-server"),
             services,
             client,
+            shop,
+            creds: creds.expect("test systems run with credentials"),
             initial: Initial::default(),
         })
+    }
+
+    /// A new connection as identity `name` (`admin`, `coordinator`,
+    /// `wallet`, `order`, `web`), with its own inbox prefix.
+    pub async fn connect_as(&self, name: &str) -> async_nats::Client {
+        twopc_common::nats::connect_with(
+            &self.nats.url(),
+            &twopc_common::nats::ConnectSettings::fail_fast(&format!("test-{name}"))
+                .with_auth(&self.creds.auth(name)),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("connect as {name}: {e:#}"))
+    }
+
+    /// A connection with no credentials at all.
+    pub async fn connect_anonymous(&self) -> anyhow::Result<async_nats::Client> {
+        twopc_common::nats::connect_with(
+            &self.nats.url(),
+            &twopc_common::nats::ConnectSettings::fail_fast("test-anonymous"),
+        )
+        .await
     }
 
     pub fn service(&mut self, kind: Kind) -> &mut Service {
@@ -201,7 +239,13 @@ impl System {
         req: &PurchaseRequest,
         timeout: Duration,
     ) -> anyhow::Result<Reply<PurchaseReply>> {
-        request(&self.client, subjects::PURCHASE, req, timeout).await
+        request(
+            &self.shop.client,
+            &self.shop.purchase_subject(),
+            req,
+            timeout,
+        )
+        .await
     }
 
     /// A purchase that must get a purchase reply (not an error reply).
@@ -219,9 +263,20 @@ impl System {
         }
     }
 
+    /// The connection that may publish to `subject`: the shop client its
+    /// own `shop.<client>.*` subjects, admin everything else.
+    pub fn client_for(&self, subject: &str) -> &async_nats::Client {
+        let own = format!("shop.{}.", self.shop.name);
+        if subject.starts_with(&own) {
+            &self.shop.client
+        } else {
+            &self.client
+        }
+    }
+
     pub async fn raw(&self, subject: &str, payload: &[u8]) -> anyhow::Result<Vec<u8>> {
         request_raw(
-            &self.client,
+            self.client_for(subject),
             subject,
             payload.to_vec(),
             Duration::from_secs(10),

@@ -31,9 +31,9 @@ use futures::StreamExt;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use twopc_schemas::api::{CreateProduct, CreateUser, Outcome, PurchaseReply, PurchaseRequest};
-use twopc_schemas::{subjects, Code};
+use twopc_schemas::Code;
 
-use twopc_launcher::client::{request, Reply};
+use twopc_launcher::client::{request, Reply, Shop};
 
 /// How to load the system.
 #[derive(Debug, Clone)]
@@ -243,7 +243,7 @@ pub struct Gaps {
 }
 
 async fn one_purchase(
-    client: &async_nats::Client,
+    client: &Shop,
     cfg: &Config,
     catalogue: &[(String, u64)],
     counters: &Counters,
@@ -263,7 +263,8 @@ async fn one_purchase(
         request_id: None,
     };
     let t0 = Instant::now();
-    let r = request::<_, PurchaseReply>(client, subjects::PURCHASE, &req, cfg.timeout).await;
+    let subject = client.purchase_subject();
+    let r = request::<_, PurchaseReply>(&client.client, &subject, &req, cfg.timeout).await;
     let us = t0.elapsed().as_micros() as u64;
     match r {
         Ok(Reply::Ok(p)) => {
@@ -293,11 +294,7 @@ async fn one_purchase(
 }
 
 /// Runs the purchase load for `cfg.duration`.
-pub async fn purchases(
-    client: &async_nats::Client,
-    cfg: &Config,
-    catalogue: &[(String, u64)],
-) -> LoadResult {
+pub async fn purchases(client: &Shop, cfg: &Config, catalogue: &[(String, u64)]) -> LoadResult {
     let (load, _, _, ()) = run_load(
         client,
         cfg,
@@ -316,7 +313,7 @@ pub async fn purchases(
 /// Also returns when the load started (the windows count from it) and what
 /// `during` returned.
 pub async fn purchases_during<F: Future>(
-    client: &async_nats::Client,
+    client: &Shop,
     cfg: &Config,
     catalogue: &[(String, u64)],
     during: F,
@@ -336,7 +333,7 @@ pub async fn purchases_during<F: Future>(
 /// The purchase load until `until` completes (closed loop: purchases in
 /// flight then finish; open loop: no new ones start); also when it started.
 async fn run_load<F: Future>(
-    client: &async_nats::Client,
+    client: &Shop,
     cfg: &Config,
     catalogue: &[(String, u64)],
     until: F,

@@ -325,6 +325,7 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<Report> {
     ))
     .await?;
     let client = sys.client.clone();
+    let shop = sys.shop.clone();
     let shared = Arc::new(Shared {
         cluster: Mutex::new(Cluster {
             sys,
@@ -375,7 +376,7 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<Report> {
         workers.push(tokio::spawn(worker(
             w,
             cfg.clone(),
-            client.clone(),
+            shop.clone(),
             catalogue.clone(),
             deadline,
             stats.clone(),

@@ -9,9 +9,8 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use twopc_launcher::client::{request, Reply};
+use twopc_launcher::client::{request, Reply, Shop};
 use twopc_schemas::api::{Outcome, PurchaseReply, PurchaseRequest};
-use twopc_schemas::subjects;
 use uuid::Uuid;
 
 use super::Config;
@@ -66,7 +65,7 @@ struct Resend {
 pub(super) async fn worker(
     id: usize,
     cfg: Config,
-    client: async_nats::Client,
+    shop: Shop,
     catalogue: Vec<(String, u64)>,
     deadline: Instant,
     stats: Arc<Stats>,
@@ -83,7 +82,7 @@ pub(super) async fn worker(
         if let Some(i) = earliest {
             if queue[i].due <= Instant::now() || queue.len() >= RESEND_QUEUE_MAX {
                 let r = queue.swap_remove(i);
-                resend(&cfg, &client, r, &stats, &heard).await;
+                resend(&cfg, &shop, r, &stats, &heard).await;
                 continue;
             }
         }
@@ -105,7 +104,7 @@ pub(super) async fn worker(
             request_id: Some(key.clone()),
         };
         stats.attempted.fetch_add(1, Ordering::Relaxed);
-        let answer = send_until_answered(&cfg, &client, &req, &key, &stats, &heard).await;
+        let answer = send_until_answered(&cfg, &shop, &req, &key, &stats, &heard).await;
         let outcome = match &answer {
             Some(r) => {
                 let tx = r.tx.parse().expect("tx id");
@@ -148,21 +147,15 @@ pub(super) async fn worker(
     // run again exactly then.
     queue.sort_by_key(|r| r.due);
     for r in queue {
-        resend(&cfg, &client, r, &stats, &heard).await;
+        resend(&cfg, &shop, r, &stats, &heard).await;
     }
 }
 
 /// Sends an answered purchase again, unchanged, and counts an answer that
 /// names another transaction than the first (the checker reports it too).
-async fn resend(
-    cfg: &Config,
-    client: &async_nats::Client,
-    r: Resend,
-    stats: &Stats,
-    heard: &Heard,
-) {
+async fn resend(cfg: &Config, shop: &Shop, r: Resend, stats: &Stats, heard: &Heard) {
     stats.resends.fetch_add(1, Ordering::Relaxed);
-    let answer = send_until_answered(cfg, client, &r.req, &r.key, stats, heard).await;
+    let answer = send_until_answered(cfg, shop, &r.req, &r.key, stats, heard).await;
     if let Some(a) = answer {
         let tx: Uuid = a.tx.parse().expect("tx id");
         if tx != r.first_tx {
@@ -178,7 +171,7 @@ async fn resend(
 /// `heard.replies` under `key`, the key this client sent.
 async fn send_until_answered(
     cfg: &Config,
-    client: &async_nats::Client,
+    shop: &Shop,
     req: &PurchaseRequest,
     key: &str,
     stats: &Stats,
@@ -189,11 +182,12 @@ async fn send_until_answered(
             stats.retries.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
         }
-        match request::<_, PurchaseReply>(client, subjects::PURCHASE, req, cfg.client_timeout).await
-        {
+        let subject = shop.purchase_subject();
+        match request::<_, PurchaseReply>(&shop.client, &subject, req, cfg.client_timeout).await {
             Ok(Reply::Ok(r)) => {
                 heard.replies.lock().expect("lock").push(KeyReply {
-                    request_id: key.to_owned(),
+                    // As the decision log keys it (the checker reads it).
+                    request_id: shop.log_key(key),
                     tx: r.tx.parse().expect("tx id"),
                     outcome: r.outcome,
                     duplicate: r.duplicate,

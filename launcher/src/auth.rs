@@ -1,0 +1,385 @@
+//! Who may do what on the bus: one NKey user per role, its seed in a file
+//! only its owner can read, and the nats-server `authorization` block that
+//! gives each role exactly the subjects it needs.
+//!
+//! | role | publishes | subscribes (queue group) |
+//! |---|---|---|
+//! | coordinator | `twopc.*.prepare`, `twopc.*.decide`, its KV bucket | `shop.*.purchase`, `shop.*.tx`, `shop.tx`, `shop.in_doubt`, `twopc.decision.*` (`twopc-coordinator`) |
+//! | participant P | `twopc.decision.P` | `twopc.P.prepare`, `twopc.P.decide`, `P.>` (`twopc-P`) |
+//! | client C | `shop.C.>`, `order.stock` | — |
+//! | admin | every participant's public subjects, `shop.tx`, `shop.in_doubt`, `$SRV.>`, reading the decision bucket | — |
+//!
+//! Everyone also subscribes its own inbox `_INBOX_<name>.>` (and services
+//! their `$SRV` discovery subjects); services answer requests through
+//! `allow_responses` only; nobody else publishes `twopc.>`, and nobody
+//! subscribes `twopc.>`, `_INBOX.>` or another's inbox. The JetStream API
+//! is open to the coordinator for its own bucket and, read only, to admin.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use twopc_common::nats::{inbox_prefix, AuthArgs};
+use twopc_schemas::client::{self, ClientName};
+use twopc_schemas::{participant, subjects, ParticipantName};
+
+/// The credentials folder inside a system's data folder.
+pub const CREDS_DIR: &str = "creds";
+/// The server config fragment with the users and their permissions, in the
+/// credentials folder (a config elsewhere can `include` it).
+pub const AUTH_CONF: &str = "auth.conf";
+/// The routes' password file (cluster nodes authenticate each other).
+const ROUTE_PASSWORD_FILE: &str = "route.password";
+/// The route user's name.
+pub const ROUTE_USER: &str = "route";
+/// Largest message the server accepts (`max_payload`): the largest twopc
+/// message (an in-doubt listing) with room to spare; the public requests'
+/// own limit is 4 KiB.
+pub const MAX_PAYLOAD_BYTES: usize = 128 * 1024;
+
+/// Who a connection is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    Coordinator,
+    Participant(ParticipantName),
+    /// A shop client: buys and reads its own purchases.
+    Client(ClientName),
+    /// Creates users and products, reads everything, never buys.
+    Admin,
+}
+
+/// One role's permissions, as the server enforces them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Permissions {
+    /// Subjects it may publish to (besides replies, with `allow_responses`).
+    pub publish: Vec<String>,
+    /// Subjects it may subscribe to; `"subject queue"` allows only that
+    /// queue group.
+    pub subscribe: Vec<String>,
+    /// May reply to requests it received (and only to those).
+    pub allow_responses: bool,
+}
+
+impl Role {
+    /// The identity's name: its seed file `<name>.nk`, its inbox
+    /// `_INBOX_<name>` and its connections' name.
+    pub fn name(&self) -> &str {
+        match self {
+            Role::Coordinator => "coordinator",
+            Role::Participant(p) => p.as_str(),
+            Role::Client(c) => c.as_str(),
+            Role::Admin => "admin",
+        }
+    }
+
+    /// What the role may do: see the module's table. `participants` are
+    /// those whose public subjects admin may use; `bucket` the decision
+    /// log's KV bucket.
+    pub fn permissions(&self, participants: &[ParticipantName], bucket: &str) -> Permissions {
+        let inbox = format!("{}.>", inbox_prefix(self.name()));
+        let discovery = |name: &str| {
+            vec![
+                "$SRV.*".to_owned(),
+                format!("$SRV.*.{name}"),
+                format!("$SRV.*.{name}.*"),
+            ]
+        };
+        let stream = format!("KV_{bucket}");
+        match self {
+            Role::Coordinator => {
+                let queue = subjects::queue_group("coordinator");
+                let mut subscribe: Vec<String> = [
+                    "shop.*.purchase",
+                    "shop.*.tx",
+                    subjects::TX_STATUS,
+                    subjects::IN_DOUBT,
+                    "twopc.decision.*",
+                ]
+                .iter()
+                .map(|s| format!("{s} {queue}"))
+                .collect();
+                subscribe.extend(discovery("coordinator"));
+                subscribe.push(inbox);
+                let mut publish = vec!["twopc.*.prepare".to_owned(), "twopc.*.decide".to_owned()];
+                publish.extend([
+                    "$JS.API.INFO".to_owned(),
+                    format!("$JS.API.STREAM.*.{stream}"),
+                    format!("$JS.API.STREAM.MSG.*.{stream}"),
+                    format!("$JS.API.CONSUMER.*.{stream}"),
+                    format!("$JS.API.CONSUMER.*.{stream}.>"),
+                    format!("$JS.API.DIRECT.GET.{stream}"),
+                    format!("$JS.API.DIRECT.GET.{stream}.>"),
+                    format!("$JS.FC.{stream}.>"),
+                    format!("$JS.ACK.{stream}.>"),
+                    format!("$KV.{bucket}.>"),
+                ]);
+                Permissions {
+                    publish,
+                    subscribe,
+                    allow_responses: true,
+                }
+            }
+            Role::Participant(p) => {
+                let queue = subjects::queue_group(p.as_str());
+                let mut subscribe: Vec<String> =
+                    [subjects::prepare(p), subjects::decide(p), format!("{p}.>")]
+                        .iter()
+                        .map(|s| format!("{s} {queue}"))
+                        .collect();
+                subscribe.extend(discovery(p.as_str()));
+                subscribe.push(inbox);
+                Permissions {
+                    publish: vec![
+                        format!("twopc.decision.{p}"),
+                        // Until every participant asks on its own subject.
+                        subjects::DECISION_QUERY.to_owned(),
+                    ],
+                    subscribe,
+                    allow_responses: true,
+                }
+            }
+            Role::Client(c) => Permissions {
+                publish: vec![format!("shop.{c}.>"), subjects::ORDER_STOCK.to_owned()],
+                subscribe: vec![inbox],
+                allow_responses: false,
+            },
+            Role::Admin => {
+                let mut publish: Vec<String> =
+                    participants.iter().map(|p| format!("{p}.>")).collect();
+                publish.extend([
+                    subjects::TX_STATUS.to_owned(),
+                    subjects::IN_DOUBT.to_owned(),
+                    "$SRV.>".to_owned(),
+                    // Reading the decision log (the checker, `twopc
+                    // chaos`): stream info, message gets and ordered
+                    // consumers; never a write.
+                    "$JS.API.INFO".to_owned(),
+                    format!("$JS.API.STREAM.INFO.{stream}"),
+                    format!("$JS.API.STREAM.MSG.GET.{stream}"),
+                    format!("$JS.API.DIRECT.GET.{stream}"),
+                    format!("$JS.API.DIRECT.GET.{stream}.>"),
+                    format!("$JS.API.CONSUMER.CREATE.{stream}"),
+                    format!("$JS.API.CONSUMER.CREATE.{stream}.>"),
+                    format!("$JS.API.CONSUMER.DELETE.{stream}.>"),
+                    format!("$JS.API.CONSUMER.INFO.{stream}.>"),
+                    format!("$JS.FC.{stream}.>"),
+                ]);
+                Permissions {
+                    publish,
+                    subscribe: vec![inbox],
+                    allow_responses: false,
+                }
+            }
+        }
+    }
+}
+
+/// The roles of a purchase system: the coordinator, the purchase's
+/// participants, admin and the default shop client.
+pub fn default_roles() -> Vec<Role> {
+    let mut roles = vec![Role::Coordinator];
+    roles.extend(
+        participant::PURCHASE_PARTICIPANTS
+            .iter()
+            .cloned()
+            .map(Role::Participant),
+    );
+    roles.push(Role::Admin);
+    roles.push(Role::Client(
+        ClientName::new(client::DEFAULT_CLIENT).expect("valid"),
+    ));
+    roles
+}
+
+/// One NKey identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub role: Role,
+    /// Its public key (`U...`), which the server's config lists.
+    pub public_key: String,
+}
+
+/// A system's credentials: the identities whose seeds are in `dir`, and the
+/// routes' password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub dir: PathBuf,
+    pub identities: Vec<Identity>,
+    route_password: String,
+}
+
+impl Credentials {
+    /// Loads the credentials in `dir`, first making any that is missing:
+    /// a seed file `<name>.nk` per role (mode 0600, in a folder of mode
+    /// 0700) and the routes' password. Existing seeds are kept, so a
+    /// restart keeps every client's credentials valid. Also writes
+    /// [`AUTH_CONF`] for the current roles.
+    pub fn ensure(dir: &Path, roles: &[Role], bucket: &str) -> anyhow::Result<Credentials> {
+        check_roles(roles)?;
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        let mut identities = vec![];
+        for role in roles {
+            let path = dir.join(format!("{}.nk", role.name()));
+            let seed = if path.exists() {
+                twopc_common::nats::read_seed(&path)?
+            } else {
+                let pair = nkeys::KeyPair::new_user();
+                let seed = pair.seed().context("encoding a new NKey seed")?;
+                write_private(
+                    &path,
+                    &format!(
+                        "# NKey seed of twopc identity {:?}: keep it secret.\n{seed}\n",
+                        role.name()
+                    ),
+                )?;
+                seed
+            };
+            let pair = nkeys::KeyPair::from_seed(&seed)
+                .with_context(|| format!("bad NKey seed in {}", path.display()))?;
+            identities.push(Identity {
+                role: role.clone(),
+                public_key: pair.public_key(),
+            });
+        }
+        let pw_path = dir.join(ROUTE_PASSWORD_FILE);
+        let route_password = if pw_path.exists() {
+            std::fs::read_to_string(&pw_path)?.trim().to_owned()
+        } else {
+            let pw = random_hex();
+            write_private(&pw_path, &format!("{pw}\n"))?;
+            pw
+        };
+        let creds = Credentials {
+            dir: dir.to_owned(),
+            identities,
+            route_password,
+        };
+        write_private(&dir.join(AUTH_CONF), &creds.authorization(bucket))?;
+        Ok(creds)
+    }
+
+    /// The seed file of identity `name`.
+    pub fn seed_file(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.nk"))
+    }
+
+    /// How identity `name` connects: its seed file (its inbox prefix
+    /// follows from the file's name).
+    pub fn auth(&self, name: &str) -> AuthArgs {
+        AuthArgs::nkey_file(self.seed_file(name))
+    }
+
+    /// The participants among the identities.
+    fn participants(&self) -> Vec<ParticipantName> {
+        self.identities
+            .iter()
+            .filter_map(|i| match &i.role {
+                Role::Participant(p) => Some(p.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The nats-server config text: `authorization` with every identity
+    /// and its permissions, and `max_payload`.
+    pub fn authorization(&self, bucket: &str) -> String {
+        let participants = self.participants();
+        let mut t = String::new();
+        t.push_str("# Written by twopc: one NKey user per role (seeds in this folder).\n");
+        let _ = writeln!(t, "max_payload: {MAX_PAYLOAD_BYTES}");
+        t.push_str("authorization {\n  users = [\n");
+        for i in &self.identities {
+            let p = i.role.permissions(&participants, bucket);
+            let _ = writeln!(t, "    # {}", i.role.name());
+            let _ = writeln!(t, "    {{ nkey: {}, permissions: {{", quoted(&i.public_key));
+            let _ = writeln!(t, "        publish: {{ allow: {} }}", list(&p.publish));
+            if p.subscribe.is_empty() {
+                let _ = writeln!(t, "        subscribe: {{ deny: [\">\"] }}");
+            } else {
+                let _ = writeln!(t, "        subscribe: {{ allow: {} }}", list(&p.subscribe));
+            }
+            if p.allow_responses {
+                t.push_str("        allow_responses: true\n");
+            }
+            t.push_str("    } },\n");
+        }
+        t.push_str("  ]\n}\n");
+        t
+    }
+
+    /// The cluster block's route authorization, and the URL form a route
+    /// to `127.0.0.1:port` takes with it.
+    pub fn route_authorization(&self) -> String {
+        format!(
+            "authorization {{ user: {}, password: {} }}",
+            quoted(ROUTE_USER),
+            quoted(&self.route_password)
+        )
+    }
+
+    /// A route URL that authenticates.
+    pub fn route_url(&self, port: u16) -> String {
+        format!(
+            "nats-route://{ROUTE_USER}:{}@127.0.0.1:{port}",
+            self.route_password
+        )
+    }
+}
+
+/// Refuses duplicate identities and clients named like a role.
+fn check_roles(roles: &[Role]) -> anyhow::Result<()> {
+    let mut names: Vec<&str> = roles.iter().map(Role::name).collect();
+    for r in roles {
+        if let Role::Client(c) = r {
+            let reserved = client::RESERVED.contains(&c.as_str())
+                || participant::PURCHASE_PARTICIPANTS
+                    .iter()
+                    .any(|p| p == c.as_str());
+            if reserved {
+                bail!("a client may not be named {c:?}: the name of a role");
+            }
+        }
+    }
+    names.sort_unstable();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        bail!("two identities named {:?}", w[0]);
+    }
+    Ok(())
+}
+
+/// Writes `text` to a new or truncated file readable by its owner only.
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("write {}", path.display()))?;
+    // An existing file keeps its mode through open: set it.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// 24 random bytes (a CSPRNG seeded by the OS) as hex.
+fn random_hex() -> String {
+    let bytes: [u8; 24] = rand::random();
+    bytes.iter().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
+
+fn quoted(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+fn list(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| quoted(s)).collect();
+    format!("[{}]", quoted.join(", "))
+}
