@@ -9,10 +9,13 @@ use twopc_launcher::{free_port, signal};
 
 const SIGTERM: i32 = 15;
 
-fn twopc(url: &str, args: &[&str]) -> (bool, String, String) {
+/// Runs the CLI against `url` with the credentials in `creds` (`twopc up`'s
+/// `<data>/creds`).
+fn twopc(url: &str, creds: &std::path::Path, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_twopc"))
         .args(args)
         .env("NATS_URL", url)
+        .env("TWOPC_CREDS_DIR", creds)
         .output()
         .expect("run twopc");
     (
@@ -63,9 +66,33 @@ fn twopc_up_starts_everything_and_the_cli_buys() {
         );
     }
     let url = format!("nats://127.0.0.1:{port}");
+    // The credentials twopc up made, and told us about.
+    let creds = dir.path().canonicalize().unwrap().join("creds");
+    assert!(
+        seen.iter()
+            .any(|l| l.contains(&creds.display().to_string())),
+        "twopc up names the shop credentials: {seen:#?}"
+    );
+    for seed in [
+        "web.nk",
+        "admin.nk",
+        "coordinator.nk",
+        "wallet.nk",
+        "order.nk",
+    ] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(creds.join(seed)).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "{seed} is readable by its owner only");
+    }
+    // Without credentials the server refuses the CLI.
+    let nowhere = dir.path().join("no-creds");
+    let (ok, _, err) = twopc(&url, &nowhere, &["balance", "alice"]);
+    assert!(!ok && err.contains("authorization violation"), "{err}");
 
     let (ok, out, err) = twopc(
         &url,
+        &creds,
         &[
             "purchase", "--user", "alice", "--sku", "book-1", "--qty", "2",
         ],
@@ -75,17 +102,17 @@ fn twopc_up_starts_everything_and_the_cli_buys() {
     assert_eq!(reply["outcome"], "committed", "{out}");
     let tx = reply["tx"].as_str().unwrap().to_owned();
 
-    let (ok, out, _) = twopc(&url, &["balance", "alice"]);
+    let (ok, out, _) = twopc(&url, &creds, &["balance", "alice"]);
     assert!(ok);
     let b: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(b["balance"], 10_000 - 2_500);
 
-    let (ok, out, _) = twopc(&url, &["stock", "book-1"]);
+    let (ok, out, _) = twopc(&url, &creds, &["stock", "book-1"]);
     assert!(ok);
     let s: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(s["stock"], 8);
 
-    let (ok, out, _) = twopc(&url, &["tx", &tx]);
+    let (ok, out, _) = twopc(&url, &creds, &["tx", &tx]);
     assert!(ok);
     let story: serde_json::Value = serde_json::from_str(&out).unwrap();
     for part in ["coordinator", "wallet", "order"] {
@@ -95,16 +122,20 @@ fn twopc_up_starts_everything_and_the_cli_buys() {
     // Accounts from a seed file, then a refusal shown as an aborted reply.
     let seed = dir.path().join("seed.json");
     std::fs::write(&seed, r#"{"users":[{"user":"zed","balance":100}],"products":[{"sku":"mug-1","price":300,"stock":5}]}"#).unwrap();
-    let (ok, out, err) = twopc(&url, &["seed", seed.to_str().unwrap()]);
+    let (ok, out, err) = twopc(&url, &creds, &["seed", seed.to_str().unwrap()]);
     assert!(ok, "{out}{err}");
-    let (ok, out, _) = twopc(&url, &["purchase", "--user", "zed", "--sku", "mug-1"]);
+    let (ok, out, _) = twopc(
+        &url,
+        &creds,
+        &["purchase", "--user", "zed", "--sku", "mug-1"],
+    );
     assert!(ok);
     let reply: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(reply["outcome"], "aborted");
     assert_eq!(reply["reason"]["code"], "insufficient_funds");
 
     // An error reply makes the CLI fail with the code.
-    let (ok, _, err) = twopc(&url, &["balance", "nobody"]);
+    let (ok, _, err) = twopc(&url, &creds, &["balance", "nobody"]);
     assert!(!ok);
     assert!(err.contains("unknown_user"), "{err}");
 

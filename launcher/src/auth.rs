@@ -96,6 +96,8 @@ impl Role {
                     subjects::TX_STATUS,
                     subjects::IN_DOUBT,
                     "twopc.decision.*",
+                    // Until every participant asks on its own subject.
+                    subjects::DECISION_QUERY,
                 ]
                 .iter()
                 .map(|s| format!("{s} {queue}"))
@@ -103,6 +105,8 @@ impl Role {
                 subscribe.extend(discovery("coordinator"));
                 subscribe.push(inbox);
                 let mut publish = vec!["twopc.*.prepare".to_owned(), "twopc.*.decide".to_owned()];
+                // The status page asks each participant what it holds.
+                publish.extend(participants.iter().map(subjects::participant_in_doubt));
                 publish.extend([
                     "$JS.API.INFO".to_owned(),
                     format!("$JS.API.STREAM.*.{stream}"),
@@ -177,8 +181,8 @@ impl Role {
 }
 
 /// The roles of a purchase system: the coordinator, the purchase's
-/// participants, admin and the default shop client.
-pub fn default_roles() -> Vec<Role> {
+/// participants, admin and the shop clients `clients`.
+pub fn roles(clients: &[ClientName]) -> Vec<Role> {
     let mut roles = vec![Role::Coordinator];
     roles.extend(
         participant::PURCHASE_PARTICIPANTS
@@ -187,10 +191,13 @@ pub fn default_roles() -> Vec<Role> {
             .map(Role::Participant),
     );
     roles.push(Role::Admin);
-    roles.push(Role::Client(
-        ClientName::new(client::DEFAULT_CLIENT).expect("valid"),
-    ));
+    roles.extend(clients.iter().cloned().map(Role::Client));
     roles
+}
+
+/// The default shop client's name, [`client::DEFAULT_CLIENT`].
+pub fn default_client() -> ClientName {
+    ClientName::new(client::DEFAULT_CLIENT).expect("valid")
 }
 
 /// One NKey identity.

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use futures::StreamExt;
 use twopc_schemas::api::{CreateProduct, CreateUser};
-use twopc_schemas::client::{self, ClientName};
+use twopc_schemas::ClientName;
 use twopc_schemas::{participant, subjects, Code, ParticipantName};
 
 use crate::auth::{self, Credentials};
@@ -282,6 +282,9 @@ pub struct SystemConfig {
     /// `creds/auth.conf` in it to enforce them). `false`: no credentials at
     /// all (a baseline, or a server of one's own without them).
     pub auth: bool,
+    /// The shop clients to make identities for; the first is
+    /// [`System::shop`].
+    pub clients: Vec<ClientName>,
 }
 
 impl SystemConfig {
@@ -302,6 +305,7 @@ impl SystemConfig {
             client_name: "twopc-launcher".into(),
             cluster_isolatable: false,
             auth: true,
+            clients: vec![auth::default_client()],
         }
     }
 
@@ -453,7 +457,7 @@ impl System {
         let creds = if cfg.auth {
             Some(Credentials::ensure(
                 &cfg.root.join(auth::CREDS_DIR),
-                &auth::default_roles(),
+                &auth::roles(&cfg.clients),
                 subjects::DECISION_BUCKET,
             )?)
         } else {
@@ -486,7 +490,11 @@ impl System {
             }
             Nats::Use { url } => (None, None, url.clone(), DecisionStore::Sqlite),
         };
-        let shop_name = ClientName::new(client::DEFAULT_CLIENT).expect("valid");
+        let shop_name = cfg
+            .clients
+            .first()
+            .cloned()
+            .context("a system needs a shop client")?;
         let auth_of = |name: &str| creds.as_ref().map(|c| c.auth(name)).unwrap_or_default();
         let client = twopc_common::nats::connect(&url, &cfg.client_name, &auth_of("admin")).await?;
         let shop_client = twopc_common::nats::connect(

@@ -104,17 +104,57 @@ pub async fn run(args: UpArgs, nats_url_env: Option<String>) -> anyhow::Result<(
     if !no_demo {
         seed(&sys.client, &demo(), Duration::from_secs(5)).await?;
     }
+    let creds = sys
+        .creds
+        .as_ref()
+        .map(|c| c.dir.clone())
+        .context("twopc up runs with credentials")?;
+    if !started_here && anonymous_allowed(&sys.url).await {
+        println!(
+            "\nwarning: the server at NATS_URL accepts connections without credentials, so \
+             anyone who reaches it can forge protocol messages and take money. Add \
+             `include {}` to its config (and restart it) to enforce each role's permissions.",
+            creds.join(twopc_launcher::auth::AUTH_CONF).display()
+        );
+    }
     let url = &sys.url;
+    let shop = &sys.shop.name;
+    // The CLI finds the credentials in .twopc/creds by itself; elsewhere it
+    // needs TWOPC_CREDS_DIR.
+    let env = if creds
+        == std::path::Path::new(".twopc/creds")
+            .canonicalize()
+            .unwrap_or_default()
+    {
+        format!("NATS_URL={url}")
+    } else {
+        format!("TWOPC_CREDS_DIR={} NATS_URL={url}", creds.display())
+    };
     println!(
-        "\ntwopc is up. Buy something:\n\
-         \n  nats --server {url} req shop.purchase '{{\"user\":\"alice\",\"sku\":\"book-1\",\"qty\":2,\"amount\":2500}}'\
-         \n  NATS_URL={url} twopc purchase --user alice --sku book-1 --qty 2\
-         \n  NATS_URL={url} twopc balance alice\
-         \n  NATS_URL={url} twopc stock book-1\n\
+        "\nCredentials: one NKey seed per role in {creds} (readable by you only; the server \
+         refuses connections without one):\
+         \n  {shop}.nk (shop client {shop}: buys on shop.{shop}.purchase, reads its own on \
+         shop.{shop}.tx), admin.nk (creates users and products, reads everything)\n\
+         \ntwopc is up. Buy something:\n\
+         \n  nats --server {url} --nkey {creds}/{shop}.nk --inbox-prefix _INBOX_{shop} req shop.{shop}.purchase '{{\"user\":\"alice\",\"sku\":\"book-1\",\"qty\":2,\"amount\":2500,\"request_id\":\"my-first\"}}'\
+         \n  {env} twopc purchase --user alice --sku book-1 --qty 2\
+         \n  {env} twopc balance alice\
+         \n  {env} twopc stock book-1\n\
          \nData and logs in {}. Ctrl-C stops everything.",
-        data_dir.display()
+        data_dir.display(),
+        creds = creds.display(),
     );
     twopc_common::nats::shutdown_signal().await;
     println!("stopping");
     sys.stop(Duration::from_secs(5)).await
+}
+
+/// Whether the server at `url` lets a client in without credentials.
+async fn anonymous_allowed(url: &str) -> bool {
+    twopc_common::nats::connect_with(
+        url,
+        &twopc_common::nats::ConnectSettings::fail_fast("twopc-up-auth-check"),
+    )
+    .await
+    .is_ok()
 }

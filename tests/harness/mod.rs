@@ -41,6 +41,8 @@ pub struct Options {
     pub coordinator: CoordinatorSettings,
     pub wallet: ParticipantSettings,
     pub order: ParticipantSettings,
+    /// Shop clients to make identities for (empty: the default one).
+    pub clients: Vec<&'static str>,
 }
 
 impl Default for Options {
@@ -66,6 +68,7 @@ impl Default for Options {
             },
             wallet: participant.clone(),
             order: participant,
+            clients: vec![],
         }
     }
 }
@@ -96,6 +99,11 @@ pub struct System {
     pub shop: Shop,
     /// Every identity's credentials.
     pub creds: Credentials,
+    /// Connections with the coordinator's and the wallet's identities, for
+    /// tests that forge protocol messages past the server's permissions
+    /// (what a compromised service could send).
+    pub as_coordinator: async_nats::Client,
+    pub as_wallet: async_nats::Client,
     pub initial: Initial,
 }
 
@@ -124,6 +132,13 @@ impl System {
         cfg.coordinator = opts.coordinator;
         cfg.wallet = opts.wallet;
         cfg.order = opts.order;
+        if !opts.clients.is_empty() {
+            cfg.clients = opts
+                .clients
+                .iter()
+                .map(|c| twopc_schemas::ClientName::new(*c).expect("client name"))
+                .collect();
+        }
         let launcher::System {
             nats,
             services,
@@ -132,13 +147,31 @@ impl System {
             creds,
             ..
         } = launcher::System::start(cfg).await?;
+        let creds = creds.expect("test systems run with credentials");
+        let url = nats.as_ref().expect("own nats-server").url();
+        let connect = |name: &'static str| {
+            let auth = creds.auth(name);
+            let url = url.clone();
+            async move {
+                twopc_common::nats::connect_with(
+                    &url,
+                    &twopc_common::nats::ConnectSettings::fail_fast(&format!("test-{name}"))
+                        .with_auth(&auth),
+                )
+                .await
+            }
+        };
+        let as_coordinator = connect("coordinator").await?;
+        let as_wallet = connect("wallet").await?;
         Ok(System {
             dir,
             nats: nats.expect("the test system starts its own nats-server"),
             services,
             client,
             shop,
-            creds: creds.expect("test systems run with credentials"),
+            creds,
+            as_coordinator,
+            as_wallet,
             initial: Initial::default(),
         })
     }
@@ -264,11 +297,16 @@ impl System {
     }
 
     /// The connection that may publish to `subject`: the shop client its
-    /// own `shop.<client>.*` subjects, admin everything else.
+    /// own `shop.<client>.*` subjects, the wallet decision queries, the
+    /// coordinator the rest of `twopc.>`, admin everything else.
     pub fn client_for(&self, subject: &str) -> &async_nats::Client {
         let own = format!("shop.{}.", self.shop.name);
         if subject.starts_with(&own) {
             &self.shop.client
+        } else if subject.starts_with("twopc.decision") {
+            &self.as_wallet
+        } else if subject.starts_with("twopc.") {
+            &self.as_coordinator
         } else {
             &self.client
         }

@@ -26,7 +26,7 @@ pub struct Initial {
 
 /// The state of all three databases at one moment (each read in its own
 /// SQLite transaction).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
     /// user → (balance, held).
     pub users: BTreeMap<String, (i64, i64)>,
