@@ -104,9 +104,31 @@ enum Cmd {
         #[arg(long)]
         subject: String,
     },
+    /// Credentials for a NATS server of one's own (compose, a deployment).
+    #[command(subcommand)]
+    Auth(AuthCmd),
     /// Create users and products from a JSON file:
     /// `{"users": [{"user", "balance"}], "products": [{"sku", "price", "stock"}]}`.
     Seed { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum AuthCmd {
+    /// Make (or keep) one NKey identity per role in DIR — seeds `<name>.nk`
+    /// readable by you only — and `auth.conf`, the users and permissions
+    /// for a nats-server config to `include`; with --route, also
+    /// `cluster-auth.conf`, the routes with their password for the cluster
+    /// block. Existing seeds are kept.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Shop clients (default: web).
+        #[arg(long = "client")]
+        clients: Vec<ClientName>,
+        /// Cluster routes `host:port`, e.g. n1:6222 (repeat per node).
+        #[arg(long = "route")]
+        routes: Vec<String>,
+    },
 }
 
 #[tokio::main]
@@ -134,6 +156,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let client = match cli.cmd {
         Cmd::Chaos(a) => return cli::chaos::run(a).await,
+        Cmd::Auth(AuthCmd::Init {
+            dir,
+            clients,
+            routes,
+        }) => return cli::up::auth_init(&dir, clients, &routes),
         Cmd::Bench(a) => return cli::bench::run(a, cli.nats_url, ids.auth("admin")).await,
         Cmd::Up(a) => {
             let env_url = std::env::var("NATS_URL").ok().filter(|s| !s.is_empty());
@@ -148,7 +175,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .with_context(|| format!("connecting to NATS at {}", cli.nats_url))?,
     };
     match cli.cmd {
-        Cmd::Up(_) | Cmd::Chaos(_) | Cmd::Bench(_) => unreachable!("dispatched above"),
+        Cmd::Up(_) | Cmd::Chaos(_) | Cmd::Bench(_) | Cmd::Auth(_) => {
+            unreachable!("dispatched above")
+        }
         Cmd::Echo { subject } => twopc_verify::bench::echo(client, subject).await,
         Cmd::Purchase {
             user,

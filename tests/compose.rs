@@ -304,10 +304,13 @@ async fn single_node() {
         .collect();
     let nats_port = ports[0].clone();
     let monitor_port = ports[1].clone();
+    let creds_dir = tempfile::tempdir().unwrap();
+    let creds = make_creds(creds_dir.path(), &[]);
     let compose = Compose {
         file: SINGLE,
         project: format!("twopctest{}", std::process::id()),
         env: vec![
+            ("TWOPC_CREDS".into(), creds.display().to_string()),
             ("NATS_PORT".into(), nats_port.clone()),
             ("NATS_MONITOR_PORT".into(), monitor_port.clone()),
             ("STATUS_PORT".into(), ports[2].clone()),
@@ -329,13 +332,8 @@ async fn single_node() {
     // nats-server runs from compose/nats/single.conf: JetStream fsyncs
     // every write, which no command-line flag can ask for.
     assert_sync_always(&monitor_port).await;
-    let client = twopc_common::nats::connect(
-        &format!("nats://127.0.0.1:{nats_port}"),
-        "twopc-test",
-        &Default::default(),
-    )
-    .await
-    .unwrap();
+    let url = format!("nats://127.0.0.1:{nats_port}");
+    let (client, shop) = connect(&url, &creds).await;
     ready(&client).await;
     for service in ["coordinator", "wallet", "order"] {
         compose.healthy(service).await;
@@ -351,7 +349,7 @@ async fn single_node() {
         request_id: Some("compose-1".into()),
     };
     let reply = match request::<_, PurchaseReply>(
-        &client,
+        &shop,
         &purchase_subject(),
         &req,
         Duration::from_secs(10),
@@ -398,15 +396,11 @@ async fn single_node() {
 
     step(start, "compose down (volumes kept), up again");
     drop(client);
+    drop(shop);
     compose.run(&["down", "--timeout", "10"]);
     compose.run(&["up", "-d"]);
-    let client = twopc_common::nats::connect(
-        &format!("nats://127.0.0.1:{nats_port}"),
-        "twopc-test",
-        &Default::default(),
-    )
-    .await
-    .unwrap();
+    let url = format!("nats://127.0.0.1:{nats_port}");
+    let (client, shop) = connect(&url, &creds).await;
     ready(&client).await;
     let b = balance(&client, "dora").await.unwrap();
     assert_eq!(
@@ -420,7 +414,7 @@ async fn single_node() {
     );
     // The idempotency record survived too: a retry is not charged again.
     let again = match request::<_, PurchaseReply>(
-        &client,
+        &shop,
         &purchase_subject(),
         &req,
         Duration::from_secs(10),
@@ -607,6 +601,9 @@ async fn cluster() {
     {
         env.push((name.into(), ports[6 + i].clone()));
     }
+    let creds_dir = tempfile::tempdir().unwrap();
+    let creds = make_creds(creds_dir.path(), &["n1:6222", "n2:6222", "n3:6222"]);
+    env.push(("TWOPC_CREDS".into(), creds.display().to_string()));
     let compose = Compose {
         file: CLUSTER,
         project: format!("twopccluster{}", std::process::id()),
@@ -631,9 +628,7 @@ async fn cluster() {
         .map(|p| format!("nats://127.0.0.1:{p}"))
         .collect::<Vec<_>>()
         .join(",");
-    let client = twopc_common::nats::connect(&urls, "twopc-test", &Default::default())
-        .await
-        .unwrap();
+    let (client, shop) = connect(&urls, &creds).await;
     ready(&client).await;
     for service in ["coordinator-1", "coordinator-2", "wallet", "order"] {
         compose.healthy(service).await;
@@ -669,7 +664,7 @@ async fn cluster() {
     let mut first = None;
     for i in 0..3 {
         let req = purchase(format!("before-{i}"), 1 + i);
-        let r = buy(&client, &mut ledger, &req).await;
+        let r = buy(&shop, &mut ledger, &req).await;
         assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
         first.get_or_insert((req, r));
     }
@@ -694,7 +689,7 @@ async fn cluster() {
              down; aborted: {aborted:?}"
         );
         let sent = Instant::now();
-        let r = buy(&client, &mut ledger, &purchase(format!("during-{i}"), 1)).await;
+        let r = buy(&shop, &mut ledger, &purchase(format!("during-{i}"), 1)).await;
         took.push(format!("{:.2}", sent.elapsed().as_secs_f64()));
         match r.outcome {
             Outcome::Committed => committed += 1,
@@ -755,13 +750,13 @@ async fn cluster() {
         &format!("{victim} current again, both coordinators answer"),
     );
     for i in 0..3 {
-        let r = buy(&client, &mut ledger, &purchase(format!("after-{i}"), 2)).await;
+        let r = buy(&shop, &mut ledger, &purchase(format!("after-{i}"), 2)).await;
         assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
     }
     // A key answered before the outage gets its first answer back, from
     // whichever replica: the decision log is shared and survived.
     let (req, reply) = first.expect("a purchase before the outage");
-    let again = buy(&client, &mut ledger, &req).await;
+    let again = buy(&shop, &mut ledger, &req).await;
     assert!(again.duplicate && again.tx == reply.tx, "{again:?}");
 
     until("nothing in doubt anywhere", Duration::from_secs(60), || {
@@ -794,4 +789,42 @@ fn purchase_subject() -> String {
     subjects::purchase(
         &twopc_schemas::ClientName::new(twopc_schemas::client::DEFAULT_CLIENT).expect("valid"),
     )
+}
+
+/// `twopc auth init` into `dir/creds`, as the compose files' comments say
+/// to do before the first `up` (with the cluster's routes).
+fn make_creds(dir: &std::path::Path, routes: &[&str]) -> std::path::PathBuf {
+    let creds = dir.join("creds");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_twopc"));
+    cmd.args(["auth", "init", "--dir", creds.to_str().unwrap()]);
+    for r in routes {
+        cmd.args(["--route", r]);
+    }
+    let out = cmd.output().expect("twopc auth init runs");
+    assert!(
+        out.status.success(),
+        "twopc auth init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    creds
+}
+
+/// The admin and the shop client's connections, with their seeds; and the
+/// server refuses a connection without one.
+async fn connect(url: &str, creds: &std::path::Path) -> (async_nats::Client, async_nats::Client) {
+    let as_id =
+        |name: &str| twopc_common::nats::AuthArgs::nkey_file(creds.join(format!("{name}.nk")));
+    let admin = twopc_common::nats::connect(url, "twopc-test", &as_id("admin"))
+        .await
+        .unwrap();
+    let shop = twopc_common::nats::connect(url, "twopc-test-shop", &as_id("web"))
+        .await
+        .unwrap();
+    let anonymous = twopc_common::nats::connect_with(
+        url,
+        &twopc_common::nats::ConnectSettings::fail_fast("twopc-test-anonymous"),
+    )
+    .await;
+    assert!(anonymous.is_err(), "compose's nats-server lets anyone in");
+    (admin, shop)
 }

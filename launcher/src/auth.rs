@@ -30,6 +30,9 @@ pub const CREDS_DIR: &str = "creds";
 /// The server config fragment with the users and their permissions, in the
 /// credentials folder (a config elsewhere can `include` it).
 pub const AUTH_CONF: &str = "auth.conf";
+/// The cluster block's routes with their password, for a config of one's
+/// own ([`Credentials::write_cluster_auth`]).
+pub const CLUSTER_AUTH_CONF: &str = "cluster-auth.conf";
 /// The routes' password file (cluster nodes authenticate each other).
 const ROUTE_PASSWORD_FILE: &str = "route.password";
 /// The route user's name.
@@ -325,6 +328,25 @@ impl Credentials {
             quoted(ROUTE_USER),
             quoted(&self.route_password)
         )
+    }
+
+    /// Writes [`CLUSTER_AUTH_CONF`]: the body of a `cluster { }` block's
+    /// route authorization and its routes to `hosts` (`host:port`), each
+    /// with the password (a config includes it inside its cluster block,
+    /// as compose/nats/cluster.conf does).
+    pub fn write_cluster_auth(&self, hosts: &[String]) -> anyhow::Result<PathBuf> {
+        let routes: Vec<String> = hosts
+            .iter()
+            .map(|h| format!("nats-route://{ROUTE_USER}:{}@{h}", self.route_password))
+            .collect();
+        let text = format!(
+            "# Written by twopc auth init: routes authenticate with the password.\n{}\nroutes: {}\n",
+            self.route_authorization(),
+            list(&routes)
+        );
+        let path = self.dir.join(CLUSTER_AUTH_CONF);
+        write_private(&path, &text)?;
+        Ok(path)
     }
 
     /// A route URL that authenticates.

@@ -158,3 +158,29 @@ async fn anonymous_allowed(url: &str) -> bool {
     .await
     .is_ok()
 }
+
+/// `twopc auth init`: the identities and the server's config fragments in
+/// `dir`.
+pub fn auth_init(
+    dir: &std::path::Path,
+    mut clients: Vec<twopc_schemas::ClientName>,
+    routes: &[String],
+) -> anyhow::Result<()> {
+    use twopc_launcher::auth;
+    if clients.is_empty() {
+        clients.push(auth::default_client());
+    }
+    let creds = auth::Credentials::ensure(
+        dir,
+        &auth::roles(&clients),
+        twopc_schemas::subjects::DECISION_BUCKET,
+    )?;
+    for i in &creds.identities {
+        println!("{}", creds.seed_file(i.role.name()).display());
+    }
+    println!("{}", dir.join(auth::AUTH_CONF).display());
+    if !routes.is_empty() {
+        println!("{}", creds.write_cluster_auth(routes)?.display());
+    }
+    Ok(())
+}
