@@ -638,7 +638,7 @@ async fn undecodable_protocol_messages_are_rejected_logged_and_change_nothing() 
             garbage_for(&decide, protocol::encode(&DecideReply::Ack)),
         ),
         (
-            subjects::DECISION_QUERY.to_string(),
+            subjects::decision_query(&participant::WALLET),
             Kind::Coordinator,
             "rejected decision query that does not decode",
             Reply::Decision,
@@ -705,7 +705,7 @@ async fn undecodable_protocol_messages_are_rejected_logged_and_change_nothing() 
     let committed = tx_id(&r);
     let raw = sys
         .raw(
-            subjects::DECISION_QUERY,
+            &subjects::decision_query(&participant::WALLET),
             &protocol::encode(&DecisionQuery {
                 tx: committed,
                 participant: participant::WALLET,
