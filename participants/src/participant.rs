@@ -352,8 +352,10 @@ fn decide_job<R: Resource>(
     window: TxWindow,
 ) -> rusqlite::Result<DecideReply> {
     let Decide { tx, decision } = msg;
-    // Checked (again) inside the write transaction, like a prepare's age.
-    let age = match msg.check(now_ms(), &window) {
+    let stored = load_branch(conn, tx)?;
+    // Checked (again) inside the write transaction, like a prepare's age,
+    // and knowing whether the branch is stored.
+    let age = match msg.check(now_ms(), &window, stored.is_some()) {
         Ok(age) => age,
         Err(refused) => {
             return Ok(DecideReply::Rejected {
@@ -362,7 +364,6 @@ fn decide_job<R: Resource>(
             })
         }
     };
-    let stored = load_branch(conn, tx)?;
     match on_decide(stored.as_ref(), decision, age == TxAge::Expired) {
         OnDecide::Ack => Ok(DecideReply::Ack),
         OnDecide::Reject(code, message) => Ok(DecideReply::Rejected { code, message }),
@@ -648,7 +649,9 @@ impl<R: Resource> Participant<R> {
                 return Response::error(body, 400, format!("bad_message: {e}"));
             }
         };
-        if let Err(refused) = msg.check(now_ms(), &self.window) {
+        // Impossible ids only: whether one from the future is refused
+        // depends on the stored branch (`decide_job`).
+        if let Err(refused) = msg.check(now_ms(), &self.window, true) {
             warn!(participant = %name, tx = %msg.tx, code = %refused.code, message = %refused.message, "refused decision");
             let body = protocol::encode(&DecideReply::Rejected {
                 code: refused.code,

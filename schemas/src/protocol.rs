@@ -265,11 +265,19 @@ pub struct Decide {
 
 impl Decide {
     /// What a participant checks of a decision before acting on it: the
-    /// transaction id ([`TxWindow::check_tx`]). Past the window a decision
-    /// is still applied to a prepared branch (delivery goes on until
-    /// acknowledged); only a tombstone is not written any more.
-    pub fn check(&self, now_ms: i64, window: &TxWindow) -> Result<TxAge, Refused> {
-        window.check_tx(self.tx, now_ms)
+    /// transaction id ([`TxWindow::check_tx`]); `stored` says whether it
+    /// holds a branch of the transaction. A decision for a stored branch is
+    /// applied whatever the participant's clock says — past the window
+    /// (delivery goes on until acknowledged) or, after its clock stepped
+    /// back, apparently from the future: nothing may strand a prepared
+    /// branch. Without one, an id from the future is refused like a
+    /// prepare's, and past the window no tombstone is written. (Before the
+    /// store is read, pass `true`: only impossible ids are refused.)
+    pub fn check(&self, now_ms: i64, window: &TxWindow, stored: bool) -> Result<TxAge, Refused> {
+        match window.check_tx(self.tx, now_ms) {
+            Err(r) if r.code == Code::TxInFuture && stored => Ok(TxAge::Within),
+            checked => checked,
+        }
     }
 }
 
@@ -717,17 +725,22 @@ mod limits {
             Code::TxInFuture
         );
 
-        let decide = |tx| {
+        let decide = |tx, stored| {
             Decide {
                 tx,
                 decision: Decision::Abort,
             }
-            .check(NOW, &w)
+            .check(NOW, &w, stored)
         };
-        assert_eq!(decide(tx_at(NOW)), Ok(TxAge::Within));
-        assert_eq!(decide(tx_at(NOW - 2_000)), Ok(TxAge::Expired));
-        assert_eq!(refused(decide(Uuid::from_u128(4))), Code::BadTxId);
-        assert_eq!(refused(decide(tx_at(NOW + 501))), Code::TxInFuture);
+        for stored in [false, true] {
+            assert_eq!(decide(tx_at(NOW), stored), Ok(TxAge::Within));
+            assert_eq!(decide(tx_at(NOW - 2_000), stored), Ok(TxAge::Expired));
+            assert_eq!(refused(decide(Uuid::from_u128(4), stored)), Code::BadTxId);
+        }
+        // From the future: no tombstone for it, but a stored branch is
+        // decided whatever this participant's clock says.
+        assert_eq!(refused(decide(tx_at(NOW + 501), false)), Code::TxInFuture);
+        assert_eq!(decide(tx_at(NOW + 3_600_000), true), Ok(TxAge::Within));
 
         use crate::participant::{ORDER, WALLET};
         use crate::subjects::decision_query;
