@@ -638,7 +638,7 @@ async fn undecodable_protocol_messages_are_rejected_logged_and_change_nothing() 
             garbage_for(&decide, protocol::encode(&DecideReply::Ack)),
         ),
         (
-            subjects::DECISION_QUERY.to_string(),
+            subjects::decision_query(&participant::WALLET),
             Kind::Coordinator,
             "rejected decision query that does not decode",
             Reply::Decision,
@@ -705,7 +705,7 @@ async fn undecodable_protocol_messages_are_rejected_logged_and_change_nothing() 
     let committed = tx_id(&r);
     let raw = sys
         .raw(
-            subjects::DECISION_QUERY,
+            &subjects::decision_query(&participant::WALLET),
             &protocol::encode(&DecisionQuery {
                 tx: committed,
                 participant: participant::WALLET,
@@ -1091,4 +1091,155 @@ async fn prepares_outside_the_public_limits_vote_no_and_change_nothing() {
     let r = sys.purchase("alice", "book-1", 2, 2_500).await;
     assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
     sys.assert_consistent(&[Told::Committed(tx_id(&r))]).await;
+}
+
+/// A UUIDv7 that starts `ms_from_now` after now (negative: before).
+fn tx_from_now(ms_from_now: i64) -> TxId {
+    let now = twopc_common::now_ms();
+    uuid::Builder::from_unix_timestamp_millis((now + ms_from_now) as u64, &[9; 10]).into_uuid()
+}
+
+/// Issue 11: protocol ids are checked like the public API's, at every
+/// receiver. A prepare, a decision (commit, or abort: it would write a
+/// tombstone) and a decision query whose transaction id is nil, a UUIDv4,
+/// or a UUIDv7 an hour in the future are refused with a code saying so,
+/// and nothing is written anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_messages_with_impossible_tx_ids_are_refused_and_change_nothing() {
+    let mut sys = System::start(Options::default()).await.unwrap();
+    sys.seed_standard().await.unwrap();
+    let before = sys.snapshot();
+    let v4 = TxId::from_u128(0x0193_0000_0000_4000_8000_0000_0000_002a);
+    let cases = [
+        ("nil", TxId::nil(), Code::BadTxId),
+        ("UUIDv4", v4, Code::BadTxId),
+        ("an hour ahead", tx_from_now(3_600_000), Code::TxInFuture),
+    ];
+    let mut failures = vec![];
+    for (what, tx, code) in cases {
+        for (p, op) in [("wallet", debit(1_250)), ("order", reserve(1, 1_250))] {
+            match send_prepare(&sys, p, tx, op).await {
+                Vote::No { code: c, message } if c == code && !message.is_empty() => {}
+                other => failures.push(format!("prepare ({what}) at {p}: {other:?}")),
+            }
+            for decision in [Decision::Abort, Decision::Commit] {
+                match send_decide(&sys, p, tx, decision).await {
+                    DecideReply::Rejected { code: c, message }
+                        if c == code && !message.is_empty() => {}
+                    other => failures.push(format!("{decision:?} ({what}) at {p}: {other:?}")),
+                }
+            }
+        }
+        let raw = sys
+            .raw(
+                &subjects::decision_query(&participant::WALLET),
+                &protocol::encode(&DecisionQuery {
+                    tx,
+                    participant: participant::WALLET,
+                }),
+            )
+            .await
+            .unwrap();
+        match protocol::decode::<DecisionReply>(&raw) {
+            Ok(DecisionReply::Rejected { code: c, message })
+                if c == code && !message.is_empty() => {}
+            other => failures.push(format!("decision query ({what}): {other:?}")),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "not refused as expected:\n{}",
+        failures.join("\n")
+    );
+    let after = sys.snapshot();
+    assert_eq!(resources(&after), resources(&before));
+    assert!(
+        after.wallet_branches.is_empty() && after.order_branches.is_empty(),
+        "a branch or tombstone was written: {:?} {:?}",
+        after.wallet_branches,
+        after.order_branches
+    );
+    assert!(
+        after.decisions.is_empty(),
+        "a decision was recorded: {:?}",
+        after.decisions
+    );
+
+    // The services still serve, and ids within the skew are fine.
+    let r = sys.purchase("alice", "book-1", 1, 1_250).await;
+    assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
+    sys.assert_consistent(&[Told::Committed(tx_id(&r))]).await;
+}
+
+/// Issue 11: a decision query names its sender. The subject
+/// `twopc.decision.<participant>` is the sender (the server lets each
+/// participant publish only its own); a query whose body names another
+/// participant is refused (`wrong_sender`) and records nothing, and a
+/// participant that is not a branch of a decided transaction learns
+/// nothing (`not_a_branch`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decision_queries_from_the_wrong_sender_or_a_stranger_are_refused() {
+    // `ledger`: a participant identity the server knows, in no purchase.
+    let mut sys = System::start(Options {
+        more_participants: vec!["ledger"],
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    sys.seed_standard().await.unwrap();
+    let query = |subject_of: ParticipantName, names: ParticipantName, tx: TxId| {
+        let subject = subjects::decision_query(&subject_of);
+        let payload = protocol::encode(&DecisionQuery {
+            tx,
+            participant: names,
+        });
+        let sys = &sys;
+        async move {
+            let raw = sys.raw(&subject, &payload).await.unwrap();
+            protocol::decode::<DecisionReply>(&raw).unwrap()
+        }
+    };
+
+    // A fresh id: the wallet's subject, the order service in the body.
+    let fresh = TxId::now_v7();
+    match query(participant::WALLET, participant::ORDER, fresh).await {
+        DecisionReply::Rejected {
+            code: Code::WrongSender,
+            message,
+        } => assert!(
+            message.contains("order") && message.contains("wallet"),
+            "{message}"
+        ),
+        other => panic!("a query naming another participant: {other:?}"),
+    }
+    assert!(
+        sys.snapshot().decisions.is_empty(),
+        "the refused query recorded a presumed abort"
+    );
+
+    // A committed purchase: a participant that is not one of its branches
+    // is refused; its branches hear the decision.
+    let r = sys.purchase("alice", "book-1", 1, 1_250).await;
+    assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
+    let tx = tx_id(&r);
+    let ledger = ParticipantName::new("ledger").unwrap();
+    match query(ledger.clone(), ledger.clone(), tx).await {
+        DecisionReply::Rejected {
+            code: Code::NotABranch,
+            ..
+        } => {}
+        other => panic!("a stranger asking about {tx}: {other:?}"),
+    }
+    for p in participant::PURCHASE_PARTICIPANTS {
+        assert_eq!(
+            query(p.clone(), p.clone(), tx).await,
+            DecisionReply::Decided {
+                tx,
+                decision: Decision::Commit
+            },
+            "{p}"
+        );
+    }
+    let s = sys.assert_consistent(&[Told::Committed(tx)]).await;
+    assert_eq!(s.decisions.len(), 1, "only the purchase's decision");
 }

@@ -137,7 +137,7 @@ async fn old_messages_replayed_after_collection_change_nothing() {
     // written.
     let raw = sys
         .raw(
-            subjects::DECISION_QUERY,
+            &subjects::decision_query(&participant::WALLET),
             &protocol::encode(&DecisionQuery {
                 tx,
                 participant: participant::WALLET,

@@ -251,10 +251,11 @@ async fn decision_queries_only_from_participants_and_only_in_their_own_name() {
     };
     for who in ["web", "admin"] {
         let mut a = Attacker::connect(&sys, who).await;
-        a.publish_refused(subjects::DECISION_QUERY, query(participant::WALLET))
-            .await;
-        a.publish_refused("twopc.decision.wallet", query(participant::WALLET))
-            .await;
+        a.publish_refused(
+            &subjects::decision_query(&participant::WALLET),
+            query(participant::WALLET),
+        )
+        .await;
     }
     // The order service may not ask in the wallet's name.
     let mut o = Attacker::connect(&sys, "order").await;

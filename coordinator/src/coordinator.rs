@@ -7,7 +7,8 @@
 //! * `shop.purchase` — public JSON purchase → JSON reply;
 //! * `shop.tx` — public JSON status of one transaction;
 //! * `shop.in_doubt` — what this coordinator has not finished;
-//! * `twopc.decision` — participants' in-doubt queries (postcard).
+//! * `twopc.decision.*` — participants' in-doubt queries (postcard), each
+//!   on its sender's subject (`twopc.decision.<participant>`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -176,10 +177,10 @@ impl<L: DecisionLog> Coordinator<L> {
         );
         let c = self.clone();
         let decision = serve(
-            endpoint("decision-query", subjects::DECISION_QUERY, busy_decision),
+            endpoint("decision-query", subjects::DECISION_QUERIES, busy_decision),
             move |m| {
                 let c = c.clone();
-                async move { c.on_decision_query(m.payload).await }
+                async move { c.on_decision_query(m.subject.to_string(), m.payload).await }
             },
         );
         let c = self.clone();
@@ -219,10 +220,22 @@ impl<L: DecisionLog> Coordinator<L> {
                 _ = self.shutdown.begun() => return Ok(()),
             }
             let before = twopc_common::now_ms() - window.retention_ms;
-            match self.log.collect(before).await {
-                Ok(0) => {}
-                Ok(n) => info!(records = n, "collected decisions past retention"),
-                Err(e) => warn!(error = %e, "collecting old decisions failed; will retry"),
+            // Until the backlog is gone: a flood that made more than a
+            // batch per interval must not outgrow collection.
+            loop {
+                match self.log.collect(before).await {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        info!(records = n, "collected decisions past retention");
+                        if n < crate::log::COLLECT_BATCH {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "collecting old decisions failed; will retry");
+                        break;
+                    }
+                }
             }
         }
     }
@@ -411,14 +424,27 @@ impl<L: DecisionLog> Coordinator<L> {
                     c.step(Event::Recorded { tx, result });
                 });
             }
-            Cmd::LookUpDecision { query, tx } => {
+            Cmd::LookUpDecision {
+                query,
+                tx,
+                participant,
+            } => {
                 let c = self.clone();
                 tokio::spawn(async move {
                     let found = c.log.get(tx).await;
-                    c.step(Event::DecisionFound { query, tx, found });
+                    c.step(Event::DecisionFound {
+                        query,
+                        tx,
+                        participant,
+                        found,
+                    });
                 });
             }
-            Cmd::RecordPresumedAbort { query, rec } => {
+            Cmd::RecordPresumedAbort {
+                query,
+                rec,
+                participant,
+            } => {
                 let c = self.clone();
                 tokio::spawn(async move {
                     let tx = rec.tx;
@@ -430,7 +456,12 @@ impl<L: DecisionLog> Coordinator<L> {
                         Ok(r) => info!(%tx, decision = ?r, "answered decision query"),
                         Err(e) => warn!(%tx, error = %e, "decision query not answered"),
                     }
-                    c.step(Event::QueryRecorded { query, tx, result });
+                    c.step(Event::QueryRecorded {
+                        query,
+                        tx,
+                        participant,
+                        result,
+                    });
                 });
             }
             Cmd::Prepare { .. } | Cmd::Decide { .. } => {
@@ -673,8 +704,9 @@ impl<L: DecisionLog> Coordinator<L> {
         }
     }
 
-    /// A participant in doubt asks for the decision.
-    async fn on_decision_query(self: Arc<Self>, payload: Bytes) -> Response {
+    /// A participant in doubt asks for the decision, on `subject`, which
+    /// names it (the core checks it against the body).
+    async fn on_decision_query(self: Arc<Self>, subject: String, payload: Bytes) -> Response {
         let q = match protocol::decode::<DecisionQuery>(&payload) {
             Ok(q) => q,
             Err(e) => {
@@ -689,11 +721,12 @@ impl<L: DecisionLog> Coordinator<L> {
         let query = self.fresh_id();
         let (sender, answer) = oneshot::channel();
         self.queries.lock().expect("lock").insert(query, sender);
-        info!(tx = %q.tx, participant = %q.participant, "decision query");
+        info!(tx = %q.tx, participant = %q.participant, %subject, "decision query");
+        let tx = q.tx;
         self.step(Event::DecisionQuery {
             query,
-            tx: q.tx,
-            participant: q.participant,
+            subject,
+            msg: q,
         });
         let reply = answer.await.unwrap_or_else(|_| DecisionReply::Rejected {
             code: Code::ShuttingDown,
@@ -701,11 +734,16 @@ impl<L: DecisionLog> Coordinator<L> {
         });
         match &reply {
             DecisionReply::Decided { .. } => Response::ok(protocol::encode(&reply)),
-            DecisionReply::Rejected { code, message } => Response::error(
-                protocol::encode(&reply),
-                code.status(),
-                format!("{code}: {message}"),
-            ),
+            DecisionReply::Rejected { code, message } => {
+                if *code != Code::Busy && *code != Code::ShuttingDown {
+                    warn!(%tx, %code, %message, "refused decision query");
+                }
+                Response::error(
+                    protocol::encode(&reply),
+                    code.status(),
+                    format!("{code}: {message}"),
+                )
+            }
         }
     }
 

@@ -28,6 +28,12 @@
 //!   [`REFUSALS_BEFORE_ALERT`] (`on_delivered`, `on_retry_due`);
 //! * undelivered decisions are delivered again after a restart
 //!   (`on_resume`);
+//! * a decision query is checked first: its subject names the sender and
+//!   its body must name the same participant, its id must be a UUIDv7 not
+//!   from the future (`DecisionQuery::check`), and a participant that is
+//!   not a branch of a transaction known here (in phase 1, or in the log)
+//!   is refused; a refused query writes nothing (`on_decision_query`,
+//!   `is_branch`);
 //! * a decision query for an undecided transaction records abort first
 //!   (presumed abort), and is answered with whatever the log holds
 //!   (`on_decision_query`, `on_query_recorded`);
@@ -47,7 +53,9 @@ use twopc_schemas::api::{
     AbortReason, ApiError, PurchaseReply, PurchaseRequest, Refusal, VoteSummary,
 };
 use twopc_schemas::participant::{self, ParticipantName};
-use twopc_schemas::protocol::{BranchOp, Decision, DecisionReply, TxId, TxWindow, Vote};
+use twopc_schemas::protocol::{
+    BranchOp, Decision, DecisionQuery, DecisionReply, TxAge, TxId, TxWindow, Vote,
+};
 use twopc_schemas::Code;
 
 use crate::config::ReplyAfter;
@@ -129,22 +137,25 @@ pub enum Event {
     RetryDue { tx: TxId },
     /// At start: recorded decisions not acknowledged by every participant.
     Resume { records: Vec<Record> },
-    /// A participant in doubt asks for the decision.
+    /// A participant in doubt asks for the decision: the query as decoded,
+    /// and the subject it came on, which names the sender.
     DecisionQuery {
         query: QueryId,
-        tx: TxId,
-        participant: ParticipantName,
+        subject: String,
+        msg: DecisionQuery,
     },
     /// The log's answer to [`Cmd::LookUpDecision`].
     DecisionFound {
         query: QueryId,
         tx: TxId,
+        participant: ParticipantName,
         found: Result<Option<Record>, LogError>,
     },
     /// The log's answer to [`Cmd::RecordPresumedAbort`].
     QueryRecorded {
         query: QueryId,
         tx: TxId,
+        participant: ParticipantName,
         result: Result<Recorded, LogError>,
     },
 }
@@ -165,10 +176,19 @@ pub enum Cmd {
     /// [`Event::Recorded`]. Nobody hears it before.
     Record { rec: Record },
     /// Read a transaction's decision, writing nothing →
-    /// [`Event::DecisionFound`].
-    LookUpDecision { query: QueryId, tx: TxId },
-    /// Record abort unless a decision exists → [`Event::QueryRecorded`].
-    RecordPresumedAbort { query: QueryId, rec: Record },
+    /// [`Event::DecisionFound`] (with `participant`, who asked).
+    LookUpDecision {
+        query: QueryId,
+        tx: TxId,
+        participant: ParticipantName,
+    },
+    /// Record abort unless a decision exists → [`Event::QueryRecorded`]
+    /// (with `participant`, who asked).
+    RecordPresumedAbort {
+        query: QueryId,
+        rec: Record,
+        participant: ParticipantName,
+    },
     /// Deliver a decision once → [`Event::Delivered`].
     Decide {
         tx: TxId,
@@ -332,6 +352,28 @@ pub fn branches(req: &PurchaseRequest) -> Vec<(ParticipantName, BranchOp)> {
     ]
 }
 
+/// Whether `participant` is a branch of the transaction `rec` decided. A
+/// presumed abort names no branches (nobody said who they were): anyone
+/// asking hears abort, which is every branch's answer.
+pub fn is_branch(rec: &Record, participant: &ParticipantName) -> bool {
+    match &rec.purchase {
+        Some(req) => branches(req).iter().any(|(p, _)| p == participant),
+        None => true,
+    }
+}
+
+/// The refusal of a decision query from a participant that is not a branch
+/// of the transaction.
+fn not_a_branch(query: QueryId, tx: TxId, participant: &ParticipantName) -> Cmd {
+    Cmd::Answer {
+        query,
+        reply: DecisionReply::Rejected {
+            code: Code::NotABranch,
+            message: format!("{participant} is not a branch of {tx}"),
+        },
+    }
+}
+
 /// How a ballot is stored with the decision, for `twopc tx`.
 pub fn summarize(participant: &str, ballot: &Ballot) -> VoteSummary {
     let (vote, code, message) = match ballot {
@@ -385,8 +427,8 @@ impl Core {
             | Event::Delivered { tx, .. }
             | Event::RetryDue { tx }
             | Event::QueryRecorded { tx, .. }
-            | Event::DecisionFound { tx, .. }
-            | Event::DecisionQuery { tx, .. } => Some(*tx),
+            | Event::DecisionFound { tx, .. } => Some(*tx),
+            Event::DecisionQuery { msg, .. } => Some(msg.tx),
             Event::KeyFound { tx, .. } => Some(*tx),
             Event::Resume { .. } => None,
         };
@@ -413,15 +455,21 @@ impl Core {
             Event::Resume { records } => self.on_resume(records, &mut out),
             Event::DecisionQuery {
                 query,
+                subject,
+                msg,
+            } => self.on_decision_query(now_ms, query, &subject, msg, &mut out),
+            Event::QueryRecorded {
+                query,
                 tx,
                 participant,
-            } => self.on_decision_query(now_ms, query, tx, participant, &mut out),
-            Event::QueryRecorded { query, tx, result } => {
-                self.on_query_recorded(query, tx, result, &mut out)
-            }
-            Event::DecisionFound { query, tx, found } => {
-                self.on_decision_found(query, tx, found, &mut out)
-            }
+                result,
+            } => self.on_query_recorded(query, tx, participant, result, &mut out),
+            Event::DecisionFound {
+                query,
+                tx,
+                participant,
+                found,
+            } => self.on_decision_found(query, tx, participant, found, &mut out),
         }
         self.check_invariants(touched);
         out
@@ -872,19 +920,51 @@ impl Core {
         &mut self,
         now_ms: i64,
         query: QueryId,
-        tx: TxId,
-        participant: ParticipantName,
+        subject: &str,
+        msg: DecisionQuery,
         out: &mut Vec<Cmd>,
     ) {
-        if self.config.window.expired(tx, now_ms) {
+        // The sender, the id and its age: a refused query writes nothing.
+        let age = match msg.check(subject, now_ms, &self.config.window) {
+            Ok(age) => age,
+            Err(refused) => {
+                out.push(Cmd::Answer {
+                    query,
+                    reply: DecisionReply::Rejected {
+                        code: refused.code,
+                        message: refused.message,
+                    },
+                });
+                return;
+            }
+        };
+        let DecisionQuery { tx, participant } = msg;
+        // A transaction in phase 1 here knows its branches; anyone else
+        // asking must not be able to abort it by presumption.
+        if let Some(req) = self.in_phase_1(tx) {
+            if !branches(&req).iter().any(|(p, _)| *p == participant) {
+                out.push(not_a_branch(query, tx, &participant));
+                return;
+            }
+        }
+        if age == TxAge::Expired {
             // Past the window no commit can be recorded any more, so no
             // record means abort, and nothing needs writing (a flood of
             // queries for old ids writes nothing; see the retention rule).
-            out.push(Cmd::LookUpDecision { query, tx });
+            out.push(Cmd::LookUpDecision {
+                query,
+                tx,
+                participant,
+            });
             return;
         }
         // With no decision recorded, abort is recorded first, so that the
-        // transaction can never commit (presumed abort).
+        // transaction can never commit (presumed abort). A transaction
+        // unknown here may be another replica's, or one whose coordinator
+        // died in phase 1: who its branches are is not known, and a branch
+        // that prepared needs this abort to ever finish. So any
+        // participant may cause it (the subject check above says which
+        // participant did); the record is collected like any other.
         let rec = Record {
             tx,
             decision: Decision::Abort,
@@ -902,17 +982,28 @@ impl Core {
             votes: vec![],
             delivery_attempts: 0,
         };
-        out.push(Cmd::RecordPresumedAbort { query, rec });
+        out.push(Cmd::RecordPresumedAbort {
+            query,
+            rec,
+            participant,
+        });
     }
 
     fn on_query_recorded(
         &mut self,
         query: QueryId,
         tx: TxId,
+        participant: ParticipantName,
         result: Result<Recorded, LogError>,
         out: &mut Vec<Cmd>,
     ) {
         let reply = match result {
+            // An existing record was there first: nothing was written, and
+            // a participant that is not one of its branches learns nothing.
+            Ok(Recorded::Existing(r)) if !is_branch(&r, &participant) => {
+                out.push(not_a_branch(query, tx, &participant));
+                return;
+            }
             Ok(Recorded::New(r) | Recorded::Existing(r)) => DecisionReply::Decided {
                 tx,
                 decision: r.decision,
@@ -931,10 +1022,15 @@ impl Core {
         &mut self,
         query: QueryId,
         tx: TxId,
+        participant: ParticipantName,
         found: Result<Option<Record>, LogError>,
         out: &mut Vec<Cmd>,
     ) {
         let reply = match found {
+            Ok(Some(r)) if !is_branch(&r, &participant) => {
+                out.push(not_a_branch(query, tx, &participant));
+                return;
+            }
             Ok(Some(r)) => DecisionReply::Decided {
                 tx,
                 decision: r.decision,
@@ -1637,19 +1733,186 @@ mod tests {
 
     // --- decision queries ---
 
+    /// `participant` asks about `tx` on its own subject.
+    fn ask(query: QueryId, tx: TxId, participant: &ParticipantName) -> Event {
+        Event::DecisionQuery {
+            query,
+            subject: twopc_schemas::subjects::decision_query(participant),
+            msg: DecisionQuery {
+                tx,
+                participant: participant.clone(),
+            },
+        }
+    }
+
+    /// The code of the one `Rejected` answer in `cmds`, which must be all
+    /// there is: nothing written, nothing looked up.
+    fn refusal_code(cmds: &[Cmd]) -> Code {
+        match cmds {
+            [Cmd::Answer {
+                reply: DecisionReply::Rejected { code, message },
+                ..
+            }] => {
+                assert!(!message.is_empty());
+                *code
+            }
+            other => panic!("expected one refusal and nothing else: {other:?}"),
+        }
+    }
+
     #[test]
-    fn a_decision_query_records_abort_unless_decided_and_answers_the_log() {
+    fn a_query_whose_body_names_another_participant_than_its_subject_is_refused() {
         let mut c = core(ReplyAfter::Decision);
-        let tx = TxId::now_v7();
-        let cmds = c.step(
-            NOW,
-            Event::DecisionQuery {
-                query: 9,
+        let tx = tx_at(NOW);
+        // The wallet's connection may publish only on its own subject, and
+        // names the order service in the body.
+        let forged = Event::DecisionQuery {
+            query: 1,
+            subject: twopc_schemas::subjects::decision_query(&participant::WALLET),
+            msg: DecisionQuery {
+                tx,
+                participant: participant::ORDER,
+            },
+        };
+        assert_eq!(refusal_code(&c.step(NOW, forged)), Code::WrongSender);
+        let nowhere = Event::DecisionQuery {
+            query: 2,
+            subject: "twopc.decision".into(),
+            msg: DecisionQuery {
                 tx,
                 participant: participant::WALLET,
             },
+        };
+        assert_eq!(refusal_code(&c.step(NOW, nowhere)), Code::WrongSender);
+    }
+
+    #[test]
+    fn a_query_with_an_id_that_is_not_a_recent_uuidv7_is_refused() {
+        let mut c = core(ReplyAfter::Decision);
+        let skew = TxWindow::DEFAULT.max_skew_ms;
+        for (tx, code) in [
+            (TxId::nil(), Code::BadTxId),
+            (
+                TxId::from_u128(0x0193_0000_0000_4000_8000_0000_0000_002a),
+                Code::BadTxId,
+            ),
+            (tx_at(NOW + skew + 1), Code::TxInFuture),
+            (tx_at(NOW + 3_600_000), Code::TxInFuture),
+        ] {
+            assert_eq!(
+                refusal_code(&c.step(NOW, ask(1, tx, &participant::WALLET))),
+                code,
+                "{tx}"
+            );
+        }
+        // Within the skew it is a fresh transaction, presumed aborted.
+        assert!(matches!(
+            c.step(NOW, ask(2, tx_at(NOW + skew), &participant::WALLET))
+                .as_slice(),
+            [Cmd::RecordPresumedAbort { query: 2, .. }]
+        ));
+    }
+
+    #[test]
+    fn a_participant_that_is_not_a_branch_of_a_known_transaction_is_refused() {
+        let ledger = ParticipantName::new("ledger").unwrap();
+        let mut c = core(ReplyAfter::Decision);
+        // In phase 1 here: refused before anything is written.
+        let tx = tx_at(NOW);
+        c.step(NOW, purchase(1, book(None), tx));
+        assert_eq!(
+            refusal_code(&c.step(NOW, ask(2, tx, &ledger))),
+            Code::NotABranch
         );
-        let [Cmd::RecordPresumedAbort { query: 9, rec }] = cmds.as_slice() else {
+        assert_eq!(c.in_phase_1(tx), Some(book(None)));
+        // Decided (the record was there first, so the presumed abort wrote
+        // nothing): refused too.
+        let rec = record_of(&through_votes(&mut c, tx_at(NOW + 1), yes(), yes()));
+        let existing = Event::QueryRecorded {
+            query: 3,
+            tx: rec.tx,
+            participant: ledger.clone(),
+            result: Ok(Recorded::Existing(rec.clone())),
+        };
+        assert_eq!(refusal_code(&c.step(NOW, existing)), Code::NotABranch);
+        let found = Event::DecisionFound {
+            query: 4,
+            tx: rec.tx,
+            participant: ledger.clone(),
+            found: Ok(Some(rec.clone())),
+        };
+        assert_eq!(refusal_code(&c.step(NOW, found)), Code::NotABranch);
+        // A branch of it hears the decision.
+        let cmds = c.step(
+            NOW,
+            Event::DecisionFound {
+                query: 5,
+                tx: rec.tx,
+                participant: participant::ORDER,
+                found: Ok(Some(rec.clone())),
+            },
+        );
+        assert_eq!(
+            cmds,
+            vec![Cmd::Answer {
+                query: 5,
+                reply: DecisionReply::Decided {
+                    tx: rec.tx,
+                    decision: Decision::Commit
+                }
+            }]
+        );
+    }
+
+    #[test]
+    fn a_query_for_an_unknown_transaction_presumes_abort_whoever_asks() {
+        // Nobody here knows its branches (another replica's, or its
+        // coordinator died in phase 1), and a branch that prepared needs
+        // the abort: the query records it. The subject check says who
+        // asked; the retention rule collects the record.
+        let ledger = ParticipantName::new("ledger").unwrap();
+        let mut c = core(ReplyAfter::Decision);
+        let tx = tx_at(NOW);
+        let cmds = c.step(NOW, ask(1, tx, &ledger));
+        let [Cmd::RecordPresumedAbort {
+            query: 1,
+            rec,
+            participant,
+        }] = cmds.as_slice()
+        else {
+            panic!("{cmds:?}")
+        };
+        assert_eq!(participant, &ledger);
+        // A presumed abort names no branches: everyone asking hears abort.
+        for p in [ledger.clone(), participant::WALLET] {
+            let cmds = c.step(
+                NOW,
+                Event::QueryRecorded {
+                    query: 2,
+                    tx,
+                    participant: p,
+                    result: Ok(Recorded::Existing(rec.clone())),
+                },
+            );
+            assert_eq!(
+                cmds,
+                vec![Cmd::Answer {
+                    query: 2,
+                    reply: DecisionReply::Decided {
+                        tx,
+                        decision: Decision::Abort
+                    }
+                }]
+            );
+        }
+    }
+
+    #[test]
+    fn a_decision_query_records_abort_unless_decided_and_answers_the_log() {
+        let mut c = core(ReplyAfter::Decision);
+        let tx = tx_at(NOW);
+        let cmds = c.step(NOW, ask(9, tx, &participant::WALLET));
+        let [Cmd::RecordPresumedAbort { query: 9, rec, .. }] = cmds.as_slice() else {
             panic!("{cmds:?}")
         };
         assert_eq!(
@@ -1666,6 +1929,7 @@ mod tests {
             Event::QueryRecorded {
                 query: 9,
                 tx,
+                participant: participant::WALLET,
                 result: Ok(Recorded::Existing(commit)),
             },
         );
@@ -1684,6 +1948,7 @@ mod tests {
             Event::QueryRecorded {
                 query: 10,
                 tx,
+                participant: participant::WALLET,
                 result: Err(LogError::Busy),
             },
         );
@@ -1702,16 +1967,13 @@ mod tests {
     #[test]
     fn a_decision_query_during_phase_1_does_not_disturb_the_attempt() {
         let mut c = core(ReplyAfter::Decision);
-        let tx = TxId::now_v7();
+        let tx = tx_at(NOW);
         c.step(NOW, purchase(1, book(None), tx));
-        c.step(
-            NOW,
-            Event::DecisionQuery {
-                query: 1,
-                tx,
-                participant: participant::WALLET,
-            },
-        );
+        let cmds = c.step(NOW, ask(1, tx, &participant::WALLET));
+        assert!(matches!(
+            cmds.as_slice(),
+            [Cmd::RecordPresumedAbort { query: 1, .. }]
+        ));
         assert_eq!(c.in_phase_1(tx), Some(book(None)));
     }
 
@@ -1745,21 +2007,22 @@ mod tests {
         let mut c = core(ReplyAfter::Decision);
         let w = TxWindow::DEFAULT.window_ms;
         let tx = tx_at(NOW);
-        let cmds = c.step(
-            NOW + w + 1,
-            Event::DecisionQuery {
+        let cmds = c.step(NOW + w + 1, ask(9, tx, &participant::WALLET));
+        assert_eq!(
+            cmds,
+            vec![Cmd::LookUpDecision {
                 query: 9,
                 tx,
-                participant: participant::WALLET,
-            },
+                participant: participant::WALLET
+            }]
         );
-        assert_eq!(cmds, vec![Cmd::LookUpDecision { query: 9, tx }]);
         // No record: it can never commit now, so abort, with nothing written.
         let cmds = c.step(
             NOW + w + 2,
             Event::DecisionFound {
                 query: 9,
                 tx,
+                participant: participant::WALLET,
                 found: Ok(None),
             },
         );
@@ -1781,6 +2044,7 @@ mod tests {
             Event::DecisionFound {
                 query: 10,
                 tx,
+                participant: participant::WALLET,
                 found: Ok(Some(rec)),
             },
         );
@@ -1796,14 +2060,7 @@ mod tests {
         ));
         // Within the window the query still records a presumed abort first.
         let fresh = tx_at(NOW + w);
-        let cmds = c.step(
-            NOW + w + 3,
-            Event::DecisionQuery {
-                query: 11,
-                tx: fresh,
-                participant: participant::WALLET,
-            },
-        );
+        let cmds = c.step(NOW + w + 3, ask(11, fresh, &participant::WALLET));
         assert!(matches!(
             &cmds[..],
             [Cmd::RecordPresumedAbort { query: 11, .. }]

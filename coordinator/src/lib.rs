@@ -5,7 +5,7 @@
 //! * [`log`] — the durable decision log, first writer wins per transaction,
 //!   behind the [`log::DecisionLog`] trait (SQLite today).
 //! * [`coordinator`] — the driver: serves `shop.purchase`, `shop.tx` and
-//!   `twopc.decision`, runs phase 1 and phase 2 over NATS, resumes delivery
+//!   `twopc.decision.*`, runs phase 1 and phase 2 over NATS, resumes delivery
 //!   after a restart.
 
 pub mod config;

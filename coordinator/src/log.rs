@@ -38,6 +38,10 @@ pub struct Record {
     pub delivery_attempts: u32,
 }
 
+/// Records one `collect` call deletes at most in SQLite (one short write
+/// transaction in the writer's queue; a backlog takes several calls).
+pub const COLLECT_BATCH: usize = 10_000;
+
 /// What `record` did. Storage stores: it never turns one decision into
 /// another; the coordinator decides what each answer means.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,7 +102,8 @@ pub trait DecisionLog: Clone + Send + Sync + 'static {
     /// Deletes what the retention rule lets go: records acknowledged by
     /// every participant and decided before `before_ms`, and request-id
     /// bindings as old. Never an undelivered record. Returns how many
-    /// records went.
+    /// records went; a store may stop after [`COLLECT_BATCH`] (one short
+    /// write), so the caller asks again while that many went.
     fn collect(&self, before_ms: i64) -> impl Future<Output = Result<usize, LogError>> + Send;
 }
 
@@ -458,8 +463,8 @@ impl DecisionLog for SqliteLog {
                     "DELETE FROM decisions WHERE rowid IN (
                          SELECT rowid FROM decisions
                          WHERE completed_at_ms IS NOT NULL AND decided_at_ms < ?1
-                         LIMIT 10000)",
-                    [before_ms],
+                         LIMIT ?2)",
+                    params![before_ms, COLLECT_BATCH as i64],
                 )
             })
             .await?)

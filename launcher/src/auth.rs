@@ -98,9 +98,7 @@ impl Role {
                     "shop.*.tx",
                     subjects::TX_STATUS,
                     subjects::IN_DOUBT,
-                    "twopc.decision.*",
-                    // Until every participant asks on its own subject.
-                    subjects::DECISION_QUERY,
+                    subjects::DECISION_QUERIES,
                 ]
                 .iter()
                 .map(|s| format!("{s} {queue}"))
@@ -138,11 +136,7 @@ impl Role {
                 subscribe.extend(discovery(p.as_str()));
                 subscribe.push(inbox);
                 Permissions {
-                    publish: vec![
-                        format!("twopc.decision.{p}"),
-                        // Until every participant asks on its own subject.
-                        subjects::DECISION_QUERY.to_owned(),
-                    ],
+                    publish: vec![subjects::decision_query(p)],
                     subscribe,
                     allow_responses: true,
                 }
@@ -184,12 +178,14 @@ impl Role {
 }
 
 /// The roles of a purchase system: the coordinator, the purchase's
-/// participants, admin and the shop clients `clients`.
-pub fn roles(clients: &[ClientName]) -> Vec<Role> {
+/// participants and `more_participants`, admin and the shop clients
+/// `clients`.
+pub fn roles(clients: &[ClientName], more_participants: &[ParticipantName]) -> Vec<Role> {
     let mut roles = vec![Role::Coordinator];
     roles.extend(
         participant::PURCHASE_PARTICIPANTS
             .iter()
+            .chain(more_participants)
             .cloned()
             .map(Role::Participant),
     );

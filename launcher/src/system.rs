@@ -285,6 +285,9 @@ pub struct SystemConfig {
     /// The shop clients to make identities for; the first is
     /// [`System::shop`].
     pub clients: Vec<ClientName>,
+    /// Identities for participants beyond the purchase's (a service of
+    /// one's own, or a test's stranger).
+    pub more_participants: Vec<ParticipantName>,
 }
 
 impl SystemConfig {
@@ -306,6 +309,7 @@ impl SystemConfig {
             cluster_isolatable: false,
             auth: true,
             clients: vec![auth::default_client()],
+            more_participants: vec![],
         }
     }
 
@@ -457,7 +461,7 @@ impl System {
         let creds = if cfg.auth {
             Some(Credentials::ensure(
                 &cfg.root.join(auth::CREDS_DIR),
-                &auth::roles(&cfg.clients),
+                &auth::roles(&cfg.clients, &cfg.more_participants),
                 subjects::DECISION_BUCKET,
             )?)
         } else {

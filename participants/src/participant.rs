@@ -7,8 +7,9 @@
 //! * `twopc.<name>.decide` — phase 2, postcard [`Decide`] → [`DecideReply`];
 //! * `<name>.tx` — public JSON status of one transaction here.
 //!
-//! And one background task: in-doubt recovery, which asks the coordinator's
-//! decision subject about every branch in doubt — prepared before this
+//! And one background task: in-doubt recovery, which asks the coordinator
+//! on `twopc.decision.<name>` (the subject names the sender) about every
+//! branch in doubt — prepared before this
 //! process started, or listed by it at least `in_doubt_after_ms` ago on the
 //! monotonic clock ([`crate::recovery`]) — until it is answered. A
 //! participant never decides a prepared branch on its own.
@@ -29,8 +30,8 @@ use twopc_common::trace::TraceContext;
 use twopc_schemas::api::{ApiError, BranchStatus, ParticipantInDoubt, PreparedBranch, TxQuery};
 use twopc_schemas::points::{ParticipantCrash, ParticipantDelay};
 use twopc_schemas::protocol::{
-    self, BranchOp, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Prepare, TxId,
-    TxWindow, Vote,
+    self, BranchOp, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Prepare, TxAge,
+    TxId, TxWindow, Vote,
 };
 use twopc_schemas::{subjects, Code, ParticipantName};
 
@@ -287,25 +288,28 @@ fn set_state(conn: &Connection, tx: TxId, state: BranchState) -> rusqlite::Resul
 fn prepare_job<R: Resource>(
     resource: &R,
     conn: &Connection,
-    tx: TxId,
-    op: &BranchOp,
+    msg: &Prepare,
     window: TxWindow,
 ) -> rusqlite::Result<Vote> {
-    let stored = load_branch(conn, tx)?;
-    // Checked inside the write transaction, which also serialises with the
+    let (tx, op) = (msg.tx, &msg.op);
+    // The handler checked the message already; check again right before
+    // writing, so that no path can hold what cannot commit. Its age is
+    // taken inside the write transaction, which also serialises with the
     // collection of old rows: a row is either here or the prepare is
     // refused.
-    match on_prepare(stored.as_ref(), op, window.expired(tx, now_ms())) {
+    let age = match msg.check(now_ms(), &window) {
+        Ok(age) => age,
+        Err(refused) => {
+            return Ok(Vote::No {
+                code: refused.code,
+                message: refused.message,
+            })
+        }
+    };
+    let stored = load_branch(conn, tx)?;
+    match on_prepare(stored.as_ref(), op, age == TxAge::Expired) {
         OnPrepare::Repeat(vote) => Ok(vote),
         OnPrepare::Hold => {
-            // Decoding validated the message already; check again right
-            // before writing, so that no path can hold what cannot commit.
-            if let Err(message) = op.validate() {
-                return Ok(Vote::No {
-                    code: Code::BadMessage,
-                    message,
-                });
-            }
             let op_json = stored::write(op);
             let now = now_ms();
             match resource.hold(conn, tx, op)? {
@@ -344,12 +348,23 @@ fn prepare_job<R: Resource>(
 fn decide_job<R: Resource>(
     resource: &R,
     conn: &Connection,
-    tx: TxId,
-    decision: Decision,
+    msg: Decide,
     window: TxWindow,
 ) -> rusqlite::Result<DecideReply> {
+    let Decide { tx, decision } = msg;
     let stored = load_branch(conn, tx)?;
-    match on_decide(stored.as_ref(), decision, window.expired(tx, now_ms())) {
+    // Checked (again) inside the write transaction, like a prepare's age,
+    // and knowing whether the branch is stored.
+    let age = match msg.check(now_ms(), &window, stored.is_some()) {
+        Ok(age) => age,
+        Err(refused) => {
+            return Ok(DecideReply::Rejected {
+                code: refused.code,
+                message: refused.message,
+            })
+        }
+    };
+    match on_decide(stored.as_ref(), decision, age == TxAge::Expired) {
         OnDecide::Ack => Ok(DecideReply::Ack),
         OnDecide::Reject(code, message) => Ok(DecideReply::Rejected { code, message }),
         OnDecide::Tombstone => {
@@ -549,6 +564,17 @@ impl<R: Resource> Participant<R> {
                 return Response::error(body, 400, format!("bad_message: {e}"));
             }
         };
+        // An id that is not a UUIDv7, or from the future: refused before
+        // the writer's queue, nothing written. (Past the window is for the
+        // write transaction to see: a stored branch still answers.)
+        if let Err(refused) = msg.check(now_ms(), &self.window) {
+            warn!(participant = %name, tx = %msg.tx, code = %refused.code, message = %refused.message, "refused prepare");
+            let body = protocol::encode(&Vote::No {
+                code: refused.code,
+                message: refused.message.clone(),
+            });
+            return Response::error(body, refused.code.status(), refused.to_string());
+        }
         let span = tracing::info_span!("prepare", participant = %name, tx = %msg.tx, %trace_id);
         async move {
             let delay = delay_for(ParticipantDelay::Prepare.at(&name));
@@ -557,13 +583,12 @@ impl<R: Resource> Participant<R> {
             }
             let resource = self.resource.clone();
             let window = self.window;
-            let Prepare { tx, op } = msg;
             if twopc_common::fault::broken("vote_before_durable") {
                 // DELIBERATELY BROKEN (tests only): vote yes before the
                 // prepare is written, or even known to be possible.
                 let db = self.db.clone();
                 tokio::spawn(async move {
-                    db.run(move |c| prepare_job(&*resource, c, tx, &op, window))
+                    db.run(move |c| prepare_job(&*resource, c, &msg, window))
                         .await
                 });
                 return Response::ok(protocol::encode(&Vote::Yes));
@@ -571,7 +596,7 @@ impl<R: Resource> Participant<R> {
             let started = std::time::Instant::now();
             let vote = match self
                 .db
-                .run(move |c| prepare_job(&*resource, c, tx, &op, window))
+                .run(move |c| prepare_job(&*resource, c, &msg, window))
                 .await
             {
                 Ok(v) => v,
@@ -624,6 +649,16 @@ impl<R: Resource> Participant<R> {
                 return Response::error(body, 400, format!("bad_message: {e}"));
             }
         };
+        // Impossible ids only: whether one from the future is refused
+        // depends on the stored branch (`decide_job`).
+        if let Err(refused) = msg.check(now_ms(), &self.window, true) {
+            warn!(participant = %name, tx = %msg.tx, code = %refused.code, message = %refused.message, "refused decision");
+            let body = protocol::encode(&DecideReply::Rejected {
+                code: refused.code,
+                message: refused.message.clone(),
+            });
+            return Response::error(body, refused.code.status(), refused.to_string());
+        }
         let delay = delay_for(ParticipantDelay::Decide.at(&name));
         if let Some(d) = delay {
             tokio::time::sleep(d).await;
@@ -651,7 +686,7 @@ impl<R: Resource> Participant<R> {
             let window = self.window;
             let reply = match self
                 .db
-                .run(move |c| decide_job(&*resource, c, tx, decision, window))
+                .run(move |c| decide_job(&*resource, c, Decide { tx, decision }, window))
                 .await
             {
                 Ok(r) => r,
@@ -857,7 +892,7 @@ impl<R: Resource> Participant<R> {
         let timeout = Duration::from_millis(self.args.decision_timeout_ms);
         let reply = match twopc_common::nats::request(
             &self.client,
-            subjects::DECISION_QUERY,
+            subjects::decision_query(&name),
             request,
             timeout,
         )

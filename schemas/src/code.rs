@@ -58,6 +58,18 @@ pub enum Code {
     /// The transaction is older than the protocol's window (see
     /// `protocol::TX_WINDOW`): too old to prepare or to commit.
     Expired,
+    /// A protocol message's transaction id is not a UUIDv7, so its age
+    /// cannot be known (`protocol::TxWindow::check_tx`).
+    BadTxId,
+    /// A protocol message's transaction id starts further in the future
+    /// than the tolerated clock skew (`protocol::TxWindow::check_tx`).
+    TxInFuture,
+    /// A decision query whose body names another participant than the
+    /// one its subject says sent it (`twopc.decision.<participant>`).
+    WrongSender,
+    /// A decision query from a participant that is not a branch of the
+    /// transaction.
+    NotABranch,
 }
 
 impl Code {
@@ -85,6 +97,10 @@ impl Code {
             Code::ShuttingDown => "shutting_down",
             Code::OutcomeUnknown => "outcome_unknown",
             Code::Expired => "expired",
+            Code::BadTxId => "bad_tx_id",
+            Code::TxInFuture => "tx_in_future",
+            Code::WrongSender => "wrong_sender",
+            Code::NotABranch => "not_a_branch",
         }
     }
 
@@ -99,6 +115,7 @@ impl Code {
             Code::Internal => 500,
             Code::Timeout | Code::OutcomeUnknown => 504,
             Code::Expired => 410,
+            Code::WrongSender | Code::NotABranch => 403,
             Code::InsufficientFunds
             | Code::OutOfStock
             | Code::PriceMismatch
@@ -106,7 +123,9 @@ impl Code {
             | Code::PresumedAbort
             | Code::MalformedJson
             | Code::InvalidRequest
-            | Code::BadMessage => 400,
+            | Code::BadMessage
+            | Code::BadTxId
+            | Code::TxInFuture => 400,
         }
     }
 
@@ -149,6 +168,11 @@ mod tests {
             Code::Internal,
             Code::ShuttingDown,
             Code::OutcomeUnknown,
+            Code::Expired,
+            Code::BadTxId,
+            Code::TxInFuture,
+            Code::WrongSender,
+            Code::NotABranch,
         ];
         for code in all {
             let json = serde_json::to_string(&code).unwrap();
@@ -156,5 +180,21 @@ mod tests {
             assert_eq!(Code::parse(code.as_str()), Some(code));
         }
         assert_eq!(Code::parse("nope"), None);
+    }
+
+    #[test]
+    fn wire_indices_of_appended_codes_are_pinned() {
+        // Postcard writes a code as its variant index: appending keeps
+        // every older index.
+        for (code, index) in [
+            (Code::InsufficientFunds, 0u8),
+            (Code::Expired, 20),
+            (Code::BadTxId, 21),
+            (Code::TxInFuture, 22),
+            (Code::WrongSender, 23),
+            (Code::NotABranch, 24),
+        ] {
+            assert_eq!(postcard::to_allocvec(&code).unwrap(), vec![index]);
+        }
     }
 }

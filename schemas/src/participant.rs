@@ -28,6 +28,11 @@ pub const ORDER: ParticipantName = ParticipantName(Cow::Borrowed("order"));
 /// The participants of a purchase, in the order the coordinator lists them.
 pub const PURCHASE_PARTICIPANTS: [ParticipantName; 2] = [WALLET, ORDER];
 
+/// Not a participant name: `twopc.decision.*` is the coordinator's
+/// (`subjects::decision_query`), and this participant's prepares would be
+/// `twopc.decision.prepare`.
+const RESERVED: &str = "decision";
+
 /// Why a string is not a participant name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("participant name {name:?}: {why}")]
@@ -49,6 +54,8 @@ impl ParticipantName {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
         {
             Some("may contain only a-z, 0-9, _ and -")
+        } else if name == RESERVED {
+            Some("is reserved: twopc.decision.* are the coordinator's decision queries")
         } else {
             None
         };

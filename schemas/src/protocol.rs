@@ -93,6 +93,80 @@ impl TxWindow {
             None => true,
         }
     }
+
+    /// Checks a transaction id that arrived in a protocol message, at the
+    /// receiver's clock `now_ms`: a UUIDv7 of the RFC 9562 variant
+    /// (`bad_tx_id` otherwise: its age cannot be known) that starts at most
+    /// `max_skew_ms` in the future (`tx_in_future` otherwise: it would stay
+    /// "within the window" for longer than the rule allows). `Ok` says
+    /// whether it is past the window; what that means is each handler's (a
+    /// prepare is refused unless its branch is stored, a decision query
+    /// writes nothing, ...): a message about an old transaction may still
+    /// be needed, one with an impossible id never is.
+    pub fn check_tx(&self, tx: TxId, now_ms: i64) -> Result<TxAge, Refused> {
+        let started = match started_at_ms(tx) {
+            Some(t) if tx.get_variant() == uuid::Variant::RFC4122 => t,
+            _ => {
+                return Err(Refused::new(
+                    Code::BadTxId,
+                    format!(
+                        "tx {tx} is not a UUIDv7 (version {}): its age cannot be known",
+                        tx.get_version_num()
+                    ),
+                ))
+            }
+        };
+        let ahead_ms = started - now_ms;
+        if ahead_ms > self.max_skew_ms {
+            return Err(Refused::new(
+                Code::TxInFuture,
+                format!(
+                    "tx {tx} starts {ahead_ms} ms in the future, more than the tolerated \
+                     clock skew of {} ms",
+                    self.max_skew_ms
+                ),
+            ));
+        }
+        Ok(if now_ms - started > self.window_ms {
+            TxAge::Expired
+        } else {
+            TxAge::Within
+        })
+    }
+}
+
+/// Where a transaction stands at a receiver whose checks it passed
+/// ([`TxWindow::check_tx`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxAge {
+    /// Within the window: it may still be prepared, committed, tombstoned.
+    Within,
+    /// Past the window: nothing new is written for it; stored state still
+    /// answers.
+    Expired,
+}
+
+/// Why a receiver refuses a protocol message that decoded: the code of its
+/// no vote or rejection, and which field and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub code: Code,
+    pub message: String,
+}
+
+impl Refused {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Refused {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
 }
 
 /// The 2PC decision. Not to be confused with a SQLite commit.
@@ -158,6 +232,21 @@ pub struct Prepare {
     pub op: BranchOp,
 }
 
+impl Prepare {
+    /// What a participant checks of a prepare before acting on it, at its
+    /// own clock (the one place; also right before writing): the operation
+    /// within the public API's limits (`bad_message`; [`decode`] checked
+    /// it already) and the transaction id ([`TxWindow::check_tx`]). `Ok`
+    /// says whether it is past the window, where only a stored branch may
+    /// answer.
+    pub fn check(&self, now_ms: i64, window: &TxWindow) -> Result<TxAge, Refused> {
+        self.op
+            .validate()
+            .map_err(|m| Refused::new(Code::BadMessage, m))?;
+        window.check_tx(self.tx, now_ms)
+    }
+}
+
 /// Phase 1 reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Vote {
@@ -174,6 +263,24 @@ pub struct Decide {
     pub decision: Decision,
 }
 
+impl Decide {
+    /// What a participant checks of a decision before acting on it: the
+    /// transaction id ([`TxWindow::check_tx`]); `stored` says whether it
+    /// holds a branch of the transaction. A decision for a stored branch is
+    /// applied whatever the participant's clock says — past the window
+    /// (delivery goes on until acknowledged) or, after its clock stepped
+    /// back, apparently from the future: nothing may strand a prepared
+    /// branch. Without one, an id from the future is refused like a
+    /// prepare's, and past the window no tombstone is written. (Before the
+    /// store is read, pass `true`: only impossible ids are refused.)
+    pub fn check(&self, now_ms: i64, window: &TxWindow, stored: bool) -> Result<TxAge, Refused> {
+        match window.check_tx(self.tx, now_ms) {
+            Err(r) if r.code == Code::TxInFuture && stored => Ok(TxAge::Within),
+            checked => checked,
+        }
+    }
+}
+
 /// Phase 2 reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DecideReply {
@@ -188,6 +295,37 @@ pub enum DecideReply {
 pub struct DecisionQuery {
     pub tx: TxId,
     pub participant: ParticipantName,
+}
+
+impl DecisionQuery {
+    /// What the coordinator checks of a decision query that arrived on
+    /// `subject`: the subject names its sender
+    /// ([`crate::subjects::decision_query`]; the server lets participant P
+    /// publish only `twopc.decision.P`), and the body must name the same
+    /// participant (`wrong_sender`); then the transaction id
+    /// ([`TxWindow::check_tx`]). `Ok` says whether it is past the window,
+    /// where the query is answered from the log without writing.
+    pub fn check(&self, subject: &str, now_ms: i64, window: &TxWindow) -> Result<TxAge, Refused> {
+        match crate::subjects::decision_query_sender(subject) {
+            Some(sender) if sender == self.participant => {}
+            Some(sender) => {
+                return Err(Refused::new(
+                    Code::WrongSender,
+                    format!(
+                        "the query names {} but was sent by {sender} (on {subject})",
+                        self.participant
+                    ),
+                ))
+            }
+            None => {
+                return Err(Refused::new(
+                    Code::WrongSender,
+                    format!("{subject:?} does not name a participant"),
+                ))
+            }
+        }
+        window.check_tx(self.tx, now_ms)
+    }
 }
 
 /// Coordinator → participant: the answer to a [`DecisionQuery`].
@@ -525,6 +663,119 @@ mod limits {
         );
         assert!(TxWindow::new(1_000, 1_500, 500).is_err());
         assert!(TxWindow::new(0, 5_000, 0).is_err());
+    }
+
+    /// A UUIDv7 made at `ms`.
+    fn tx_at(ms: i64) -> TxId {
+        uuid::Builder::from_unix_timestamp_millis(ms as u64, &[7; 10]).into_uuid()
+    }
+
+    const NOW: i64 = 1_700_000_000_000;
+
+    fn refused(r: Result<TxAge, Refused>) -> Code {
+        r.expect_err("refused").code
+    }
+
+    #[test]
+    fn a_transaction_id_is_a_uuidv7_not_from_the_future() {
+        let w = TxWindow::new(1_000, 5_000, 500).unwrap();
+        let v4 = Uuid::from_bytes([
+            0x01, 0x93, 0, 0, 0, 0, 0x40, 0, 0x80, 0, 0, 0, 0, 0, 0, 0x2a,
+        ]);
+        for bad in [Uuid::nil(), Uuid::max(), v4, Uuid::from_u128(1)] {
+            assert_eq!(refused(w.check_tx(bad, NOW)), Code::BadTxId, "{bad}");
+        }
+        // A v7 layout with another variant is not an RFC 9562 UUIDv7.
+        let mut b = *tx_at(NOW).as_bytes();
+        b[8] = 0xc0;
+        assert_eq!(refused(w.check_tx(Uuid::from_bytes(b), NOW)), Code::BadTxId);
+        // Up to the tolerated skew ahead is fine; beyond it, refused.
+        assert_eq!(w.check_tx(tx_at(NOW + 500), NOW), Ok(TxAge::Within));
+        assert_eq!(refused(w.check_tx(tx_at(NOW + 501), NOW)), Code::TxInFuture);
+        assert_eq!(
+            refused(w.check_tx(tx_at(NOW + 3_600_000), NOW)),
+            Code::TxInFuture
+        );
+        // Within the window, then past it: still valid, but expired.
+        assert_eq!(w.check_tx(tx_at(NOW - 1_000), NOW), Ok(TxAge::Within));
+        assert_eq!(w.check_tx(tx_at(NOW - 1_001), NOW), Ok(TxAge::Expired));
+        assert_eq!(w.check_tx(tx_at(0), NOW), Ok(TxAge::Expired));
+    }
+
+    #[test]
+    fn each_message_has_one_check_used_by_its_receiver() {
+        let w = TxWindow::new(1_000, 5_000, 500).unwrap();
+        let prepare = |tx, op| Prepare { tx, op }.check(NOW, &w);
+        assert_eq!(prepare(tx_at(NOW), debit("a", 1)), Ok(TxAge::Within));
+        assert_eq!(
+            prepare(tx_at(NOW - 2_000), debit("a", 1)),
+            Ok(TxAge::Expired)
+        );
+        assert_eq!(
+            refused(prepare(tx_at(NOW), reserve("a", "b", MAX_QTY + 1, 1))),
+            Code::BadMessage
+        );
+        assert_eq!(
+            refused(prepare(tx_at(NOW), debit("a", MAX_AMOUNT + 1))),
+            Code::BadMessage
+        );
+        assert_eq!(refused(prepare(Uuid::nil(), debit("a", 1))), Code::BadTxId);
+        assert_eq!(
+            refused(prepare(tx_at(NOW + 3_600_000), debit("a", 1))),
+            Code::TxInFuture
+        );
+
+        let decide = |tx, stored| {
+            Decide {
+                tx,
+                decision: Decision::Abort,
+            }
+            .check(NOW, &w, stored)
+        };
+        for stored in [false, true] {
+            assert_eq!(decide(tx_at(NOW), stored), Ok(TxAge::Within));
+            assert_eq!(decide(tx_at(NOW - 2_000), stored), Ok(TxAge::Expired));
+            assert_eq!(refused(decide(Uuid::from_u128(4), stored)), Code::BadTxId);
+        }
+        // From the future: no tombstone for it, but a stored branch is
+        // decided whatever this participant's clock says.
+        assert_eq!(refused(decide(tx_at(NOW + 501), false)), Code::TxInFuture);
+        assert_eq!(decide(tx_at(NOW + 3_600_000), true), Ok(TxAge::Within));
+
+        use crate::participant::{ORDER, WALLET};
+        use crate::subjects::decision_query;
+        let query = |tx, participant, subject: &str| {
+            DecisionQuery { tx, participant }.check(subject, NOW, &w)
+        };
+        let from_wallet = decision_query(&WALLET);
+        assert_eq!(query(tx_at(NOW), WALLET, &from_wallet), Ok(TxAge::Within));
+        assert_eq!(
+            query(tx_at(NOW - 2_000), WALLET, &from_wallet),
+            Ok(TxAge::Expired)
+        );
+        let r = DecisionQuery {
+            tx: tx_at(NOW),
+            participant: ORDER,
+        }
+        .check(&from_wallet, NOW, &w)
+        .unwrap_err();
+        assert_eq!(r.code, Code::WrongSender);
+        assert!(
+            r.message.contains("order") && r.message.contains("wallet"),
+            "{r}"
+        );
+        assert_eq!(
+            refused(query(tx_at(NOW), WALLET, "twopc.decision")),
+            Code::WrongSender
+        );
+        assert_eq!(
+            refused(query(Uuid::nil(), WALLET, &from_wallet)),
+            Code::BadTxId
+        );
+        assert_eq!(
+            refused(query(tx_at(NOW + 501), WALLET, &from_wallet)),
+            Code::TxInFuture
+        );
     }
 
     fn twopc_now() -> i64 {

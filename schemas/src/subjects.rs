@@ -31,8 +31,9 @@ pub fn client_tx_any() -> String {
 pub const TX_STATUS: &str = "shop.tx";
 /// Admin: transactions not yet resolved at the coordinator (JSON `{}`).
 pub const IN_DOUBT: &str = "shop.in_doubt";
-/// Internal: participants ask the coordinator for a transaction's decision.
-pub const DECISION_QUERY: &str = "twopc.decision";
+/// Internal: the coordinator serves every participant's decision queries
+/// ([`decision_query`]).
+pub const DECISION_QUERIES: &str = "twopc.decision.*";
 
 /// Public: a user's balance (JSON `{"user": ...}`), served by the wallet.
 pub const WALLET_BALANCE: &str = "wallet.balance";
@@ -55,6 +56,24 @@ pub fn decide(participant: &ParticipantName) -> String {
     format!("twopc.{participant}.decide")
 }
 
+/// Internal: `participant` asks the coordinator for a transaction's
+/// decision. The subject names the sender: the server lets participant P
+/// publish only `twopc.decision.P`, and the coordinator refuses a query
+/// whose body names anyone else ([`crate::protocol::DecisionQuery::check`]).
+/// (So no participant may be called `decision`: its prepares would be
+/// `twopc.decision.prepare`.)
+pub fn decision_query(participant: &ParticipantName) -> String {
+    format!("{DECISION_QUERY_PREFIX}{participant}")
+}
+
+const DECISION_QUERY_PREFIX: &str = "twopc.decision.";
+
+/// The participant a decision query's subject names, if it is one
+/// ([`decision_query`]).
+pub fn decision_query_sender(subject: &str) -> Option<ParticipantName> {
+    ParticipantName::new(subject.strip_prefix(DECISION_QUERY_PREFIX)?).ok()
+}
+
 /// Public: a transaction's state at one participant (JSON `{"tx": ...}`).
 pub fn participant_tx(participant: &ParticipantName) -> String {
     format!("{participant}.tx")
@@ -74,3 +93,39 @@ pub fn queue_group(service: &str) -> String {
 /// The JetStream KV bucket of the coordinators' decision log (a cluster's
 /// `--store kv`); its stream is `KV_<bucket>`, its subjects `$KV.<bucket>.>`.
 pub const DECISION_BUCKET: &str = "twopc_decisions";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::participant::{ORDER, WALLET};
+
+    #[test]
+    fn a_decision_query_subject_names_its_sender() {
+        assert_eq!(decision_query(&WALLET), "twopc.decision.wallet");
+        for p in [WALLET, ORDER, ParticipantName::new("x-1_y").unwrap()] {
+            assert_eq!(decision_query_sender(&decision_query(&p)), Some(p));
+        }
+        for bad in [
+            "twopc.decision",
+            "twopc.decision.",
+            "twopc.decision.Wallet",
+            "twopc.decision.wallet.x",
+            "twopc.wallet.decide",
+            "xtwopc.decision.wallet",
+        ] {
+            assert_eq!(decision_query_sender(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn no_participant_subject_is_a_decision_query() {
+        // The coordinator subscribes `twopc.decision.*`: a participant's
+        // own subjects must never match it.
+        assert!(ParticipantName::new("decision").is_err());
+        for p in [WALLET, ORDER] {
+            for s in [prepare(&p), decide(&p)] {
+                assert_eq!(decision_query_sender(&s), None, "{s}");
+            }
+        }
+    }
+}

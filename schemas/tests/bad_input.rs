@@ -639,7 +639,7 @@ fn undecodable_protocol_messages_are_refused() {
     let query_json = format!(r#"{{"tx":"{tx}","participant":"wallet"}}"#);
 
     // What twopc.wallet.prepare, twopc.order.prepare, twopc.*.decide and
-    // twopc.decision.query receive, garbled.
+    // twopc.decision.<participant> receive, garbled.
     assert_undecodable(&prepare_wallet, &prepare_json, protocol::encode(&Vote::Yes));
     assert_undecodable(&prepare_order, &prepare_json, protocol::encode(&decide));
     assert_undecodable(&decide, &decide_json, protocol::encode(&prepare_wallet));

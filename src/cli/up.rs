@@ -172,7 +172,7 @@ pub fn auth_init(
     }
     let creds = auth::Credentials::ensure(
         dir,
-        &auth::roles(&clients),
+        &auth::roles(&clients, &[]),
         twopc_schemas::subjects::DECISION_BUCKET,
     )?;
     for i in &creds.identities {

@@ -43,6 +43,9 @@ pub struct Options {
     pub order: ParticipantSettings,
     /// Shop clients to make identities for (empty: the default one).
     pub clients: Vec<&'static str>,
+    /// Participant identities beyond wallet and order (no service runs
+    /// them: a test sends as them).
+    pub more_participants: Vec<&'static str>,
 }
 
 impl Default for Options {
@@ -69,6 +72,7 @@ impl Default for Options {
             wallet: participant.clone(),
             order: participant,
             clients: vec![],
+            more_participants: vec![],
         }
     }
 }
@@ -99,11 +103,11 @@ pub struct System {
     pub shop: Shop,
     /// Every identity's credentials.
     pub creds: Credentials,
-    /// Connections with the coordinator's and the wallet's identities, for
-    /// tests that forge protocol messages past the server's permissions
-    /// (what a compromised service could send).
+    /// Connections with the coordinator's and each participant's
+    /// identities, for tests that forge protocol messages past the server's
+    /// permissions (what a compromised service could send).
     pub as_coordinator: async_nats::Client,
-    pub as_wallet: async_nats::Client,
+    pub as_participant: BTreeMap<String, async_nats::Client>,
     pub initial: Initial,
 }
 
@@ -132,6 +136,16 @@ impl System {
         cfg.coordinator = opts.coordinator;
         cfg.wallet = opts.wallet;
         cfg.order = opts.order;
+        cfg.more_participants = opts
+            .more_participants
+            .iter()
+            .map(|p| twopc_schemas::ParticipantName::new(*p).expect("participant name"))
+            .collect();
+        let participant_names: Vec<String> = ["wallet", "order"]
+            .iter()
+            .chain(opts.more_participants.iter())
+            .map(|p| p.to_string())
+            .collect();
         if !opts.clients.is_empty() {
             cfg.clients = opts
                 .clients
@@ -149,8 +163,8 @@ impl System {
         } = launcher::System::start(cfg).await?;
         let creds = creds.expect("test systems run with credentials");
         let url = nats.as_ref().expect("own nats-server").url();
-        let connect = |name: &'static str| {
-            let auth = creds.auth(name);
+        let connect = |name: String| {
+            let auth = creds.auth(&name);
             let url = url.clone();
             async move {
                 twopc_common::nats::connect_with(
@@ -161,8 +175,11 @@ impl System {
                 .await
             }
         };
-        let as_coordinator = connect("coordinator").await?;
-        let as_wallet = connect("wallet").await?;
+        let as_coordinator = connect("coordinator".into()).await?;
+        let mut as_participant = BTreeMap::new();
+        for p in participant_names {
+            as_participant.insert(p.clone(), connect(p).await?);
+        }
         Ok(System {
             dir,
             nats: nats.expect("the test system starts its own nats-server"),
@@ -171,7 +188,7 @@ impl System {
             shop,
             creds,
             as_coordinator,
-            as_wallet,
+            as_participant,
             initial: Initial::default(),
         })
     }
@@ -303,8 +320,8 @@ impl System {
         let own = format!("shop.{}.", self.shop.name);
         if subject.starts_with(&own) {
             &self.shop.client
-        } else if subject.starts_with("twopc.decision") {
-            &self.as_wallet
+        } else if let Some(p) = subject.strip_prefix("twopc.decision.") {
+            self.as_participant.get(p).unwrap_or(&self.client)
         } else if subject.starts_with("twopc.") {
             &self.as_coordinator
         } else {
