@@ -186,6 +186,11 @@ fn writer_loop(conn: Connection, receiver: mpsc::Receiver<Job>, name: String) {
             done.push(job(&conn));
         }
         let exec_us = started.elapsed().as_micros() as u64;
+        // Delay point `<name>.commit` (tests only): a slow disk, every
+        // batch's fsync taking this much longer.
+        if let Some(d) = crate::fault::delay_for(format_args!("{name}.commit")) {
+            std::thread::sleep(d);
+        }
         // The one place where a batch becomes durable: with WAL and
         // synchronous=FULL, COMMIT returns after the WAL is fsynced.
         if let Err(e) = exec(&conn, "COMMIT", []) {
