@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 use tracing::{error, info, warn, Instrument};
-use twopc_common::db::{self, Db, DbError};
+use twopc_common::db::{self, Db, DbError, ReadDb};
 use twopc_common::fault::{crash_point, delay_for};
 use twopc_common::micro::Registry;
 use twopc_common::now_ms;
@@ -389,8 +389,13 @@ fn decide_job<R: Resource>(
 pub struct Participant<R: Resource> {
     /// The service's resource logic.
     resource: Arc<R>,
-    /// The writer thread of the service's database.
+    /// The writer thread of the service's database: prepares, decisions,
+    /// recovery and collection.
     db: Db,
+    /// Read-only connections to the same database for the public reads
+    /// (`<name>.tx`, `<name>.in_doubt`), with their own queue: a flood of
+    /// reads never takes a place in the writer's queue.
+    reads: ReadDb,
     /// Connection to NATS.
     client: async_nats::Client,
     /// Flags and environment.
@@ -416,6 +421,7 @@ impl<R: Resource> Participant<R> {
     pub fn new(
         resource: R,
         db: Db,
+        reads: ReadDb,
         client: async_nats::Client,
         args: ParticipantArgs,
         registry: Arc<Registry>,
@@ -427,6 +433,7 @@ impl<R: Resource> Participant<R> {
         Arc::new(Participant {
             resource: Arc::new(resource),
             db,
+            reads,
             client,
             args,
             registry,
@@ -693,7 +700,7 @@ impl<R: Resource> Participant<R> {
         };
         let name = self.name();
         let res = self
-            .db
+            .reads
             .run(move |c| {
                 let b = load_branch(c, tx)?;
                 let at: Option<i64> = c
@@ -725,14 +732,14 @@ impl<R: Resource> Participant<R> {
                 };
                 Response::ok(serde_json::to_vec(&status).expect("status serialises"))
             }
-            Err(e) => refusal(&ApiError::new(Code::Internal, e.to_string())),
+            Err(e) => refusal(&db_error(e)),
         }
     }
 
     /// Prepared branches awaiting a decision (at most 1,000, oldest first).
     async fn in_doubt(&self) -> Result<ParticipantInDoubt, ApiError> {
         let prepared = self
-            .db
+            .reads
             .run(|c| {
                 let mut stmt = c.prepare_cached(
                     "SELECT tx, prepared_at_ms FROM branches WHERE state = 'prepared'
@@ -908,13 +915,14 @@ pub async fn run_service<R, F, Fut>(
 ) -> anyhow::Result<()>
 where
     R: Resource,
-    F: FnOnce(Serving, Db) -> Fut,
+    F: FnOnce(Serving, Db, ReadDb) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
 {
     let name = resource.name();
     args.tx_window().map_err(anyhow::Error::msg)?;
     let db = Participant::open_db(&args, &resource)?;
-    info!(participant = %name, db = %db.path().display(), "database open (WAL, synchronous=FULL)");
+    let reads = db.reader(name.as_str())?;
+    info!(participant = %name, db = %db.path().display(), "database open (WAL, synchronous=FULL; reads on their own connections)");
     if let Some(addr) = args.metrics_addr {
         twopc_common::telemetry::install(addr)?;
     }
@@ -933,10 +941,11 @@ where
         registry: registry.clone(),
         shutdown: shutdown.clone(),
     };
-    let extra = extra(serving, db.clone());
+    let extra = extra(serving, db.clone(), reads.clone());
     let p = Participant::new(
         resource,
         db,
+        reads,
         client.clone(),
         args,
         registry,
@@ -960,20 +969,23 @@ where
 }
 
 /// Serves one public JSON subject of a participant service: `handler`
-/// gets the database and the payload and returns a value or an error reply.
+/// gets the database handle `db` — the writer ([`Db`]) for a create, the
+/// readers ([`ReadDb`]) for a read — and the payload, and returns a value
+/// or an error reply.
 #[allow(clippy::too_many_arguments)]
-pub async fn serve_json<T, H, F>(
+pub async fn serve_json<D, T, H, F>(
     serving: Serving,
     service: &'static str,
     endpoint: &'static str,
     subject: &'static str,
-    db: Db,
+    db: D,
     max_inflight: usize,
     handler: H,
 ) -> anyhow::Result<()>
 where
+    D: Clone + Send + Sync + 'static,
     T: serde::Serialize,
-    H: Fn(Db, Bytes) -> F + Copy + Send + Sync + 'static,
+    H: Fn(D, Bytes) -> F + Copy + Send + Sync + 'static,
     F: std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
 {
     let ep = Endpoint {
