@@ -24,7 +24,7 @@ use twopc_common::now_ms;
 use twopc_common::trace::TraceContext;
 use twopc_schemas::api::{
     ApiError, CoordinatorInDoubt, Delivery as ApiDelivery, PurchaseReply, PurchaseRequest, TxQuery,
-    TxStatus, Undelivered,
+    TxStatus, Undelivered, MAX_IN_DOUBT_LISTED,
 };
 use twopc_schemas::client::{self, ClientName};
 use twopc_schemas::points::CoordinatorCrash;
@@ -257,17 +257,29 @@ impl<L: DecisionLog> Coordinator<L> {
     }
 
     /// What this coordinator has not finished: transactions in phase 1 and
-    /// decisions not yet acknowledged by every participant.
+    /// decisions not yet acknowledged by every participant, at most
+    /// [`MAX_IN_DOUBT_LISTED`] of each (the oldest), `truncated` if there
+    /// are more.
     pub async fn in_doubt(&self) -> Result<CoordinatorInDoubt, ApiError> {
-        let in_progress = self
+        let mut in_progress: Vec<String> = self
             .core
             .lock()
             .expect("lock")
             .active()
             .into_iter()
+            .take(MAX_IN_DOUBT_LISTED + 1)
             .map(|a| a.tx.to_string())
             .collect();
-        let incomplete = self.log.incomplete().await.map_err(|e| log_error(&e))?;
+        // One more than shown: its presence is what `truncated` says.
+        let mut incomplete = self
+            .log
+            .incomplete_listing(MAX_IN_DOUBT_LISTED + 1)
+            .await
+            .map_err(|e| log_error(&e))?;
+        let truncated =
+            in_progress.len() > MAX_IN_DOUBT_LISTED || incomplete.len() > MAX_IN_DOUBT_LISTED;
+        in_progress.truncate(MAX_IN_DOUBT_LISTED);
+        incomplete.truncate(MAX_IN_DOUBT_LISTED);
         let core = self.core.lock().expect("lock");
         let undelivered = incomplete
             .into_iter()
@@ -282,6 +294,7 @@ impl<L: DecisionLog> Coordinator<L> {
         Ok(CoordinatorInDoubt {
             in_progress,
             undelivered,
+            truncated,
         })
     }
 
@@ -746,7 +759,7 @@ impl<L: DecisionLog> Coordinator<L> {
             };
             return Ok(status);
         }
-        match self.log.get(tx).await {
+        match self.log.read(tx).await {
             Ok(rec) => {
                 let status = match rec {
                     None => TxStatus {

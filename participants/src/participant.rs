@@ -26,7 +26,9 @@ use twopc_common::micro::Registry;
 use twopc_common::now_ms;
 use twopc_common::serve::{serve, Endpoint, Response, Serving, Shutdown};
 use twopc_common::trace::TraceContext;
-use twopc_schemas::api::{ApiError, BranchStatus, ParticipantInDoubt, PreparedBranch, TxQuery};
+use twopc_schemas::api::{
+    ApiError, BranchStatus, ParticipantInDoubt, PreparedBranch, TxQuery, MAX_IN_DOUBT_LISTED,
+};
 use twopc_schemas::points::{ParticipantCrash, ParticipantDelay};
 use twopc_schemas::protocol::{
     self, BranchOp, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Prepare, TxId,
@@ -151,6 +153,26 @@ fn list_prepared(
         })
     })?;
     listed.collect()
+}
+
+/// The oldest `limit` prepared branches, and whether there are more.
+fn list_in_doubt(conn: &Connection, limit: usize) -> rusqlite::Result<(Vec<PreparedBranch>, bool)> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT tx, prepared_at_ms FROM branches WHERE state = 'prepared'
+         ORDER BY prepared_at_ms, tx LIMIT ?1",
+    )?;
+    // One more than shown: its presence is what `truncated` says.
+    let fetch = i64::try_from(limit + 1).expect("listing size fits in i64");
+    let rows = stmt.query_map([fetch], |r| {
+        Ok(PreparedBranch {
+            tx: tx_column(r, 0)?.to_string(),
+            prepared_at_ms: r.get(1)?,
+        })
+    })?;
+    let mut prepared = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+    let truncated = prepared.len() > limit;
+    prepared.truncate(limit);
+    Ok((prepared, truncated))
 }
 
 /// A money amount or quantity as an SQLite INTEGER. Messages are validated
@@ -736,29 +758,18 @@ impl<R: Resource> Participant<R> {
         }
     }
 
-    /// Prepared branches awaiting a decision (at most 1,000, oldest first).
+    /// Prepared branches awaiting a decision (at most
+    /// [`MAX_IN_DOUBT_LISTED`], oldest first, `truncated` if there are more).
     async fn in_doubt(&self) -> Result<ParticipantInDoubt, ApiError> {
-        let prepared = self
+        let (prepared, truncated) = self
             .reads
-            .run(|c| {
-                let mut stmt = c.prepare_cached(
-                    "SELECT tx, prepared_at_ms FROM branches WHERE state = 'prepared'
-                     ORDER BY prepared_at_ms LIMIT 1000",
-                )?;
-                let rows = stmt.query_map([], |r| {
-                    let tx: Vec<u8> = r.get(0)?;
-                    Ok(PreparedBranch {
-                        tx: TxId::from_slice(&tx).expect("16-byte tx id").to_string(),
-                        prepared_at_ms: r.get(1)?,
-                    })
-                })?;
-                rows.collect::<rusqlite::Result<Vec<_>>>()
-            })
+            .run(|c| list_in_doubt(c, MAX_IN_DOUBT_LISTED))
             .await
             .map_err(db_error)?;
         Ok(ParticipantInDoubt {
             participant: self.name().to_string(),
             prepared,
+            truncated,
         })
     }
 
@@ -1017,4 +1028,43 @@ pub fn db_error(e: DbError) -> ApiError {
 /// error headers.
 fn refusal(e: &ApiError) -> Response {
     Response::error(e.to_json(), e.code.status(), e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The in-doubt listing shows the oldest prepared branches, at most the
+    /// limit, and says when there are more.
+    #[test]
+    fn the_in_doubt_listing_is_bounded_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = db::open(&dir.path().join("p.db"), &[BRANCHES_SQL]).unwrap();
+        let mut txs = vec![];
+        for at in 0..5i64 {
+            let tx = TxId::now_v7();
+            txs.push(tx);
+            conn.execute(
+                "INSERT INTO branches (tx, state, prepared_at_ms, updated_at_ms)
+                 VALUES (?1, 'prepared', ?2, ?2)",
+                params![tx.as_bytes().as_slice(), 1_000 + at],
+            )
+            .unwrap();
+        }
+        conn.execute(
+            "INSERT INTO branches (tx, state, updated_at_ms) VALUES (?1, 'committed', 0)",
+            [TxId::now_v7().as_bytes().as_slice()],
+        )
+        .unwrap();
+        let (listed, truncated) = list_in_doubt(&conn, 3).unwrap();
+        let oldest: Vec<String> = txs[..3].iter().map(ToString::to_string).collect();
+        assert_eq!(
+            listed.iter().map(|b| b.tx.clone()).collect::<Vec<_>>(),
+            oldest
+        );
+        assert!(truncated);
+        let (listed, truncated) = list_in_doubt(&conn, 5).unwrap();
+        assert_eq!(listed.len(), 5);
+        assert!(!truncated, "all five prepared branches are shown");
+    }
 }
