@@ -21,6 +21,7 @@ use tracing::{error, info, warn, Instrument};
 use twopc_common::backoff::Backoff;
 use twopc_common::fault::crash_point;
 use twopc_common::now_ms;
+use twopc_common::refusals::refused;
 use twopc_common::trace::TraceContext;
 use twopc_schemas::api::{
     ApiError, CoordinatorInDoubt, Delivery as ApiDelivery, PurchaseReply, PurchaseRequest, TxQuery,
@@ -575,7 +576,11 @@ impl<L: DecisionLog> Coordinator<L> {
         let mut req = match PurchaseRequest::parse(&msg.payload) {
             Ok(r) => r,
             Err(e) => {
-                info!(code = %e.code, message = %e.message, "purchase refused");
+                refused(
+                    "purchase",
+                    e.code.as_str(),
+                    || info!(code = %e.code, message = %e.message, "purchase refused"),
+                );
                 return refusal(&e);
             }
         };
@@ -691,7 +696,11 @@ impl<L: DecisionLog> Coordinator<L> {
         let q = match protocol::decode::<DecisionQuery>(&payload) {
             Ok(q) => q,
             Err(e) => {
-                warn!(error = %e, "rejected decision query that does not decode");
+                refused(
+                    "decision-query",
+                    Code::BadMessage.as_str(),
+                    || warn!(error = %e, "rejected decision query that does not decode"),
+                );
                 let body = protocol::encode(&DecisionReply::Rejected {
                     code: Code::BadMessage,
                     message: e.to_string(),

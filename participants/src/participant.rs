@@ -24,6 +24,7 @@ use twopc_common::db::{self, Db, DbError, ReadDb};
 use twopc_common::fault::{crash_point, delay_for};
 use twopc_common::micro::Registry;
 use twopc_common::now_ms;
+use twopc_common::refusals::refused;
 use twopc_common::serve::{serve, Endpoint, Response, Serving, Shutdown};
 use twopc_common::trace::TraceContext;
 use twopc_schemas::api::{
@@ -566,11 +567,13 @@ impl<R: Resource> Participant<R> {
             Err(e) => {
                 // Nothing is written for either: the message is refused
                 // before anything is held, so a no vote is always safe.
-                if matches!(e, protocol::DecodeError::Invalid(_)) {
-                    warn!(participant = %name, error = %e, "rejected prepare outside the protocol's limits");
-                } else {
-                    warn!(participant = %name, error = %e, "rejected prepare that does not decode");
-                }
+                refused("prepare", Code::BadMessage.as_str(), || {
+                    if matches!(e, protocol::DecodeError::Invalid(_)) {
+                        warn!(participant = %name, error = %e, "rejected prepare outside the protocol's limits");
+                    } else {
+                        warn!(participant = %name, error = %e, "rejected prepare that does not decode");
+                    }
+                });
                 let body = protocol::encode(&Vote::No {
                     code: Code::BadMessage,
                     message: e.to_string(),
@@ -645,7 +648,11 @@ impl<R: Resource> Participant<R> {
         let msg = match protocol::decode::<Decide>(&payload) {
             Ok(m) => m,
             Err(e) => {
-                warn!(participant = %name, error = %e, "rejected decision that does not decode");
+                refused(
+                    "decide",
+                    Code::BadMessage.as_str(),
+                    || warn!(participant = %name, error = %e, "rejected decision that does not decode"),
+                );
                 let body = protocol::encode(&DecideReply::Rejected {
                     code: Code::BadMessage,
                     message: e.to_string(),
@@ -706,7 +713,9 @@ impl<R: Resource> Participant<R> {
                     info!("decision applied")
                 }
                 DecideReply::Rejected { code, message } => {
-                    warn!(%code, %message, "decision rejected")
+                    refused("decide", code.as_str(), || {
+                        warn!(%code, %message, "decision rejected")
+                    })
                 }
             }
             reply
