@@ -46,6 +46,13 @@ const SERVICE: &str = "coordinator";
 
 pub use crate::core::REFUSALS_BEFORE_ALERT;
 
+/// Most decision deliveries (`twopc.<p>.decide` requests) awaiting their
+/// answer at once. More wait for a place: a restart with many undelivered
+/// decisions, or a participant that is down while purchases go on, cannot
+/// put an unbounded number of requests (and reply subscriptions) on the
+/// connection at once.
+pub const MAX_DELIVERIES_IN_FLIGHT: usize = 1_024;
+
 /// Backoff of noting acknowledgements while the decision log is overloaded.
 const ACK_RETRY_BASE_MS: u64 = 20;
 const ACK_RETRY_CAP_MS: u64 = 2_000;
@@ -80,6 +87,8 @@ pub struct Coordinator<L: DecisionLog> {
     next_id: AtomicU64,
     /// This coordinator's shutdown signal (endpoints drain on it).
     shutdown: Shutdown,
+    /// Places for deliveries in flight ([`MAX_DELIVERIES_IN_FLIGHT`]).
+    deliveries: tokio::sync::Semaphore,
 }
 
 impl<L: DecisionLog> Coordinator<L> {
@@ -111,6 +120,7 @@ impl<L: DecisionLog> Coordinator<L> {
             queries: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             shutdown,
+            deliveries: tokio::sync::Semaphore::new(MAX_DELIVERIES_IN_FLIGHT),
         })
     }
 
@@ -368,10 +378,16 @@ impl<L: DecisionLog> Coordinator<L> {
                 decision,
                 trace,
             } => {
+                let place = self
+                    .deliveries
+                    .acquire()
+                    .await
+                    .expect("the semaphore is never closed");
                 let result = self
                     .send_decision(&participant, tx, decision, &trace)
                     .instrument(tx_span(tx, &trace))
                     .await;
+                drop(place);
                 if let Delivery::Refused(code, _) = &result {
                     metrics::counter!(
                         "twopc_deliveries_refused_total",
