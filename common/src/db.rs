@@ -12,6 +12,13 @@
 //! disturb the others in its batch. A failed `COMMIT` is fatal: after a failed
 //! fsync the file's state is unknown, so the process aborts and recovers from
 //! the log on restart.
+//!
+//! Reads that the protocol does not depend on (public balance, stock and
+//! status queries, in-doubt listings) go through a [`ReadDb`] instead: its
+//! own read-only connections on their own threads, with their own bounded
+//! queue. A flood of reads can then only make reads `Busy`; it never takes a
+//! place in the writer's queue, so prepares and decisions never wait behind
+//! it.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -24,6 +31,12 @@ use tokio::sync::oneshot;
 pub const MAX_BATCH: usize = 512;
 /// Most jobs waiting for the writer thread; past this callers get `Busy`.
 pub const MAX_QUEUE: usize = 8192;
+/// Reader threads of a [`ReadDb`], each with its own read-only connection:
+/// two, so that one long listing does not stop every short read.
+pub const READERS: usize = 2;
+/// Most read jobs waiting for a [`ReadDb`]'s threads; past this readers get
+/// `Busy` (and writers are not affected).
+pub const MAX_READ_QUEUE: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -144,6 +157,122 @@ impl Db {
     }
 }
 
+/// Read-only connections to a database that a [`Db`] writes, each on its
+/// own OS thread, fed by one bounded queue. Cheap to clone.
+///
+/// What a reader sees is durable: in WAL mode a commit becomes visible to
+/// other connections only when the WAL index header is updated, which
+/// SQLite does after the WAL is fsynced (`synchronous=FULL`). So a read
+/// never reports a state that a crash could take back.
+#[derive(Clone)]
+pub struct ReadDb {
+    sender: mpsc::SyncSender<ReadJob>,
+    path: PathBuf,
+}
+
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+
+impl ReadDb {
+    /// Opens `readers` read-only connections to the database at `path`
+    /// (created and migrated by its writer, in WAL mode), sharing a queue of
+    /// at most `max_queue` jobs.
+    pub fn open(
+        path: &Path,
+        name: &str,
+        readers: usize,
+        max_queue: usize,
+    ) -> rusqlite::Result<Self> {
+        assert!(
+            readers > 0 && max_queue > 0,
+            "a reader needs a thread and a queue"
+        );
+        let (sender, receiver) = mpsc::sync_channel::<ReadJob>(max_queue);
+        let receiver = std::sync::Arc::new(std::sync::Mutex::new(receiver));
+        for i in 0..readers {
+            let conn = open_read_only(path)?;
+            let receiver = receiver.clone();
+            std::thread::Builder::new()
+                .name(format!("db-{name}-read-{i}"))
+                .spawn(move || loop {
+                    // The lock is held only while waiting for the next job,
+                    // never while running one.
+                    let job = match receiver.lock().expect("reader queue lock").recv() {
+                        Ok(job) => job,
+                        Err(_) => return,
+                    };
+                    job(&conn);
+                })
+                .expect("spawn db reader thread");
+        }
+        Ok(ReadDb {
+            sender,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on a reader thread inside one read transaction (so its
+    /// statements see one snapshot) and returns its result. `Busy` at once
+    /// when [`MAX_READ_QUEUE`] reads are waiting.
+    pub async fn run<T, F>(&self, f: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<Result<T, DbError>>();
+        let job: ReadJob = Box::new(move |conn: &Connection| {
+            let _ = tx.send(read_transaction(conn, f).map_err(DbError::from));
+        });
+        self.sender.try_send(job).map_err(|e| match e {
+            mpsc::TrySendError::Full(_) => DbError::Busy,
+            mpsc::TrySendError::Disconnected(_) => DbError::Closed,
+        })?;
+        rx.await.map_err(|_| DbError::Closed)?
+    }
+}
+
+impl Db {
+    /// A [`ReadDb`] on this database with the default size
+    /// ([`READERS`] threads, [`MAX_READ_QUEUE`] jobs).
+    pub fn reader(&self, name: &str) -> rusqlite::Result<ReadDb> {
+        ReadDb::open(&self.path, name, READERS, MAX_READ_QUEUE)
+    }
+}
+
+/// A read-only connection: opened read-only and `query_only`, so no job
+/// on it can write, whatever SQL it runs.
+fn open_read_only(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.set_prepared_statement_cache_capacity(64);
+    conn.execute_batch("PRAGMA query_only=ON;")?;
+    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+    assert_eq!(
+        mode.to_lowercase(),
+        "wal",
+        "a reader needs WAL mode, or it would block the writer"
+    );
+    Ok(conn)
+}
+
+fn read_transaction<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    exec(conn, "BEGIN DEFERRED", [])?;
+    let result = f(conn);
+    // A read transaction has nothing to keep: end it either way, so that
+    // the WAL can be checkpointed past it.
+    exec(conn, "ROLLBACK", [])?;
+    result
+}
+
 fn run_in_savepoint<T>(
     conn: &Connection,
     f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
@@ -186,6 +315,11 @@ fn writer_loop(conn: Connection, receiver: mpsc::Receiver<Job>, name: String) {
             done.push(job(&conn));
         }
         let exec_us = started.elapsed().as_micros() as u64;
+        // Delay point `<name>.commit` (tests only): a slow disk, every
+        // batch's fsync taking this much longer.
+        if let Some(d) = crate::fault::delay_for(format_args!("{name}.commit")) {
+            std::thread::sleep(d);
+        }
         // The one place where a batch becomes durable: with WAL and
         // synchronous=FULL, COMMIT returns after the WAL is fsynced.
         if let Err(e) = exec(&conn, "COMMIT", []) {
@@ -213,7 +347,7 @@ mod tests {
 
     #[tokio::test]
     async fn jobs_commit_and_failed_jobs_roll_back_alone() {
-        let dir = tempfile_dir();
+        let dir = tempfile_dir("writer");
         let conn = open(
             &dir.join("t.db"),
             &["CREATE TABLE t (k INTEGER PRIMARY KEY)"],
@@ -260,8 +394,69 @@ mod tests {
         assert_eq!(n, 90);
     }
 
-    fn tempfile_dir() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("twopc-db-test-{}", std::process::id()));
+    /// A reader sees what the writer made durable, cannot write, and when
+    /// its queue is full it answers `Busy` while the writer goes on taking
+    /// jobs: reads and writes do not share a queue.
+    #[tokio::test]
+    async fn a_full_read_queue_refuses_reads_and_leaves_the_writer_alone() {
+        let dir = tempfile_dir("reader");
+        let conn = open(
+            &dir.join("t.db"),
+            &["CREATE TABLE t (k INTEGER PRIMARY KEY)"],
+        )
+        .unwrap();
+        let db = Db::start(conn, "test");
+        db.run(|c| c.execute("INSERT INTO t (k) VALUES (1)", []))
+            .await
+            .unwrap();
+        // One reader thread, room for one waiting job.
+        let reads = ReadDb::open(db.path(), "test", 1, 1).unwrap();
+        let count =
+            |c: &Connection| c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0));
+        assert_eq!(reads.run(count).await.unwrap(), 1);
+        let write = reads
+            .run(|c| c.execute("INSERT INTO t (k) VALUES (2)", []))
+            .await;
+        assert!(
+            matches!(write, Err(DbError::Sqlite(_))),
+            "a reader must not write: {:?}",
+            write.map(|_| ())
+        );
+
+        // Hold the only reader thread, then fill its one queue place.
+        let (started, running) = oneshot::channel::<()>();
+        let (release, released) = mpsc::channel::<()>();
+        let held = tokio::spawn({
+            let reads = reads.clone();
+            async move {
+                reads
+                    .run(move |_| {
+                        started.send(()).unwrap();
+                        released.recv().unwrap();
+                        Ok(())
+                    })
+                    .await
+            }
+        });
+        running.await.unwrap();
+        // Polled once, the next read has taken the one queue place.
+        let mut queued = Box::pin(reads.run(count));
+        assert!(futures::poll!(&mut queued).is_pending());
+        assert!(matches!(reads.run(count).await, Err(DbError::Busy)));
+        // The writer takes jobs all the same, and they become durable.
+        for k in 10..20i64 {
+            db.run(move |c| c.execute("INSERT INTO t (k) VALUES (?1)", [k]))
+                .await
+                .unwrap();
+        }
+        release.send(()).unwrap();
+        held.await.unwrap().unwrap();
+        // The queued read ran after the writes were durable: it sees them.
+        assert_eq!(queued.await.unwrap(), 11);
+    }
+
+    fn tempfile_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("twopc-db-test-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir

@@ -8,6 +8,7 @@ pub mod fault;
 pub mod http;
 pub mod logging;
 pub mod nats;
+pub mod refusals;
 
 /// Milliseconds since the Unix epoch, for timestamps in the logs and the
 /// databases. This is the wall clock: it can step backwards or forwards, so

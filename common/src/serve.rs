@@ -166,7 +166,11 @@ where
             _ = shutdown.wait_for(|s| *s) => break,
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(subject = %ep.subject, "at the in-flight limit; answering busy");
+            crate::refusals::refused(
+                ep.name,
+                "busy",
+                || tracing::warn!(subject = %ep.subject, "at the in-flight limit; answering busy"),
+            );
             if let Some(to) = msg.reply {
                 let status = ep.busy.error.as_ref().map(|(_, d)| d.as_str());
                 ep.registry

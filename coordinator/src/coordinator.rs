@@ -22,10 +22,11 @@ use tracing::{error, info, warn, Instrument};
 use twopc_common::backoff::Backoff;
 use twopc_common::fault::crash_point;
 use twopc_common::now_ms;
+use twopc_common::refusals::refused;
 use twopc_common::trace::TraceContext;
 use twopc_schemas::api::{
     ApiError, CoordinatorInDoubt, Delivery as ApiDelivery, PurchaseReply, PurchaseRequest, TxQuery,
-    TxStatus, Undelivered,
+    TxStatus, Undelivered, MAX_IN_DOUBT_LISTED,
 };
 use twopc_schemas::client::{self, ClientName};
 use twopc_schemas::points::CoordinatorCrash;
@@ -45,6 +46,13 @@ use twopc_common::serve::{serve, Endpoint, Response, Shutdown};
 const SERVICE: &str = "coordinator";
 
 pub use crate::core::REFUSALS_BEFORE_ALERT;
+
+/// Most decision deliveries (`twopc.<p>.decide` requests) awaiting their
+/// answer at once. More wait for a place: a restart with many undelivered
+/// decisions, or a participant that is down while purchases go on, cannot
+/// put an unbounded number of requests (and reply subscriptions) on the
+/// connection at once.
+pub const MAX_DELIVERIES_IN_FLIGHT: usize = 1_024;
 
 /// Backoff of noting acknowledgements while the decision log is overloaded.
 const ACK_RETRY_BASE_MS: u64 = 20;
@@ -80,6 +88,8 @@ pub struct Coordinator<L: DecisionLog> {
     next_id: AtomicU64,
     /// This coordinator's shutdown signal (endpoints drain on it).
     shutdown: Shutdown,
+    /// Places for deliveries in flight ([`MAX_DELIVERIES_IN_FLIGHT`]).
+    deliveries: tokio::sync::Semaphore,
 }
 
 impl<L: DecisionLog> Coordinator<L> {
@@ -111,6 +121,7 @@ impl<L: DecisionLog> Coordinator<L> {
             queries: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             shutdown,
+            deliveries: tokio::sync::Semaphore::new(MAX_DELIVERIES_IN_FLIGHT),
         })
     }
 
@@ -270,17 +281,29 @@ impl<L: DecisionLog> Coordinator<L> {
     }
 
     /// What this coordinator has not finished: transactions in phase 1 and
-    /// decisions not yet acknowledged by every participant.
+    /// decisions not yet acknowledged by every participant, at most
+    /// [`MAX_IN_DOUBT_LISTED`] of each (the oldest), `truncated` if there
+    /// are more.
     pub async fn in_doubt(&self) -> Result<CoordinatorInDoubt, ApiError> {
-        let in_progress = self
+        let mut in_progress: Vec<String> = self
             .core
             .lock()
             .expect("lock")
             .active()
             .into_iter()
+            .take(MAX_IN_DOUBT_LISTED + 1)
             .map(|a| a.tx.to_string())
             .collect();
-        let incomplete = self.log.incomplete().await.map_err(|e| log_error(&e))?;
+        // One more than shown: its presence is what `truncated` says.
+        let mut incomplete = self
+            .log
+            .incomplete_listing(MAX_IN_DOUBT_LISTED + 1)
+            .await
+            .map_err(|e| log_error(&e))?;
+        let truncated =
+            in_progress.len() > MAX_IN_DOUBT_LISTED || incomplete.len() > MAX_IN_DOUBT_LISTED;
+        in_progress.truncate(MAX_IN_DOUBT_LISTED);
+        incomplete.truncate(MAX_IN_DOUBT_LISTED);
         let core = self.core.lock().expect("lock");
         let undelivered = incomplete
             .into_iter()
@@ -295,6 +318,7 @@ impl<L: DecisionLog> Coordinator<L> {
         Ok(CoordinatorInDoubt {
             in_progress,
             undelivered,
+            truncated,
         })
     }
 
@@ -367,10 +391,16 @@ impl<L: DecisionLog> Coordinator<L> {
                 decision,
                 trace,
             } => {
+                let place = self
+                    .deliveries
+                    .acquire()
+                    .await
+                    .expect("the semaphore is never closed");
                 let result = self
                     .send_decision(&participant, tx, decision, &trace)
                     .instrument(tx_span(tx, &trace))
                     .await;
+                drop(place);
                 if let Delivery::Refused(code, _) = &result {
                     metrics::counter!(
                         "twopc_deliveries_refused_total",
@@ -593,7 +623,11 @@ impl<L: DecisionLog> Coordinator<L> {
         let mut req = match PurchaseRequest::parse(&msg.payload) {
             Ok(r) => r,
             Err(e) => {
-                info!(code = %e.code, message = %e.message, "purchase refused");
+                refused(
+                    "purchase",
+                    e.code.as_str(),
+                    || info!(code = %e.code, message = %e.message, "purchase refused"),
+                );
                 return refusal(&e);
             }
         };
@@ -710,7 +744,11 @@ impl<L: DecisionLog> Coordinator<L> {
         let q = match protocol::decode::<DecisionQuery>(&payload) {
             Ok(q) => q,
             Err(e) => {
-                warn!(error = %e, "rejected decision query that does not decode");
+                refused(
+                    "decision-query",
+                    Code::BadMessage.as_str(),
+                    || warn!(error = %e, "rejected decision query that does not decode"),
+                );
                 let body = protocol::encode(&DecisionReply::Rejected {
                     code: Code::BadMessage,
                     message: e.to_string(),
@@ -784,7 +822,7 @@ impl<L: DecisionLog> Coordinator<L> {
             };
             return Ok(status);
         }
-        match self.log.get(tx).await {
+        match self.log.read(tx).await {
             Ok(rec) => {
                 let status = match rec {
                     None => TxStatus {

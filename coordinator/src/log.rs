@@ -9,7 +9,7 @@
 use std::future::Future;
 
 use rusqlite::{params, Connection, OptionalExtension};
-use twopc_common::db::{self, Db, DbError};
+use twopc_common::db::{self, Db, DbError, ReadDb};
 use twopc_common::now_ms;
 use twopc_schemas::api::{AbortReason, PurchaseRequest, VoteSummary};
 use twopc_schemas::protocol::{Decision, TxId};
@@ -97,6 +97,25 @@ pub trait DecisionLog: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), LogError>> + Send;
     /// Records whose decision has not reached every participant.
     fn incomplete(&self) -> impl Future<Output = Result<Vec<Record>, LogError>> + Send;
+    /// A record for a public status read (`shop.tx`). A store may serve
+    /// it off the protocol's write path (SQLite: read-only connections with
+    /// their own queue), so a flood of reads never delays a decision.
+    fn read(&self, tx: TxId) -> impl Future<Output = Result<Option<Record>, LogError>> + Send {
+        self.get(tx)
+    }
+    /// At most `limit` of the [`incomplete`](Self::incomplete) records,
+    /// oldest decision first, for the in-doubt listing; served like
+    /// [`read`](Self::read).
+    fn incomplete_listing(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Record>, LogError>> + Send {
+        async move {
+            let mut records = self.incomplete().await?;
+            records.truncate(limit);
+            Ok(records)
+        }
+    }
     /// The `n` most recent decisions, newest first.
     fn recent(&self, n: usize) -> impl Future<Output = Result<Vec<Record>, LogError>> + Send;
     /// Deletes what the retention rule lets go: records acknowledged by
@@ -134,15 +153,19 @@ CREATE INDEX decisions_completed ON decisions (decided_at_ms) WHERE completed_at
 /// The SQLite decision log (WAL, synchronous=FULL, group commit).
 #[derive(Clone)]
 pub struct SqliteLog {
+    /// The writer: everything the protocol reads and writes.
     db: Db,
+    /// Read-only connections for the public reads (`shop.tx`,
+    /// `shop.in_doubt`), with their own queue.
+    reads: ReadDb,
 }
 
 impl SqliteLog {
     pub fn open(path: &std::path::Path) -> anyhow::Result<Self> {
         let conn = db::open(path, MIGRATIONS)?;
-        Ok(SqliteLog {
-            db: Db::start(conn, "coordinator"),
-        })
+        let db = Db::start(conn, "coordinator");
+        let reads = db.reader("coordinator")?;
+        Ok(SqliteLog { db, reads })
     }
 
     pub fn path(&self) -> &std::path::Path {
@@ -471,17 +494,28 @@ impl DecisionLog for SqliteLog {
     }
 
     async fn incomplete(&self) -> Result<Vec<Record>, LogError> {
-        Ok(self
-            .db
-            .run(|c| {
-                let mut stmt = c.prepare(&format!(
-                    "SELECT {COLUMNS} FROM decisions WHERE completed_at_ms IS NULL ORDER BY decided_at_ms"
-                ))?;
-                let rows = stmt.query_map([], row_to_record)?;
-                rows.collect()
-            })
-            .await?)
+        Ok(self.db.run(|c| incomplete(c, None)).await?)
     }
+
+    async fn read(&self, tx: TxId) -> Result<Option<Record>, LogError> {
+        Ok(self.reads.run(move |c| get(c, tx)).await?)
+    }
+
+    async fn incomplete_listing(&self, limit: usize) -> Result<Vec<Record>, LogError> {
+        Ok(self.reads.run(move |c| incomplete(c, Some(limit))).await?)
+    }
+}
+
+/// Undelivered records, oldest decision first; at most `limit`.
+fn incomplete(c: &Connection, limit: Option<usize>) -> rusqlite::Result<Vec<Record>> {
+    // SQLite reads a negative LIMIT as none.
+    let limit = limit.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
+    let mut stmt = c.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM decisions WHERE completed_at_ms IS NULL
+         ORDER BY decided_at_ms, tx LIMIT ?1"
+    ))?;
+    let rows = stmt.query_map([limit], row_to_record)?;
+    rows.collect()
 }
 
 /// One row of the decision log as stored, for readers outside the service
@@ -539,6 +573,41 @@ mod tests {
         drop(log);
         let again = SqliteLog::open(&dir.path().join("c.db")).unwrap();
         assert!(!again.recent(1).await.unwrap().is_empty());
+    }
+
+    /// The in-doubt listing reads at most its limit, oldest decision
+    /// first, off the read-only connections, which see what the writer made
+    /// durable.
+    #[tokio::test]
+    async fn the_incomplete_listing_is_bounded_and_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SqliteLog::open(&dir.path().join("c.db")).unwrap();
+        let mut undelivered = vec![];
+        for at in 0..5i64 {
+            let mut rec = crate::conformance::record(TxId::now_v7(), Decision::Abort, None);
+            rec.decided_at_ms = 1_000 - at;
+            undelivered.push(rec.tx);
+            log.record(rec).await.unwrap();
+        }
+        let mut done = crate::conformance::record(TxId::now_v7(), Decision::Commit, None);
+        done.decided_at_ms = 0;
+        done.pending.clear();
+        log.record(done.clone()).await.unwrap();
+        undelivered.reverse(); // oldest first
+        let listed: Vec<TxId> = log
+            .incomplete_listing(3)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.tx)
+            .collect();
+        assert_eq!(listed, undelivered[..3]);
+        assert_eq!(log.incomplete_listing(10).await.unwrap().len(), 5);
+        assert_eq!(
+            log.read(done.tx).await.unwrap(),
+            log.get(done.tx).await.unwrap()
+        );
+        assert!(log.read(done.tx).await.unwrap().is_some());
     }
 
     /// Rows as earlier versions wrote them still read back, whatever the

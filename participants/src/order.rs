@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
-use twopc_common::db::{self, Db};
+use twopc_common::db::{self, Db, ReadDb};
 use twopc_common::now_ms;
 use twopc_schemas::api::{ApiError, CreateProduct, Stock, StockQuery};
 use twopc_schemas::participant::{self, BranchState, ParticipantName};
@@ -205,7 +205,7 @@ impl Resource for Order {
     }
 }
 
-async fn stock(db: Db, payload: Bytes) -> Result<Stock, ApiError> {
+async fn stock(db: ReadDb, payload: Bytes) -> Result<Stock, ApiError> {
     let q = StockQuery::parse(&payload)?;
     let sku = q.sku.clone();
     let row = db
@@ -266,9 +266,11 @@ async fn create_product(db: Db, payload: Bytes) -> Result<Stock, ApiError> {
 }
 
 /// Serves the order service's public subjects.
+/// Reads go to the read-only connections (`reads`), creates to the writer.
 pub async fn serve_public(
     serving: twopc_common::serve::Serving,
     db: Db,
+    reads: ReadDb,
     max_inflight: usize,
 ) -> anyhow::Result<()> {
     let s = participant::ORDER.as_str();
@@ -278,7 +280,7 @@ pub async fn serve_public(
             s,
             "stock",
             subjects::ORDER_STOCK,
-            db.clone(),
+            reads,
             max_inflight,
             stock
         ),
@@ -305,7 +307,7 @@ pub async fn run(
         args,
         Order,
         "twopc order service: products, prices, stock and reservations",
-        move |serving, db| serve_public(serving, db, max),
+        move |serving, db, reads| serve_public(serving, db, reads, max),
         stop,
     )
     .await

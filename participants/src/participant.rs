@@ -21,13 +21,16 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 use tracing::{error, info, warn, Instrument};
-use twopc_common::db::{self, Db, DbError};
+use twopc_common::db::{self, Db, DbError, ReadDb};
 use twopc_common::fault::{crash_point, delay_for};
 use twopc_common::micro::Registry;
 use twopc_common::now_ms;
+use twopc_common::refusals::refused;
 use twopc_common::serve::{serve, Endpoint, Response, Serving, Shutdown};
 use twopc_common::trace::TraceContext;
-use twopc_schemas::api::{ApiError, BranchStatus, ParticipantInDoubt, PreparedBranch, TxQuery};
+use twopc_schemas::api::{
+    ApiError, BranchStatus, ParticipantInDoubt, PreparedBranch, TxQuery, MAX_IN_DOUBT_LISTED,
+};
 use twopc_schemas::points::{ParticipantCrash, ParticipantDelay};
 use twopc_schemas::protocol::{
     self, BranchOp, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Prepare, TxAge,
@@ -152,6 +155,26 @@ fn list_prepared(
         })
     })?;
     listed.collect()
+}
+
+/// The oldest `limit` prepared branches, and whether there are more.
+fn list_in_doubt(conn: &Connection, limit: usize) -> rusqlite::Result<(Vec<PreparedBranch>, bool)> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT tx, prepared_at_ms FROM branches WHERE state = 'prepared'
+         ORDER BY prepared_at_ms, tx LIMIT ?1",
+    )?;
+    // One more than shown: its presence is what `truncated` says.
+    let fetch = i64::try_from(limit + 1).expect("listing size fits in i64");
+    let rows = stmt.query_map([fetch], |r| {
+        Ok(PreparedBranch {
+            tx: tx_column(r, 0)?.to_string(),
+            prepared_at_ms: r.get(1)?,
+        })
+    })?;
+    let mut prepared = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+    let truncated = prepared.len() > limit;
+    prepared.truncate(limit);
+    Ok((prepared, truncated))
 }
 
 /// A money amount or quantity as an SQLite INTEGER. Messages are validated
@@ -404,8 +427,13 @@ fn decide_job<R: Resource>(
 pub struct Participant<R: Resource> {
     /// The service's resource logic.
     resource: Arc<R>,
-    /// The writer thread of the service's database.
+    /// The writer thread of the service's database: prepares, decisions,
+    /// recovery and collection.
     db: Db,
+    /// Read-only connections to the same database for the public reads
+    /// (`<name>.tx`, `<name>.in_doubt`), with their own queue: a flood of
+    /// reads never takes a place in the writer's queue.
+    reads: ReadDb,
     /// Connection to NATS.
     client: async_nats::Client,
     /// Flags and environment.
@@ -431,6 +459,7 @@ impl<R: Resource> Participant<R> {
     pub fn new(
         resource: R,
         db: Db,
+        reads: ReadDb,
         client: async_nats::Client,
         args: ParticipantArgs,
         registry: Arc<Registry>,
@@ -442,6 +471,7 @@ impl<R: Resource> Participant<R> {
         Arc::new(Participant {
             resource: Arc::new(resource),
             db,
+            reads,
             client,
             args,
             registry,
@@ -552,11 +582,13 @@ impl<R: Resource> Participant<R> {
             Err(e) => {
                 // Nothing is written for either: the message is refused
                 // before anything is held, so a no vote is always safe.
-                if matches!(e, protocol::DecodeError::Invalid(_)) {
-                    warn!(participant = %name, error = %e, "rejected prepare outside the protocol's limits");
-                } else {
-                    warn!(participant = %name, error = %e, "rejected prepare that does not decode");
-                }
+                refused("prepare", Code::BadMessage.as_str(), || {
+                    if matches!(e, protocol::DecodeError::Invalid(_)) {
+                        warn!(participant = %name, error = %e, "rejected prepare outside the protocol's limits");
+                    } else {
+                        warn!(participant = %name, error = %e, "rejected prepare that does not decode");
+                    }
+                });
                 let body = protocol::encode(&Vote::No {
                     code: Code::BadMessage,
                     message: e.to_string(),
@@ -641,7 +673,11 @@ impl<R: Resource> Participant<R> {
         let msg = match protocol::decode::<Decide>(&payload) {
             Ok(m) => m,
             Err(e) => {
-                warn!(participant = %name, error = %e, "rejected decision that does not decode");
+                refused(
+                    "decide",
+                    Code::BadMessage.as_str(),
+                    || warn!(participant = %name, error = %e, "rejected decision that does not decode"),
+                );
                 let body = protocol::encode(&DecideReply::Rejected {
                     code: Code::BadMessage,
                     message: e.to_string(),
@@ -712,7 +748,9 @@ impl<R: Resource> Participant<R> {
                     info!("decision applied")
                 }
                 DecideReply::Rejected { code, message } => {
-                    warn!(%code, %message, "decision rejected")
+                    refused("decide", code.as_str(), || {
+                        warn!(%code, %message, "decision rejected")
+                    })
                 }
             }
             reply
@@ -728,7 +766,7 @@ impl<R: Resource> Participant<R> {
         };
         let name = self.name();
         let res = self
-            .db
+            .reads
             .run(move |c| {
                 let b = load_branch(c, tx)?;
                 let at: Option<i64> = c
@@ -760,33 +798,22 @@ impl<R: Resource> Participant<R> {
                 };
                 Response::ok(serde_json::to_vec(&status).expect("status serialises"))
             }
-            Err(e) => refusal(&ApiError::new(Code::Internal, e.to_string())),
+            Err(e) => refusal(&db_error(e)),
         }
     }
 
-    /// Prepared branches awaiting a decision (at most 1,000, oldest first).
+    /// Prepared branches awaiting a decision (at most
+    /// [`MAX_IN_DOUBT_LISTED`], oldest first, `truncated` if there are more).
     async fn in_doubt(&self) -> Result<ParticipantInDoubt, ApiError> {
-        let prepared = self
-            .db
-            .run(|c| {
-                let mut stmt = c.prepare_cached(
-                    "SELECT tx, prepared_at_ms FROM branches WHERE state = 'prepared'
-                     ORDER BY prepared_at_ms LIMIT 1000",
-                )?;
-                let rows = stmt.query_map([], |r| {
-                    let tx: Vec<u8> = r.get(0)?;
-                    Ok(PreparedBranch {
-                        tx: TxId::from_slice(&tx).expect("16-byte tx id").to_string(),
-                        prepared_at_ms: r.get(1)?,
-                    })
-                })?;
-                rows.collect::<rusqlite::Result<Vec<_>>>()
-            })
+        let (prepared, truncated) = self
+            .reads
+            .run(|c| list_in_doubt(c, MAX_IN_DOUBT_LISTED))
             .await
             .map_err(db_error)?;
         Ok(ParticipantInDoubt {
             participant: self.name().to_string(),
             prepared,
+            truncated,
         })
     }
 
@@ -943,13 +970,14 @@ pub async fn run_service<R, F, Fut>(
 ) -> anyhow::Result<()>
 where
     R: Resource,
-    F: FnOnce(Serving, Db) -> Fut,
+    F: FnOnce(Serving, Db, ReadDb) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
 {
     let name = resource.name();
     args.tx_window().map_err(anyhow::Error::msg)?;
     let db = Participant::open_db(&args, &resource)?;
-    info!(participant = %name, db = %db.path().display(), "database open (WAL, synchronous=FULL)");
+    let reads = db.reader(name.as_str())?;
+    info!(participant = %name, db = %db.path().display(), "database open (WAL, synchronous=FULL; reads on their own connections)");
     if let Some(addr) = args.metrics_addr {
         twopc_common::telemetry::install(addr)?;
     }
@@ -968,10 +996,11 @@ where
         registry: registry.clone(),
         shutdown: shutdown.clone(),
     };
-    let extra = extra(serving, db.clone());
+    let extra = extra(serving, db.clone(), reads.clone());
     let p = Participant::new(
         resource,
         db,
+        reads,
         client.clone(),
         args,
         registry,
@@ -995,20 +1024,23 @@ where
 }
 
 /// Serves one public JSON subject of a participant service: `handler`
-/// gets the database and the payload and returns a value or an error reply.
+/// gets the database handle `db` — the writer ([`Db`]) for a create, the
+/// readers ([`ReadDb`]) for a read — and the payload, and returns a value
+/// or an error reply.
 #[allow(clippy::too_many_arguments)]
-pub async fn serve_json<T, H, F>(
+pub async fn serve_json<D, T, H, F>(
     serving: Serving,
     service: &'static str,
     endpoint: &'static str,
     subject: &'static str,
-    db: Db,
+    db: D,
     max_inflight: usize,
     handler: H,
 ) -> anyhow::Result<()>
 where
+    D: Clone + Send + Sync + 'static,
     T: serde::Serialize,
-    H: Fn(Db, Bytes) -> F + Copy + Send + Sync + 'static,
+    H: Fn(D, Bytes) -> F + Copy + Send + Sync + 'static,
     F: std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
 {
     let ep = Endpoint {
@@ -1040,4 +1072,43 @@ pub fn db_error(e: DbError) -> ApiError {
 /// error headers.
 fn refusal(e: &ApiError) -> Response {
     Response::error(e.to_json(), e.code.status(), e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The in-doubt listing shows the oldest prepared branches, at most the
+    /// limit, and says when there are more.
+    #[test]
+    fn the_in_doubt_listing_is_bounded_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = db::open(&dir.path().join("p.db"), &[BRANCHES_SQL]).unwrap();
+        let mut txs = vec![];
+        for at in 0..5i64 {
+            let tx = TxId::now_v7();
+            txs.push(tx);
+            conn.execute(
+                "INSERT INTO branches (tx, state, prepared_at_ms, updated_at_ms)
+                 VALUES (?1, 'prepared', ?2, ?2)",
+                params![tx.as_bytes().as_slice(), 1_000 + at],
+            )
+            .unwrap();
+        }
+        conn.execute(
+            "INSERT INTO branches (tx, state, updated_at_ms) VALUES (?1, 'committed', 0)",
+            [TxId::now_v7().as_bytes().as_slice()],
+        )
+        .unwrap();
+        let (listed, truncated) = list_in_doubt(&conn, 3).unwrap();
+        let oldest: Vec<String> = txs[..3].iter().map(ToString::to_string).collect();
+        assert_eq!(
+            listed.iter().map(|b| b.tx.clone()).collect::<Vec<_>>(),
+            oldest
+        );
+        assert!(truncated);
+        let (listed, truncated) = list_in_doubt(&conn, 5).unwrap();
+        assert_eq!(listed.len(), 5);
+        assert!(!truncated, "all five prepared branches are shown");
+    }
 }

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
-use twopc_common::db::{self, Db};
+use twopc_common::db::{self, Db, ReadDb};
 use twopc_common::now_ms;
 use twopc_schemas::api::{ApiError, Balance, BalanceQuery, CreateUser};
 use twopc_schemas::participant::{self, BranchState, ParticipantName};
@@ -171,7 +171,7 @@ impl Resource for Wallet {
     }
 }
 
-async fn balance(db: Db, payload: Bytes) -> Result<Balance, ApiError> {
+async fn balance(db: ReadDb, payload: Bytes) -> Result<Balance, ApiError> {
     let q = BalanceQuery::parse(&payload)?;
     let user = q.user.clone();
     let row = db
@@ -225,9 +225,11 @@ async fn create_user(db: Db, payload: Bytes) -> Result<Balance, ApiError> {
 }
 
 /// Serves the wallet service's public subjects.
+/// Reads go to the read-only connections (`reads`), creates to the writer.
 pub async fn serve_public(
     serving: twopc_common::serve::Serving,
     db: Db,
+    reads: ReadDb,
     max_inflight: usize,
 ) -> anyhow::Result<()> {
     let s = participant::WALLET.as_str();
@@ -237,7 +239,7 @@ pub async fn serve_public(
             s,
             "balance",
             subjects::WALLET_BALANCE,
-            db.clone(),
+            reads,
             max_inflight,
             balance
         ),
@@ -264,7 +266,7 @@ pub async fn run(
         args,
         Wallet,
         "twopc wallet: user balances, holds while a purchase is prepared",
-        move |serving, db| serve_public(serving, db, max),
+        move |serving, db, reads| serve_public(serving, db, reads, max),
         stop,
     )
     .await

@@ -446,13 +446,24 @@ mod tests {
     }
 }
 
+/// Most entries of each list an in-doubt listing (`shop.in_doubt`,
+/// `<participant>.in_doubt`) returns, oldest first; `truncated` says that
+/// more exist. One reply stays far below the NATS payload limit, and a
+/// flood of in-doubt transactions cannot make one listing unbounded work.
+pub const MAX_IN_DOUBT_LISTED: usize = 1_000;
+
 /// `shop.in_doubt`: what the coordinator has not finished.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CoordinatorInDoubt {
-    /// Transactions in phase 1 (no decision yet).
+    /// Transactions in phase 1 (no decision yet), at most
+    /// [`MAX_IN_DOUBT_LISTED`].
     pub in_progress: Vec<String>,
-    /// Recorded decisions some participant has not acknowledged.
+    /// Recorded decisions some participant has not acknowledged, oldest
+    /// first, at most [`MAX_IN_DOUBT_LISTED`].
     pub undelivered: Vec<Undelivered>,
+    /// True when either list had more entries than it shows.
+    #[serde(default)]
+    pub truncated: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -483,7 +494,11 @@ pub struct Refusal {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParticipantInDoubt {
     pub participant: String,
+    /// Prepared branches, oldest first, at most [`MAX_IN_DOUBT_LISTED`].
     pub prepared: Vec<PreparedBranch>,
+    /// True when more branches are prepared than `prepared` shows.
+    #[serde(default)]
+    pub truncated: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -88,15 +88,23 @@ pub enum ParticipantDelay {
     Prepare,
     /// Before handling a decision.
     Decide,
+    /// In the database's writer thread, before each batch's `COMMIT` (its
+    /// fsync): a slow disk, which every job in the writer's queue waits for.
+    Commit,
 }
 
 impl ParticipantDelay {
-    pub const ALL: [ParticipantDelay; 2] = [ParticipantDelay::Prepare, ParticipantDelay::Decide];
+    pub const ALL: [ParticipantDelay; 3] = [
+        ParticipantDelay::Prepare,
+        ParticipantDelay::Decide,
+        ParticipantDelay::Commit,
+    ];
 
     pub fn step(self) -> &'static str {
         match self {
             ParticipantDelay::Prepare => "prepare",
             ParticipantDelay::Decide => "decide",
+            ParticipantDelay::Commit => "commit",
         }
     }
 
