@@ -88,6 +88,12 @@ pub struct BenchArgs {
     /// with a connection holds a closed-loop client this long).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub failover_timeout: Duration,
+    /// Measure what credentials and permissions cost: two single-node
+    /// systems side by side, one without credentials and one as shipped
+    /// (NKeys, permissions), the same purchase load on each in turn (two
+    /// rounds each per concurrency); reports the ratio (implies --start).
+    #[arg(long)]
+    pub auth_cost: bool,
 }
 
 /// Which NATS node a failover run kills.
@@ -107,6 +113,9 @@ pub enum FailoverTarget {
 }
 
 pub async fn run(a: BenchArgs, nats_url: String, auth: AuthArgs) -> anyhow::Result<()> {
+    if a.auth_cost {
+        return auth_cost(a).await;
+    }
     if let Some(nodes) = a.cluster {
         return compare(a, nodes).await;
     }
@@ -164,6 +173,66 @@ pub async fn run(a: BenchArgs, nats_url: String, auth: AuthArgs) -> anyhow::Resu
 }
 
 /// The system `--start` (or each system of `--cluster`) starts in `dir`.
+/// `--auth-cost`: purchases on a system without credentials (A) and one
+/// with them (B), both running at once, measured A B A B per concurrency,
+/// so that the machine's drift falls on both alike.
+async fn auth_cost(a: BenchArgs) -> anyhow::Result<()> {
+    let (_tmp, dir) = data_dir(&a)?;
+    let progress = !a.json;
+    let mut systems = vec![];
+    for auth in [false, true] {
+        let mut cfg = system_config(&a, &dir.join(if auth { "auth" } else { "plain" }))?;
+        cfg.auth = auth;
+        systems.push(System::start(cfg).await?);
+    }
+    let mut cfg = load_config(&a, false);
+    let mut catalogues = vec![];
+    for sys in &systems {
+        catalogues.push(bench::seed(&sys.client, &cfg).await?);
+    }
+    let mut rows = vec![];
+    for &c in &a.concurrency {
+        cfg.concurrency = c.max(1);
+        let mut warm = cfg.clone();
+        warm.duration = Duration::from_secs(1).min(cfg.duration);
+        let mut rate = [0.0f64; 2];
+        let mut p50 = [0u64; 2];
+        for (i, sys) in systems.iter().enumerate() {
+            bench::purchases(&sys.shop, &warm, &catalogues[i]).await;
+        }
+        for _round in 0..2 {
+            for (i, sys) in systems.iter().enumerate() {
+                let l = bench::purchases(&sys.shop, &cfg, &catalogues[i]).await;
+                rate[i] += (l.committed_per_s + l.aborted_per_s) / 2.0;
+                p50[i] += l.latency.p50_us / 2;
+            }
+        }
+        let row = serde_json::json!({
+            "concurrency": c,
+            "no_auth_per_s": rate[0],
+            "auth_per_s": rate[1],
+            "throughput_ratio": rate[1] / rate[0].max(f64::MIN_POSITIVE),
+            "no_auth_p50_us": p50[0],
+            "auth_p50_us": p50[1],
+            "p50_ratio": p50[1] as f64 / p50[0].max(1) as f64,
+        });
+        if progress {
+            eprintln!(
+                "c={c:<5} without credentials {:>7.0}/s p50 {:>6} µs | with {:>7.0}/s p50 {:>6} µs | throughput ratio {:.3}, p50 ratio {:.3}",
+                rate[0], p50[0], rate[1], p50[1], row["throughput_ratio"].as_f64().unwrap_or(0.0), row["p50_ratio"].as_f64().unwrap_or(0.0)
+            );
+        }
+        rows.push(row);
+    }
+    for sys in systems {
+        sys.stop(Duration::from_secs(5)).await?;
+    }
+    if a.json {
+        print_json(&serde_json::json!({ "auth_cost": rows }));
+    }
+    Ok(())
+}
+
 /// The bench's purchases: as the default shop client.
 fn shop(client: &async_nats::Client) -> Shop {
     Shop {
