@@ -122,8 +122,8 @@ enum AuthCmd {
     Init {
         #[arg(long)]
         dir: PathBuf,
-        /// Shop clients (default: web).
-        #[arg(long = "client")]
+        /// Shop clients, comma-separated (default: web).
+        #[arg(long, value_delimiter = ',')]
         clients: Vec<ClientName>,
         /// Cluster routes `host:port`, e.g. n1:6222 (repeat per node).
         #[arg(long = "route")]
@@ -204,5 +204,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cli::ops::create_product(&client, timeout, sku, price, stock).await
         }
         Cmd::Seed { file } => cli::seed::from_file(&client, &file, timeout).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every subcommand's flags are consistent (clap checks names, globals
+    /// and defaults only when a command is built: here, not at a user's
+    /// first run).
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
     }
 }
