@@ -97,6 +97,21 @@ impl Attacker {
     }
 }
 
+/// A request that must be answered with a `T` (not an error reply).
+async fn ask<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+    client: &async_nats::Client,
+    subject: &str,
+    body: &B,
+) -> T {
+    match request::<B, T>(client, subject, body, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("{subject}: {e:#}"))
+    {
+        Reply::Ok(v) => v,
+        Reply::Err(e) => panic!("{subject}: {e:?}"),
+    }
+}
+
 fn a_tx() -> TxId {
     TxId::now_v7()
 }
@@ -310,18 +325,7 @@ async fn a_client_neither_squats_nor_reads_another_clients_purchases() {
         amount: 1_250,
         request_id: Some("order-1".into()),
     };
-    let first = match request::<_, PurchaseReply>(
-        &web.client,
-        &web.purchase_subject(),
-        &buy,
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap()
-    {
-        Reply::Ok(r) => r,
-        Reply::Err(e) => panic!("{e:?}"),
-    };
+    let first: PurchaseReply = ask(&web.client, &web.purchase_subject(), &buy).await;
     assert_eq!(first.request_id.as_deref(), Some("order-1"));
 
     let mut app = Attacker::connect(&sys, "app").await;
@@ -330,48 +334,25 @@ async fn a_client_neither_squats_nor_reads_another_clients_purchases() {
         .await;
     app.publish_refused("shop.web.tx", b"{}".to_vec()).await;
     // On its own subject, web's transaction is unknown to app...
-    let seen: serde_json::Value = match request(
+    let seen: serde_json::Value = ask(
         &app.client,
         "shop.app.tx",
         &serde_json::json!({ "tx": first.tx }),
-        Duration::from_secs(5),
     )
-    .await
-    .unwrap()
-    {
-        Reply::Ok(v) => v,
-        Reply::Err(e) => panic!("{e:?}"),
-    };
+    .await;
     assert_eq!(seen["state"], "unknown", "{seen}");
     assert!(seen.get("purchase").is_none(), "{seen}");
     // ... while web reads it, with its own request id.
-    let own: serde_json::Value = match request(
+    let own: serde_json::Value = ask(
         &web.client,
         &web.tx_subject(),
         &serde_json::json!({ "tx": first.tx }),
-        Duration::from_secs(5),
     )
-    .await
-    .unwrap()
-    {
-        Reply::Ok(v) => v,
-        Reply::Err(e) => panic!("{e:?}"),
-    };
+    .await;
     assert_eq!(own["state"], "committed", "{own}");
     assert_eq!(own["request_id"], "order-1", "{own}");
     // app's "order-1" is its own purchase, not a replay of web's.
-    let mine = match request::<_, PurchaseReply>(
-        &app.client,
-        "shop.app.purchase",
-        &buy,
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap()
-    {
-        Reply::Ok(r) => r,
-        Reply::Err(e) => panic!("{e:?}"),
-    };
+    let mine: PurchaseReply = ask(&app.client, "shop.app.purchase", &buy).await;
     assert_ne!(
         mine.tx, first.tx,
         "app's request id was answered with web's purchase"

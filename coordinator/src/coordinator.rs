@@ -825,18 +825,7 @@ impl<L: DecisionLog> Coordinator<L> {
         match self.log.read(tx).await {
             Ok(rec) => {
                 let status = match rec {
-                    None => TxStatus {
-                        tx: tx.to_string(),
-                        state: "unknown".into(),
-                        request_id: None,
-                        purchase: None,
-                        reason: None,
-                        deliveries: vec![],
-                        decided_at_ms: None,
-                        completed_at_ms: None,
-                        votes: vec![],
-                        delivery_attempts: 0,
-                    },
+                    None => TxStatus::unknown(tx.to_string()),
                     Some(r) => TxStatus {
                         tx: tx.to_string(),
                         state: match r.decision {
@@ -895,18 +884,7 @@ fn for_client(mut status: TxStatus, client: &ClientName) -> TxStatus {
         }
         return status;
     }
-    TxStatus {
-        tx: status.tx,
-        state: "unknown".into(),
-        request_id: None,
-        purchase: None,
-        reason: None,
-        deliveries: vec![],
-        decided_at_ms: None,
-        completed_at_ms: None,
-        votes: vec![],
-        delivery_attempts: 0,
-    }
+    TxStatus::unknown(status.tx)
 }
 
 /// The span every log line of one transaction carries.

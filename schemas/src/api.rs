@@ -350,6 +350,26 @@ pub struct TxStatus {
     pub completed_at_ms: Option<i64>,
 }
 
+impl TxStatus {
+    /// The status of a transaction without a record: `unknown` (by presumed
+    /// abort it can never commit), and what a client reads of another
+    /// client's transaction.
+    pub fn unknown(tx: String) -> TxStatus {
+        TxStatus {
+            tx,
+            state: "unknown".into(),
+            request_id: None,
+            purchase: None,
+            reason: None,
+            votes: vec![],
+            deliveries: vec![],
+            delivery_attempts: 0,
+            decided_at_ms: None,
+            completed_at_ms: None,
+        }
+    }
+}
+
 /// One participant's phase-1 answer, as the coordinator saw it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VoteSummary {
