@@ -4,7 +4,7 @@
 //!
 //! | role | publishes | subscribes (queue group) |
 //! |---|---|---|
-//! | coordinator | `twopc.*.prepare`, `twopc.*.decide`, its KV bucket | `shop.*.purchase`, `shop.*.tx`, `shop.tx`, `shop.in_doubt`, `twopc.decision.*` (`twopc-coordinator`) |
+//! | coordinator | `twopc.*.prepare`, `twopc.*.decide`, `P.in_doubt` (status page), its KV bucket | `shop.*.purchase`, `shop.*.tx`, `shop.tx`, `shop.in_doubt`, `twopc.decision.*` (`twopc-coordinator`) |
 //! | participant P | `twopc.decision.P` | `twopc.P.prepare`, `twopc.P.decide`, `P.>` (`twopc-P`) |
 //! | client C | `shop.C.>`, `order.stock` | — |
 //! | admin | every participant's public subjects, `shop.tx`, `shop.in_doubt`, `$SRV.>`, reading the decision bucket | — |
@@ -407,4 +407,108 @@ fn quoted(s: &str) -> String {
 fn list(items: &[String]) -> String {
     let quoted: Vec<String> = items.iter().map(|s| quoted(s)).collect();
     format!("[{}]", quoted.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all() -> Vec<Role> {
+        roles(
+            &[default_client(), ClientName::new("app").unwrap()],
+            &[ParticipantName::new("ledger").unwrap()],
+        )
+    }
+
+    fn perms(r: &Role) -> Permissions {
+        r.permissions(
+            &participant::PURCHASE_PARTICIPANTS,
+            subjects::DECISION_BUCKET,
+        )
+    }
+
+    #[test]
+    fn only_the_coordinator_publishes_prepares_and_decisions() {
+        for r in all() {
+            let p = perms(&r);
+            let forges = p
+                .publish
+                .iter()
+                .any(|s| s.starts_with("twopc.") && !s.starts_with("twopc.decision."));
+            assert_eq!(forges, r == Role::Coordinator, "{r:?}: {:?}", p.publish);
+        }
+    }
+
+    #[test]
+    fn each_identity_listens_only_below_its_own_inbox_and_never_to_everything() {
+        for r in all() {
+            let p = perms(&r);
+            let own = format!("{}.>", inbox_prefix(r.name()));
+            assert!(p.subscribe.contains(&own), "{r:?}");
+            for s in &p.subscribe {
+                let subject = s.split(' ').next().unwrap();
+                assert!(
+                    !matches!(subject, ">" | "_INBOX.>" | "twopc.>")
+                        && !subject.starts_with("_INBOX")
+                        || *s == own,
+                    "{r:?} subscribes {s}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_participant_sends_decision_queries_only_in_its_own_name() {
+        for r in all() {
+            if let Role::Participant(p) = &r {
+                assert_eq!(perms(&r).publish, vec![subjects::decision_query(p)]);
+                // and its protocol subjects only in its own queue group
+                let queue = subjects::queue_group(p.as_str());
+                for s in perms(&r)
+                    .subscribe
+                    .iter()
+                    .filter(|s| s.starts_with("twopc."))
+                {
+                    assert!(s.ends_with(&format!(" {queue}")), "{s}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn seeds_are_private_kept_across_starts_and_the_config_lists_every_identity() {
+        let dir = std::env::temp_dir().join(format!("twopc-auth-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let first = Credentials::ensure(&dir, &all(), subjects::DECISION_BUCKET).unwrap();
+        let again = Credentials::ensure(&dir, &all(), subjects::DECISION_BUCKET).unwrap();
+        assert_eq!(first, again, "a second start made new keys");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        for i in &first.identities {
+            assert_eq!(mode(&first.seed_file(i.role.name())), 0o600, "{:?}", i.role);
+        }
+        let text = first.authorization(subjects::DECISION_BUCKET);
+        assert!(text.contains(&format!("max_payload: {MAX_PAYLOAD_BYTES}")));
+        for i in &first.identities {
+            assert!(text.contains(&i.public_key), "{:?} missing", i.role);
+        }
+        for i in &first.identities {
+            let seed = twopc_common::nats::read_seed(&first.seed_file(i.role.name())).unwrap();
+            assert!(
+                !text.contains(&seed),
+                "{:?}'s seed is in the server's config",
+                i.role
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_client_named_like_a_role_is_refused() {
+        for name in ["admin", "coordinator", "wallet"] {
+            let r = roles(&[ClientName::new(name).unwrap()], &[]);
+            let dir = std::env::temp_dir().join("never-written");
+            assert!(Credentials::ensure(&dir, &r, "b").is_err(), "{name}");
+        }
+    }
 }
