@@ -23,6 +23,7 @@ use crate::auth::{self, Credentials};
 use crate::client::{request, Reply, Shop};
 use crate::cluster::NatsCluster;
 use crate::process::{Binaries, NatsServer, Proc};
+use crate::tls::TlsFiles;
 
 /// Most coordinator replicas a system runs.
 pub const MAX_COORDINATORS: usize = 5;
@@ -285,6 +286,18 @@ pub struct SystemConfig {
     /// The shop clients to make identities for; the first is
     /// [`System::shop`].
     pub clients: Vec<ClientName>,
+    /// TLS, beside the credentials (`None`, the default: plain TCP). The
+    /// server or cluster started here requires TLS of every client (and its
+    /// routes use TLS too), and every service (`NATS_CA`, `NATS_CERT`,
+    /// `NATS_KEY`) and the system's own clients connect with these files:
+    /// they trust the CA and present the client certificate. With
+    /// [`Nats::Use`] the clients do the same and the server's own config
+    /// decides. The files are made by `scripts/make-ca.sh`
+    /// ([`TlsFiles::make`]).
+    pub tls: Option<TlsFiles>,
+    /// With `tls`: a server started here also requires a client
+    /// certificate signed by the CA (mutual TLS; the default).
+    pub mutual_tls: bool,
 }
 
 impl SystemConfig {
@@ -306,6 +319,8 @@ impl SystemConfig {
             cluster_isolatable: false,
             auth: true,
             clients: vec![auth::default_client()],
+            tls: None,
+            mutual_tls: true,
         }
     }
 
@@ -444,6 +459,8 @@ pub struct System {
     pub shop: Shop,
     /// The identities' credentials (`None` when started without auth).
     pub creds: Option<Credentials>,
+    /// The TLS files every client uses (`None`: plain TCP).
+    pub tls: Option<TlsFiles>,
     pub ready_timeout: Duration,
 }
 
@@ -454,6 +471,10 @@ impl System {
         cfg.check()?;
         std::fs::create_dir_all(&cfg.root)?;
         let nats_dir = cfg.root.join("nats");
+        if let Some(t) = &cfg.tls {
+            t.check()?;
+        }
+        let server_tls = cfg.tls.as_ref().map(|t| t.server(cfg.mutual_tls));
         let creds = if cfg.auth {
             Some(Credentials::ensure(
                 &cfg.root.join(auth::CREDS_DIR),
@@ -465,7 +486,7 @@ impl System {
         };
         let (nats, cluster, url, store) = match &cfg.nats {
             Nats::Start { port } => {
-                let s = NatsServer::start_with(&nats_dir, *port, creds.clone())
+                let s = NatsServer::start_with(&nats_dir, *port, creds.clone(), server_tls.clone())
                     .await
                     .context("starting nats-server")?;
                 let url = s.url();
@@ -478,6 +499,7 @@ impl System {
                     *port,
                     cfg.cluster_isolatable,
                     creds.clone(),
+                    server_tls.clone(),
                 )
                 .await
                 .context("starting the nats-server cluster")?;
@@ -495,7 +517,7 @@ impl System {
             .first()
             .cloned()
             .context("a system needs a shop client")?;
-        let auth_of = |name: &str| creds.as_ref().map(|c| c.auth(name)).unwrap_or_default();
+        let auth_of = |name: &str| auth_args(creds.as_ref(), cfg.tls.as_ref(), name);
         let client = twopc_common::nats::connect(&url, &cfg.client_name, &auth_of("admin")).await?;
         let shop_client = twopc_common::nats::connect(
             &url,
@@ -518,6 +540,9 @@ impl System {
                 let seed = c.seed_file(kind.name());
                 env.push(("NATS_NKEY".into(), seed.display().to_string()));
             }
+            if let Some(t) = &cfg.tls {
+                env.extend(t.env());
+            }
             // The typed settings and their extra environment come last:
             // a test may override anything.
             overlay(&mut env, &cfg.env_of(kind));
@@ -535,6 +560,7 @@ impl System {
             client,
             shop,
             creds,
+            tls: cfg.tls,
             ready_timeout: cfg.ready_timeout,
         };
         for kind in Kind::ALL {
@@ -550,15 +576,17 @@ impl System {
         Ok(sys)
     }
 
+    /// How identity `name` connects: its NKey seed (without auth, none)
+    /// and, with TLS, the CA and the client certificate.
+    pub fn auth_of(&self, name: &str) -> twopc_common::nats::AuthArgs {
+        auth_args(self.creds.as_ref(), self.tls.as_ref(), name)
+    }
+
     /// A new connection as identity `name` (`admin`, `coordinator`,
     /// `wallet`, `order`, `web`; see [`crate::auth`]); without auth, a plain
     /// one.
     pub async fn connect_as(&self, name: &str) -> anyhow::Result<async_nats::Client> {
-        let auth = self
-            .creds
-            .as_ref()
-            .map(|c| c.auth(name))
-            .unwrap_or_default();
+        let auth = self.auth_of(name);
         twopc_common::nats::connect_with(
             &self.url,
             &twopc_common::nats::ConnectSettings::fail_fast(&format!("test-{name}"))
@@ -683,6 +711,20 @@ impl System {
             }
         }
         Ok(())
+    }
+}
+
+/// How identity `name` connects: its NKey seed from `creds` (none
+/// without), and `tls`'s client settings.
+fn auth_args(
+    creds: Option<&Credentials>,
+    tls: Option<&TlsFiles>,
+    name: &str,
+) -> twopc_common::nats::AuthArgs {
+    let auth = creds.map(|c| c.auth(name)).unwrap_or_default();
+    match tls {
+        Some(t) => t.client(auth),
+        None => auth,
     }
 }
 
