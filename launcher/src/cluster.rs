@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::process::{free_ports, ClusterMembership, NatsServer, Proc, ServerConfig};
+use crate::process::{free_ports, ClusterMembership, NatsServer, Proc, ServerConfig, ServerTls};
 
 /// Fewest nodes: a quorum (2 of 3) survives one failure.
 pub const MIN_CLUSTER_NODES: usize = 3;
@@ -81,19 +81,21 @@ impl NatsCluster {
         n: usize,
         first_port: Option<u16>,
     ) -> anyhow::Result<NatsCluster> {
-        Self::start_with(dir, n, first_port, false, None).await
+        Self::start_with(dir, n, first_port, false, None, None).await
     }
 
     /// As [`NatsCluster::start_at`]; `isolatable` runs each node as a user
     /// of its own, so that [`NatsCluster::isolate`] can cut it off from the
     /// others (needs [`NatsCluster::can_isolate`]); with `auth`, only its
-    /// users may connect, with their permissions, and routes authenticate.
+    /// users may connect, with their permissions, and routes authenticate;
+    /// with `tls`, clients and routes must speak TLS.
     pub async fn start_with(
         dir: &Path,
         n: usize,
         first_port: Option<u16>,
         isolatable: bool,
         auth: Option<crate::auth::Credentials>,
+        tls: Option<ServerTls>,
     ) -> anyhow::Result<NatsCluster> {
         if isolatable {
             if let Err(why) = NatsCluster::can_isolate() {
@@ -132,6 +134,7 @@ impl NatsCluster {
                 }),
                 run_as: uids.as_ref().map(|u| u[i]),
                 auth: auth.clone(),
+                tls: tls.clone(),
             };
             nodes.push(NatsServer::spawn(
                 &node_dir,

@@ -7,7 +7,7 @@
 //!
 //! [`System::start`] with a [`SystemConfig`] is the one way to start a
 //! system; [`process`] holds the processes it is made of, [`cluster`] the
-//! nats-server cluster; `twopc_common::http` has the GET that reads the
+//! nats-server cluster, [`tls`] the optional TLS; `twopc_common::http` has the GET that reads the
 //! servers' monitoring endpoints.
 
 pub mod auth;
@@ -15,13 +15,16 @@ pub mod client;
 pub mod cluster;
 pub mod process;
 pub mod system;
+pub mod tls;
 
 pub use cluster::NatsCluster;
 pub use process::{
     find_nats_server, free_port, free_ports, signal, Binaries, NatsServer, Proc, ServerConfig,
+    ServerTls,
 };
 pub use system::{
     seed, CoordinatorSettings, DecisionStore, Kind, Nats, ParticipantSettings, ReplyAfter, Service,
     System, SystemConfig,
 };
+pub use tls::TlsFiles;
 pub use twopc_common::http::http_get;

@@ -317,6 +317,49 @@ pub struct ServerConfig {
     /// Who may connect and what each may do (and, in a cluster, the
     /// routes' password); `None`: anyone may do anything.
     pub auth: Option<crate::auth::Credentials>,
+    /// TLS required on the client port (and, in a cluster, on the routes);
+    /// `None`: plain TCP.
+    pub tls: Option<ServerTls>,
+}
+
+/// Longest a TLS handshake may take (nats-server's `tls.timeout`; its
+/// default, 0.5 s, is short for a loaded test machine).
+pub const TLS_HANDSHAKE_TIMEOUT_S: u32 = 2;
+
+/// A nats-server's TLS: rendered as its `tls { }` block
+/// ([`ServerTls::block`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTls {
+    /// The server's certificate (chain) and key, PEM.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA that client certificates (and, in a cluster, the other
+    /// nodes' route certificates) must be signed by.
+    pub ca: PathBuf,
+    /// Mutual TLS: a client without a certificate signed by `ca` is
+    /// refused in the handshake (routes always verify).
+    pub verify: bool,
+}
+
+impl ServerTls {
+    /// The `tls { }` block, each line indented by `indent`; `verify`
+    /// overrides [`ServerTls::verify`] (routes always verify).
+    fn block(&self, indent: &str, verify: bool) -> anyhow::Result<String> {
+        let path = |p: &Path| -> anyhow::Result<String> {
+            quote(
+                p.to_str()
+                    .with_context(|| format!("TLS file path is not UTF-8: {}", p.display()))?,
+            )
+        };
+        let mut t = format!("{indent}tls {{\n");
+        t.push_str(&format!("{indent}  cert_file: {}\n", path(&self.cert)?));
+        t.push_str(&format!("{indent}  key_file: {}\n", path(&self.key)?));
+        t.push_str(&format!("{indent}  ca_file: {}\n", path(&self.ca)?));
+        t.push_str(&format!("{indent}  verify: {verify}\n"));
+        t.push_str(&format!("{indent}  timeout: {TLS_HANDSHAKE_TIMEOUT_S}\n"));
+        t.push_str(&format!("{indent}}}\n"));
+        Ok(t)
+    }
 }
 
 /// One server's part of a cluster's config.
@@ -367,6 +410,10 @@ impl ServerConfig {
         if let Some(auth) = &self.auth {
             t.push_str(&auth.authorization(twopc_schemas::subjects::DECISION_BUCKET));
         }
+        if let Some(tls) = &self.tls {
+            t.push_str("# Clients must speak TLS (a plain connection is refused).\n");
+            t.push_str(&tls.block("", tls.verify)?);
+        }
         if let Some(c) = &self.cluster {
             let routes = c
                 .route_ports
@@ -387,6 +434,11 @@ impl ServerConfig {
             t.push_str(&format!("  routes: [{}]\n", routes.join(", ")));
             if let Some(auth) = &self.auth {
                 t.push_str(&format!("  {}\n", auth.route_authorization()));
+            }
+            if let Some(tls) = &self.tls {
+                // Routes present the server certificate to each other (it
+                // is made for client auth too) and verify the other's.
+                t.push_str(&tls.block("  ", true)?);
             }
             if self.run_as.is_some() {
                 // An isolatable node: a route whose packets are dropped is
@@ -434,15 +486,16 @@ impl NatsServer {
     /// Starts a single server (no cluster) with its files in `dir` and
     /// waits (asynchronously) until it listens and JetStream is ready.
     pub async fn start(dir: &Path, port: Option<u16>) -> anyhow::Result<Self> {
-        NatsServer::start_with(dir, port, None).await
+        NatsServer::start_with(dir, port, None, None).await
     }
 
     /// As [`NatsServer::start`], with `auth`'s users and permissions: only
-    /// they may connect.
+    /// they may connect; with `tls`, only over TLS.
     pub async fn start_with(
         dir: &Path,
         port: Option<u16>,
         auth: Option<crate::auth::Credentials>,
+        tls: Option<ServerTls>,
     ) -> anyhow::Result<Self> {
         let port = match port {
             Some(p) => p,
@@ -457,6 +510,7 @@ impl NatsServer {
             store_dir: dir.join("js"),
             cluster: None,
             auth,
+            tls,
         };
         let mut s = NatsServer::spawn(dir, &config, SINGLE_READY_TIMEOUT)?;
         s.wait_listening(LISTEN_TIMEOUT).await?;
@@ -623,6 +677,7 @@ mod tests {
         ServerConfig {
             run_as: None,
             auth: None,
+            tls: None,
             name: "twopc-n0".into(),
             port: 14222,
             monitor_port: 18222,
@@ -667,6 +722,36 @@ mod tests {
         let text = c.text().unwrap();
         assert!(!text.contains("cluster"), "{text}");
         assert!(text.contains("sync_interval: always"), "{text}");
+    }
+
+    #[test]
+    fn tls_is_required_of_clients_and_routes_with_quoted_paths() {
+        let mut c = node(vec![16001, 16002, 16003]);
+        c.tls = Some(ServerTls {
+            cert: "/tls dir/server.pem".into(),
+            key: "/tls dir/server-key.pem".into(),
+            ca: "/tls dir/\"ca\".pem".into(),
+            verify: true,
+        });
+        let text = c.text().unwrap();
+        let client_block = "tls {\n  cert_file: \"/tls dir/server.pem\"\n  \
+             key_file: \"/tls dir/server-key.pem\"\n  ca_file: \"/tls dir/\\\"ca\\\".pem\"\n  \
+             verify: true\n  timeout: 2\n}\n";
+        assert!(text.contains(&format!("\n{client_block}")), "{text}");
+        // The same block, indented, inside the cluster block: routes too.
+        let route_block: String = client_block.lines().map(|l| format!("  {l}\n")).collect();
+        let cluster = &text[text.find("cluster {").expect("cluster block")..];
+        assert!(cluster.contains(&route_block), "{text}");
+
+        // Without mutual TLS clients need no certificate; routes still do.
+        c.tls.as_mut().unwrap().verify = false;
+        let text = c.text().unwrap();
+        let (top, cluster) = text.split_at(text.find("cluster {").unwrap());
+        assert!(top.contains("\n  verify: false\n"), "{text}");
+        assert!(cluster.contains("\n    verify: true\n"), "{text}");
+
+        c.tls = None;
+        assert!(!c.text().unwrap().contains("tls"), "plain TCP by default");
     }
 
     #[test]

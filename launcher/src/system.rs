@@ -23,6 +23,7 @@ use crate::auth::{self, Credentials};
 use crate::client::{request, Reply, Shop};
 use crate::cluster::NatsCluster;
 use crate::process::{Binaries, NatsServer, Proc};
+use crate::tls::TlsFiles;
 
 /// Most coordinator replicas a system runs.
 pub const MAX_COORDINATORS: usize = 5;
@@ -288,6 +289,18 @@ pub struct SystemConfig {
     /// Identities for participants beyond the purchase's (a service of
     /// one's own, or a test's stranger).
     pub more_participants: Vec<ParticipantName>,
+    /// TLS, beside the credentials (`None`, the default: plain TCP). The
+    /// server or cluster started here requires TLS of every client (and its
+    /// routes use TLS too), and every service (`NATS_CA`, `NATS_CERT`,
+    /// `NATS_KEY`) and the system's own clients connect with these files:
+    /// they trust the CA and present the client certificate. With
+    /// [`Nats::Use`] the clients do the same and the server's own config
+    /// decides. The files are made by `scripts/make-ca.sh`
+    /// ([`TlsFiles::make`]).
+    pub tls: Option<TlsFiles>,
+    /// With `tls`: a server started here also requires a client
+    /// certificate signed by the CA (mutual TLS; the default).
+    pub mutual_tls: bool,
 }
 
 impl SystemConfig {
@@ -310,6 +323,8 @@ impl SystemConfig {
             auth: true,
             clients: vec![auth::default_client()],
             more_participants: vec![],
+            tls: None,
+            mutual_tls: true,
         }
     }
 
@@ -448,6 +463,8 @@ pub struct System {
     pub shop: Shop,
     /// The identities' credentials (`None` when started without auth).
     pub creds: Option<Credentials>,
+    /// The TLS files every client uses (`None`: plain TCP).
+    pub tls: Option<TlsFiles>,
     pub ready_timeout: Duration,
 }
 
@@ -458,6 +475,10 @@ impl System {
         cfg.check()?;
         std::fs::create_dir_all(&cfg.root)?;
         let nats_dir = cfg.root.join("nats");
+        if let Some(t) = &cfg.tls {
+            t.check()?;
+        }
+        let server_tls = cfg.tls.as_ref().map(|t| t.server(cfg.mutual_tls));
         let creds = if cfg.auth {
             Some(Credentials::ensure(
                 &cfg.root.join(auth::CREDS_DIR),
@@ -469,7 +490,7 @@ impl System {
         };
         let (nats, cluster, url, store) = match &cfg.nats {
             Nats::Start { port } => {
-                let s = NatsServer::start_with(&nats_dir, *port, creds.clone())
+                let s = NatsServer::start_with(&nats_dir, *port, creds.clone(), server_tls.clone())
                     .await
                     .context("starting nats-server")?;
                 let url = s.url();
@@ -482,6 +503,7 @@ impl System {
                     *port,
                     cfg.cluster_isolatable,
                     creds.clone(),
+                    server_tls.clone(),
                 )
                 .await
                 .context("starting the nats-server cluster")?;
@@ -499,7 +521,7 @@ impl System {
             .first()
             .cloned()
             .context("a system needs a shop client")?;
-        let auth_of = |name: &str| creds.as_ref().map(|c| c.auth(name)).unwrap_or_default();
+        let auth_of = |name: &str| auth_args(creds.as_ref(), cfg.tls.as_ref(), name);
         let client = twopc_common::nats::connect(&url, &cfg.client_name, &auth_of("admin")).await?;
         let shop_client = twopc_common::nats::connect(
             &url,
@@ -522,6 +544,9 @@ impl System {
                 let seed = c.seed_file(kind.name());
                 env.push(("NATS_NKEY".into(), seed.display().to_string()));
             }
+            if let Some(t) = &cfg.tls {
+                env.extend(t.env());
+            }
             // The typed settings and their extra environment come last:
             // a test may override anything.
             overlay(&mut env, &cfg.env_of(kind));
@@ -539,6 +564,7 @@ impl System {
             client,
             shop,
             creds,
+            tls: cfg.tls,
             ready_timeout: cfg.ready_timeout,
         };
         for kind in Kind::ALL {
@@ -554,15 +580,17 @@ impl System {
         Ok(sys)
     }
 
+    /// How identity `name` connects: its NKey seed (without auth, none)
+    /// and, with TLS, the CA and the client certificate.
+    pub fn auth_of(&self, name: &str) -> twopc_common::nats::AuthArgs {
+        auth_args(self.creds.as_ref(), self.tls.as_ref(), name)
+    }
+
     /// A new connection as identity `name` (`admin`, `coordinator`,
     /// `wallet`, `order`, `web`; see [`crate::auth`]); without auth, a plain
     /// one.
     pub async fn connect_as(&self, name: &str) -> anyhow::Result<async_nats::Client> {
-        let auth = self
-            .creds
-            .as_ref()
-            .map(|c| c.auth(name))
-            .unwrap_or_default();
+        let auth = self.auth_of(name);
         twopc_common::nats::connect_with(
             &self.url,
             &twopc_common::nats::ConnectSettings::fail_fast(&format!("test-{name}"))
@@ -687,6 +715,20 @@ impl System {
             }
         }
         Ok(())
+    }
+}
+
+/// How identity `name` connects: its NKey seed from `creds` (none
+/// without), and `tls`'s client settings.
+fn auth_args(
+    creds: Option<&Credentials>,
+    tls: Option<&TlsFiles>,
+    name: &str,
+) -> twopc_common::nats::AuthArgs {
+    let auth = creds.map(|c| c.auth(name)).unwrap_or_default();
+    match tls {
+        Some(t) => t.client(auth),
+        None => auth,
     }
 }
 

@@ -160,7 +160,7 @@ async fn an_isolated_node_loses_its_routes_and_rejoins() {
         .prefix("twopc-cluster-iso-")
         .tempdir()
         .unwrap();
-    let mut cluster = NatsCluster::start_with(dir.path(), 3, None, true, None)
+    let mut cluster = NatsCluster::start_with(dir.path(), 3, None, true, None, None)
         .await
         .unwrap();
     for node in &cluster.nodes {
