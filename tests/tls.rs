@@ -19,6 +19,24 @@ use twopc_launcher::tls::{openssl_available, TlsFiles};
 use twopc_launcher::{Binaries, ReplyAfter, System, SystemConfig};
 use twopc_schemas::api::{CreateProduct, CreateUser, Outcome, PurchaseReply, PurchaseRequest};
 
+/// alice with 10,000 and book-1 at 1,250 ×10.
+async fn seed_alice(sys: &System) {
+    sys.seed(
+        &[CreateUser {
+            user: "alice".into(),
+            balance: 10_000,
+        }],
+        &[CreateProduct {
+            sku: "book-1".into(),
+            price: 1_250,
+            stock: 10,
+        }],
+        false,
+    )
+    .await
+    .unwrap();
+}
+
 fn bins() -> Binaries {
     Binaries {
         coordinator: env!("CARGO_BIN_EXE_twopc-coordinator").into(),
@@ -46,20 +64,7 @@ async fn start(dir: &Path, tls: &TlsFiles) -> System {
     // Balances are read right after a reply: answer after the delivery.
     cfg.coordinator.reply_after = Some(ReplyAfter::Delivery);
     let sys = System::start(cfg).await.expect("start a system with TLS");
-    sys.seed(
-        &[CreateUser {
-            user: "alice".into(),
-            balance: 10_000,
-        }],
-        &[CreateProduct {
-            sku: "book-1".into(),
-            price: 1_250,
-            stock: 10,
-        }],
-        false,
-    )
-    .await
-    .unwrap();
+    seed_alice(&sys).await;
     sys
 }
 
@@ -345,20 +350,7 @@ async fn a_cluster_runs_with_tls_on_clients_and_routes() {
     cfg.coordinators = 2;
     cfg.coordinator.reply_after = Some(ReplyAfter::Delivery);
     let sys = System::start(cfg).await.unwrap();
-    sys.seed(
-        &[CreateUser {
-            user: "alice".into(),
-            balance: 10_000,
-        }],
-        &[CreateProduct {
-            sku: "book-1".into(),
-            price: 1_250,
-            stock: 10,
-        }],
-        false,
-    )
-    .await
-    .unwrap();
+    seed_alice(&sys).await;
     let cluster = sys.cluster.as_ref().unwrap();
     for node in &cluster.nodes {
         let url = format!("{}/varz", node.monitor_url());
