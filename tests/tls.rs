@@ -382,3 +382,86 @@ async fn a_cluster_runs_with_tls_on_clients_and_routes() {
     );
     sys.stop(Duration::from_secs(5)).await.unwrap();
 }
+
+#[test]
+fn twopc_up_with_tls_makes_the_files_and_says_how_to_connect() {
+    let dir = tempfile::tempdir().unwrap();
+    if let Err(why) = openssl_available() {
+        eprintln!("SKIPPED: twopc up --tls needs openssl to make a test CA: {why}");
+        return;
+    }
+    let tls_dir = dir.path().join("tls");
+    let port = twopc_launcher::free_port().unwrap();
+    let mut up = Command::new(env!("CARGO_BIN_EXE_twopc"))
+        .args(["up", "--no-demo", "--port", &port.to_string()])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--tls")
+        .arg(&tls_dir)
+        .env_remove("NATS_URL")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = vec![];
+    // Kept open until twopc up exits: it prints "stopping" on SIGTERM.
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let done = line.contains("Ctrl-C stops everything");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        seen.iter().any(|l| l.contains("Ctrl-C stops everything")),
+        "twopc up never came up: {seen:#?}"
+    );
+    // The script's files, keys readable by their owner only.
+    let tls = TlsFiles::in_dir(&tls_dir.canonicalize().unwrap());
+    tls.check().unwrap();
+    for key in [
+        &tls.server_key,
+        &tls.client_key,
+        &tls_dir.join("ca-key.pem"),
+    ] {
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(key).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600, "{}", key.display());
+    }
+    // It tells how to connect with the nats CLI.
+    let flags = format!(
+        "--tlsca {} --tlscert {} --tlskey {}",
+        tls.ca.display(),
+        tls.client_cert.display(),
+        tls.client_key.display()
+    );
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("nats --server") && l.contains(&flags)),
+        "{flags} in {seen:#?}"
+    );
+    // And the CLI, told the same through the variables, creates a user.
+    let out = Command::new(env!("CARGO_BIN_EXE_twopc"))
+        .args(["create-user", "erin", "--balance", "5"])
+        .env("NATS_URL", format!("nats://127.0.0.1:{port}"))
+        .env("TWOPC_CREDS_DIR", dir.path().join("data/creds"))
+        .env("NATS_CA", &tls.ca)
+        .env("NATS_CERT", &tls.client_cert)
+        .env("NATS_KEY", &tls.client_key)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    twopc_launcher::signal(up.id(), libc::SIGTERM).unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = up.wait().unwrap();
+    assert!(
+        status.success(),
+        "twopc up exits cleanly: {status:?} {rest:?}"
+    );
+}

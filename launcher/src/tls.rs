@@ -73,6 +73,17 @@ impl TlsFiles {
         Ok(files)
     }
 
+    /// The files in `dir` for a system to use: made, or kept, or renewed
+    /// when near their end, by [`TlsFiles::make`]; without openssl, those
+    /// there if none is missing.
+    pub fn ensure(dir: &Path) -> anyhow::Result<Self> {
+        let files = TlsFiles::in_dir(dir);
+        if openssl_available().is_err() && files.check().is_ok() {
+            return Ok(files);
+        }
+        TlsFiles::make(dir)
+    }
+
     /// Refuses a set with a missing file (naming it and the script).
     pub fn check(&self) -> anyhow::Result<()> {
         for f in [

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use twopc_launcher::{Binaries, Nats, System, SystemConfig};
+use twopc_launcher::{Binaries, Nats, System, SystemConfig, TlsFiles};
 
 use super::seed::{demo, seed};
 
@@ -31,6 +31,13 @@ pub struct UpArgs {
     /// one needs --cluster, where they share their decision log).
     #[arg(long)]
     pub coordinators: Option<usize>,
+    /// Mutual TLS, beside the credentials: the nats-server(s) started here
+    /// require TLS and a client certificate, with the local CA and the
+    /// certificates `scripts/make-ca.sh DIR` makes in DIR (made there now
+    /// if missing; for tests and local use). Every service and the CLI
+    /// connect with them.
+    #[arg(long, value_name = "DIR")]
+    pub tls: Option<PathBuf>,
 }
 
 pub async fn run(args: UpArgs, nats_url_env: Option<String>) -> anyhow::Result<()> {
@@ -40,12 +47,22 @@ pub async fn run(args: UpArgs, nats_url_env: Option<String>) -> anyhow::Result<(
         no_demo,
         cluster,
         coordinators,
+        tls,
     } = args;
     std::fs::create_dir_all(&data_dir)?;
     let data_dir = data_dir.canonicalize()?;
+    let tls = match tls {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir)?;
+            let dir = dir.canonicalize()?;
+            Some(TlsFiles::ensure(&dir).context("--tls")?)
+        }
+        None => None,
+    };
     let mut cfg = SystemConfig::new(&data_dir, Binaries::beside_current_exe()?);
     cfg.client_name = "twopc-up".into();
     cfg.ready_timeout = Duration::from_secs(20);
+    cfg.tls = tls.clone();
     cfg.coordinators = coordinators.unwrap_or(if cluster.is_some() { 2 } else { 1 });
     cfg.nats = match (cluster, nats_url_env) {
         (Some(_), Some(url)) => {
@@ -109,7 +126,7 @@ pub async fn run(args: UpArgs, nats_url_env: Option<String>) -> anyhow::Result<(
         .as_ref()
         .map(|c| c.dir.clone())
         .context("twopc up runs with credentials")?;
-    if !started_here && anonymous_allowed(&sys.url).await {
+    if !started_here && anonymous_allowed(&sys.url, tls.as_ref()).await {
         println!(
             "\nwarning: the server at NATS_URL accepts connections without credentials, so \
              anyone who reaches it can forge protocol messages and take money. Add \
@@ -121,7 +138,7 @@ pub async fn run(args: UpArgs, nats_url_env: Option<String>) -> anyhow::Result<(
     let shop = &sys.shop.name;
     // The CLI finds the credentials in .twopc/creds by itself; elsewhere it
     // needs TWOPC_CREDS_DIR.
-    let env = if creds
+    let mut env = if creds
         == std::path::Path::new(".twopc/creds")
             .canonicalize()
             .unwrap_or_default()
@@ -130,13 +147,42 @@ pub async fn run(args: UpArgs, nats_url_env: Option<String>) -> anyhow::Result<(
     } else {
         format!("TWOPC_CREDS_DIR={} NATS_URL={url}", creds.display())
     };
+    // With TLS: the nats CLI's flags, and the variables both CLIs read.
+    let mut tls_flags = String::new();
+    if let Some(t) = &tls {
+        tls_flags = format!(
+            " --tlsca {} --tlscert {} --tlskey {}",
+            t.ca.display(),
+            t.client_cert.display(),
+            t.client_key.display()
+        );
+        env = format!(
+            "NATS_CA={} NATS_CERT={} NATS_KEY={} {env}",
+            t.ca.display(),
+            t.client_cert.display(),
+            t.client_key.display()
+        );
+        println!(
+            "\nTLS: mutual TLS required{}: the server's certificate is signed by the local CA \
+             {} (for tests and local use); clients trust it and present {} (key {}), as \
+             the nats CLI's --tlsca/--tlscert/--tlskey or NATS_CA/NATS_CERT/NATS_KEY.",
+            if started_here {
+                ""
+            } else {
+                " (if the server at NATS_URL is configured for it)"
+            },
+            t.ca.display(),
+            t.client_cert.display(),
+            t.client_key.display()
+        );
+    }
     println!(
         "\nCredentials: one NKey seed per role in {creds} (readable by you only; the server \
          refuses connections without one):\
          \n  {shop}.nk (shop client {shop}: buys on shop.{shop}.purchase, reads its own on \
          shop.{shop}.tx), admin.nk (creates users and products, reads everything)\n\
          \ntwopc is up. Buy something:\n\
-         \n  nats --server {url} --nkey {creds}/{shop}.nk --inbox-prefix _INBOX_{shop} req shop.{shop}.purchase '{{\"user\":\"alice\",\"sku\":\"book-1\",\"qty\":2,\"amount\":2500,\"request_id\":\"my-first\"}}'\
+         \n  nats --server {url}{tls_flags} --nkey {creds}/{shop}.nk --inbox-prefix _INBOX_{shop} req shop.{shop}.purchase '{{\"user\":\"alice\",\"sku\":\"book-1\",\"qty\":2,\"amount\":2500,\"request_id\":\"my-first\"}}'\
          \n  {env} twopc purchase --user alice --sku book-1 --qty 2\
          \n  {env} twopc balance alice\
          \n  {env} twopc stock book-1\n\
@@ -149,11 +195,15 @@ pub async fn run(args: UpArgs, nats_url_env: Option<String>) -> anyhow::Result<(
     sys.stop(Duration::from_secs(5)).await
 }
 
-/// Whether the server at `url` lets a client in without credentials.
-async fn anonymous_allowed(url: &str) -> bool {
+/// Whether the server at `url` lets a client in without credentials (over
+/// TLS with `tls`, so that only the missing NKey can make it refuse).
+async fn anonymous_allowed(url: &str, tls: Option<&TlsFiles>) -> bool {
+    let auth = tls
+        .map(|t| t.client(Default::default()))
+        .unwrap_or_default();
     twopc_common::nats::connect_with(
         url,
-        &twopc_common::nats::ConnectSettings::fail_fast("twopc-up-auth-check"),
+        &twopc_common::nats::ConnectSettings::fail_fast("twopc-up-auth-check").with_auth(&auth),
     )
     .await
     .is_ok()
