@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests, golden bytes, and the end-to-end scenarios
 # against a real nats-server and real service processes.
-# Installs nats-server and headless Chromium (for the status page test) if
-# they are missing; builds the docker compose images and runs the compose
+# Installs nats-server, headless Chromium (for the status page test) and
+# openssl (the TLS tests make a test CA with scripts/make-ca.sh) if they are
+# missing; builds the docker compose images and runs the compose
 # tests (unless TWOPC_SKIP_DOCKER is set).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -11,6 +12,16 @@ export NATS_SERVER_BIN
 echo "using $("$NATS_SERVER_BIN" --version) at $NATS_SERVER_BIN"
 CHROMIUM_BIN="$(./scripts/install-chromium.sh)"
 export CHROMIUM_BIN
+if ! command -v openssl >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [[ "$(id -u)" != 0 ]] && SUDO="sudo"
+    echo "installing openssl (Debian package)" >&2
+    $SUDO apt-get update -qq >&2 || true
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openssl >&2 || true
+  fi
+  command -v openssl >/dev/null 2>&1 ||
+    echo "warning: no openssl: tests/tls.rs will say SKIPPED" >&2
+fi
 cargo test --workspace --all-targets "$@"
 # The compose tests (single node, and the three-node cluster) run the real
 # images. They are #[ignore]d, so the command above does not run them; here
