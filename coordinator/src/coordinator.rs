@@ -4,9 +4,10 @@
 //! returns is carried out here, its result fed back as the next event.
 //!
 //! Subjects served (queue group `twopc-coordinator`):
-//! * `shop.purchase` — public JSON purchase → JSON reply;
-//! * `shop.tx` — public JSON status of one transaction;
-//! * `shop.in_doubt` — what this coordinator has not finished;
+//! * `shop.<client>.purchase` — a client's JSON purchase → JSON reply;
+//! * `shop.<client>.tx` — the status of one of the client's transactions;
+//! * `shop.tx` — (admin) the status of any transaction;
+//! * `shop.in_doubt` — (admin) what this coordinator has not finished;
 //! * `twopc.decision.*` — participants' in-doubt queries (postcard), each
 //!   on its sender's subject (`twopc.decision.<participant>`).
 
@@ -159,7 +160,7 @@ impl<L: DecisionLog> Coordinator<L> {
         );
         let c = self.clone();
         let purchase = serve(
-            endpoint("purchase", &subjects::purchase_any(), busy_json.clone()),
+            endpoint("purchase", subjects::PURCHASES, busy_json.clone()),
             move |m| {
                 let c = c.clone();
                 async move { c.on_purchase(m).await }
@@ -175,7 +176,7 @@ impl<L: DecisionLog> Coordinator<L> {
         );
         let c = self.clone();
         let client_status = serve(
-            endpoint("client-tx-status", &subjects::client_tx_any(), busy_json),
+            endpoint("client-tx-status", subjects::CLIENT_TXS, busy_json),
             move |m| {
                 let c = c.clone();
                 async move {
@@ -774,7 +775,11 @@ impl<L: DecisionLog> Coordinator<L> {
             DecisionReply::Decided { .. } => Response::ok(protocol::encode(&reply)),
             DecisionReply::Rejected { code, message } => {
                 if *code != Code::Busy && *code != Code::ShuttingDown {
-                    warn!(%tx, %code, %message, "refused decision query");
+                    refused(
+                        "decision-query",
+                        code.as_str(),
+                        || warn!(%tx, %code, %message, "refused decision query"),
+                    );
                 }
                 Response::error(
                     protocol::encode(&reply),
@@ -808,19 +813,12 @@ impl<L: DecisionLog> Coordinator<L> {
     async fn tx_status(&self, tx: TxId) -> Result<TxStatus, ApiError> {
         let in_phase_1 = self.core.lock().expect("lock").in_phase_1(tx);
         if let Some(p) = in_phase_1 {
-            let status = TxStatus {
-                tx: tx.to_string(),
+            return Ok(TxStatus {
                 state: "in_progress".into(),
                 request_id: p.request_id.clone(),
                 purchase: Some(p),
-                reason: None,
-                deliveries: vec![],
-                decided_at_ms: None,
-                completed_at_ms: None,
-                votes: vec![],
-                delivery_attempts: 0,
-            };
-            return Ok(status);
+                ..TxStatus::unknown(tx.to_string())
+            });
         }
         match self.log.read(tx).await {
             Ok(rec) => {
@@ -857,10 +855,11 @@ impl<L: DecisionLog> Coordinator<L> {
     }
 }
 
-/// The client's token of a `shop.<client>.<verb>` subject.
+/// The client a `shop.<client>.<verb>` subject names (the server lets
+/// only that client publish it).
 fn client_of(subject: &str) -> Result<ClientName, ApiError> {
-    let token = subject.split('.').nth(1).unwrap_or_default();
-    ClientName::new(token).map_err(ApiError::invalid)
+    subjects::client_of(subject)
+        .ok_or_else(|| ApiError::invalid(format!("{subject:?} names no client")))
 }
 
 /// A client's own request id, from the log's scoped key.

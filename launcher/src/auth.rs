@@ -94,8 +94,8 @@ impl Role {
             Role::Coordinator => {
                 let queue = subjects::queue_group("coordinator");
                 let mut subscribe: Vec<String> = [
-                    "shop.*.purchase",
-                    "shop.*.tx",
+                    subjects::PURCHASES,
+                    subjects::CLIENT_TXS,
                     subjects::TX_STATUS,
                     subjects::IN_DOUBT,
                     subjects::DECISION_QUERIES,

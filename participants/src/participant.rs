@@ -599,13 +599,17 @@ impl<R: Resource> Participant<R> {
         // An id that is not a UUIDv7, or from the future: refused before
         // the writer's queue, nothing written. (Past the window is for the
         // write transaction to see: a stored branch still answers.)
-        if let Err(refused) = msg.check(now_ms(), &self.window) {
-            warn!(participant = %name, tx = %msg.tx, code = %refused.code, message = %refused.message, "refused prepare");
+        if let Err(why) = msg.check(now_ms(), &self.window) {
+            refused(
+                "prepare",
+                why.code.as_str(),
+                || warn!(participant = %name, tx = %msg.tx, code = %why.code, message = %why.message, "refused prepare"),
+            );
             let body = protocol::encode(&Vote::No {
-                code: refused.code,
-                message: refused.message.clone(),
+                code: why.code,
+                message: why.message.clone(),
             });
-            return Response::error(body, refused.code.status(), refused.to_string());
+            return Response::error(body, why.code.status(), why.to_string());
         }
         let span = tracing::info_span!("prepare", participant = %name, tx = %msg.tx, %trace_id);
         async move {
@@ -687,13 +691,17 @@ impl<R: Resource> Participant<R> {
         };
         // Impossible ids only: whether one from the future is refused
         // depends on the stored branch (`decide_job`).
-        if let Err(refused) = msg.check(now_ms(), &self.window, true) {
-            warn!(participant = %name, tx = %msg.tx, code = %refused.code, message = %refused.message, "refused decision");
+        if let Err(why) = msg.check(now_ms(), &self.window, true) {
+            refused(
+                "decide",
+                why.code.as_str(),
+                || warn!(participant = %name, tx = %msg.tx, code = %why.code, message = %why.message, "refused decision"),
+            );
             let body = protocol::encode(&DecideReply::Rejected {
-                code: refused.code,
-                message: refused.message.clone(),
+                code: why.code,
+                message: why.message.clone(),
             });
-            return Response::error(body, refused.code.status(), refused.to_string());
+            return Response::error(body, why.code.status(), why.to_string());
         }
         let delay = delay_for(ParticipantDelay::Decide.at(&name));
         if let Some(d) = delay {

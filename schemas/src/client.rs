@@ -88,6 +88,23 @@ mod tests {
     }
 
     #[test]
+    fn a_client_subject_names_its_client() {
+        use crate::subjects::{client_of, client_tx, purchase};
+        let web = ClientName::new("web").unwrap();
+        assert_eq!(client_of(&purchase(&web)), Some(web.clone()));
+        assert_eq!(client_of(&client_tx(&web)), Some(web));
+        for bad in [
+            "shop.tx",
+            "shop.in_doubt.x.y",
+            "shop.Web.purchase",
+            "x.web.purchase",
+            "shop..tx",
+        ] {
+            assert_eq!(client_of(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
     fn scoped_request_ids_of_two_clients_never_meet() {
         let web = ClientName::new("web").unwrap();
         let app = ClientName::new("app").unwrap();

@@ -12,19 +12,23 @@ pub fn purchase(client: &ClientName) -> String {
 }
 
 /// Public: the status of one of `client`'s transactions (JSON
-/// `{"tx": ...}`); another client's transaction is `not_found`.
+/// `{"tx": ...}`); another client's transaction reads `unknown`.
 pub fn client_tx(client: &ClientName) -> String {
     format!("shop.{client}.tx")
 }
 
 /// Every client's purchase subject (the coordinator's subscription).
-pub fn purchase_any() -> String {
-    "shop.*.purchase".to_owned()
-}
-
+pub const PURCHASES: &str = "shop.*.purchase";
 /// Every client's transaction-status subject.
-pub fn client_tx_any() -> String {
-    "shop.*.tx".to_owned()
+pub const CLIENT_TXS: &str = "shop.*.tx";
+
+/// The client a `shop.<client>.<verb>` subject names, if it is one.
+pub fn client_of(subject: &str) -> Option<ClientName> {
+    let mut tokens = subject.split('.');
+    match (tokens.next(), tokens.next(), tokens.next(), tokens.next()) {
+        (Some("shop"), Some(client), Some(_verb), None) => ClientName::new(client).ok(),
+        _ => None,
+    }
 }
 
 /// Admin: any transaction's status at the coordinator (JSON `{"tx": ...}`).
