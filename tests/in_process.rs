@@ -58,6 +58,8 @@ fn participant_args(url: &str, dir: &Path) -> ParticipantArgs {
         retention_ms: 86_400_000,
         max_skew_ms: 60_000,
         metrics_addr: None,
+        lease_ms: 10_000,
+        replace_store: false,
         log_format: LogFormat::Human,
     }
 }

@@ -49,7 +49,19 @@ pub enum DbError {
     /// The writer thread is gone (the service is stopping).
     #[error("database is closed")]
     Closed,
+    /// The database's [`Guard`] refused the batch this job was in: it was
+    /// rolled back and nothing it did was written.
+    #[error("not written: {0}")]
+    Fenced(String),
 }
+
+/// Checked in every batch's write transaction just before its `COMMIT`,
+/// with the write lock held since `BEGIN IMMEDIATE`: `Err(why)` rolls the
+/// whole batch back and answers each of its jobs [`DbError::Fenced`]. What
+/// it reads in the database cannot change before the commit, since no
+/// other connection can write meanwhile. A participant's owner lease uses
+/// it to fence a writer that lost its lease.
+pub type Guard = Box<dyn FnMut(&Connection) -> Result<(), String> + Send>;
 
 type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
 type Job = Box<dyn FnOnce(&Connection) -> Done + Send>;
@@ -115,13 +127,19 @@ pub fn open(path: &Path, migrations: &[&str]) -> rusqlite::Result<Connection> {
 impl Db {
     /// Starts the writer thread on an opened connection.
     pub fn start(conn: Connection, name: &str) -> Db {
+        Db::start_guarded(conn, name, Box::new(|_| Ok(())))
+    }
+
+    /// Starts the writer thread with a [`Guard`] checked before every
+    /// batch's commit.
+    pub fn start_guarded(conn: Connection, name: &str, guard: Guard) -> Db {
         let path = conn.path().map(PathBuf::from).unwrap_or_default();
         let (sender, receiver) = mpsc::sync_channel::<Job>(MAX_QUEUE);
         std::thread::Builder::new()
             .name(format!("db-{name}"))
             .spawn({
                 let name = name.to_owned();
-                move || writer_loop(conn, receiver, name)
+                move || writer_loop(conn, receiver, name, guard)
             })
             .expect("spawn db writer thread");
         Db { sender, path }
@@ -144,7 +162,7 @@ impl Db {
             Box::new(move |committed: Result<(), String>| {
                 let result = match committed {
                     Ok(()) => result.map_err(DbError::from),
-                    Err(_) => Err(DbError::Closed),
+                    Err(why) => Err(DbError::Fenced(why)),
                 };
                 let _ = tx.send(result);
             })
@@ -291,7 +309,7 @@ fn run_in_savepoint<T>(
     }
 }
 
-fn writer_loop(conn: Connection, receiver: mpsc::Receiver<Job>, name: String) {
+fn writer_loop(conn: Connection, receiver: mpsc::Receiver<Job>, name: String, mut guard: Guard) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut done: Vec<Done> = Vec::with_capacity(MAX_BATCH);
     // Blocks until the first job; then takes whatever else is already
@@ -319,6 +337,17 @@ fn writer_loop(conn: Connection, receiver: mpsc::Receiver<Job>, name: String) {
         // batch's fsync taking this much longer.
         if let Some(d) = crate::fault::delay_for(format_args!("{name}.commit")) {
             std::thread::sleep(d);
+        }
+        if let Err(why) = guard(&conn) {
+            if let Err(e) = exec(&conn, "ROLLBACK", []) {
+                tracing::error!(error = %e, "ROLLBACK failed; aborting the process");
+                std::process::abort();
+            }
+            tracing::warn!(jobs, reason = %why, "batch refused by the guard; rolled back");
+            for d in done.drain(..) {
+                d(Err(why.clone()));
+            }
+            continue;
         }
         // The one place where a batch becomes durable: with WAL and
         // synchronous=FULL, COMMIT returns after the WAL is fsynced.
@@ -453,6 +482,48 @@ mod tests {
         held.await.unwrap().unwrap();
         // The queued read ran after the writes were durable: it sees them.
         assert_eq!(queued.await.unwrap(), 11);
+    }
+
+    /// A guard that refuses rolls the whole batch back and every job in it
+    /// hears why; once it lets batches through again they commit.
+    #[tokio::test]
+    async fn a_refusing_guard_rolls_the_batch_back() {
+        let dir = tempfile_dir("guard");
+        let conn = open(&dir.join("t.db"), &["CREATE TABLE t (k INTEGER PRIMARY KEY)"]).unwrap();
+        let open_gate = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let gate = open_gate.clone();
+        let db = Db::start_guarded(
+            conn,
+            "guarded",
+            Box::new(move |c| {
+                let n: i64 = c
+                    .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+                    .map_err(|e| e.to_string())?;
+                assert!(n <= 1, "the guard sees the batch's own writes");
+                if gate.load(std::sync::atomic::Ordering::SeqCst) {
+                    Ok(())
+                } else {
+                    Err("closed".into())
+                }
+            }),
+        );
+        let refused = db
+            .run(|c| c.execute("INSERT INTO t (k) VALUES (1)", []))
+            .await;
+        assert!(matches!(refused, Err(DbError::Fenced(ref why)) if why == "closed"));
+        open_gate.store(true, std::sync::atomic::Ordering::SeqCst);
+        db.run(|c| c.execute("INSERT INTO t (k) VALUES (2)", []))
+            .await
+            .unwrap();
+        let keys: Vec<i64> = db
+            .run(|c| {
+                c.prepare("SELECT k FROM t")?
+                    .query_map([], |r| r.get(0))?
+                    .collect()
+            })
+            .await
+            .unwrap();
+        assert_eq!(keys, vec![2]);
     }
 
     fn tempfile_dir(name: &str) -> PathBuf {

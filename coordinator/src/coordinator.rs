@@ -904,6 +904,10 @@ pub async fn run(
         twopc_common::telemetry::install(addr)?;
     }
     let client = twopc_common::nats::connect(&args.nats_url, SERVICE, &args.auth).await?;
+    tokio::spawn(crate::kv::ensure_owner_bucket(
+        client.clone(),
+        args.kv_replicas,
+    ));
     match args.store {
         Store::Sqlite => {
             std::fs::create_dir_all(&args.data_dir)?;

@@ -791,3 +791,53 @@ mod tests {
         assert_eq!(r.votes[0].vote, "yes");
     }
 }
+
+/// Makes the participants' owner bucket ([`subjects::OWNER_BUCKET`], see
+/// `twopc_participants::ownership`) when it is missing, retrying while the
+/// server does not answer. The coordinator makes it, not the participants:
+/// a participant may then not create streams at all, so it cannot make a
+/// stream over someone else's subjects. Returns once the bucket exists, or
+/// at once when the server has no JetStream (participants then fall back
+/// to asking each other).
+pub async fn ensure_owner_bucket(client: async_nats::Client, replicas: usize) {
+    use twopc_schemas::subjects;
+    let js = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(5))
+        .build(client.clone());
+    let mut backoff = twopc_common::backoff::Backoff::new(200, 5_000);
+    loop {
+        let config = kv::Config {
+            bucket: subjects::OWNER_BUCKET.into(),
+            description: "twopc: one owner lease per participant name".into(),
+            history: 1,
+            max_value_size: twopc_schemas::ownership::MAX_LEASE_BYTES as i32,
+            num_replicas: replicas.max(1),
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        };
+        match js.create_key_value(config).await {
+            Ok(_) => {
+                tracing::info!(bucket = subjects::OWNER_BUCKET, replicas, "participant owner bucket ready");
+                return;
+            }
+            // It exists with another configuration: participants use it.
+            Err(e) if e.kind() == jetstream::context::CreateKeyValueErrorKind::BucketCreate
+                && js.get_key_value(subjects::OWNER_BUCKET).await.is_ok() =>
+            {
+                return;
+            }
+            Err(e) => {
+                let no_js = client
+                    .request("$JS.API.INFO", Bytes::new())
+                    .await
+                    .is_err_and(|e| e.kind() == async_nats::client::RequestErrorKind::NoResponders);
+                if no_js {
+                    tracing::warn!("the NATS server has no JetStream: participants cannot hold owner leases and fall back to asking each other (see ARCHITECTURE.md)");
+                    return;
+                }
+                tracing::warn!(error = %e, "cannot make the participant owner bucket yet; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+}

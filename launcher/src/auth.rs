@@ -4,16 +4,17 @@
 //!
 //! | role | publishes | subscribes (queue group) |
 //! |---|---|---|
-//! | coordinator | `twopc.*.prepare`, `twopc.*.decide`, `P.in_doubt` (status page), its KV bucket | `shop.*.purchase`, `shop.*.tx`, `shop.tx`, `shop.in_doubt`, `twopc.decision.*` (`twopc-coordinator`) |
-//! | participant P | `twopc.decision.P` | `twopc.P.prepare`, `twopc.P.decide`, `P.>` (`twopc-P`) |
+//! | coordinator | `twopc.*.prepare`, `twopc.*.decide`, `P.in_doubt` (status page), its KV bucket, creating the owners bucket | `shop.*.purchase`, `shop.*.tx`, `shop.tx`, `shop.in_doubt`, `twopc.decision.*` (`twopc-coordinator`) |
+//! | participant P | `twopc.decision.P`, `twopc.P.owner`, its own owner lease `$KV.twopc_owners.P` (and reading that bucket) | `twopc.P.prepare`, `twopc.P.decide`, `P.>` (`twopc-P`); `twopc.P.owner` |
 //! | client C | `shop.C.>`, `order.stock` | — |
-//! | admin | every participant's public subjects, `shop.tx`, `shop.in_doubt`, `$SRV.>`, reading the decision bucket | — |
+//! | admin | every participant's public subjects, `shop.tx`, `shop.in_doubt`, `$SRV.>`, reading the decision and owners buckets | — |
 //!
 //! Everyone also subscribes its own inbox `_INBOX_<name>.>` (and services
 //! their `$SRV` discovery subjects); services answer requests through
 //! `allow_responses` only; nobody else publishes `twopc.>`, and nobody
 //! subscribes `twopc.>`, `_INBOX.>` or another's inbox. The JetStream API
-//! is open to the coordinator for its own bucket and, read only, to admin.
+//! is open to the coordinator for its own bucket, to each participant for
+//! its own lease, and, read only, to admin.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -90,6 +91,7 @@ impl Role {
             ]
         };
         let stream = format!("KV_{bucket}");
+        let owners = format!("KV_{}", subjects::OWNER_BUCKET);
         match self {
             Role::Coordinator => {
                 let queue = subjects::queue_group("coordinator");
@@ -119,6 +121,9 @@ impl Role {
                     format!("$JS.FC.{stream}.>"),
                     format!("$JS.ACK.{stream}.>"),
                     format!("$KV.{bucket}.>"),
+                    // It makes the participants' owner bucket, and only that.
+                    format!("$JS.API.STREAM.CREATE.{owners}"),
+                    format!("$JS.API.STREAM.INFO.{owners}"),
                 ]);
                 Permissions {
                     publish,
@@ -134,9 +139,20 @@ impl Role {
                         .map(|s| format!("{s} {queue}"))
                         .collect();
                 subscribe.extend(discovery(p.as_str()));
+                // Instances of P ask each other who serves (no queue).
+                subscribe.push(subjects::owner_ping(p));
                 subscribe.push(inbox);
                 Permissions {
-                    publish: vec![subjects::decision_query(p)],
+                    publish: vec![
+                        subjects::decision_query(p),
+                        subjects::owner_ping(p),
+                        // Its own owner lease: read the bucket, write its
+                        // own key. Never create or change a stream.
+                        "$JS.API.INFO".to_owned(),
+                        format!("$JS.API.STREAM.INFO.{owners}"),
+                        format!("$JS.API.STREAM.MSG.GET.{owners}"),
+                        format!("$KV.{}.{p}", subjects::OWNER_BUCKET),
+                    ],
                     subscribe,
                     allow_responses: true,
                 }
@@ -166,6 +182,9 @@ impl Role {
                     format!("$JS.API.CONSUMER.DELETE.{stream}.>"),
                     format!("$JS.API.CONSUMER.INFO.{stream}.>"),
                     format!("$JS.FC.{stream}.>"),
+                    // Who owns each participant name (`twopc owners`).
+                    format!("$JS.API.STREAM.INFO.{owners}"),
+                    format!("$JS.API.STREAM.MSG.GET.{owners}"),
                 ]);
                 Permissions {
                     publish,
@@ -431,10 +450,15 @@ mod tests {
     fn only_the_coordinator_publishes_prepares_and_decisions() {
         for r in all() {
             let p = perms(&r);
-            let forges = p
-                .publish
-                .iter()
-                .any(|s| s.starts_with("twopc.") && !s.starts_with("twopc.decision."));
+            // A participant's own `twopc.<p>.owner` is its instances' talk,
+            // not a protocol message.
+            let own_ping = match &r {
+                Role::Participant(n) => subjects::owner_ping(n),
+                _ => String::new(),
+            };
+            let forges = p.publish.iter().any(|s| {
+                s.starts_with("twopc.") && !s.starts_with("twopc.decision.") && *s != own_ping
+            });
             assert_eq!(forges, r == Role::Coordinator, "{r:?}: {:?}", p.publish);
         }
     }
@@ -461,13 +485,28 @@ mod tests {
     fn a_participant_sends_decision_queries_only_in_its_own_name() {
         for r in all() {
             if let Role::Participant(p) = &r {
-                assert_eq!(perms(&r).publish, vec![subjects::decision_query(p)]);
+                let publish = perms(&r).publish;
+                let twopc: Vec<&String> =
+                    publish.iter().filter(|s| s.starts_with("twopc.")).collect();
+                assert_eq!(
+                    twopc,
+                    vec![&subjects::decision_query(p), &subjects::owner_ping(p)]
+                );
+                // It writes only its own owner lease, and makes no stream.
+                let writes: Vec<&String> = publish.iter().filter(|s| s.starts_with("$KV.")).collect();
+                assert_eq!(writes, vec![&format!("$KV.{}.{p}", subjects::OWNER_BUCKET)]);
+                assert!(
+                    publish.iter().all(|s| !s.contains("STREAM.CREATE")
+                        && !s.contains("STREAM.UPDATE")
+                        && !s.contains("CONSUMER")),
+                    "{publish:?}"
+                );
                 // and its protocol subjects only in its own queue group
                 let queue = subjects::queue_group(p.as_str());
                 for s in perms(&r)
                     .subscribe
                     .iter()
-                    .filter(|s| s.starts_with("twopc."))
+                    .filter(|s| s.starts_with("twopc.") && **s != subjects::owner_ping(p))
                 {
                     assert!(s.ends_with(&format!(" {queue}")), "{s}");
                 }

@@ -40,12 +40,30 @@ pub struct ParticipantArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
     #[arg(long, env = "TWOPC_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// How long this instance's hold on its participant name lasts without
+    /// renewal (renewed every quarter of it). A standby on another host
+    /// takes over from a silent owner after this long; one on the same
+    /// host and folder at once when the owner's process is gone.
+    #[arg(long, env = "TWOPC_LEASE_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(200..=600_000))]
+    pub lease_ms: u64,
+    /// Take the participant's name for this data folder even though it
+    /// belongs to another data store, once that store's owner is gone (for
+    /// a store lost for good). Never takes a live owner's name.
+    #[arg(long, env = "TWOPC_REPLACE_STORE")]
+    pub replace_store: bool,
     /// Log format: `human` or `json` (level from RUST_LOG).
     #[arg(long, env = "TWOPC_LOG_FORMAT", value_enum, default_value = "human")]
     pub log_format: twopc_common::logging::LogFormat,
 }
 
 impl ParticipantArgs {
+    pub fn lease_settings(&self) -> crate::ownership::LeaseSettings {
+        crate::ownership::LeaseSettings {
+            lease_ms: self.lease_ms,
+            replace_store: self.replace_store,
+        }
+    }
+
     /// The window settings, checked (`retention > window + skew`).
     pub fn tx_window(&self) -> Result<twopc_schemas::protocol::TxWindow, String> {
         twopc_schemas::protocol::TxWindow::new(

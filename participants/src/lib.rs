@@ -6,6 +6,7 @@
 pub mod branch;
 pub mod config;
 pub mod order;
+pub mod ownership;
 pub mod participant;
 pub mod recovery;
 pub mod wallet;

@@ -40,6 +40,7 @@ use twopc_schemas::{subjects, Code, ParticipantName};
 
 use crate::branch::{on_decide, on_prepare, Branch, BranchState, OnDecide, OnPrepare};
 use crate::config::ParticipantArgs;
+use crate::ownership::{self, OWNER_SQL};
 use crate::recovery::{Listed, Tracker, MAX_QUERIES_PER_PASS, RECOVERY_PAGE_ROWS};
 
 /// A refusal to prepare: the vote's code and message.
@@ -447,13 +448,16 @@ pub struct Participant<R: Resource> {
 }
 
 impl<R: Resource> Participant<R> {
-    /// Opens (or creates) the database in `args.data_dir`.
-    pub fn open_db(args: &ParticipantArgs, resource: &R) -> anyhow::Result<Db> {
+    /// Opens (or creates) the database in `args.data_dir`, with the
+    /// library's tables; the writer thread starts once the instance owns
+    /// its name ([`crate::ownership`]).
+    pub fn open_conn(args: &ParticipantArgs, resource: &R) -> anyhow::Result<Connection> {
         std::fs::create_dir_all(&args.data_dir)?;
         let path = args.data_dir.join(format!("{}.db", resource.name()));
         let conn = db::open(&path, resource.migrations())?;
         conn.execute_batch(BRANCHES_SQL)?;
-        Ok(Db::start(conn, resource.name().as_str()))
+        conn.execute_batch(OWNER_SQL)?;
+        Ok(conn)
     }
 
     pub fn new(
@@ -640,6 +644,10 @@ impl<R: Resource> Participant<R> {
                     code: Code::Busy,
                     message: format!("{name}'s log is at its queue limit"),
                 },
+                Err(DbError::Fenced(why)) => Vote::No {
+                    code: Code::NotOwner,
+                    message: format!("this {name} instance wrote nothing: {why}"),
+                },
                 Err(e) => {
                     error!(error = %e, "prepare failed; voting no");
                     Vote::No {
@@ -737,6 +745,10 @@ impl<R: Resource> Participant<R> {
                 Err(DbError::Busy) => DecideReply::Rejected {
                     code: Code::Busy,
                     message: format!("{name}'s log is at its queue limit"),
+                },
+                Err(DbError::Fenced(why)) => DecideReply::Rejected {
+                    code: Code::NotOwner,
+                    message: format!("this {name} instance wrote nothing: {why}"),
                 },
                 Err(e) => {
                     error!(error = %e, "applying the decision failed");
@@ -983,13 +995,35 @@ where
 {
     let name = resource.name();
     args.tx_window().map_err(anyhow::Error::msg)?;
-    let db = Participant::open_db(&args, &resource)?;
-    let reads = db.reader(name.as_str())?;
-    info!(participant = %name, db = %db.path().display(), "database open (WAL, synchronous=FULL; reads on their own connections)");
+    let conn = Participant::open_conn(&args, &resource)?;
+    let (store, db_epoch) = ownership::store_of(&conn)?;
     if let Some(addr) = args.metrics_addr {
         twopc_common::telemetry::install(addr)?;
     }
     let client = twopc_common::nats::connect(&args.nats_url, name.as_str(), &args.auth).await?;
+    tokio::pin!(stop);
+    // Serve nothing before owning the name.
+    let me = ownership::Me::new(&args.data_dir, store, db_epoch, args.lease_settings());
+    let conn = std::sync::Mutex::new(conn);
+    let acquire = ownership::Acquire {
+        client: &client,
+        name: &name,
+        data_dir: &args.data_dir,
+        me,
+        conn: &conn,
+    };
+    let owned = tokio::select! {
+        owned = acquire.run() => owned?,
+        _ = &mut stop => {
+            info!(participant = %name, "stopped before owning the name; exiting");
+            return Ok(());
+        }
+    };
+    let fence = owned.fence.clone();
+    let conn = conn.into_inner().expect("conn lock");
+    let db = Db::start_guarded(conn, name.as_str(), fence.guard());
+    let reads = db.reader(name.as_str())?;
+    info!(participant = %name, db = %db.path().display(), epoch = fence.epoch(), "database open (WAL, synchronous=FULL; reads on their own connections; writes fenced by the owner epoch)");
     let registry = Arc::new(Registry::new(
         name.as_str(),
         env!("CARGO_PKG_VERSION"),
@@ -1018,12 +1052,23 @@ where
     tokio::pin!(work);
     tokio::select! {
         r = &mut work => r,
-        _ = stop => {
+        why = fence.lost_wait() => {
+            // Another instance owns the name now: stop at once; the fence
+            // already refuses every write.
+            shutdown.begin();
+            let _ = client.flush().await;
+            anyhow::bail!("{name}: fenced, exiting: {why}")
+        }
+        _ = &mut stop => {
             info!(participant = %name, "SIGTERM: draining (no new requests; in-flight ones finish)");
             shutdown.begin();
             // Endpoints and recovery return once drained; discovery answers
             // until the end, so stop waiting after the drain bound.
             let _ = tokio::time::timeout(twopc_common::serve::DRAIN_TIMEOUT, &mut work).await;
+            let _ = client.flush().await;
+            // Let go of the name only after the drain: a standby takes over
+            // at once, and nothing here writes any more.
+            owned.release().await;
             let _ = client.flush().await;
             info!(participant = %name, "drained; exiting");
             Ok(())
@@ -1072,6 +1117,7 @@ where
 pub fn db_error(e: DbError) -> ApiError {
     match e {
         DbError::Busy => ApiError::new(Code::Busy, "too many requests in flight"),
+        DbError::Fenced(why) => ApiError::new(Code::NotOwner, format!("nothing written: {why}")),
         other => ApiError::new(Code::Internal, other.to_string()),
     }
 }

@@ -70,6 +70,10 @@ pub enum Code {
     /// A decision query from a participant that is not a branch of the
     /// transaction.
     NotABranch,
+    /// This participant instance does not hold its name's lease (or its
+    /// lease lapsed and is not renewed yet): it writes nothing. The owner,
+    /// or this instance once renewed, will answer a retry.
+    NotOwner,
 }
 
 impl Code {
@@ -101,6 +105,7 @@ impl Code {
             Code::TxInFuture => "tx_in_future",
             Code::WrongSender => "wrong_sender",
             Code::NotABranch => "not_a_branch",
+            Code::NotOwner => "not_owner",
         }
     }
 
@@ -111,7 +116,7 @@ impl Code {
             Code::UnknownUser | Code::UnknownSku | Code::UnknownTx => 404,
             Code::AlreadyExists | Code::Conflict => 409,
             Code::PayloadTooLarge => 413,
-            Code::Busy | Code::ShuttingDown | Code::Unavailable => 503,
+            Code::Busy | Code::ShuttingDown | Code::Unavailable | Code::NotOwner => 503,
             Code::Internal => 500,
             Code::Timeout | Code::OutcomeUnknown => 504,
             Code::Expired => 410,
@@ -173,6 +178,7 @@ mod tests {
             Code::TxInFuture,
             Code::WrongSender,
             Code::NotABranch,
+            Code::NotOwner,
         ];
         for code in all {
             let json = serde_json::to_string(&code).unwrap();
@@ -193,6 +199,7 @@ mod tests {
             (Code::TxInFuture, 22),
             (Code::WrongSender, 23),
             (Code::NotABranch, 24),
+            (Code::NotOwner, 25),
         ] {
             assert_eq!(postcard::to_allocvec(&code).unwrap(), vec![index]);
         }

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod client;
 pub mod code;
+pub mod ownership;
 pub mod participant;
 pub mod points;
 pub mod protocol;

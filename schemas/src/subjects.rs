@@ -98,6 +98,18 @@ pub fn queue_group(service: &str) -> String {
 /// `--store kv`); its stream is `KV_<bucket>`, its subjects `$KV.<bucket>.>`.
 pub const DECISION_BUCKET: &str = "twopc_decisions";
 
+/// The JetStream KV bucket of the participants' owner leases
+/// ([`crate::ownership::Lease`]), one key per participant name; its stream
+/// is `KV_<bucket>`. Participant P may write only `$KV.<bucket>.P`.
+pub const OWNER_BUCKET: &str = "twopc_owners";
+
+/// Internal: instances of one participant ask who serves it, when the
+/// server has no JetStream to hold a lease (every instance subscribes, not
+/// in a queue group, and answers with what it is).
+pub fn owner_ping(participant: &ParticipantName) -> String {
+    format!("twopc.{participant}.owner")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,931 @@
+//! One live owner per participant name.
+//!
+//! Two instances of the wallet that both served `twopc-wallet` would split
+//! the money between two databases. So an instance serves nothing until it
+//! owns its name, and stops writing as soon as it may not own it any more.
+//!
+//! **What owning is.** A lease ([`Lease`]) in the JetStream KV bucket
+//! `twopc_owners` (made by the coordinator; see `coordinator::kv`), key =
+//! the participant's name, holding:
+//! * the **store**: the id of the data store that *is* this participant, a
+//!   UUID its SQLite database got when it was made. An instance whose
+//!   database is another store never serves under the name: it exits,
+//!   naming the store's owner ([`Step::Refuse`]). Only `--replace-store`
+//!   moves the name to a new store, and only once the old owner is gone;
+//! * the **epoch**, raised by one at every takeover (compare-and-set on the
+//!   revision the taker read): the owner's fencing token;
+//! * the **owner**, renewed by compare-and-set every `lease_ms / 4`, or
+//!   `None` after a clean shutdown.
+//!
+//! **Taking over.** An instance of the same store waits as a standby while
+//! the owner lives — the shape of a rolling restart: start the new process
+//! on the same folder, SIGTERM the old one, which drains and lets go, and
+//! the standby takes over at once. It takes over from a silent owner when
+//! the lease's revision has not moved for `lease_ms` by the standby's own
+//! clock, or at once when the owner was on this host and folder and the
+//! folder's lock file ([`LOCK_FILE`]) is free: the operating system frees
+//! it when the process dies, and a paused process keeps it.
+//!
+//! **Fencing.** The owner counts its lease valid until the start of its
+//! last successful renewal plus 9/10 of `lease_ms` on the monotonic clock;
+//! a standby waits the full `lease_ms` from when *it* saw the revision,
+//! which is after that start, so the two never overlap while clocks run at
+//! rates within 10% of each other. And the database itself keeps the epoch
+//! of the instance that took it last (table `owner`): every write batch
+//! checks, with the write lock held, that the epoch is still its own and
+//! that its lease has not lapsed ([`Fence::check`], the writer's
+//! `db::Guard`), else the batch is rolled back. A paused owner that wakes
+//! up after a successor took over therefore writes nothing: its lapsed
+//! lease stops it, and if it was paused between that check and its commit
+//! the successor cannot have written its epoch before that commit (the
+//! paused writer holds the lock), so the successor sees that batch. Its
+//! next renewal then fails and it exits.
+//!
+//! **Without JetStream** (a server of one's own without it) there is no
+//! lease to hold: the instance asks the others on `twopc.<name>.owner`
+//! ([`crate::ownership::ping`]) and the database epoch still fences
+//! instances on the same folder. That detects a second instance; it cannot
+//! fence a paused owner on another folder. See ARCHITECTURE.md.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use rusqlite::{params, Connection};
+use tracing::{error, info, warn};
+use twopc_common::db::Guard;
+use twopc_schemas::ownership::{Holder, Lease};
+use twopc_schemas::{subjects, ParticipantName};
+
+/// The data folder's lock file, held (`flock`) by the owner for its life.
+pub const LOCK_FILE: &str = "owner.lock";
+
+/// The library's ownership table: one row, the store's id and the epoch
+/// of the instance that took the database last.
+pub(crate) const OWNER_SQL: &str = "
+CREATE TABLE IF NOT EXISTS owner (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    store TEXT NOT NULL,
+    epoch INTEGER NOT NULL CHECK (epoch >= 0)
+);
+";
+
+/// The database's store id and epoch, making the store id when the
+/// database is new.
+pub fn store_of(conn: &Connection) -> rusqlite::Result<(String, u64)> {
+    conn.execute(
+        "INSERT OR IGNORE INTO owner (id, store, epoch) VALUES (1, ?1, 0)",
+        [uuid::Uuid::now_v7().to_string()],
+    )?;
+    conn.query_row("SELECT store, epoch FROM owner WHERE id = 1", [], |r| {
+        Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
+    })
+}
+
+/// Writes `epoch` as the database's owner epoch if it is higher than the
+/// one there; false if it is not (someone took the database with a newer
+/// epoch).
+pub fn take_epoch(conn: &Connection, epoch: u64) -> rusqlite::Result<bool> {
+    let epoch = i64::try_from(epoch).map_err(|e| rusqlite::Error::ToSqlConversionFailure(e.into()))?;
+    let n = conn.execute(
+        "UPDATE owner SET epoch = ?1 WHERE id = 1 AND epoch < ?1",
+        params![epoch],
+    )?;
+    Ok(n == 1)
+}
+
+/// Settings of the lease.
+#[derive(Debug, Clone)]
+pub struct LeaseSettings {
+    /// How long a lease lasts without renewal.
+    pub lease_ms: u64,
+    /// Take the name for this folder's store even though another store
+    /// holds it (once that store's owner is gone).
+    pub replace_store: bool,
+}
+
+/// This process, as a candidate owner.
+#[derive(Debug, Clone)]
+pub struct Me {
+    pub instance: String,
+    pub host: String,
+    pub pid: u32,
+    pub data_dir: String,
+    pub store: String,
+    /// The epoch in this folder's database.
+    pub db_epoch: u64,
+    pub settings: LeaseSettings,
+}
+
+impl Me {
+    pub fn new(data_dir: &Path, store: String, db_epoch: u64, settings: LeaseSettings) -> Me {
+        let data_dir = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_owned());
+        Me {
+            instance: uuid::Uuid::now_v7().to_string(),
+            host: hostname(),
+            pid: std::process::id(),
+            data_dir: data_dir.display().to_string(),
+            store,
+            db_epoch,
+            settings,
+        }
+    }
+
+    fn holder(&self, locked: bool) -> Holder {
+        Holder {
+            instance: self.instance.clone(),
+            host: self.host.clone(),
+            pid: self.pid,
+            data_dir: self.data_dir.clone(),
+            locked,
+            lease_ms: self.settings.lease_ms,
+            since_ms: twopc_common::now_ms(),
+            renewals: 0,
+        }
+    }
+
+    /// The lease this process writes when it takes over from `seen`.
+    fn taking(&self, seen: Option<&Lease>, locked: bool) -> Lease {
+        Lease {
+            store: self.store.clone(),
+            epoch: seen.map_or(0, |l| l.epoch).max(self.db_epoch) + 1,
+            owner: Some(self.holder(locked)),
+        }
+    }
+}
+
+/// The host's name, for the lease (and the same-host check).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// What a candidate does after reading the lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// No lease yet: create it (put-if-absent).
+    Create(Lease),
+    /// Replace the lease read (compare-and-set on its revision).
+    TakeOver(Lease),
+    /// A live owner of this store: wait as a standby.
+    Wait(Holder),
+    /// The name belongs to another store: never serve; exit saying this.
+    Refuse(String),
+}
+
+/// The one rule of taking a name, without I/O. `seen`: the lease read;
+/// `silent`: how long its revision has not moved, by this process's clock,
+/// since this process first read it; `lock_free`: this process holds the
+/// data folder's lock file.
+pub fn judge(me: &Me, seen: Option<&Lease>, silent: Duration, lock_free: bool) -> Step {
+    let Some(lease) = seen else {
+        return Step::Create(me.taking(None, lock_free));
+    };
+    let gone = match &lease.owner {
+        None => true,
+        Some(h) => {
+            let dead_here = h.locked && lock_free && h.host == me.host && h.data_dir == me.data_dir;
+            dead_here || silent >= Duration::from_millis(h.lease_ms)
+        }
+    };
+    if lease.store != me.store {
+        let whose = match &lease.owner {
+            Some(h) if !gone => format!("its live owner is {h}"),
+            Some(h) => format!("its last owner, {h}, is silent"),
+            None => "its last owner stopped cleanly".into(),
+        };
+        if me.settings.replace_store && gone {
+            return Step::TakeOver(me.taking(Some(lease), lock_free));
+        }
+        let how = if gone {
+            "start this instance on the store's data folder, or if that store is lost for good, start it with --replace-store"
+        } else {
+            "scale a participant by partitioning it (see ARCHITECTURE.md), not by a second instance with its own data"
+        };
+        return Step::Refuse(format!(
+            "not serving: the name belongs to store {} (epoch {}) and {whose}; this data folder {} holds store {}. Two stores under one name would split its data: {how}",
+            lease.store, lease.epoch, me.data_dir, me.store
+        ));
+    }
+    match &lease.owner {
+        Some(h) if !gone => Step::Wait(h.clone()),
+        _ => Step::TakeOver(me.taking(Some(lease), lock_free)),
+    }
+}
+
+/// The lease's validity, shared by the renewal task and the database's
+/// writer (through [`Fence::guard`]).
+pub struct Fence {
+    epoch: u64,
+    base: Instant,
+    /// Valid until this many ms after `base`.
+    valid_until_ms: AtomicU64,
+    margin_ms: u64,
+    lease_ms: u64,
+    lost: Mutex<Option<String>>,
+    lost_tx: tokio::sync::watch::Sender<bool>,
+}
+
+impl Fence {
+    /// A fence for `epoch`, valid for one lease from `since` (when the
+    /// write that took the lease was sent).
+    pub fn new(epoch: u64, lease_ms: u64, since: Instant) -> Arc<Fence> {
+        let (lost_tx, _) = tokio::sync::watch::channel(false);
+        let f = Fence {
+            epoch,
+            base: since,
+            valid_until_ms: AtomicU64::new(0),
+            margin_ms: lease_ms / 10,
+            lease_ms,
+            lost: Mutex::new(None),
+            lost_tx,
+        };
+        f.renewed(since);
+        Arc::new(f)
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// A renewal sent at `sent` succeeded.
+    pub fn renewed(&self, sent: Instant) {
+        let at = sent.saturating_duration_since(self.base).as_millis() as u64;
+        self.valid_until_ms
+            .fetch_max(at + self.lease_ms - self.margin_ms, Ordering::SeqCst);
+    }
+
+    /// Whether the lease counts as held at `now`.
+    pub fn valid_at(&self, now: Instant) -> bool {
+        (now.saturating_duration_since(self.base).as_millis() as u64)
+            < self.valid_until_ms.load(Ordering::SeqCst)
+    }
+
+    /// The lease is gone for good; the service must stop.
+    pub fn lose(&self, why: String) {
+        let mut lost = self.lost.lock().expect("fence lock");
+        if lost.is_none() {
+            error!(reason = %why, "FENCED: this instance no longer owns its participant name; it writes nothing more and exits");
+            *lost = Some(why);
+            self.lost_tx.send_replace(true);
+        }
+    }
+
+    /// Why the lease was lost, if it was.
+    pub fn lost(&self) -> Option<String> {
+        self.lost.lock().expect("fence lock").clone()
+    }
+
+    /// Resolves once the lease is lost, with why.
+    pub async fn lost_wait(&self) -> String {
+        let mut rx = self.lost_tx.subscribe();
+        let _ = rx.wait_for(|lost| *lost).await;
+        self.lost().unwrap_or_default()
+    }
+
+    /// The check run before every write batch's commit (see the module).
+    pub fn check(&self, conn: &Connection) -> Result<(), String> {
+        if let Some(why) = self.lost() {
+            return Err(format!("fenced: {why}"));
+        }
+        let epoch: i64 = conn
+            .prepare_cached("SELECT epoch FROM owner WHERE id = 1")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
+            .map_err(|e| format!("reading the owner epoch: {e}"))?;
+        if epoch as u64 != self.epoch {
+            let why = format!(
+                "the database was taken by epoch {epoch}; this instance holds epoch {}",
+                self.epoch
+            );
+            self.lose(why.clone());
+            return Err(format!("fenced: {why}"));
+        }
+        if !self.valid_at(Instant::now()) {
+            return Err("lease lapsed (not renewed in time); writing nothing until it is".into());
+        }
+        Ok(())
+    }
+
+    /// [`Fence::check`] as the database writer's guard.
+    pub fn guard(self: &Arc<Self>) -> Guard {
+        let fence = self.clone();
+        Box::new(move |conn| fence.check(conn))
+    }
+}
+
+/// The data folder's lock file, once held.
+pub struct FolderLock {
+    _file: Option<std::fs::File>,
+}
+
+impl FolderLock {
+    /// Tries to take `<data_dir>/owner.lock` without waiting.
+    pub fn try_take(data_dir: &Path) -> FolderLock {
+        let path = data_dir.join(LOCK_FILE);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .ok()
+            .filter(|f| f.try_lock().is_ok());
+        FolderLock { _file: file }
+    }
+
+    pub fn held(&self) -> bool {
+        self._file.is_some()
+    }
+}
+
+/// The lease's key in the bucket.
+struct LeaseKv {
+    kv: kv::Store,
+    key: String,
+    subject: String,
+}
+
+/// What a write of the lease came to.
+enum Wrote {
+    /// Written; the new revision.
+    Yes(u64),
+    /// Another writer was first (the revision moved, or the key exists).
+    Lost,
+}
+
+impl LeaseKv {
+    async fn read(&self) -> Result<Option<(Lease, u64)>, String> {
+        // From the stream leader: a follower may not have applied the
+        // latest renewal yet.
+        match self.kv.stream.get_last_raw_message_by_subject(&self.subject).await {
+            Ok(m) => {
+                let deleted = m
+                    .headers
+                    .get("KV-Operation")
+                    .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+                if deleted {
+                    return Ok(None);
+                }
+                Lease::parse(&m.payload)
+                    .map(|l| Some((l, m.sequence)))
+                    .map_err(|e| format!("the lease under {:?} is corrupt: {e}", self.key))
+            }
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(format!("reading the lease: {e}")),
+        }
+    }
+
+    async fn create(&self, lease: &Lease) -> Result<Wrote, String> {
+        match self.kv.create(&self.key, Bytes::from(lease.to_json())).await {
+            Ok(rev) => Ok(Wrote::Yes(rev)),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(Wrote::Lost),
+            Err(e) => Err(format!("creating the lease: {e}")),
+        }
+    }
+
+    async fn update(&self, lease: &Lease, revision: u64) -> Result<Wrote, String> {
+        match self
+            .kv
+            .update(&self.key, Bytes::from(lease.to_json()), revision)
+            .await
+        {
+            Ok(rev) => Ok(Wrote::Yes(rev)),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(Wrote::Lost),
+            Err(e) => Err(format!("writing the lease: {e}")),
+        }
+    }
+
+    /// After a write whose answer was lost or refused: whether the lease
+    /// now is exactly `mine`, and at which revision.
+    async fn is_mine(&self, mine: &Lease) -> Result<Option<u64>, String> {
+        Ok(self
+            .read()
+            .await?
+            .and_then(|(l, rev)| (&l == mine).then_some(rev)))
+    }
+}
+
+/// Whether the server has JetStream (for this account).
+async fn has_jetstream(client: &async_nats::Client) -> bool {
+    let request = async_nats::Request::new()
+        .payload(Bytes::new())
+        .timeout(Some(Duration::from_secs(5)));
+    match client.send_request("$JS.API.INFO", request).await {
+        Ok(m) => !String::from_utf8_lossy(&m.payload).contains("\"error\""),
+        // Anything but "no responders" (a timeout): assume it has, and
+        // find out when the bucket answers.
+        Err(e) => e.kind() != async_nats::client::RequestErrorKind::NoResponders,
+    }
+}
+
+/// The lease this instance holds, and the task that renews it.
+pub struct Ownership {
+    pub fence: Arc<Fence>,
+    /// Holds the data folder's lock file while this value lives.
+    _lock: FolderLock,
+    keeper: Option<Keeper>,
+    /// Tasks that live as long as the ownership (without JetStream: the
+    /// answerer and the checker).
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+struct Keeper {
+    kv: Arc<LeaseKv>,
+    current: Arc<Mutex<(Lease, u64)>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How a participant instance comes to own its name.
+pub struct Acquire<'a> {
+    pub client: &'a async_nats::Client,
+    pub name: &'a ParticipantName,
+    pub data_dir: &'a Path,
+    pub me: Me,
+    /// The database, to write the epoch into once the lease is taken (in a
+    /// mutex only so that the waiting future may move between threads).
+    pub conn: &'a Mutex<Connection>,
+}
+
+impl Acquire<'_> {
+    /// Waits until this instance owns its name (standby meanwhile), or
+    /// fails when it must never serve under it.
+    pub async fn run(self) -> anyhow::Result<Ownership> {
+        if !has_jetstream(self.client).await {
+            return ping::acquire(self).await;
+        }
+        let kv = Arc::new(self.bucket().await);
+        let mut lock = FolderLock::try_take(self.data_dir);
+        let poll = Duration::from_millis((self.me.settings.lease_ms / 10).clamp(20, 250));
+        // The revision being watched, and since when (this clock).
+        let mut watched: Option<(u64, Instant)> = None;
+        let mut said_wait: Option<String> = None;
+        loop {
+            if !lock.held() {
+                lock = FolderLock::try_take(self.data_dir);
+            }
+            let seen = match kv.read().await {
+                Ok(seen) => seen,
+                Err(e) => {
+                    warn!(participant = %self.name, error = %e, "cannot read the owner lease; retrying");
+                    tokio::time::sleep(poll * 4).await;
+                    continue;
+                }
+            };
+            let silent = match (&seen, watched) {
+                (Some((_, rev)), Some((w, since))) if *rev == w => since.elapsed(),
+                (Some((_, rev)), _) => {
+                    watched = Some((*rev, Instant::now()));
+                    Duration::ZERO
+                }
+                (None, _) => Duration::ZERO,
+            };
+            let sent = Instant::now();
+            let (lease, wrote) = match judge(&self.me, seen.as_ref().map(|s| &s.0), silent, lock.held()) {
+                Step::Refuse(why) => anyhow::bail!("{}: {why}", self.name),
+                Step::Wait(holder) => {
+                    let said = holder.instance.clone();
+                    if said_wait.as_deref() != Some(&said) {
+                        info!(participant = %self.name, owner = %holder, lease_ms = holder.lease_ms,
+                            "STANDBY: {} is owned by {holder}; serving nothing until it stops or its lease lapses", self.name);
+                        said_wait = Some(said);
+                    }
+                    tokio::time::sleep(poll).await;
+                    continue;
+                }
+                Step::Create(lease) => {
+                    let w = kv.create(&lease).await;
+                    (lease, w)
+                }
+                Step::TakeOver(lease) => {
+                    let rev = seen.as_ref().map(|s| s.1).expect("a takeover has read a lease");
+                    let w = kv.update(&lease, rev).await;
+                    (lease, w)
+                }
+            };
+            let revision = match wrote {
+                Ok(Wrote::Yes(rev)) => rev,
+                Ok(Wrote::Lost) => continue,
+                Err(e) => match kv.is_mine(&lease).await {
+                    Ok(Some(rev)) => rev,
+                    _ => {
+                        warn!(participant = %self.name, error = %e, "taking the lease did not answer; reading it again");
+                        continue;
+                    }
+                },
+            };
+            if !take_epoch(&self.conn.lock().expect("conn lock"), lease.epoch)? {
+                anyhow::bail!(
+                    "{}: the database holds an epoch newer than {} — another instance took it; not serving",
+                    self.name,
+                    lease.epoch
+                );
+            }
+            let fence = Fence::new(lease.epoch, self.me.settings.lease_ms, sent);
+            info!(participant = %self.name, epoch = lease.epoch, store = %lease.store,
+                lease_ms = self.me.settings.lease_ms, folder_lock = lock.held(),
+                "OWNER: this instance owns {}", self.name);
+            let current = Arc::new(Mutex::new((lease, revision)));
+            let task = tokio::spawn(keep(kv.clone(), current.clone(), fence.clone(), self.me.settings.lease_ms));
+            return Ok(Ownership {
+                fence,
+                _lock: lock,
+                keeper: Some(Keeper { kv, current, task }),
+                tasks: vec![],
+            });
+        }
+    }
+
+    /// The owners bucket, waiting for it to exist (the coordinator makes it).
+    async fn bucket(&self) -> LeaseKv {
+        let js = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_millis((self.me.settings.lease_ms / 4).clamp(500, 5_000)))
+            .build(self.client.clone());
+        let mut said = false;
+        loop {
+            match js.get_key_value(subjects::OWNER_BUCKET).await {
+                Ok(kv) => {
+                    let key = self.name.as_str().to_owned();
+                    return LeaseKv {
+                        subject: format!("$KV.{}.{key}", subjects::OWNER_BUCKET),
+                        kv,
+                        key,
+                    };
+                }
+                Err(e) => {
+                    if !said {
+                        info!(participant = %self.name, bucket = subjects::OWNER_BUCKET, error = %e,
+                            "waiting for the owners bucket (the coordinator makes it)");
+                        said = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Renews the lease every quarter lease (sooner after a failure) until it
+/// is lost.
+async fn keep(kv: Arc<LeaseKv>, current: Arc<Mutex<(Lease, u64)>>, fence: Arc<Fence>, lease_ms: u64) {
+    let every = Duration::from_millis(lease_ms / 4);
+    let after_failure = Duration::from_millis((lease_ms / 20).clamp(20, 250));
+    let mut wait = every;
+    loop {
+        tokio::time::sleep(wait).await;
+        let (mut lease, revision) = current.lock().expect("lease lock").clone();
+        if let Some(h) = lease.owner.as_mut() {
+            h.renewals += 1;
+        }
+        let sent = Instant::now();
+        let wrote = kv.update(&lease, revision).await;
+        let outcome = match wrote {
+            Ok(Wrote::Yes(rev)) => Ok(Some(rev)),
+            // Refused: unless it is this very value (an earlier attempt's
+            // answer was lost), someone else wrote the lease.
+            Ok(Wrote::Lost) => kv.is_mine(&lease).await,
+            Err(e) => match kv.is_mine(&lease).await {
+                Ok(Some(rev)) => Ok(Some(rev)),
+                _ => Err(e),
+            },
+        };
+        match outcome {
+            Ok(Some(rev)) => {
+                fence.renewed(sent);
+                *current.lock().expect("lease lock") = (lease, rev);
+                wait = every;
+            }
+            Ok(None) => {
+                let now = kv.read().await.ok().flatten();
+                let who = match now.as_ref().and_then(|(l, _)| l.owner.clone().map(|h| (h, l.epoch))) {
+                    Some((h, epoch)) => format!("taken over by {h} at epoch {epoch}"),
+                    None => "the lease changed under this instance".into(),
+                };
+                fence.lose(who);
+                return;
+            }
+            Err(e) => {
+                if !fence.valid_at(Instant::now()) {
+                    warn!(error = %e, "lease renewal failing and the lease lapsed: writing nothing until it is renewed");
+                } else {
+                    warn!(error = %e, "lease renewal failed; retrying");
+                }
+                wait = after_failure;
+            }
+        }
+    }
+}
+
+impl Ownership {
+    /// Lets go of the lease after a clean drain, so that a standby takes
+    /// over at once. Nothing is written past this (the fence is lost).
+    pub async fn release(mut self) {
+        self.fence.lose("released at shutdown".into());
+        let Some(k) = self.keeper.take() else { return };
+        k.task.abort();
+        let (lease, revision) = k.current.lock().expect("lease lock").clone();
+        let released = Lease {
+            owner: None,
+            ..lease
+        };
+        match k.kv.update(&released, revision).await {
+            Ok(Wrote::Yes(_)) => info!("lease released"),
+            Ok(Wrote::Lost) => warn!("lease not released: it changed meanwhile"),
+            Err(e) => warn!(error = %e, "lease not released; a standby takes over when it lapses"),
+        }
+    }
+}
+
+impl Drop for Ownership {
+    fn drop(&mut self) {
+        if let Some(k) = &self.keeper {
+            k.task.abort();
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Ownership on a server without JetStream: detection by asking.
+///
+/// Every instance subscribes `twopc.<name>.owner` (not in a queue group)
+/// before it asks there, and answers every ask with what it is. An
+/// instance serves only after an ask that no other instance answered: of
+/// two that ask, the later one's ask reaches the earlier (subscribed
+/// before it asked), so both cannot see nobody — unless an answer takes
+/// longer than [`ASK_WINDOW`]. A candidate that sees another candidate
+/// backs off a random while and asks again; one that sees an instance
+/// serving waits as a standby (same store) or exits (another store). The
+/// owner keeps asking every few seconds and exits if another instance
+/// serves too, the later of the two going. No lease: a paused owner is
+/// not fenced except through the database epoch on the same folder.
+pub mod ping {
+    use super::*;
+    use futures::StreamExt;
+    use rand::Rng;
+    use twopc_schemas::ownership::OwnerPing;
+
+    /// How long an ask collects answers.
+    pub const ASK_WINDOW: Duration = Duration::from_millis(500);
+    /// How often the owner asks again.
+    const CHECK_EVERY: Duration = Duration::from_secs(3);
+
+    fn me_now(me: &Me, serving: bool) -> OwnerPing {
+        OwnerPing {
+            instance: me.instance.clone(),
+            store: me.store.clone(),
+            serving,
+            host: me.host.clone(),
+            pid: me.pid,
+            data_dir: me.data_dir.clone(),
+        }
+    }
+
+    /// The other instances' answers to one ask.
+    async fn ask(client: &async_nats::Client, subject: &str, me: &OwnerPing) -> anyhow::Result<Vec<OwnerPing>> {
+        let inbox = client.new_inbox();
+        let mut answers = client.subscribe(inbox.clone()).await?;
+        client
+            .publish_with_reply(subject.to_owned(), inbox, me.to_json().into())
+            .await?;
+        client.flush().await?;
+        let mut seen = vec![];
+        let deadline = tokio::time::Instant::now() + ASK_WINDOW;
+        while let Ok(Some(m)) = tokio::time::timeout_at(deadline, answers.next()).await {
+            match OwnerPing::parse(&m.payload) {
+                Ok(a) if a.instance != me.instance => seen.push(a),
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "ignoring an owner answer that does not parse"),
+            }
+        }
+        Ok(seen)
+    }
+
+    pub(super) async fn acquire(a: Acquire<'_>) -> anyhow::Result<Ownership> {
+        warn!(participant = %a.name, "the NATS server has no JetStream: no owner lease; detecting other instances by asking on {} (a paused owner elsewhere is not fenced; see ARCHITECTURE.md)", subjects::owner_ping(a.name));
+        let subject = subjects::owner_ping(a.name);
+        let serving = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut pings = a.client.subscribe(subject.clone()).await?;
+        a.client.flush().await?;
+        let answerer = {
+            let (client, me, serving) = (a.client.clone(), a.me.clone(), serving.clone());
+            tokio::spawn(async move {
+                while let Some(m) = pings.next().await {
+                    if let Some(reply) = m.reply {
+                        let now = me_now(&me, serving.load(Ordering::SeqCst));
+                        let _ = client.publish(reply, now.to_json().into()).await;
+                    }
+                }
+            })
+        };
+        let lock = FolderLock::try_take(a.data_dir);
+        let mut said_wait = None;
+        loop {
+            let others = ask(a.client, &subject, &me_now(&a.me, false)).await?;
+            if let Some(owner) = others.iter().find(|o| o.serving) {
+                if owner.store != a.me.store {
+                    answerer.abort();
+                    anyhow::bail!(
+                        "{}: not serving: {owner} serves it with store {}; this data folder {} holds store {}. Two stores under one name would split its data",
+                        a.name, owner.store, a.me.data_dir, a.me.store
+                    );
+                }
+                if said_wait.as_ref() != Some(&owner.instance) {
+                    info!(participant = %a.name, owner = %owner, "STANDBY: {} is served by {owner}; serving nothing until it stops", a.name);
+                    said_wait = Some(owner.instance.clone());
+                }
+                tokio::time::sleep(ASK_WINDOW).await;
+                continue;
+            }
+            if !others.is_empty() {
+                let pause = rand::rng().random_range(100..600);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                continue;
+            }
+            let epoch = a.me.db_epoch + 1;
+            if !take_epoch(&a.conn.lock().expect("conn lock"), epoch)? {
+                // Someone on this folder took it meanwhile: ask again.
+                continue;
+            }
+            serving.store(true, Ordering::SeqCst);
+            let fence = Fence::new(epoch, u64::MAX / 4, Instant::now());
+            info!(participant = %a.name, epoch, "OWNER (no JetStream: by asking): this instance serves {}", a.name);
+            let checker = {
+                let (client, me, fence) = (a.client.clone(), a.me.clone(), fence.clone());
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(CHECK_EVERY).await;
+                        let Ok(others) = ask(&client, &subject, &me_now(&me, true)).await else { continue };
+                        if let Some(o) = others.iter().find(|o| o.serving && o.instance < me.instance) {
+                            fence.lose(format!("{o} serves this name too and started first"));
+                            return;
+                        }
+                    }
+                })
+            };
+            return Ok(Ownership {
+                fence,
+                _lock: lock,
+                keeper: None,
+                tasks: vec![answerer, checker],
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me(store: &str, dir: &str) -> Me {
+        Me {
+            instance: "me".into(),
+            host: "h1".into(),
+            pid: 10,
+            data_dir: dir.into(),
+            store: store.into(),
+            db_epoch: 0,
+            settings: LeaseSettings {
+                lease_ms: 1_000,
+                replace_store: false,
+            },
+        }
+    }
+
+    fn held(store: &str, epoch: u64, host: &str, dir: &str, locked: bool) -> Lease {
+        Lease {
+            store: store.into(),
+            epoch,
+            owner: Some(Holder {
+                instance: "other".into(),
+                host: host.into(),
+                pid: 20,
+                data_dir: dir.into(),
+                locked,
+                lease_ms: 1_000,
+                since_ms: 0,
+                renewals: 3,
+            }),
+        }
+    }
+
+    const LIVE: Duration = Duration::from_millis(999);
+    const SILENT: Duration = Duration::from_millis(1_000);
+
+    #[test]
+    fn the_first_instance_creates_the_lease_at_epoch_one() {
+        let Step::Create(l) = judge(&me("s", "/d"), None, Duration::ZERO, true) else {
+            panic!()
+        };
+        assert_eq!((l.store.as_str(), l.epoch), ("s", 1));
+        assert_eq!(l.owner.unwrap().instance, "me");
+    }
+
+    #[test]
+    fn a_live_owner_of_this_store_makes_a_standby() {
+        let lease = held("s", 4, "h2", "/d", true);
+        assert!(matches!(judge(&me("s", "/d"), Some(&lease), LIVE, true), Step::Wait(h) if h.instance == "other"));
+    }
+
+    #[test]
+    fn a_silent_owner_is_taken_over_after_a_full_lease_with_the_next_epoch() {
+        let lease = held("s", 4, "h2", "/d", true);
+        let Step::TakeOver(l) = judge(&me("s", "/d"), Some(&lease), SILENT, false) else {
+            panic!()
+        };
+        assert_eq!(l.epoch, 5);
+        let mut newer_db = me("s", "/d");
+        newer_db.db_epoch = 9;
+        let Step::TakeOver(l) = judge(&newer_db, Some(&lease), SILENT, false) else {
+            panic!()
+        };
+        assert_eq!(l.epoch, 10, "never below the database's own epoch");
+    }
+
+    #[test]
+    fn a_released_lease_is_taken_at_once() {
+        let lease = Lease {
+            owner: None,
+            ..held("s", 4, "h1", "/d", true)
+        };
+        assert!(matches!(judge(&me("s", "/e"), Some(&lease), Duration::ZERO, false), Step::TakeOver(l) if l.epoch == 5));
+    }
+
+    #[test]
+    fn a_dead_owner_on_this_host_and_folder_is_known_by_its_free_lock() {
+        let lease = held("s", 4, "h1", "/d", true);
+        assert!(matches!(judge(&me("s", "/d"), Some(&lease), Duration::ZERO, true), Step::TakeOver(_)));
+        // The lock is held: alive, perhaps paused.
+        assert!(matches!(judge(&me("s", "/d"), Some(&lease), LIVE, false), Step::Wait(_)));
+        // Another folder or host, or an owner that never held the lock:
+        // the free lock here says nothing about it.
+        for other in [
+            held("s", 4, "h1", "/other", true),
+            held("s", 4, "h2", "/d", true),
+            held("s", 4, "h1", "/d", false),
+        ] {
+            assert!(matches!(judge(&me("s", "/d"), Some(&other), LIVE, true), Step::Wait(_)));
+        }
+    }
+
+    #[test]
+    fn another_store_is_refused_live_or_not() {
+        for (silent, lease) in [
+            (LIVE, held("s", 4, "h1", "/d", true)),
+            (SILENT, held("s", 4, "h1", "/d", true)),
+            (Duration::ZERO, Lease { owner: None, ..held("s", 4, "h1", "/d", true) }),
+        ] {
+            let Step::Refuse(why) = judge(&me("t", "/e"), Some(&lease), silent, true) else {
+                panic!()
+            };
+            assert!(why.contains("store s") && why.contains("holds store t"), "{why}");
+        }
+    }
+
+    #[test]
+    fn replace_store_takes_a_gone_owners_name_but_never_a_live_one() {
+        let mut m = me("t", "/e");
+        m.settings.replace_store = true;
+        let lease = held("s", 4, "h2", "/d", true);
+        assert!(matches!(judge(&m, Some(&lease), LIVE, true), Step::Refuse(_)));
+        let Step::TakeOver(l) = judge(&m, Some(&lease), SILENT, true) else {
+            panic!()
+        };
+        assert_eq!((l.store.as_str(), l.epoch), ("t", 5));
+    }
+
+    #[test]
+    fn the_fence_refuses_a_lapsed_lease_and_a_newer_epoch() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(OWNER_SQL).unwrap();
+        let (store, epoch) = store_of(&conn).unwrap();
+        assert_eq!(epoch, 0);
+        assert_eq!(store_of(&conn).unwrap().0, store, "made once");
+        assert!(take_epoch(&conn, 3).unwrap());
+        assert!(!take_epoch(&conn, 3).unwrap(), "not twice");
+        let start = Instant::now();
+        let fence = Fence::new(3, 1_000, start);
+        assert!(fence.check(&conn).is_ok());
+        assert!(fence.valid_at(start + Duration::from_millis(899)));
+        assert!(!fence.valid_at(start + Duration::from_millis(900)));
+        fence.renewed(start + Duration::from_millis(500));
+        assert!(fence.valid_at(start + Duration::from_millis(1_399)));
+        assert!(!fence.valid_at(start + Duration::from_millis(1_400)));
+        // A successor took the database.
+        assert!(take_epoch(&conn, 4).unwrap());
+        let why = fence.check(&conn).unwrap_err();
+        assert!(why.contains("epoch 4"), "{why}");
+        assert!(fence.lost().is_some(), "lost for good");
+    }
+}
