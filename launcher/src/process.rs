@@ -245,6 +245,12 @@ impl Proc {
         signal(self.pid().context("not running")?, libc::SIGCONT)
     }
 
+    /// Another process with this one's command line and environment, its
+    /// own name and log file, not started.
+    pub fn duplicate(&self, name: &str, log_path: PathBuf) -> Proc {
+        Proc::new(name, &self.program, self.args.clone(), self.env.clone(), log_path)
+    }
+
     pub fn set_env(&mut self, key: &str, value: Option<&str>) {
         self.env.retain(|(k, _)| k != key);
         if let Some(v) = value {

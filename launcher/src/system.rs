@@ -604,6 +604,23 @@ impl System {
         self.services.get_mut(kind.name()).expect("service exists")
     }
 
+    /// A second instance of participant `kind` (not started), as a user
+    /// would start one: the same command line and credentials, the data
+    /// folder `data_dir` (another folder, or the service's own for a
+    /// rolling restart), its log `<root>/<name>.log`.
+    pub fn duplicate(&mut self, kind: Kind, name: &str, data_dir: &Path) -> Proc {
+        assert!(kind.participant().is_some(), "only participants have owners");
+        let log = self.root.join(format!("{name}.log"));
+        let mut p = self.service(kind).proc.duplicate(name, log);
+        p.set_env("TWOPC_DATA_DIR", Some(&data_dir.display().to_string()));
+        p
+    }
+
+    /// The data folder of service `name` (`wallet`, `order`, ...).
+    pub fn data_dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
     /// Coordinator replica `i` (from 0; 0 is [`System::service`]'s).
     pub fn coordinator(&mut self, i: usize) -> &mut Service {
         assert!(
