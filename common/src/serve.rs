@@ -7,8 +7,10 @@
 //! answered at once with the endpoint's `busy` reply instead of queueing.
 //!
 //! Shutdown ([`Shutdown::begin`], on SIGTERM): every endpoint stops taking
-//! messages (it unsubscribes), waits up to [`DRAIN_TIMEOUT`] for its handlers
-//! in flight, and returns. The signal is passed in, not process-global, so
+//! messages (it drains the subscription: unsubscribes, and still handles
+//! what the server had sent before it saw that, which are requests in
+//! flight), waits up to [`DRAIN_TIMEOUT`] for its handlers in flight, and
+//! returns. The signal is passed in, not process-global, so
 //! that several services can run in one process and stop one at a time.
 
 use std::future::Future;
@@ -157,13 +159,32 @@ where
     let permits = Arc::new(Semaphore::new(ep.max_inflight));
     let handler = Arc::new(handler);
     let mut shutdown = ep.shutdown.0.subscribe();
+    let mut draining = false;
     loop {
-        let msg = tokio::select! {
-            m = sub.next() => match m {
-                Some(m) => m,
-                None => break,
-            },
-            _ = shutdown.wait_for(|s| *s) => break,
+        let msg = if draining {
+            // Messages the server sent before it saw the unsubscribe are
+            // requests in flight: answer them too. The stream ends once the
+            // server confirmed the unsubscribe.
+            match tokio::time::timeout(DRAIN_TIMEOUT, sub.next()).await {
+                Ok(Some(m)) => m,
+                _ => break,
+            }
+        } else {
+            let next = tokio::select! {
+                m = sub.next() => Some(m),
+                _ = shutdown.wait_for(|s| *s) => None,
+            };
+            match next {
+                Some(Some(m)) => m,
+                Some(None) => break,
+                None => {
+                    draining = sub.drain().await.is_ok();
+                    if !draining {
+                        break;
+                    }
+                    continue;
+                }
+            }
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             crate::refusals::refused(
@@ -194,9 +215,11 @@ where
             drop(permit);
         });
     }
-    // Draining: no new messages (unsubscribe), then wait for the handlers
-    // still running, bounded.
-    let _ = sub.unsubscribe().await;
+    // No new messages (drained above, or unsubscribe now), then wait for
+    // the handlers still running, bounded.
+    if !draining {
+        let _ = sub.unsubscribe().await;
+    }
     let all = u32::try_from(ep.max_inflight).unwrap_or(u32::MAX);
     if tokio::time::timeout(DRAIN_TIMEOUT, permits.acquire_many(all))
         .await

@@ -673,29 +673,48 @@ impl<L: DecisionLog> Coordinator<L> {
         op: protocol::BranchOp,
         trace: &TraceContext,
     ) -> Ballot {
-        let request = async_nats::Request::new()
-            .headers(trace.child().headers())
-            .payload(protocol::encode(&Prepare { tx, op }).into());
+        let payload: bytes::Bytes = protocol::encode(&Prepare { tx, op }).into();
         let timeout = Duration::from_millis(self.args.prepare_timeout_ms);
         let started = std::time::Instant::now();
-        // Bounded even while disconnected, so phase 1 always ends (in a
-        // durable decision) within the prepare timeout plus a margin.
-        let ballot = match twopc_common::nats::request(
-            &self.client,
-            subjects::prepare(participant),
-            request,
-            timeout,
-        )
-        .await
-        {
-            Ok(msg) => match protocol::decode::<Vote>(&msg.payload) {
-                Ok(vote) => Ballot::Voted(vote),
-                Err(e) => Ballot::Garbled(e.to_string()),
-            },
-            Err(e) if e.kind() == RequestErrorKind::NoResponders => Ballot::NoResponders,
-            // A timeout, or a connection lost mid-request: the prepare may
-            // have arrived. Unknown, so the participant must hear the abort.
-            Err(_) => Ballot::TimedOut,
+        // "No responders" is certain non-delivery (nobody subscribes: a
+        // participant restarting, or one owner handing over to the next),
+        // so it is asked again within the prepare timeout: a restart costs
+        // latency, not an abort. Anything else ends the ballot.
+        let mut pause = Duration::from_millis(10);
+        let ballot = loop {
+            let left = timeout.saturating_sub(started.elapsed());
+            let request = async_nats::Request::new()
+                .headers(trace.child().headers())
+                .payload(payload.clone());
+            // Bounded even while disconnected, so phase 1 always ends (in a
+            // durable decision) within the prepare timeout plus a margin.
+            match twopc_common::nats::request(
+                &self.client,
+                subjects::prepare(participant),
+                request,
+                left,
+            )
+            .await
+            {
+                Ok(msg) => {
+                    break match protocol::decode::<Vote>(&msg.payload) {
+                        Ok(vote) => Ballot::Voted(vote),
+                        Err(e) => Ballot::Garbled(e.to_string()),
+                    }
+                }
+                Err(e) if e.kind() == RequestErrorKind::NoResponders => {
+                    let left = timeout.saturating_sub(started.elapsed());
+                    if left <= pause {
+                        break Ballot::NoResponders;
+                    }
+                    metrics::counter!("twopc_prepare_no_responders_retries_total").increment(1);
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                // A timeout, or a connection lost mid-request: the prepare may
+                // have arrived. Unknown, so the participant must hear the abort.
+                Err(_) => break Ballot::TimedOut,
+            }
         };
         metrics::histogram!("twopc_prepare_seconds").record(started.elapsed().as_secs_f64());
         ballot

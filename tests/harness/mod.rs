@@ -437,6 +437,21 @@ impl System {
         out
     }
 
+    /// A second instance of participant `kind` (not started): the same
+    /// command line and credentials, data folder `data_dir`, log
+    /// `<dir>/<name>.log`.
+    pub fn duplicate(&mut self, kind: Kind, name: &str, data_dir: &std::path::Path) -> launcher::Proc {
+        let log = self.dir.path().join(format!("{name}.log"));
+        let mut p = self.service(kind).proc.duplicate(name, log);
+        p.set_env("TWOPC_DATA_DIR", Some(&data_dir.display().to_string()));
+        p
+    }
+
+    /// The data folder of service `name`.
+    pub fn data_dir(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
     /// Waits until the service's log contains one of `needles`.
     pub async fn wait_log_any(
         &mut self,

@@ -1,0 +1,338 @@
+//! One live owner per participant name (ARCHITECTURE.md, "One owner per
+//! participant"): a second instance never serves beside the owner, a
+//! paused owner that wakes after a successor took over writes nothing, and
+//! a rolling restart under load loses and splits nothing. Real processes,
+//! real signals, the real lease in the server's JetStream KV.
+
+mod harness;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use harness::{poll_until, told, tx_id, Options, System};
+use twopc_launcher::client::Reply;
+use twopc_launcher::{Kind, Proc};
+use twopc_schemas::api::{Outcome, PurchaseRequest};
+use twopc_schemas::Code;
+use twopc_verify::check::{KeyReply, Told};
+
+/// Waits until `p`'s log, from byte `from` on, contains `needle`.
+async fn wait_log(p: &Proc, from: usize, needle: &str, timeout: Duration) -> String {
+    poll_until(&format!("{} to log {needle:?}", p.name), timeout, || {
+        let log = p.log();
+        let new = log.get(from..).unwrap_or_default().to_owned();
+        async move {
+            if new.contains(needle) {
+                Ok(new)
+            } else {
+                Err(new.lines().rev().take(5).collect::<Vec<_>>().join(" | "))
+            }
+        }
+    })
+    .await
+}
+
+/// Waits until `p` exits by itself; its exit status.
+async fn exit_of(p: &mut Proc, timeout: Duration) -> String {
+    p.wait_exit(timeout)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", p.log()))
+}
+
+/// Prepared, committed or aborted branches in a participant database.
+fn branches_in(db: &std::path::Path) -> i64 {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.query_row("SELECT count(*) FROM branches", [], |r| r.get(0))
+        .unwrap()
+}
+
+fn request(user: &str, request_id: String) -> PurchaseRequest {
+    PurchaseRequest {
+        user: user.into(),
+        sku: "pen-1".into(),
+        qty: 1,
+        amount: 199,
+        request_id: Some(request_id),
+    }
+}
+
+/// Two more wallets, each with its own (empty) data folder, started at the
+/// same moment against a running system while alice buys: neither ever
+/// serves, both exit non-zero naming the live owner, and every purchase
+/// commits at the one wallet that has her.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_instances_with_their_own_data_never_serve() {
+    let mut sys = System::start(Options::default()).await.unwrap();
+    sys.seed_standard().await.unwrap();
+    let owner_pid = sys.service(Kind::Wallet).proc.pid().unwrap();
+    let mut dups: Vec<Proc> = (2..=3)
+        .map(|i| {
+            let dir = sys.data_dir(&format!("wallet-{i}"));
+            sys.duplicate(Kind::Wallet, &format!("wallet-{i}"), &dir)
+        })
+        .collect();
+    for d in &mut dups {
+        d.start().unwrap();
+    }
+    // Purchases while the two start, look and give up.
+    let mut told_all = vec![];
+    for i in 0..10 {
+        let r = sys
+            .purchase_with(&request("alice", format!("dup-{i}")), Duration::from_secs(15))
+            .await;
+        match &r {
+            Ok(Reply::Ok(p)) => assert_eq!(p.outcome, Outcome::Committed, "{p:?}"),
+            other => panic!("purchase {i}: {other:?}"),
+        }
+        told_all.push(told(&r));
+    }
+    for d in &mut dups {
+        let status = exit_of(d, Duration::from_secs(30)).await;
+        assert!(!status.contains("exit status: 0"), "{} exited {status}", d.name);
+        let log = d.log();
+        assert!(
+            log.contains("not serving: the name belongs to store")
+                && log.contains(&format!("its live owner is instance"))
+                && log.contains(&format!("pid {owner_pid} ")),
+            "{} must name the live owner:\n{log}",
+            d.name
+        );
+        assert!(!log.contains("OWNER:"), "{} served:\n{log}", d.name);
+        let db = sys.data_dir(&d.name).join("wallet.db");
+        assert_eq!(branches_in(&db), 0, "{} wrote a branch", d.name);
+    }
+    assert!(sys.service(Kind::Wallet).proc.is_running());
+    sys.assert_consistent(&told_all).await;
+    // And the owner still serves.
+    let r = sys.purchase("alice", "pen-1", 1, 199).await;
+    assert_eq!(r.outcome, Outcome::Committed);
+}
+
+/// The name's store moves only on purpose, and only one of two racing
+/// instances takes it: the wallet stops cleanly (lease released), two
+/// wallets with new folders and `--replace-store` start at once, exactly
+/// one owns, the other exits naming it; the old folder's wallet is then
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_instances_racing_for_a_free_name_exactly_one_owns_it() {
+    let mut sys = System::start(Options::default()).await.unwrap();
+    sys.seed_standard().await.unwrap();
+    let status = sys
+        .service(Kind::Wallet)
+        .proc
+        .sigterm_and_wait(Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(sys.service(Kind::Wallet).proc.log().contains("lease released"));
+    let mut racers: Vec<Proc> = (2..=3)
+        .map(|i| {
+            let dir = sys.data_dir(&format!("wallet-{i}"));
+            let mut p = sys.duplicate(Kind::Wallet, &format!("wallet-{i}"), &dir);
+            p.set_env("TWOPC_REPLACE_STORE", Some("true"));
+            p
+        })
+        .collect();
+    for r in &mut racers {
+        r.start().unwrap();
+    }
+    let (winner, loser) = poll_until("one racer to own, the other to exit", Duration::from_secs(30), || {
+        let state: Vec<(bool, bool)> = racers
+            .iter_mut()
+            .map(|r| (r.log().contains("OWNER:"), r.is_running()))
+            .collect();
+        async move {
+            match state.as_slice() {
+                [(true, true), (false, false)] => Ok((0, 1)),
+                [(false, false), (true, true)] => Ok((1, 0)),
+                other => Err(format!("(owns, running) = {other:?}")),
+            }
+        }
+    })
+    .await;
+    let lost = racers[loser].log();
+    assert!(
+        lost.contains("not serving") && lost.contains(&format!("pid {} ", racers[winner].pid().unwrap())),
+        "the loser names the winner:\n{lost}"
+    );
+    // The old data folder is no longer the wallet.
+    sys.service(Kind::Wallet).proc.start().unwrap();
+    let status = exit_of(&mut sys.service(Kind::Wallet).proc, Duration::from_secs(30)).await;
+    assert!(!status.contains("exit status: 0"), "{status}");
+    let log = sys.service(Kind::Wallet).proc.log();
+    assert!(log.contains("not serving: the name belongs to store"), "{log}");
+    racers[winner].kill().unwrap();
+}
+
+/// An owner frozen by SIGSTOP keeps its connection and its folder's lock;
+/// a successor started on the same folder takes over only once the lease
+/// lapsed, serves, and the old owner, woken, writes nothing and exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_owner_is_fenced_when_it_wakes() {
+    let lease_ms = 1_500u64;
+    let opts = Options::default().set(Kind::Wallet, "TWOPC_LEASE_MS", &lease_ms.to_string());
+    let mut sys = System::start(opts).await.unwrap();
+    sys.seed_standard().await.unwrap();
+    let r = sys.purchase("alice", "pen-1", 1, 199).await;
+    assert_eq!(r.outcome, Outcome::Committed);
+    let mut told_all = vec![Told::Committed(tx_id(&r))];
+
+    sys.service(Kind::Wallet).proc.pause().unwrap();
+    let paused_at = Instant::now();
+    let dir = sys.data_dir("wallet");
+    let mut successor = sys.duplicate(Kind::Wallet, "wallet-next", &dir);
+    successor.start().unwrap();
+    wait_log(&successor, 0, "STANDBY", Duration::from_secs(20)).await;
+    // Purchases while the owner is frozen: the server still hands it some
+    // prepares (it keeps its subscriptions), which it will find on waking.
+    let mut asked = vec![];
+    for i in 0..6 {
+        let r = sys
+            .purchase_with(&request("bob", format!("frozen-{i}")), Duration::from_secs(15))
+            .await;
+        told_all.push(told(&r));
+        asked.push(r);
+    }
+    wait_log(&successor, 0, "OWNER:", Duration::from_secs(20)).await;
+    assert!(
+        paused_at.elapsed() >= Duration::from_millis(lease_ms),
+        "took over before the lease could lapse"
+    );
+    // The successor serves. The server still hands the frozen process its
+    // share of prepares until it drops the connection; those time out and
+    // abort (safe), nothing else may.
+    let mut served = 0;
+    for i in 0..8 {
+        let r = sys
+            .purchase_with(&request("alice", format!("after-{i}")), Duration::from_secs(15))
+            .await;
+        match &r {
+            Ok(Reply::Ok(p)) if p.outcome == Outcome::Committed => served += 1,
+            Ok(Reply::Ok(p)) => {
+                let why = p.reason.as_ref().expect("an abort says why");
+                assert_eq!((why.participant.as_str(), why.code), ("wallet", Code::Timeout), "{p:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        told_all.push(told(&r));
+    }
+    assert!(served > 0, "the successor served none of 8 purchases");
+    // Wake the old owner: it must refuse whatever it had buffered and exit.
+    let woke_from = sys.service(Kind::Wallet).proc.log().len();
+    sys.service(Kind::Wallet).proc.resume().unwrap();
+    let status = exit_of(&mut sys.service(Kind::Wallet).proc, Duration::from_secs(30)).await;
+    assert!(!status.contains("exit status: 0"), "{status}");
+    let log = sys.service(Kind::Wallet).proc.log();
+    let woke = &log[woke_from..];
+    assert!(woke.contains("FENCED"), "{woke}");
+    for wrote in ["prepared, voting yes", "decision applied", "batch durable"] {
+        assert!(!woke.contains(wrote), "the woken owner wrote ({wrote}):\n{woke}");
+    }
+    // The successor alone owns and serves now; everything adds up.
+    assert!(successor.is_running());
+    for _ in 0..5 {
+        let r = sys.purchase("alice", "pen-1", 1, 199).await;
+        assert_eq!(r.outcome, Outcome::Committed, "{r:?}");
+        told_all.push(Told::Committed(tx_id(&r)));
+    }
+    // The wallet's folder is the successor's now: the harness reads it.
+    sys.assert_consistent(&told_all).await;
+    successor.kill().unwrap();
+}
+
+/// A rolling restart under load: buyers keep buying while a new wallet
+/// starts on the same folder (standby), the old one gets SIGTERM, drains
+/// and lets go, and the new one takes over; then the same back. Every
+/// purchase is answered, none twice differently, and every invariant holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_under_load_loses_and_splits_nothing() {
+    let mut sys = System::start(Options::default()).await.unwrap();
+    sys.seed(
+        &[("alice", 1_000_000), ("bob", 1_000_000), ("carol", 1_000_000)],
+        &[("pen-1", 199, 100_000)],
+    )
+    .await
+    .unwrap();
+    let sys = Arc::new(tokio::sync::Mutex::new(sys));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (shop, key_of) = {
+        let s = sys.lock().await;
+        let shop = s.shop.clone();
+        ((shop.client.clone(), shop.purchase_subject()), move |rid: &str| shop.log_key(rid))
+    };
+    let mut buyers = vec![];
+    for (b, user) in ["alice", "bob", "carol"].into_iter().enumerate() {
+        let (client, subject) = shop.clone();
+        let stop = stop.clone();
+        buyers.push(tokio::spawn(async move {
+            let mut replies = vec![];
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let req = request(user, format!("roll-{b}-{i}"));
+                let r = twopc_launcher::client::request::<_, twopc_schemas::api::PurchaseReply>(&client, &subject, &req, Duration::from_secs(15)).await;
+                replies.push((req, r));
+                i += 1;
+            }
+            replies
+        }));
+    }
+    let committed_so_far = |s: &System| s.snapshot().debits.len();
+    {
+        let mut s = sys.lock().await;
+        poll_until("purchases to flow", Duration::from_secs(30), || {
+            let n = committed_so_far(&s);
+            async move { if n >= 20 { Ok(()) } else { Err(format!("{n} debits")) } }
+        })
+        .await;
+        for round in 0..2 {
+            let dir = s.data_dir("wallet");
+            let mut next = s.duplicate(Kind::Wallet, &format!("wallet-roll-{round}"), &dir);
+            next.start().unwrap();
+            wait_log(&next, 0, "STANDBY", Duration::from_secs(20)).await;
+            let status = s
+                .service(Kind::Wallet)
+                .proc
+                .sigterm_and_wait(Duration::from_secs(30))
+                .await
+                .unwrap();
+            assert!(status.success(), "the old wallet drained and exited: {status:?}");
+            wait_log(&next, 0, "OWNER:", Duration::from_secs(20)).await;
+            let before = committed_so_far(&s);
+            poll_until("purchases through the new owner", Duration::from_secs(30), || {
+                let n = committed_so_far(&s);
+                async move { if n >= before + 20 { Ok(()) } else { Err(format!("{n} debits")) } }
+            })
+            .await;
+            // The new instance becomes the service (the old one's slot).
+            std::mem::swap(&mut s.service(Kind::Wallet).proc, &mut next);
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut told_all = vec![];
+    let mut keys = vec![];
+    let (mut committed, mut aborted) = (0, vec![]);
+    for b in buyers {
+        for (req, r) in b.await.unwrap() {
+            match &r {
+                Ok(Reply::Ok(p)) => {
+                    match p.outcome {
+                        Outcome::Committed => committed += 1,
+                        Outcome::Aborted => aborted.push(p.reason.clone()),
+                    }
+                    keys.push(KeyReply {
+                        request_id: key_of(req.request_id.as_deref().unwrap()),
+                        tx: tx_id(p),
+                        outcome: p.outcome,
+                        duplicate: p.duplicate,
+                    });
+                }
+                other => panic!("purchase {req:?} not answered: {other:?}"),
+            }
+            told_all.push(told(&r));
+        }
+    }
+    eprintln!("rolling restart: {committed} committed, {} aborted: {aborted:?}", aborted.len());
+    let s = sys.lock().await;
+    s.assert_consistent_keys(&told_all, &keys).await;
+    assert!(aborted.is_empty(), "a rolling restart aborted purchases: {aborted:?}");
+}
