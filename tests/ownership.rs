@@ -108,6 +108,33 @@ async fn second_instances_with_their_own_data_never_serve() {
     assert_eq!(r.outcome, Outcome::Committed);
 }
 
+/// The check above can fail: a second wallet that skips owning its name
+/// (`TWOPC_BREAK=no_owner`, as every instance did before) joins the queue
+/// group and takes some of alice's purchases, which it cannot know.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_owning_a_second_wallet_splits_the_purchases() {
+    let mut sys = System::start(Options::default()).await.unwrap();
+    sys.seed_standard().await.unwrap();
+    let dir = sys.data_dir("wallet-2");
+    let mut dup = sys.duplicate(Kind::Wallet, "wallet-2", &dir);
+    dup.set_env("TWOPC_BREAK", Some("no_owner"));
+    dup.start().unwrap();
+    wait_log(&dup, 0, "participant serving", Duration::from_secs(20)).await;
+    let mut unknown_user = 0;
+    for i in 0..20 {
+        let r = sys
+            .purchase_with(&request("alice", format!("split-{i}")), Duration::from_secs(15))
+            .await;
+        if let Ok(Reply::Ok(p)) = &r {
+            if p.reason.as_ref().is_some_and(|w| w.code == Code::UnknownUser) {
+                unknown_user += 1;
+            }
+        }
+    }
+    assert!(unknown_user > 0, "the unowned second wallet took none of 20 purchases");
+    dup.kill().unwrap();
+}
+
 /// The name's store moves only on purpose, and only one of two racing
 /// instances takes it: the wallet stops cleanly (lease released), two
 /// wallets with new folders and `--replace-store` start at once, exactly

@@ -627,6 +627,17 @@ async fn keep(kv: Arc<LeaseKv>, current: Arc<Mutex<(Lease, u64)>>, fence: Arc<Fe
 }
 
 impl Ownership {
+    /// No ownership at all (`TWOPC_BREAK=no_owner`): a fence at the
+    /// database's own epoch that never lapses.
+    pub fn unowned(db_epoch: u64) -> Ownership {
+        Ownership {
+            fence: Fence::new(db_epoch, u64::MAX / 4, Instant::now()),
+            _lock: FolderLock { _file: None },
+            keeper: None,
+            tasks: vec![],
+        }
+    }
+
     /// Lets go of the lease after a clean drain, so that a standby takes
     /// over at once. Nothing is written past this (the fence is lost).
     pub async fn release(mut self) {

@@ -1012,8 +1012,17 @@ where
         me,
         conn: &conn,
     };
+    // TWOPC_BREAK=no_owner (tests only): serve at once, unfenced, as every
+    // instance did before owners existed; tests prove they catch it.
+    let acquire = async {
+        if twopc_common::fault::broken("no_owner") {
+            warn!(participant = %name, "BROKEN on purpose: serving without owning the name");
+            return Ok(ownership::Ownership::unowned(db_epoch));
+        }
+        acquire.run().await
+    };
     let owned = tokio::select! {
-        owned = acquire.run() => owned?,
+        owned = acquire => owned?,
         _ = &mut stop => {
             info!(participant = %name, "stopped before owning the name; exiting");
             return Ok(());
