@@ -74,6 +74,9 @@ enum Cmd {
     /// Transactions not yet resolved anywhere: in phase 1 or undelivered at
     /// the coordinator, prepared (in doubt) at a participant.
     InDoubt,
+    /// Who owns each participant name: the data store bound to it, the
+    /// owner epoch and the live instance (host, pid, folder), or none.
+    Owners,
     /// Create a user with an opening balance (minor units).
     CreateUser {
         user: String,
@@ -197,6 +200,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Tx { id } => cli::ops::tx(&client, timeout, id).await,
         Cmd::Ping { service } => cli::ops::ping(&client, timeout, service).await,
         Cmd::InDoubt => cli::ops::in_doubt(&client, timeout).await,
+        Cmd::Owners => cli::ops::owners(&client).await,
         Cmd::CreateUser { user, balance } => {
             cli::ops::create_user(&client, timeout, user, balance).await
         }

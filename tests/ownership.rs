@@ -78,7 +78,10 @@ async fn second_instances_with_their_own_data_never_serve() {
     let mut told_all = vec![];
     for i in 0..10 {
         let r = sys
-            .purchase_with(&request("alice", format!("dup-{i}")), Duration::from_secs(15))
+            .purchase_with(
+                &request("alice", format!("dup-{i}")),
+                Duration::from_secs(15),
+            )
             .await;
         match &r {
             Ok(Reply::Ok(p)) => assert_eq!(p.outcome, Outcome::Committed, "{p:?}"),
@@ -88,11 +91,15 @@ async fn second_instances_with_their_own_data_never_serve() {
     }
     for d in &mut dups {
         let status = exit_of(d, Duration::from_secs(30)).await;
-        assert!(!status.contains("exit status: 0"), "{} exited {status}", d.name);
+        assert!(
+            !status.contains("exit status: 0"),
+            "{} exited {status}",
+            d.name
+        );
         let log = d.log();
         assert!(
             log.contains("not serving: the name belongs to store")
-                && log.contains(&format!("its live owner is instance"))
+                && log.contains("its live owner is instance")
                 && log.contains(&format!("pid {owner_pid} ")),
             "{} must name the live owner:\n{log}",
             d.name
@@ -123,15 +130,24 @@ async fn without_owning_a_second_wallet_splits_the_purchases() {
     let mut unknown_user = 0;
     for i in 0..20 {
         let r = sys
-            .purchase_with(&request("alice", format!("split-{i}")), Duration::from_secs(15))
+            .purchase_with(
+                &request("alice", format!("split-{i}")),
+                Duration::from_secs(15),
+            )
             .await;
         if let Ok(Reply::Ok(p)) = &r {
-            if p.reason.as_ref().is_some_and(|w| w.code == Code::UnknownUser) {
+            if p.reason
+                .as_ref()
+                .is_some_and(|w| w.code == Code::UnknownUser)
+            {
                 unknown_user += 1;
             }
         }
     }
-    assert!(unknown_user > 0, "the unowned second wallet took none of 20 purchases");
+    assert!(
+        unknown_user > 0,
+        "the unowned second wallet took none of 20 purchases"
+    );
     dup.kill().unwrap();
 }
 
@@ -151,7 +167,11 @@ async fn of_two_instances_racing_for_a_free_name_exactly_one_owns_it() {
         .await
         .unwrap();
     assert!(status.success(), "{status:?}");
-    assert!(sys.service(Kind::Wallet).proc.log().contains("lease released"));
+    assert!(sys
+        .service(Kind::Wallet)
+        .proc
+        .log()
+        .contains("lease released"));
     let mut racers: Vec<Proc> = (2..=3)
         .map(|i| {
             let dir = sys.data_dir(&format!("wallet-{i}"));
@@ -163,23 +183,28 @@ async fn of_two_instances_racing_for_a_free_name_exactly_one_owns_it() {
     for r in &mut racers {
         r.start().unwrap();
     }
-    let (winner, loser) = poll_until("one racer to own, the other to exit", Duration::from_secs(30), || {
-        let state: Vec<(bool, bool)> = racers
-            .iter_mut()
-            .map(|r| (r.log().contains("OWNER:"), r.is_running()))
-            .collect();
-        async move {
-            match state.as_slice() {
-                [(true, true), (false, false)] => Ok((0, 1)),
-                [(false, false), (true, true)] => Ok((1, 0)),
-                other => Err(format!("(owns, running) = {other:?}")),
+    let (winner, loser) = poll_until(
+        "one racer to own, the other to exit",
+        Duration::from_secs(30),
+        || {
+            let state: Vec<(bool, bool)> = racers
+                .iter_mut()
+                .map(|r| (r.log().contains("OWNER:"), r.is_running()))
+                .collect();
+            async move {
+                match state.as_slice() {
+                    [(true, true), (false, false)] => Ok((0, 1)),
+                    [(false, false), (true, true)] => Ok((1, 0)),
+                    other => Err(format!("(owns, running) = {other:?}")),
+                }
             }
-        }
-    })
+        },
+    )
     .await;
     let lost = racers[loser].log();
     assert!(
-        lost.contains("not serving") && lost.contains(&format!("pid {} ", racers[winner].pid().unwrap())),
+        lost.contains("not serving")
+            && lost.contains(&format!("pid {} ", racers[winner].pid().unwrap())),
         "the loser names the winner:\n{lost}"
     );
     // The old data folder is no longer the wallet.
@@ -187,7 +212,10 @@ async fn of_two_instances_racing_for_a_free_name_exactly_one_owns_it() {
     let status = exit_of(&mut sys.service(Kind::Wallet).proc, Duration::from_secs(30)).await;
     assert!(!status.contains("exit status: 0"), "{status}");
     let log = sys.service(Kind::Wallet).proc.log();
-    assert!(log.contains("not serving: the name belongs to store"), "{log}");
+    assert!(
+        log.contains("not serving: the name belongs to store"),
+        "{log}"
+    );
     racers[winner].kill().unwrap();
 }
 
@@ -215,7 +243,10 @@ async fn a_paused_owner_is_fenced_when_it_wakes() {
     let mut asked = vec![];
     for i in 0..6 {
         let r = sys
-            .purchase_with(&request("bob", format!("frozen-{i}")), Duration::from_secs(15))
+            .purchase_with(
+                &request("bob", format!("frozen-{i}")),
+                Duration::from_secs(15),
+            )
             .await;
         told_all.push(told(&r));
         asked.push(r);
@@ -231,13 +262,20 @@ async fn a_paused_owner_is_fenced_when_it_wakes() {
     let mut served = 0;
     for i in 0..8 {
         let r = sys
-            .purchase_with(&request("alice", format!("after-{i}")), Duration::from_secs(15))
+            .purchase_with(
+                &request("alice", format!("after-{i}")),
+                Duration::from_secs(15),
+            )
             .await;
         match &r {
             Ok(Reply::Ok(p)) if p.outcome == Outcome::Committed => served += 1,
             Ok(Reply::Ok(p)) => {
                 let why = p.reason.as_ref().expect("an abort says why");
-                assert_eq!((why.participant.as_str(), why.code), ("wallet", Code::Timeout), "{p:?}");
+                assert_eq!(
+                    (why.participant.as_str(), why.code),
+                    ("wallet", Code::Timeout),
+                    "{p:?}"
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -253,7 +291,10 @@ async fn a_paused_owner_is_fenced_when_it_wakes() {
     let woke = &log[woke_from..];
     assert!(woke.contains("FENCED"), "{woke}");
     for wrote in ["prepared, voting yes", "decision applied", "batch durable"] {
-        assert!(!woke.contains(wrote), "the woken owner wrote ({wrote}):\n{woke}");
+        assert!(
+            !woke.contains(wrote),
+            "the woken owner wrote ({wrote}):\n{woke}"
+        );
     }
     // The successor alone owns and serves now; everything adds up.
     assert!(successor.is_running());
@@ -275,7 +316,11 @@ async fn a_paused_owner_is_fenced_when_it_wakes() {
 async fn a_rolling_restart_under_load_loses_and_splits_nothing() {
     let mut sys = System::start(Options::default()).await.unwrap();
     sys.seed(
-        &[("alice", 1_000_000), ("bob", 1_000_000), ("carol", 1_000_000)],
+        &[
+            ("alice", 1_000_000),
+            ("bob", 1_000_000),
+            ("carol", 1_000_000),
+        ],
         &[("pen-1", 199, 100_000)],
     )
     .await
@@ -285,7 +330,10 @@ async fn a_rolling_restart_under_load_loses_and_splits_nothing() {
     let (shop, key_of) = {
         let s = sys.lock().await;
         let shop = s.shop.clone();
-        ((shop.client.clone(), shop.purchase_subject()), move |rid: &str| shop.log_key(rid))
+        (
+            (shop.client.clone(), shop.purchase_subject()),
+            move |rid: &str| shop.log_key(rid),
+        )
     };
     let mut buyers = vec![];
     for (b, user) in ["alice", "bob", "carol"].into_iter().enumerate() {
@@ -296,7 +344,13 @@ async fn a_rolling_restart_under_load_loses_and_splits_nothing() {
             let mut i = 0;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 let req = request(user, format!("roll-{b}-{i}"));
-                let r = twopc_launcher::client::request::<_, twopc_schemas::api::PurchaseReply>(&client, &subject, &req, Duration::from_secs(15)).await;
+                let r = twopc_launcher::client::request::<_, twopc_schemas::api::PurchaseReply>(
+                    &client,
+                    &subject,
+                    &req,
+                    Duration::from_secs(15),
+                )
+                .await;
                 replies.push((req, r));
                 i += 1;
             }
@@ -308,7 +362,13 @@ async fn a_rolling_restart_under_load_loses_and_splits_nothing() {
         let mut s = sys.lock().await;
         poll_until("purchases to flow", Duration::from_secs(30), || {
             let n = committed_so_far(&s);
-            async move { if n >= 20 { Ok(()) } else { Err(format!("{n} debits")) } }
+            async move {
+                if n >= 20 {
+                    Ok(())
+                } else {
+                    Err(format!("{n} debits"))
+                }
+            }
         })
         .await;
         for round in 0..2 {
@@ -322,13 +382,26 @@ async fn a_rolling_restart_under_load_loses_and_splits_nothing() {
                 .sigterm_and_wait(Duration::from_secs(30))
                 .await
                 .unwrap();
-            assert!(status.success(), "the old wallet drained and exited: {status:?}");
+            assert!(
+                status.success(),
+                "the old wallet drained and exited: {status:?}"
+            );
             wait_log(&next, 0, "OWNER:", Duration::from_secs(20)).await;
             let before = committed_so_far(&s);
-            poll_until("purchases through the new owner", Duration::from_secs(30), || {
-                let n = committed_so_far(&s);
-                async move { if n >= before + 20 { Ok(()) } else { Err(format!("{n} debits")) } }
-            })
+            poll_until(
+                "purchases through the new owner",
+                Duration::from_secs(30),
+                || {
+                    let n = committed_so_far(&s);
+                    async move {
+                        if n >= before + 20 {
+                            Ok(())
+                        } else {
+                            Err(format!("{n} debits"))
+                        }
+                    }
+                },
+            )
             .await;
             // The new instance becomes the service (the old one's slot).
             std::mem::swap(&mut s.service(Kind::Wallet).proc, &mut next);
@@ -358,8 +431,83 @@ async fn a_rolling_restart_under_load_loses_and_splits_nothing() {
             told_all.push(told(&r));
         }
     }
-    eprintln!("rolling restart: {committed} committed, {} aborted: {aborted:?}", aborted.len());
+    eprintln!(
+        "rolling restart: {committed} committed, {} aborted: {aborted:?}",
+        aborted.len()
+    );
     let s = sys.lock().await;
     s.assert_consistent_keys(&told_all, &keys).await;
-    assert!(aborted.is_empty(), "a rolling restart aborted purchases: {aborted:?}");
+    assert!(
+        aborted.is_empty(),
+        "a rolling restart aborted purchases: {aborted:?}"
+    );
+}
+
+/// On a server without JetStream there is no lease: instances ask each
+/// other. The second with its own data exits naming the first; one on the
+/// first's folder waits, and takes over when the first stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_jetstream_instances_ask_each_other() {
+    let dir = tempfile::Builder::new()
+        .prefix("twopc-nojs-")
+        .tempdir()
+        .unwrap();
+    let port = twopc_launcher::free_port().unwrap();
+    let mut server = Proc::new(
+        "nats",
+        &twopc_launcher::find_nats_server().unwrap(),
+        vec![
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+        ],
+        vec![],
+        dir.path().join("nats.log"),
+    );
+    server.start().unwrap();
+    let url = format!("nats://127.0.0.1:{port}");
+    let wallet = |name: &str, folder: &str| {
+        Proc::new(
+            name,
+            &harness::bins().wallet,
+            vec![],
+            vec![
+                ("NATS_URL".into(), url.clone()),
+                (
+                    "TWOPC_DATA_DIR".into(),
+                    dir.path().join(folder).display().to_string(),
+                ),
+            ],
+            dir.path().join(format!("{name}.log")),
+        )
+    };
+    let mut first = wallet("first", "a");
+    first.start().unwrap();
+    wait_log(&first, 0, "OWNER (no JetStream", Duration::from_secs(20)).await;
+    wait_log(&first, 0, "participant serving", Duration::from_secs(20)).await;
+
+    let mut other = wallet("other", "b");
+    other.start().unwrap();
+    let status = exit_of(&mut other, Duration::from_secs(20)).await;
+    assert!(!status.contains("exit status: 0"), "{status}");
+    let log = other.log();
+    assert!(
+        log.contains("not serving") && log.contains(&format!("pid {} ", first.pid().unwrap())),
+        "{log}"
+    );
+    assert!(!log.contains("OWNER"), "{log}");
+
+    let mut next = wallet("next", "a");
+    next.start().unwrap();
+    wait_log(&next, 0, "STANDBY", Duration::from_secs(20)).await;
+    assert!(!next.log().contains("OWNER"));
+    let status = first
+        .sigterm_and_wait(Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    wait_log(&next, 0, "OWNER (no JetStream", Duration::from_secs(20)).await;
+    next.kill().unwrap();
+    server.kill().unwrap();
 }

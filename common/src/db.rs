@@ -489,7 +489,11 @@ mod tests {
     #[tokio::test]
     async fn a_refusing_guard_rolls_the_batch_back() {
         let dir = tempfile_dir("guard");
-        let conn = open(&dir.join("t.db"), &["CREATE TABLE t (k INTEGER PRIMARY KEY)"]).unwrap();
+        let conn = open(
+            &dir.join("t.db"),
+            &["CREATE TABLE t (k INTEGER PRIMARY KEY)"],
+        )
+        .unwrap();
         let open_gate = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let gate = open_gate.clone();
         let db = Db::start_guarded(

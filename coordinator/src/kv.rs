@@ -817,12 +817,17 @@ pub async fn ensure_owner_bucket(client: async_nats::Client, replicas: usize) {
         };
         match js.create_key_value(config).await {
             Ok(_) => {
-                tracing::info!(bucket = subjects::OWNER_BUCKET, replicas, "participant owner bucket ready");
+                tracing::info!(
+                    bucket = subjects::OWNER_BUCKET,
+                    replicas,
+                    "participant owner bucket ready"
+                );
                 return;
             }
             // It exists with another configuration: participants use it.
-            Err(e) if e.kind() == jetstream::context::CreateKeyValueErrorKind::BucketCreate
-                && js.get_key_value(subjects::OWNER_BUCKET).await.is_ok() =>
+            Err(e)
+                if e.kind() == jetstream::context::CreateKeyValueErrorKind::BucketCreate
+                    && js.get_key_value(subjects::OWNER_BUCKET).await.is_ok() =>
             {
                 return;
             }

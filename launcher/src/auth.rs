@@ -493,7 +493,8 @@ mod tests {
                     vec![&subjects::decision_query(p), &subjects::owner_ping(p)]
                 );
                 // It writes only its own owner lease, and makes no stream.
-                let writes: Vec<&String> = publish.iter().filter(|s| s.starts_with("$KV.")).collect();
+                let writes: Vec<&String> =
+                    publish.iter().filter(|s| s.starts_with("$KV.")).collect();
                 assert_eq!(writes, vec![&format!("$KV.{}.{p}", subjects::OWNER_BUCKET)]);
                 assert!(
                     publish.iter().all(|s| !s.contains("STREAM.CREATE")

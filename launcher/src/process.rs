@@ -248,7 +248,13 @@ impl Proc {
     /// Another process with this one's command line and environment, its
     /// own name and log file, not started.
     pub fn duplicate(&self, name: &str, log_path: PathBuf) -> Proc {
-        Proc::new(name, &self.program, self.args.clone(), self.env.clone(), log_path)
+        Proc::new(
+            name,
+            &self.program,
+            self.args.clone(),
+            self.env.clone(),
+            log_path,
+        )
     }
 
     pub fn set_env(&mut self, key: &str, value: Option<&str>) {

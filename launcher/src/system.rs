@@ -609,7 +609,10 @@ impl System {
     /// folder `data_dir` (another folder, or the service's own for a
     /// rolling restart), its log `<root>/<name>.log`.
     pub fn duplicate(&mut self, kind: Kind, name: &str, data_dir: &Path) -> Proc {
-        assert!(kind.participant().is_some(), "only participants have owners");
+        assert!(
+            kind.participant().is_some(),
+            "only participants have owners"
+        );
         let log = self.root.join(format!("{name}.log"));
         let mut p = self.service(kind).proc.duplicate(name, log);
         p.set_env("TWOPC_DATA_DIR", Some(&data_dir.display().to_string()));

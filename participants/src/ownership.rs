@@ -89,7 +89,8 @@ pub fn store_of(conn: &Connection) -> rusqlite::Result<(String, u64)> {
 /// one there; false if it is not (someone took the database with a newer
 /// epoch).
 pub fn take_epoch(conn: &Connection, epoch: u64) -> rusqlite::Result<bool> {
-    let epoch = i64::try_from(epoch).map_err(|e| rusqlite::Error::ToSqlConversionFailure(e.into()))?;
+    let epoch =
+        i64::try_from(epoch).map_err(|e| rusqlite::Error::ToSqlConversionFailure(e.into()))?;
     let n = conn.execute(
         "UPDATE owner SET epoch = ?1 WHERE id = 1 AND epoch < ?1",
         params![epoch],
@@ -270,12 +271,21 @@ impl Fence {
 
     /// The lease is gone for good; the service must stop.
     pub fn lose(&self, why: String) {
-        let mut lost = self.lost.lock().expect("fence lock");
-        if lost.is_none() {
+        if self.end(why.clone()) {
             error!(reason = %why, "FENCED: this instance no longer owns its participant name; it writes nothing more and exits");
-            *lost = Some(why);
-            self.lost_tx.send_replace(true);
         }
+    }
+
+    /// Nothing more may be written (the lease is lost, or being let go);
+    /// true the first time.
+    fn end(&self, why: String) -> bool {
+        let mut lost = self.lost.lock().expect("fence lock");
+        if lost.is_some() {
+            return false;
+        }
+        *lost = Some(why);
+        self.lost_tx.send_replace(true);
+        true
     }
 
     /// Why the lease was lost, if it was.
@@ -363,7 +373,12 @@ impl LeaseKv {
     async fn read(&self) -> Result<Option<(Lease, u64)>, String> {
         // From the stream leader: a follower may not have applied the
         // latest renewal yet.
-        match self.kv.stream.get_last_raw_message_by_subject(&self.subject).await {
+        match self
+            .kv
+            .stream
+            .get_last_raw_message_by_subject(&self.subject)
+            .await
+        {
             Ok(m) => {
                 let deleted = m
                     .headers
@@ -387,7 +402,11 @@ impl LeaseKv {
     }
 
     async fn create(&self, lease: &Lease) -> Result<Wrote, String> {
-        match self.kv.create(&self.key, Bytes::from(lease.to_json())).await {
+        match self
+            .kv
+            .create(&self.key, Bytes::from(lease.to_json()))
+            .await
+        {
             Ok(rev) => Ok(Wrote::Yes(rev)),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(Wrote::Lost),
             Err(e) => Err(format!("creating the lease: {e}")),
@@ -414,6 +433,24 @@ impl LeaseKv {
             .await?
             .and_then(|(l, rev)| (&l == mine).then_some(rev)))
     }
+}
+
+/// The lease of participant `name` as it is now (read from the stream
+/// leader), with its revision; `None` if the name was never owned. For
+/// operators (`twopc owners`) and tests.
+pub async fn read_lease(
+    client: &async_nats::Client,
+    name: &ParticipantName,
+) -> anyhow::Result<Option<(Lease, u64)>> {
+    let js = jetstream::new(client.clone());
+    let kv = js.get_key_value(subjects::OWNER_BUCKET).await?;
+    let key = name.as_str().to_owned();
+    let lease = LeaseKv {
+        subject: format!("$KV.{}.{key}", subjects::OWNER_BUCKET),
+        kv,
+        key,
+    };
+    lease.read().await.map_err(anyhow::Error::msg)
 }
 
 /// Whether the server has JetStream (for this account).
@@ -491,7 +528,12 @@ impl Acquire<'_> {
                 (None, _) => Duration::ZERO,
             };
             let sent = Instant::now();
-            let (lease, wrote) = match judge(&self.me, seen.as_ref().map(|s| &s.0), silent, lock.held()) {
+            let (lease, wrote) = match judge(
+                &self.me,
+                seen.as_ref().map(|s| &s.0),
+                silent,
+                lock.held(),
+            ) {
                 Step::Refuse(why) => anyhow::bail!("{}: {why}", self.name),
                 Step::Wait(holder) => {
                     let said = holder.instance.clone();
@@ -508,7 +550,10 @@ impl Acquire<'_> {
                     (lease, w)
                 }
                 Step::TakeOver(lease) => {
-                    let rev = seen.as_ref().map(|s| s.1).expect("a takeover has read a lease");
+                    let rev = seen
+                        .as_ref()
+                        .map(|s| s.1)
+                        .expect("a takeover has read a lease");
                     let w = kv.update(&lease, rev).await;
                     (lease, w)
                 }
@@ -536,7 +581,12 @@ impl Acquire<'_> {
                 lease_ms = self.me.settings.lease_ms, folder_lock = lock.held(),
                 "OWNER: this instance owns {}", self.name);
             let current = Arc::new(Mutex::new((lease, revision)));
-            let task = tokio::spawn(keep(kv.clone(), current.clone(), fence.clone(), self.me.settings.lease_ms));
+            let task = tokio::spawn(keep(
+                kv.clone(),
+                current.clone(),
+                fence.clone(),
+                self.me.settings.lease_ms,
+            ));
             return Ok(Ownership {
                 fence,
                 _lock: lock,
@@ -549,7 +599,9 @@ impl Acquire<'_> {
     /// The owners bucket, waiting for it to exist (the coordinator makes it).
     async fn bucket(&self) -> LeaseKv {
         let js = jetstream::ContextBuilder::new()
-            .timeout(Duration::from_millis((self.me.settings.lease_ms / 4).clamp(500, 5_000)))
+            .timeout(Duration::from_millis(
+                (self.me.settings.lease_ms / 4).clamp(500, 5_000),
+            ))
             .build(self.client.clone());
         let mut said = false;
         loop {
@@ -577,7 +629,12 @@ impl Acquire<'_> {
 
 /// Renews the lease every quarter lease (sooner after a failure) until it
 /// is lost.
-async fn keep(kv: Arc<LeaseKv>, current: Arc<Mutex<(Lease, u64)>>, fence: Arc<Fence>, lease_ms: u64) {
+async fn keep(
+    kv: Arc<LeaseKv>,
+    current: Arc<Mutex<(Lease, u64)>>,
+    fence: Arc<Fence>,
+    lease_ms: u64,
+) {
     let every = Duration::from_millis(lease_ms / 4);
     let after_failure = Duration::from_millis((lease_ms / 20).clamp(20, 250));
     let mut wait = every;
@@ -607,7 +664,10 @@ async fn keep(kv: Arc<LeaseKv>, current: Arc<Mutex<(Lease, u64)>>, fence: Arc<Fe
             }
             Ok(None) => {
                 let now = kv.read().await.ok().flatten();
-                let who = match now.as_ref().and_then(|(l, _)| l.owner.clone().map(|h| (h, l.epoch))) {
+                let who = match now
+                    .as_ref()
+                    .and_then(|(l, _)| l.owner.clone().map(|h| (h, l.epoch)))
+                {
                     Some((h, epoch)) => format!("taken over by {h} at epoch {epoch}"),
                     None => "the lease changed under this instance".into(),
                 };
@@ -641,7 +701,7 @@ impl Ownership {
     /// Lets go of the lease after a clean drain, so that a standby takes
     /// over at once. Nothing is written past this (the fence is lost).
     pub async fn release(mut self) {
-        self.fence.lose("released at shutdown".into());
+        self.fence.end("released at shutdown".into());
         let Some(k) = self.keeper.take() else { return };
         k.task.abort();
         let (lease, revision) = k.current.lock().expect("lease lock").clone();
@@ -704,7 +764,11 @@ pub mod ping {
     }
 
     /// The other instances' answers to one ask.
-    async fn ask(client: &async_nats::Client, subject: &str, me: &OwnerPing) -> anyhow::Result<Vec<OwnerPing>> {
+    async fn ask(
+        client: &async_nats::Client,
+        subject: &str,
+        me: &OwnerPing,
+    ) -> anyhow::Result<Vec<OwnerPing>> {
         let inbox = client.new_inbox();
         let mut answers = client.subscribe(inbox.clone()).await?;
         client
@@ -777,8 +841,13 @@ pub mod ping {
                 tokio::spawn(async move {
                     loop {
                         tokio::time::sleep(CHECK_EVERY).await;
-                        let Ok(others) = ask(&client, &subject, &me_now(&me, true)).await else { continue };
-                        if let Some(o) = others.iter().find(|o| o.serving && o.instance < me.instance) {
+                        let Ok(others) = ask(&client, &subject, &me_now(&me, true)).await else {
+                            continue;
+                        };
+                        if let Some(o) = others
+                            .iter()
+                            .find(|o| o.serving && o.instance < me.instance)
+                        {
                             fence.lose(format!("{o} serves this name too and started first"));
                             return;
                         }
@@ -846,7 +915,9 @@ mod tests {
     #[test]
     fn a_live_owner_of_this_store_makes_a_standby() {
         let lease = held("s", 4, "h2", "/d", true);
-        assert!(matches!(judge(&me("s", "/d"), Some(&lease), LIVE, true), Step::Wait(h) if h.instance == "other"));
+        assert!(
+            matches!(judge(&me("s", "/d"), Some(&lease), LIVE, true), Step::Wait(h) if h.instance == "other")
+        );
     }
 
     #[test]
@@ -870,15 +941,23 @@ mod tests {
             owner: None,
             ..held("s", 4, "h1", "/d", true)
         };
-        assert!(matches!(judge(&me("s", "/e"), Some(&lease), Duration::ZERO, false), Step::TakeOver(l) if l.epoch == 5));
+        assert!(
+            matches!(judge(&me("s", "/e"), Some(&lease), Duration::ZERO, false), Step::TakeOver(l) if l.epoch == 5)
+        );
     }
 
     #[test]
     fn a_dead_owner_on_this_host_and_folder_is_known_by_its_free_lock() {
         let lease = held("s", 4, "h1", "/d", true);
-        assert!(matches!(judge(&me("s", "/d"), Some(&lease), Duration::ZERO, true), Step::TakeOver(_)));
+        assert!(matches!(
+            judge(&me("s", "/d"), Some(&lease), Duration::ZERO, true),
+            Step::TakeOver(_)
+        ));
         // The lock is held: alive, perhaps paused.
-        assert!(matches!(judge(&me("s", "/d"), Some(&lease), LIVE, false), Step::Wait(_)));
+        assert!(matches!(
+            judge(&me("s", "/d"), Some(&lease), LIVE, false),
+            Step::Wait(_)
+        ));
         // Another folder or host, or an owner that never held the lock:
         // the free lock here says nothing about it.
         for other in [
@@ -886,7 +965,10 @@ mod tests {
             held("s", 4, "h2", "/d", true),
             held("s", 4, "h1", "/d", false),
         ] {
-            assert!(matches!(judge(&me("s", "/d"), Some(&other), LIVE, true), Step::Wait(_)));
+            assert!(matches!(
+                judge(&me("s", "/d"), Some(&other), LIVE, true),
+                Step::Wait(_)
+            ));
         }
     }
 
@@ -895,12 +977,21 @@ mod tests {
         for (silent, lease) in [
             (LIVE, held("s", 4, "h1", "/d", true)),
             (SILENT, held("s", 4, "h1", "/d", true)),
-            (Duration::ZERO, Lease { owner: None, ..held("s", 4, "h1", "/d", true) }),
+            (
+                Duration::ZERO,
+                Lease {
+                    owner: None,
+                    ..held("s", 4, "h1", "/d", true)
+                },
+            ),
         ] {
             let Step::Refuse(why) = judge(&me("t", "/e"), Some(&lease), silent, true) else {
                 panic!()
             };
-            assert!(why.contains("store s") && why.contains("holds store t"), "{why}");
+            assert!(
+                why.contains("store s") && why.contains("holds store t"),
+                "{why}"
+            );
         }
     }
 
@@ -909,7 +1000,10 @@ mod tests {
         let mut m = me("t", "/e");
         m.settings.replace_store = true;
         let lease = held("s", 4, "h2", "/d", true);
-        assert!(matches!(judge(&m, Some(&lease), LIVE, true), Step::Refuse(_)));
+        assert!(matches!(
+            judge(&m, Some(&lease), LIVE, true),
+            Step::Refuse(_)
+        ));
         let Step::TakeOver(l) = judge(&m, Some(&lease), SILENT, true) else {
             panic!()
         };

@@ -111,6 +111,26 @@ pub async fn in_doubt(client: &async_nats::Client, timeout: Duration) -> anyhow:
     Ok(())
 }
 
+/// Who owns each participant name: its lease (store, epoch, the live
+/// owner or none), read from the owners bucket.
+pub async fn owners(client: &async_nats::Client) -> anyhow::Result<()> {
+    let mut out = serde_json::Map::new();
+    for p in participant::PURCHASE_PARTICIPANTS {
+        let v = match twopc_participants::ownership::read_lease(client, &p).await {
+            Ok(Some((lease, revision))) => {
+                let mut v = serde_json::to_value(&lease)?;
+                v["revision"] = revision.into();
+                v
+            }
+            Ok(None) => serde_json::json!({"owner": null, "never_owned": true}),
+            Err(e) => serde_json::json!({"error": format!("{e:#}")}),
+        };
+        out.insert(p.to_string(), v);
+    }
+    print_json(&Value::Object(out));
+    Ok(())
+}
+
 /// Succeeds if the named service answers `$SRV.PING.<service>`.
 pub async fn ping(
     client: &async_nats::Client,

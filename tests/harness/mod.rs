@@ -440,7 +440,12 @@ impl System {
     /// A second instance of participant `kind` (not started): the same
     /// command line and credentials, data folder `data_dir`, log
     /// `<dir>/<name>.log`.
-    pub fn duplicate(&mut self, kind: Kind, name: &str, data_dir: &std::path::Path) -> launcher::Proc {
+    pub fn duplicate(
+        &mut self,
+        kind: Kind,
+        name: &str,
+        data_dir: &std::path::Path,
+    ) -> launcher::Proc {
         let log = self.dir.path().join(format!("{name}.log"));
         let mut p = self.service(kind).proc.duplicate(name, log);
         p.set_env("TWOPC_DATA_DIR", Some(&data_dir.display().to_string()));
