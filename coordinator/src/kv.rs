@@ -764,34 +764,6 @@ pub async fn snapshot(
         .collect())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_are_valid_kv_keys_for_every_request_id_the_api_accepts() {
-        let rid = rid_key("a:b@c.d-e_f");
-        assert_eq!(rid, "rid.613a6240632e642d655f66");
-        assert!(rid
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-/_=.".contains(&b)));
-        let tx = tx_key(TxId::from_u128(0x0193_0000_0000_7000_8000_0000_0000_002a));
-        assert_eq!(tx, "tx.0193000000007000800000000000002a");
-    }
-
-    #[test]
-    fn the_stored_shape_reads_back_what_an_earlier_version_wrote() {
-        // Written by version 1; never edit, add a new case for a new shape.
-        let v1 = r#"{"v":1,"writer":7,"tx":"01930000-0000-7000-8000-00000000002a","decision":"commit","request_id":"k","purchase":{"user":"alice","sku":"book-1","qty":2,"amount":2500,"request_id":"k"},"deliver_to":["wallet","order"],"pending":["order"],"decided_at_ms":1700000000000,"votes":[{"participant":"wallet","vote":"yes"}],"delivery_attempts":1}"#;
-        let s: StoredRecord = serde_json::from_str(v1).unwrap();
-        let r = s.into_record().unwrap();
-        assert_eq!(r.decision, Decision::Commit);
-        assert_eq!(r.pending, vec![twopc_schemas::participant::ORDER]);
-        assert_eq!(r.purchase.unwrap().qty, 2);
-        assert_eq!(r.votes[0].vote, "yes");
-    }
-}
-
 /// Makes the participants' owner bucket ([`subjects::OWNER_BUCKET`], see
 /// `twopc_participants::ownership`) when it is missing, retrying while the
 /// server does not answer. The coordinator makes it, not the participants:
@@ -844,5 +816,33 @@ pub async fn ensure_owner_bucket(client: async_nats::Client, replicas: usize) {
                 tokio::time::sleep(backoff.next_delay()).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_valid_kv_keys_for_every_request_id_the_api_accepts() {
+        let rid = rid_key("a:b@c.d-e_f");
+        assert_eq!(rid, "rid.613a6240632e642d655f66");
+        assert!(rid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-/_=.".contains(&b)));
+        let tx = tx_key(TxId::from_u128(0x0193_0000_0000_7000_8000_0000_0000_002a));
+        assert_eq!(tx, "tx.0193000000007000800000000000002a");
+    }
+
+    #[test]
+    fn the_stored_shape_reads_back_what_an_earlier_version_wrote() {
+        // Written by version 1; never edit, add a new case for a new shape.
+        let v1 = r#"{"v":1,"writer":7,"tx":"01930000-0000-7000-8000-00000000002a","decision":"commit","request_id":"k","purchase":{"user":"alice","sku":"book-1","qty":2,"amount":2500,"request_id":"k"},"deliver_to":["wallet","order"],"pending":["order"],"decided_at_ms":1700000000000,"votes":[{"participant":"wallet","vote":"yes"}],"delivery_attempts":1}"#;
+        let s: StoredRecord = serde_json::from_str(v1).unwrap();
+        let r = s.into_record().unwrap();
+        assert_eq!(r.decision, Decision::Commit);
+        assert_eq!(r.pending, vec![twopc_schemas::participant::ORDER]);
+        assert_eq!(r.purchase.unwrap().qty, 2);
+        assert_eq!(r.votes[0].vote, "yes");
     }
 }
