@@ -569,17 +569,11 @@ impl Acquire<'_> {
                     }
                 },
             };
-            if !take_epoch(&self.conn.lock().expect("conn lock"), lease.epoch)? {
-                anyhow::bail!(
-                    "{}: the database holds an epoch newer than {} — another instance took it; not serving",
-                    self.name,
-                    lease.epoch
-                );
-            }
+            // Renew from now on: writing the epoch may wait for a writer
+            // that still holds the database (a paused one).
             let fence = Fence::new(lease.epoch, self.me.settings.lease_ms, sent);
-            info!(participant = %self.name, epoch = lease.epoch, store = %lease.store,
-                lease_ms = self.me.settings.lease_ms, folder_lock = lock.held(),
-                "OWNER: this instance owns {}", self.name);
+            let epoch = lease.epoch;
+            let store = lease.store.clone();
             let current = Arc::new(Mutex::new((lease, revision)));
             let task = tokio::spawn(keep(
                 kv.clone(),
@@ -587,15 +581,50 @@ impl Acquire<'_> {
                 fence.clone(),
                 self.me.settings.lease_ms,
             ));
-            return Ok(Ownership {
-                fence,
+            let owned = Ownership {
+                fence: fence.clone(),
                 _lock: lock,
                 keeper: Some(Keeper { kv, current, task }),
                 tasks: vec![],
-            });
+            };
+            self.write_epoch(epoch, &fence).await?;
+            info!(participant = %self.name, epoch, %store,
+                lease_ms = self.me.settings.lease_ms, folder_lock = owned._lock.held(),
+                "OWNER: this instance owns {}", self.name);
+            return Ok(owned);
         }
     }
 
+    /// Writes `epoch` into the database, waiting while another process
+    /// holds its write lock; fails if a newer epoch is there or the lease
+    /// is lost meanwhile.
+    async fn write_epoch(&self, epoch: u64, fence: &Fence) -> anyhow::Result<()> {
+        let mut said = false;
+        loop {
+            if let Some(why) = fence.lost() {
+                anyhow::bail!("{}: lost the lease before serving: {why}", self.name);
+            }
+            let taken = take_epoch(&self.conn.lock().expect("conn lock"), epoch);
+            match taken {
+                Ok(true) => return Ok(()),
+                Ok(false) => anyhow::bail!(
+                    "{}: the database holds an epoch newer than {epoch}: another instance took it; not serving",
+                    self.name
+                ),
+                Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => {
+                    if !said {
+                        warn!(participant = %self.name, "the database is locked by another process (a paused owner?); waiting to write the epoch");
+                        said = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl Acquire<'_> {
     /// The owners bucket, waiting for it to exist (the coordinator makes it).
     async fn bucket(&self) -> LeaseKv {
         let js = jetstream::ContextBuilder::new()
