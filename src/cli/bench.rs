@@ -94,6 +94,13 @@ pub struct BenchArgs {
     /// rounds each per concurrency); reports the ratio (implies --start).
     #[arg(long)]
     pub auth_cost: bool,
+    /// Measure what owning a participant name costs (the lease, and the
+    /// fence every write batch checks): two single-node systems side by
+    /// side, one whose participants serve without owning their names
+    /// (`TWOPC_BREAK=no_owner`, unfenced) and one as shipped, measured as
+    /// `--auth-cost` is (implies --start).
+    #[arg(long)]
+    pub owner_cost: bool,
 }
 
 /// Which NATS node a failover run kills.
@@ -114,7 +121,10 @@ pub enum FailoverTarget {
 
 pub async fn run(a: BenchArgs, nats_url: String, auth: AuthArgs) -> anyhow::Result<()> {
     if a.auth_cost {
-        return auth_cost(a).await;
+        return side_by_side(a, Cost::Auth).await;
+    }
+    if a.owner_cost {
+        return side_by_side(a, Cost::Owner).await;
     }
     if let Some(nodes) = a.cluster {
         return compare(a, nodes).await;
@@ -173,16 +183,51 @@ pub async fn run(a: BenchArgs, nats_url: String, auth: AuthArgs) -> anyhow::Resu
 }
 
 /// The system `--start` (or each system of `--cluster`) starts in `dir`.
-/// `--auth-cost`: purchases on a system without credentials (A) and one
-/// with them (B), both running at once, measured A B A B per concurrency,
-/// so that the machine's drift falls on both alike.
-async fn auth_cost(a: BenchArgs) -> anyhow::Result<()> {
+/// What a side-by-side run compares: a system without the thing (A) and
+/// one as shipped (B).
+#[derive(Clone, Copy)]
+enum Cost {
+    /// Credentials and permissions.
+    Auth,
+    /// Participants owning their names (lease and fenced writes).
+    Owner,
+}
+
+impl Cost {
+    /// The JSON key and the two systems' labels.
+    fn names(self) -> (&'static str, [&'static str; 2], [&'static str; 2]) {
+        match self {
+            Cost::Auth => ("auth_cost", ["no_auth", "auth"], ["without credentials", "with"]),
+            Cost::Owner => ("owner_cost", ["no_owner", "owner"], ["without owners", "with"]),
+        }
+    }
+
+    /// System `i` (0: without, 1: as shipped) of this comparison.
+    fn configure(self, cfg: &mut SystemConfig, i: usize) {
+        match self {
+            Cost::Auth => cfg.auth = i == 1,
+            Cost::Owner => {
+                if i == 0 {
+                    for p in [&mut cfg.wallet, &mut cfg.order] {
+                        p.extra_env.push(("TWOPC_BREAK".into(), "no_owner".into()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `--auth-cost`, `--owner-cost`: purchases on a system without the thing
+/// (A) and one with it (B), both running at once, measured A B A B per
+/// concurrency, so that the machine's drift falls on both alike.
+async fn side_by_side(a: BenchArgs, cost: Cost) -> anyhow::Result<()> {
+    let (key, labels, words) = cost.names();
     let (_tmp, dir) = data_dir(&a)?;
     let progress = !a.json;
     let mut systems = vec![];
-    for auth in [false, true] {
-        let mut cfg = system_config(&a, &dir.join(if auth { "auth" } else { "plain" }))?;
-        cfg.auth = auth;
+    for (i, label) in labels.iter().enumerate() {
+        let mut cfg = system_config(&a, &dir.join(label))?;
+        cost.configure(&mut cfg, i);
         systems.push(System::start(cfg).await?);
     }
     let mut cfg = load_config(&a, false);
@@ -207,28 +252,29 @@ async fn auth_cost(a: BenchArgs) -> anyhow::Result<()> {
                 p50[i] += l.latency.p50_us / 2;
             }
         }
-        let row = serde_json::json!({
-            "concurrency": c,
-            "no_auth_per_s": rate[0],
-            "auth_per_s": rate[1],
-            "throughput_ratio": rate[1] / rate[0].max(f64::MIN_POSITIVE),
-            "no_auth_p50_us": p50[0],
-            "auth_p50_us": p50[1],
-            "p50_ratio": p50[1] as f64 / p50[0].max(1) as f64,
-        });
+        let mut row = serde_json::Map::new();
+        row.insert("concurrency".into(), c.into());
+        row.insert(format!("{}_per_s", labels[0]), rate[0].into());
+        row.insert(format!("{}_per_s", labels[1]), rate[1].into());
+        let throughput_ratio = rate[1] / rate[0].max(f64::MIN_POSITIVE);
+        let p50_ratio = p50[1] as f64 / p50[0].max(1) as f64;
+        row.insert("throughput_ratio".into(), throughput_ratio.into());
+        row.insert(format!("{}_p50_us", labels[0]), p50[0].into());
+        row.insert(format!("{}_p50_us", labels[1]), p50[1].into());
+        row.insert("p50_ratio".into(), p50_ratio.into());
         if progress {
             eprintln!(
-                "c={c:<5} without credentials {:>7.0}/s p50 {:>6} µs | with {:>7.0}/s p50 {:>6} µs | throughput ratio {:.3}, p50 ratio {:.3}",
-                rate[0], p50[0], rate[1], p50[1], row["throughput_ratio"].as_f64().unwrap_or(0.0), row["p50_ratio"].as_f64().unwrap_or(0.0)
+                "c={c:<5} {} {:>7.0}/s p50 {:>6} µs | {} {:>7.0}/s p50 {:>6} µs | throughput ratio {throughput_ratio:.3}, p50 ratio {p50_ratio:.3}",
+                words[0], rate[0], p50[0], words[1], rate[1], p50[1]
             );
         }
-        rows.push(row);
+        rows.push(serde_json::Value::Object(row));
     }
     for sys in systems {
         sys.stop(Duration::from_secs(5)).await?;
     }
     if a.json {
-        print_json(&serde_json::json!({ "auth_cost": rows }));
+        print_json(&serde_json::json!({ key: rows }));
     }
     Ok(())
 }
