@@ -453,17 +453,69 @@ pub async fn read_lease(
     lease.read().await.map_err(anyhow::Error::msg)
 }
 
-/// Whether the server has JetStream (for this account).
-async fn has_jetstream(client: &async_nats::Client) -> bool {
+/// What `$JS.API.INFO` said.
+#[derive(Debug, PartialEq, Eq)]
+enum JetStream {
+    On,
+    /// Definitely off: nobody answers the API, or the server says it is
+    /// not enabled (for this account).
+    Off,
+    /// Not known now: a cluster without a meta leader (10008), a timeout, a
+    /// lost connection.
+    Unsure,
+}
+
+/// What a `$JS.API.INFO` reply says.
+fn info_says(payload: &[u8]) -> JetStream {
+    use async_nats::jetstream::ErrorCode;
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+        return JetStream::Unsure;
+    };
+    match v["error"]["err_code"].as_u64() {
+        None if v["error"].is_null() => JetStream::On,
+        Some(c)
+            if c == ErrorCode::JETSTREAM_NOT_ENABLED.0
+                || c == ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT.0 =>
+        {
+            JetStream::Off
+        }
+        _ => JetStream::Unsure,
+    }
+}
+
+async fn jetstream(client: &async_nats::Client) -> JetStream {
     let request = async_nats::Request::new()
         .payload(Bytes::new())
         .timeout(Some(Duration::from_secs(5)));
     match client.send_request("$JS.API.INFO", request).await {
-        Ok(m) => !String::from_utf8_lossy(&m.payload).contains("\"error\""),
-        // Anything but "no responders" (a timeout): assume it has, and
-        // find out when the bucket answers.
-        Err(e) => e.kind() != async_nats::client::RequestErrorKind::NoResponders,
+        Ok(m) => info_says(&m.payload),
+        Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => JetStream::Off,
+        Err(_) => JetStream::Unsure,
     }
+}
+
+/// Whether the server has JetStream (for this account). Falling back to
+/// asking is for servers without it, never for a JetStream that is down
+/// for a moment (a cluster electing a leader): that must wait for the
+/// lease. So "off" must be said twice in a row, and "not known" is asked
+/// again for a while and then taken as "on" (the bucket wait follows).
+async fn has_jetstream(client: &async_nats::Client, name: &ParticipantName) -> bool {
+    let mut offs = 0;
+    for _ in 0..20 {
+        match jetstream(client).await {
+            JetStream::On => return true,
+            JetStream::Off => {
+                offs += 1;
+                if offs == 2 {
+                    return false;
+                }
+            }
+            JetStream::Unsure => offs = 0,
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    warn!(participant = %name, "JetStream did not say whether it is on; waiting for the owners bucket");
+    true
 }
 
 /// The lease this instance holds, and the task that renews it.
@@ -498,7 +550,7 @@ impl Acquire<'_> {
     /// Waits until this instance owns its name (standby meanwhile), or
     /// fails when it must never serve under it.
     pub async fn run(self) -> anyhow::Result<Ownership> {
-        if !has_jetstream(self.client).await {
+        if !has_jetstream(self.client, self.name).await {
             return ping::acquire(self).await;
         }
         let kv = Arc::new(self.bucket().await);
@@ -588,6 +640,11 @@ impl Acquire<'_> {
                 tasks: vec![],
             };
             self.write_epoch(epoch, &fence).await?;
+            let serving = Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let mut owned = owned;
+            owned
+                .tasks
+                .push(ping::answer(self.client, self.name, &self.me, serving).await?);
             info!(participant = %self.name, epoch, %store,
                 lease_ms = self.me.settings.lease_ms, folder_lock = owned._lock.held(),
                 "OWNER: this instance owns {}", self.name);
@@ -792,6 +849,29 @@ pub mod ping {
         }
     }
 
+    /// Answers every ask on `twopc.<name>.owner` with what this instance
+    /// is (`serving` says whether it owns the name). Subscribed when this
+    /// returns. A lease holder answers too, so that an instance that
+    /// wrongly believes the server has no JetStream still finds it.
+    pub async fn answer(
+        client: &async_nats::Client,
+        name: &ParticipantName,
+        me: &Me,
+        serving: Arc<std::sync::atomic::AtomicBool>,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let mut pings = client.subscribe(subjects::owner_ping(name)).await?;
+        client.flush().await?;
+        let (client, me) = (client.clone(), me.clone());
+        Ok(tokio::spawn(async move {
+            while let Some(m) = pings.next().await {
+                if let Some(reply) = m.reply {
+                    let now = me_now(&me, serving.load(Ordering::SeqCst));
+                    let _ = client.publish(reply, now.to_json().into()).await;
+                }
+            }
+        }))
+    }
+
     /// The other instances' answers to one ask.
     async fn ask(
         client: &async_nats::Client,
@@ -820,19 +900,7 @@ pub mod ping {
         warn!(participant = %a.name, "the NATS server has no JetStream: no owner lease; detecting other instances by asking on {} (a paused owner elsewhere is not fenced; see ARCHITECTURE.md)", subjects::owner_ping(a.name));
         let subject = subjects::owner_ping(a.name);
         let serving = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut pings = a.client.subscribe(subject.clone()).await?;
-        a.client.flush().await?;
-        let answerer = {
-            let (client, me, serving) = (a.client.clone(), a.me.clone(), serving.clone());
-            tokio::spawn(async move {
-                while let Some(m) = pings.next().await {
-                    if let Some(reply) = m.reply {
-                        let now = me_now(&me, serving.load(Ordering::SeqCst));
-                        let _ = client.publish(reply, now.to_json().into()).await;
-                    }
-                }
-            })
-        };
+        let answerer = answer(a.client, a.name, &a.me, serving.clone()).await?;
         let lock = FolderLock::try_take(a.data_dir);
         let mut said_wait = None;
         loop {
@@ -1037,6 +1105,31 @@ mod tests {
             panic!()
         };
         assert_eq!((l.store.as_str(), l.epoch), ("t", 5));
+    }
+
+    /// Only a server that says JetStream is off is taken as without it; a
+    /// cluster without a meta leader for a moment is not.
+    #[test]
+    fn only_a_definite_answer_means_no_jetstream() {
+        assert_eq!(
+            info_says(br#"{"type":"io.nats.jetstream.api.v1.account_info_response","memory":0}"#),
+            JetStream::On
+        );
+        assert_eq!(
+            info_says(br#"{"error":{"code":503,"err_code":10039,"description":"jetstream not enabled for account"}}"#),
+            JetStream::Off
+        );
+        assert_eq!(
+            info_says(
+                br#"{"error":{"code":503,"err_code":10076,"description":"jetstream not enabled"}}"#
+            ),
+            JetStream::Off
+        );
+        assert_eq!(
+            info_says(br#"{"error":{"code":503,"err_code":10008,"description":"JetStream system temporarily unavailable"}}"#),
+            JetStream::Unsure
+        );
+        assert_eq!(info_says(b"junk"), JetStream::Unsure);
     }
 
     #[test]

@@ -197,8 +197,16 @@ impl Cost {
     /// The JSON key and the two systems' labels.
     fn names(self) -> (&'static str, [&'static str; 2], [&'static str; 2]) {
         match self {
-            Cost::Auth => ("auth_cost", ["no_auth", "auth"], ["without credentials", "with"]),
-            Cost::Owner => ("owner_cost", ["no_owner", "owner"], ["without owners", "with"]),
+            Cost::Auth => (
+                "auth_cost",
+                ["no_auth", "auth"],
+                ["without credentials", "with"],
+            ),
+            Cost::Owner => (
+                "owner_cost",
+                ["no_owner", "owner"],
+                ["without owners", "with"],
+            ),
         }
     }
 
