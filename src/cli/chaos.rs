@@ -42,9 +42,11 @@ pub struct ChaosArgs {
     pub fault_interval_ms: u64,
     /// Fault kinds with weights, e.g. `kill=2,pause,partition=1`. On one
     /// server (default: all of them): kill, pause, nats_restart, partition,
-    /// slow, crash_point. On a cluster (default: all of them): kill, pause,
-    /// slow, crash_point, node_kill, node_pause, node_partition (needs
-    /// root and iptables).
+    /// slow, crash_point, duplicate. On a cluster (default: all of them):
+    /// kill, pause, slow, crash_point, node_kill, node_pause,
+    /// node_partition (needs root and iptables), duplicate. `duplicate`
+    /// starts a second wallet or order instance: on a new data folder (it
+    /// must refuse) or as a rolling restart on the participant's own.
     #[arg(long)]
     pub faults: Option<String>,
     /// Run on a JetStream cluster of N nodes (3 or 5), decisions in

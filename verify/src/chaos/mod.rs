@@ -13,11 +13,18 @@
 //! * `slow` — delay a participant's prepare or decide handling beyond the
 //!   prepare timeout (armed at run time through the faults file);
 //! * `crash_point` — arm one named crash point; the service aborts when it
-//!   reaches it and is restarted.
+//!   reaches it and is restarted;
+//! * `duplicate` — start a second instance of a participant: on a new,
+//!   empty data folder (it must refuse to serve and exit), or on the
+//!   participant's own folder as a rolling restart (it stands by, takes
+//!   over when the original is stopped by SIGTERM or SIGKILL, and hands
+//!   the name back); what each instance does is checked from its log
+//!   (`duplicate_instances`).
 //!
 //! The fault schedule (kinds, targets, durations) comes from the seed; the
 //! interleaving with the workload depends on timing, as in any real run.
 
+mod duplicate;
 mod nemesis;
 mod report;
 mod workload;
@@ -166,6 +173,12 @@ struct Shared {
     proxies: BTreeMap<&'static str, Proxy>,
     faults_files: BTreeMap<&'static str, PathBuf>,
     faults: Mutex<BTreeMap<String, u64>>,
+    /// Faults counted by variant (`duplicate_fresh`, ...).
+    fault_variants: Mutex<BTreeMap<String, u64>>,
+    /// Promises of the ownership lease that a duplicate fault saw broken.
+    duplicate_violations: Mutex<Vec<String>>,
+    /// How long ownership steps took in duplicate faults, in ms, by step.
+    ownership_ms: Mutex<BTreeMap<String, Vec<u64>>>,
     unexpected_exits: AtomicU64,
     verbose: bool,
 }
@@ -183,6 +196,30 @@ impl Shared {
         let mut c = self.cluster.lock().expect("lock");
         let s: &mut Service = c.sys.services.get_mut(target).expect("a service");
         f(&mut s.proc)
+    }
+
+    fn count_variant(&self, variant: &str) {
+        *self
+            .fault_variants
+            .lock()
+            .expect("lock")
+            .entry(variant.into())
+            .or_default() += 1;
+    }
+
+    /// A fault saw the system break a promise: the run fails.
+    fn violation(&self, what: String) {
+        self.say(&format!("nemesis: VIOLATION: {what}"));
+        self.duplicate_violations.lock().expect("lock").push(what);
+    }
+
+    fn timing(&self, step: &str, took: Duration) {
+        self.ownership_ms
+            .lock()
+            .expect("lock")
+            .entry(step.into())
+            .or_default()
+            .push(took.as_millis() as u64);
     }
 
     fn count(&self, kind: FaultKind) {
@@ -335,6 +372,9 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<Report> {
         proxies,
         faults_files,
         faults: Mutex::new(BTreeMap::new()),
+        fault_variants: Mutex::new(BTreeMap::new()),
+        duplicate_violations: Mutex::new(vec![]),
+        ownership_ms: Mutex::new(BTreeMap::new()),
         unexpected_exits: AtomicU64::new(0),
         verbose: cfg.verbose,
     });
@@ -420,6 +460,14 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<Report> {
             check::request_id_client_view(&replies, &snapshot),
         ),
     ];
+    if cfg
+        .weights
+        .get(&FaultKind::Duplicate)
+        .is_some_and(|w| *w > 0)
+    {
+        let seen = shared.duplicate_violations.lock().expect("lock").clone();
+        invariants.push(result("duplicate_instances", seen));
+    }
     if quiescent_at.is_none() {
         invariants.push(result(
             "quiescence_reached",
@@ -443,6 +491,8 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<Report> {
         resends_different_tx: stats.resends_different_tx.load(Ordering::Relaxed),
         abort_codes: stats.abort_codes.lock().expect("lock").clone(),
         faults: shared.faults.lock().expect("lock").clone(),
+        fault_variants: shared.fault_variants.lock().expect("lock").clone(),
+        ownership_ms: shared.ownership_ms.lock().expect("lock").clone(),
         unexpected_exits: shared.unexpected_exits.load(Ordering::Relaxed),
         heal_to_quiescent_ms: quiescent_at.map(|t| t.duration_since(healed).as_millis() as u64),
         invariants,

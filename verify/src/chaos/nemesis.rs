@@ -14,6 +14,7 @@ use twopc_launcher::Kind;
 use twopc_schemas::points::{CoordinatorCrash, ParticipantCrash, ParticipantDelay};
 use twopc_schemas::ParticipantName;
 
+use super::duplicate::{self, Stop, Variant};
 use super::{Config, Shared};
 use crate::proxy::Link;
 
@@ -39,10 +40,15 @@ pub enum FaultKind {
     /// and keeps its clients (needs root and iptables; see
     /// `NatsCluster::isolate`).
     NodePartition,
+    /// Start a second instance of a participant: on a new, empty data
+    /// folder (it must refuse to serve), or on the participant's own
+    /// folder as a rolling restart (it stands by, takes over when the
+    /// original is stopped, and hands back). See `duplicate.rs`.
+    Duplicate,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 9] = [
+    pub const ALL: [FaultKind; 10] = [
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::NatsRestart,
@@ -52,21 +58,23 @@ impl FaultKind {
         FaultKind::NodeKill,
         FaultKind::NodePause,
         FaultKind::NodePartition,
+        FaultKind::Duplicate,
     ];
 
     /// The kinds a single-server run can inject.
-    pub const SINGLE: [FaultKind; 6] = [
+    pub const SINGLE: [FaultKind; 7] = [
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::NatsRestart,
         FaultKind::Partition,
         FaultKind::Slow,
         FaultKind::CrashPoint,
+        FaultKind::Duplicate,
     ];
 
     /// The kinds a cluster run can inject (services reach the nodes
     /// directly, so there is no per-service link to cut).
-    pub const CLUSTER: [FaultKind; 7] = [
+    pub const CLUSTER: [FaultKind; 8] = [
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::Slow,
@@ -74,6 +82,7 @@ impl FaultKind {
         FaultKind::NodeKill,
         FaultKind::NodePause,
         FaultKind::NodePartition,
+        FaultKind::Duplicate,
     ];
 
     pub fn name(self) -> &'static str {
@@ -87,6 +96,7 @@ impl FaultKind {
             FaultKind::NodeKill => "node_kill",
             FaultKind::NodePause => "node_pause",
             FaultKind::NodePartition => "node_partition",
+            FaultKind::Duplicate => "duplicate",
         }
     }
 
@@ -118,7 +128,9 @@ fn participant_named(service: &str) -> ParticipantName {
 }
 
 /// Restarts services that died on their own (crash points armed by env,
-/// panics) while no fault is working on them.
+/// panics) while no fault is working on them. A fault's duplicate
+/// instance is not a service (its exits are the fault's to judge), and a
+/// busy target's exits are counted by its fault.
 pub(super) async fn supervise(shared: Arc<Shared>) {
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -196,7 +208,8 @@ fn pick_target(
         | FaultKind::NodeKill
         | FaultKind::NodePause
         | FaultKind::NodePartition => vec![NATS],
-        FaultKind::Slow => services(&|k| k != Kind::Coordinator),
+        // Only participants own their names.
+        FaultKind::Slow | FaultKind::Duplicate => services(&|k| k != Kind::Coordinator),
         // Replicas share one faults file: a crash point armed for one would
         // be armed for all.
         FaultKind::CrashPoint if cfg.cluster.is_some() => services(&|k| k != Kind::Coordinator),
@@ -230,6 +243,8 @@ pub(super) async fn nemesis(cfg: &Config, shared: Arc<Shared>, deadline: Instant
     // A drawn kind waits until a target is free (a nats restart waits for
     // every other fault to end), so the mix follows the weights.
     let mut pending: Option<FaultKind> = None;
+    // Faults started so far (names each duplicate instance).
+    let mut seq: u64 = 0;
     loop {
         let wait = Duration::from_millis(rng.random_range(mean / 2..=mean * 3 / 2));
         if Instant::now() + wait >= deadline {
@@ -263,6 +278,18 @@ pub(super) async fn nemesis(cfg: &Config, shared: Arc<Shared>, deadline: Instant
         };
         let slow_ms = rng.random_range(500..=2_500);
         let node_choice = rng.random_range(0..6usize);
+        // Drawn only for this kind, so that seeds of runs without it keep
+        // their schedules.
+        let duplicate = (kind == FaultKind::Duplicate).then(|| {
+            if rng.random_bool(0.5) {
+                Variant::Fresh
+            } else if rng.random_bool(0.5) {
+                Variant::Rolling(Stop::Sigterm)
+            } else {
+                Variant::Rolling(Stop::Sigkill)
+            }
+        });
+        seq += 1;
         shared.count(kind);
         tasks.push(tokio::spawn(fault(
             shared.clone(),
@@ -274,6 +301,8 @@ pub(super) async fn nemesis(cfg: &Config, shared: Arc<Shared>, deadline: Instant
                 slow,
                 slow_ms,
                 node_choice,
+                duplicate,
+                seq,
             },
         )));
     }
@@ -292,6 +321,10 @@ struct Draw {
     slow_ms: u64,
     /// Which node (`node_kill`, `node_pause`).
     node_choice: usize,
+    /// Which duplicate (`duplicate`).
+    duplicate: Option<Variant>,
+    /// This fault's number in the run.
+    seq: u64,
 }
 
 /// Applies one fault, holds it, heals it, frees the target.
@@ -302,6 +335,8 @@ async fn fault(shared: Arc<Shared>, kind: FaultKind, target: &'static str, draw:
         slow,
         slow_ms,
         node_choice,
+        duplicate,
+        seq,
     } = draw;
     match kind {
         FaultKind::NodeKill | FaultKind::NodePause | FaultKind::NodePartition => {
@@ -394,6 +429,10 @@ async fn fault(shared: Arc<Shared>, kind: FaultKind, target: &'static str, draw:
             tokio::time::sleep(hold).await;
             let _ = std::fs::write(&shared.faults_files[target], "");
         }
+        FaultKind::Duplicate => {
+            let variant = duplicate.expect("drawn for a duplicate fault");
+            duplicate::duplicate(&shared, target, seq, variant).await;
+        }
         FaultKind::CrashPoint => {
             shared.say(&format!("nemesis: arm crash point {point}"));
             let _ = std::fs::write(&shared.faults_files[target], format!("crash:{point}\n"));
@@ -454,7 +493,10 @@ async fn decisions_leader(client: &async_nats::Client) -> Option<String> {
         .flatten()
 }
 
-/// Leaves nothing paused, cut, armed or down.
+/// Leaves nothing paused, cut, armed or down. Duplicate instances need
+/// nothing here: each is owned by its fault, which kills it when it ends
+/// (and the nemesis has awaited every fault), leaving the original
+/// running and owning its name.
 pub(super) fn heal_all(shared: &Shared) {
     for p in shared.proxies.values() {
         p.set(Link::Up);

@@ -37,6 +37,16 @@ pub struct Report {
     /// Abort reasons seen by clients.
     pub abort_codes: BTreeMap<String, u64>,
     pub faults: BTreeMap<String, u64>,
+    /// Faults of a kind with variants, by variant (`duplicate_fresh`,
+    /// `duplicate_rolling_sigterm`, `duplicate_rolling_sigkill`).
+    pub fault_variants: BTreeMap<String, u64>,
+    /// How long each ownership step of the duplicate faults took, in ms
+    /// (polled every 50 ms): `refusal` (a fresh duplicate's start to its
+    /// exit), `drain` (SIGTERM to the original's exit),
+    /// `takeover_after_sigterm` and `takeover_after_sigkill` (the
+    /// original's stop to the duplicate's `OWNER:`), `handback` (SIGTERM
+    /// to the duplicate until the original's `OWNER:`).
+    pub ownership_ms: BTreeMap<String, Vec<u64>>,
     /// Services that exited without the nemesis asking (restarted).
     pub unexpected_exits: u64,
     pub heal_to_quiescent_ms: Option<u64>,
@@ -77,6 +87,24 @@ impl Report {
             faults.join(", "),
             self.unexpected_exits
         ));
+        if !self.fault_variants.is_empty() {
+            let variants: Vec<String> = self
+                .fault_variants
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            s.push_str(&format!("fault variants: {}\n", variants.join(", ")));
+        }
+        for (step, ms) in &self.ownership_ms {
+            let mut sorted = ms.clone();
+            sorted.sort_unstable();
+            if let (Some(max), Some(median)) = (sorted.last(), sorted.get(sorted.len() / 2)) {
+                s.push_str(&format!(
+                    "  ownership {step:<24} {}x, median {median} ms, max {max} ms\n",
+                    sorted.len()
+                ));
+            }
+        }
         match self.heal_to_quiescent_ms {
             Some(ms) => s.push_str(&format!("heal to quiescence: {ms} ms\n")),
             None => s.push_str("heal to quiescence: NOT REACHED\n"),
