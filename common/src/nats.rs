@@ -263,6 +263,29 @@ pub async fn request(
     }
 }
 
+/// The latest value of a KV key and its revision, read from the bucket's
+/// stream leader (a direct get may be served by a follower that has not
+/// applied the latest write); `None` if the key was never written or its
+/// latest entry is a delete or purge marker.
+pub async fn kv_latest(
+    kv: &async_nats::jetstream::kv::Store,
+    key: &str,
+) -> Result<Option<(bytes::Bytes, u64)>, async_nats::jetstream::stream::LastRawMessageError> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+    let subject = format!("$KV.{}.{key}", kv.name);
+    match kv.stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(m) => {
+            let deleted = m
+                .headers
+                .get("KV-Operation")
+                .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+            Ok((!deleted).then_some((m.payload, m.sequence)))
+        }
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Waits for SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};

@@ -285,29 +285,8 @@ impl KvLog {
 
     /// The current value at `key`, read from the stream leader.
     async fn read_raw(&self, key: &str) -> Result<Option<Versioned<Bytes>>, LogError> {
-        let subject = format!("{}{key}", self.subject_prefix);
-        match self
-            .kv
-            .stream
-            .get_last_raw_message_by_subject(&subject)
-            .await
-        {
-            Ok(m) => {
-                let deleted = m
-                    .headers
-                    .get("KV-Operation")
-                    .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
-                Ok((!deleted).then_some(Versioned {
-                    value: m.payload,
-                    revision: m.sequence,
-                }))
-            }
-            Err(e)
-                if e.kind()
-                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
-            {
-                Ok(None)
-            }
+        match twopc_common::nats::kv_latest(&self.kv, key).await {
+            Ok(v) => Ok(v.map(|(value, revision)| Versioned { value, revision })),
             Err(e) => Err(failed("reading the decision log", e)),
         }
     }

@@ -358,7 +358,6 @@ impl FolderLock {
 struct LeaseKv {
     kv: kv::Store,
     key: String,
-    subject: String,
 }
 
 /// What a write of the lease came to.
@@ -373,30 +372,11 @@ impl LeaseKv {
     async fn read(&self) -> Result<Option<(Lease, u64)>, String> {
         // From the stream leader: a follower may not have applied the
         // latest renewal yet.
-        match self
-            .kv
-            .stream
-            .get_last_raw_message_by_subject(&self.subject)
-            .await
-        {
-            Ok(m) => {
-                let deleted = m
-                    .headers
-                    .get("KV-Operation")
-                    .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
-                if deleted {
-                    return Ok(None);
-                }
-                Lease::parse(&m.payload)
-                    .map(|l| Some((l, m.sequence)))
-                    .map_err(|e| format!("the lease under {:?} is corrupt: {e}", self.key))
-            }
-            Err(e)
-                if e.kind()
-                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
-            {
-                Ok(None)
-            }
+        match twopc_common::nats::kv_latest(&self.kv, &self.key).await {
+            Ok(None) => Ok(None),
+            Ok(Some((value, revision))) => Lease::parse(&value)
+                .map(|l| Some((l, revision)))
+                .map_err(|e| format!("the lease under {:?} is corrupt: {e}", self.key)),
             Err(e) => Err(format!("reading the lease: {e}")),
         }
     }
@@ -445,11 +425,7 @@ pub async fn read_lease(
     let js = jetstream::new(client.clone());
     let kv = js.get_key_value(subjects::OWNER_BUCKET).await?;
     let key = name.as_str().to_owned();
-    let lease = LeaseKv {
-        subject: format!("$KV.{}.{key}", subjects::OWNER_BUCKET),
-        kv,
-        key,
-    };
+    let lease = LeaseKv { kv, key };
     lease.read().await.map_err(anyhow::Error::msg)
 }
 
@@ -694,11 +670,7 @@ impl Acquire<'_> {
             match js.get_key_value(subjects::OWNER_BUCKET).await {
                 Ok(kv) => {
                     let key = self.name.as_str().to_owned();
-                    return LeaseKv {
-                        subject: format!("$KV.{}.{key}", subjects::OWNER_BUCKET),
-                        kv,
-                        key,
-                    };
+                    return LeaseKv { kv, key };
                 }
                 Err(e) => {
                     if !said {
