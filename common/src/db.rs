@@ -29,6 +29,8 @@ use tokio::sync::oneshot;
 
 /// Most jobs that share one SQLite transaction and one fsync.
 pub const MAX_BATCH: usize = 512;
+/// How long a connection waits for another process's lock on the file.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most jobs waiting for the writer thread; past this callers get `Busy`.
 pub const MAX_QUEUE: usize = 8192;
 /// Reader threads of a [`ReadDb`], each with its own read-only connection:
@@ -104,7 +106,7 @@ pub fn open(path: &Path, migrations: &[&str]) -> rusqlite::Result<Connection> {
             | rusqlite::OpenFlags::SQLITE_OPEN_CREATE
             | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
-    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.set_prepared_statement_cache_capacity(128);
     // WAL with synchronous=FULL: the WAL is fsynced at every COMMIT, so a
     // committed transaction survives a power cut, not only a process kill.
@@ -267,7 +269,7 @@ fn open_read_only(path: &Path) -> rusqlite::Result<Connection> {
         path,
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
-    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.set_prepared_statement_cache_capacity(64);
     conn.execute_batch("PRAGMA query_only=ON;")?;
     let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
@@ -343,7 +345,11 @@ fn writer_loop(conn: Connection, receiver: mpsc::Receiver<Job>, name: String, mu
                 tracing::error!(error = %e, "ROLLBACK failed; aborting the process");
                 std::process::abort();
             }
-            tracing::warn!(jobs, reason = %why, "batch refused by the guard; rolled back");
+            crate::refusals::refused(
+                "db-guard",
+                "fenced",
+                || tracing::warn!(jobs, reason = %why, "batch refused by the guard; rolled back"),
+            );
             for d in done.drain(..) {
                 d(Err(why.clone()));
             }

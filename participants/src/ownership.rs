@@ -332,7 +332,7 @@ impl Fence {
 
 /// The data folder's lock file, once held.
 pub struct FolderLock {
-    _file: Option<std::fs::File>,
+    file: Option<std::fs::File>,
 }
 
 impl FolderLock {
@@ -346,11 +346,11 @@ impl FolderLock {
             .open(&path)
             .ok()
             .filter(|f| f.try_lock().is_ok());
-        FolderLock { _file: file }
+        FolderLock { file }
     }
 
     pub fn held(&self) -> bool {
-        self._file.is_some()
+        self.file.is_some()
     }
 }
 
@@ -498,7 +498,9 @@ async fn has_jetstream(client: &async_nats::Client, name: &ParticipantName) -> b
 pub struct Ownership {
     pub fence: Arc<Fence>,
     /// Holds the data folder's lock file while this value lives.
-    _lock: FolderLock,
+    lock: FolderLock,
+    /// Whether writes are fenced (all but `TWOPC_BREAK=no_owner`).
+    fenced: bool,
     keeper: Option<Keeper>,
     /// Tasks that live as long as the ownership (without JetStream: the
     /// answerer and the checker).
@@ -609,20 +611,20 @@ impl Acquire<'_> {
                 fence.clone(),
                 self.me.settings.lease_ms,
             ));
-            let owned = Ownership {
+            let mut owned = Ownership {
                 fence: fence.clone(),
-                _lock: lock,
+                lock,
+                fenced: true,
                 keeper: Some(Keeper { kv, current, task }),
                 tasks: vec![],
             };
             self.write_epoch(epoch, &fence).await?;
             let serving = Arc::new(std::sync::atomic::AtomicBool::new(true));
-            let mut owned = owned;
             owned
                 .tasks
                 .push(ping::answer(self.client, self.name, &self.me, serving).await?);
             info!(participant = %self.name, epoch, %store,
-                lease_ms = self.me.settings.lease_ms, folder_lock = owned._lock.held(),
+                lease_ms = self.me.settings.lease_ms, folder_lock = owned.lock.held(),
                 "OWNER: this instance owns {}", self.name);
             return Ok(owned);
         }
@@ -637,7 +639,16 @@ impl Acquire<'_> {
             if let Some(why) = fence.lost() {
                 anyhow::bail!("{}: lost the lease before serving: {why}", self.name);
             }
-            let taken = take_epoch(&self.conn.lock().expect("conn lock"), epoch);
+            // Never wait on SQLite's lock here (this is the service's
+            // runtime thread, which also renews the lease): ask once, and
+            // sleep asynchronously when another process holds it.
+            let taken = {
+                let conn = self.conn.lock().expect("conn lock");
+                conn.busy_timeout(Duration::ZERO)?;
+                let taken = take_epoch(&conn, epoch);
+                conn.busy_timeout(twopc_common::db::BUSY_TIMEOUT)?;
+                taken
+            };
             match taken {
                 Ok(true) => return Ok(()),
                 Ok(false) => anyhow::bail!(
@@ -745,12 +756,23 @@ async fn keep(
 }
 
 impl Ownership {
-    /// No ownership at all (`TWOPC_BREAK=no_owner`): a fence at the
-    /// database's own epoch that never lapses.
+    /// The database writer's guard: [`Fence::check`], or nothing when
+    /// unowned.
+    pub fn guard(&self) -> Guard {
+        if self.fenced {
+            self.fence.guard()
+        } else {
+            Box::new(|_| Ok(()))
+        }
+    }
+
+    /// No ownership at all (`TWOPC_BREAK=no_owner`): a fence that never
+    /// lapses and a guard that checks nothing.
     pub fn unowned(db_epoch: u64) -> Ownership {
         Ownership {
             fence: Fence::new(db_epoch, u64::MAX / 4, Instant::now()),
-            _lock: FolderLock { _file: None },
+            lock: FolderLock { file: None },
+            fenced: false,
             keeper: None,
             tasks: vec![],
         }
@@ -925,7 +947,8 @@ pub mod ping {
             };
             return Ok(Ownership {
                 fence,
-                _lock: lock,
+                lock,
+                fenced: true,
                 keeper: None,
                 tasks: vec![answerer, checker],
             });

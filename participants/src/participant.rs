@@ -1030,11 +1030,7 @@ where
     };
     let fence = owned.fence.clone();
     let conn = conn.into_inner().expect("conn lock");
-    let db = if twopc_common::fault::broken("no_owner") {
-        Db::start(conn, name.as_str())
-    } else {
-        Db::start_guarded(conn, name.as_str(), fence.guard())
-    };
+    let db = Db::start_guarded(conn, name.as_str(), owned.guard());
     let reads = db.reader(name.as_str())?;
     info!(participant = %name, db = %db.path().display(), epoch = fence.epoch(), "database open (WAL, synchronous=FULL; reads on their own connections; writes fenced by the owner epoch)");
     let registry = Arc::new(Registry::new(
