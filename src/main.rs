@@ -95,6 +95,10 @@ enum Cmd {
     /// injects faults; then heal, wait for quiescence and check every
     /// invariant. Exits 1 if any invariant is violated.
     Chaos(cli::chaos::ChaosArgs),
+    /// The deterministic simulation: many seeded schedules of the protocol
+    /// code under simulated faults (`--seeds`), or one replayed (`--seed`).
+    /// Exits 1 if any schedule breaks an invariant.
+    Sim(cli::sim::SimArgs),
     /// Measure purchases/s and latency against a running system (NATS_URL)
     /// or one started here (--start), with same-run baselines and ratios.
     Bench(cli::bench::BenchArgs),
@@ -159,6 +163,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let client = match cli.cmd {
         Cmd::Chaos(a) => return cli::chaos::run(a).await,
+        Cmd::Sim(a) => return cli::sim::run(a),
         Cmd::Auth(AuthCmd::Init {
             dir,
             clients,
@@ -178,7 +183,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .with_context(|| format!("connecting to NATS at {}", cli.nats_url))?,
     };
     match cli.cmd {
-        Cmd::Up(_) | Cmd::Chaos(_) | Cmd::Bench(_) | Cmd::Auth(_) => {
+        Cmd::Up(_) | Cmd::Chaos(_) | Cmd::Sim(_) | Cmd::Bench(_) | Cmd::Auth(_) => {
             unreachable!("dispatched above")
         }
         Cmd::Echo { subject } => twopc_verify::bench::echo(client, subject).await,

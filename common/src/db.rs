@@ -115,6 +115,13 @@ pub fn open(path: &Path, migrations: &[&str]) -> rusqlite::Result<Connection> {
     conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
     let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
     assert_eq!(sync, 2, "synchronous must be FULL");
+    migrate(&mut conn, migrations)?;
+    Ok(conn)
+}
+
+/// Applies the `migrations` that `conn` has not had yet, each in its own
+/// transaction, counting them in `PRAGMA user_version`.
+pub fn migrate(conn: &mut Connection, migrations: &[&str]) -> rusqlite::Result<()> {
     let version: usize =
         conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
     for (i, sql) in migrations.iter().enumerate().skip(version) {
@@ -123,7 +130,7 @@ pub fn open(path: &Path, migrations: &[&str]) -> rusqlite::Result<Connection> {
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
         tx.commit()?;
     }
-    Ok(conn)
+    Ok(())
 }
 
 impl Db {

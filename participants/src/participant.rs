@@ -85,6 +85,13 @@ CREATE INDEX IF NOT EXISTS branches_prepared_by_tx ON branches (tx) WHERE state 
 CREATE INDEX IF NOT EXISTS branches_decided ON branches (updated_at_ms) WHERE state != 'prepared';
 ";
 
+/// Makes the library's own tables (branches, owner) where missing; the
+/// service calls it at open, the simulation on its in-memory databases.
+pub fn library_schema(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(BRANCHES_SQL)?;
+    conn.execute_batch(OWNER_SQL)
+}
+
 /// Rows deleted per collection job (each job is one short write
 /// transaction; a backlog takes several).
 const COLLECT_BATCH: i64 = 1_000;
@@ -297,23 +304,25 @@ pub fn load_branch(conn: &Connection, tx: TxId) -> rusqlite::Result<Option<Branc
     .optional()
 }
 
-fn set_state(conn: &Connection, tx: TxId, state: BranchState) -> rusqlite::Result<()> {
+fn set_state(conn: &Connection, tx: TxId, state: BranchState, now: i64) -> rusqlite::Result<()> {
     let n = db::exec(
         conn,
         "UPDATE branches SET state = ?2, updated_at_ms = ?3 WHERE tx = ?1",
-        params![tx.as_bytes().as_slice(), state.as_str(), now_ms()],
+        params![tx.as_bytes().as_slice(), state.as_str(), now],
     )?;
     assert_eq!(n, 1, "branch row exists");
     Ok(())
 }
 
 /// Phase 1 inside one SQLite transaction: returns the vote to send once the
-/// batch is durable.
-fn prepare_job<R: Resource>(
+/// batch is durable. `now` is the wall clock (ms) as the caller reads it:
+/// the service passes [`now_ms`], the simulation its own clock.
+pub fn prepare_job<R: Resource>(
     resource: &R,
     conn: &Connection,
     msg: &Prepare,
     window: TxWindow,
+    now: i64,
 ) -> rusqlite::Result<Vote> {
     let (tx, op) = (msg.tx, &msg.op);
     // The handler checked the message already; check again right before
@@ -321,7 +330,7 @@ fn prepare_job<R: Resource>(
     // taken inside the write transaction, which also serialises with the
     // collection of old rows: a row is either here or the prepare is
     // refused.
-    let age = match msg.check(now_ms(), &window) {
+    let age = match msg.check(now, &window) {
         Ok(age) => age,
         Err(refused) => {
             return Ok(Vote::No {
@@ -335,7 +344,6 @@ fn prepare_job<R: Resource>(
         OnPrepare::Repeat(vote) => Ok(vote),
         OnPrepare::Hold => {
             let op_json = stored::write(op);
-            let now = now_ms();
             match resource.hold(conn, tx, op)? {
                 Ok(()) => {
                     db::exec(
@@ -368,18 +376,19 @@ fn prepare_job<R: Resource>(
     }
 }
 
-/// Phase 2 inside one SQLite transaction.
-fn decide_job<R: Resource>(
+/// Phase 2 inside one SQLite transaction (`now` as for [`prepare_job`]).
+pub fn decide_job<R: Resource>(
     resource: &R,
     conn: &Connection,
     msg: Decide,
     window: TxWindow,
+    now: i64,
 ) -> rusqlite::Result<DecideReply> {
     let Decide { tx, decision } = msg;
     let stored = load_branch(conn, tx)?;
     // Checked (again) inside the write transaction, like a prepare's age,
     // and knowing whether the branch is stored.
-    let age = match msg.check(now_ms(), &window, stored.is_some()) {
+    let age = match msg.check(now, &window, stored.is_some()) {
         Ok(age) => age,
         Err(refused) => {
             return Ok(DecideReply::Rejected {
@@ -400,7 +409,7 @@ fn decide_job<R: Resource>(
                     tx.as_bytes().as_slice(),
                     Code::AlreadyAborted.as_str(),
                     "aborted before it was prepared here",
-                    now_ms()
+                    now
                 ],
             )?;
             Ok(DecideReply::Ack)
@@ -412,11 +421,11 @@ fn decide_job<R: Resource>(
             match d {
                 Decision::Commit => {
                     resource.apply(conn, tx, &op)?;
-                    set_state(conn, tx, BranchState::Committed)?;
+                    set_state(conn, tx, BranchState::Committed, now)?;
                 }
                 Decision::Abort => {
                     resource.release(conn, tx, &op)?;
-                    set_state(conn, tx, BranchState::Aborted)?;
+                    set_state(conn, tx, BranchState::Aborted, now)?;
                 }
             }
             Ok(DecideReply::Ack)
@@ -455,8 +464,7 @@ impl<R: Resource> Participant<R> {
         std::fs::create_dir_all(&args.data_dir)?;
         let path = args.data_dir.join(format!("{}.db", resource.name()));
         let conn = db::open(&path, resource.migrations())?;
-        conn.execute_batch(BRANCHES_SQL)?;
-        conn.execute_batch(OWNER_SQL)?;
+        library_schema(&conn)?;
         Ok(conn)
     }
 
@@ -628,7 +636,7 @@ impl<R: Resource> Participant<R> {
                 // prepare is written, or even known to be possible.
                 let db = self.db.clone();
                 tokio::spawn(async move {
-                    db.run(move |c| prepare_job(&*resource, c, &msg, window))
+                    db.run(move |c| prepare_job(&*resource, c, &msg, window, now_ms()))
                         .await
                 });
                 return Response::ok(protocol::encode(&Vote::Yes));
@@ -636,7 +644,7 @@ impl<R: Resource> Participant<R> {
             let started = std::time::Instant::now();
             let vote = match self
                 .db
-                .run(move |c| prepare_job(&*resource, c, &msg, window))
+                .run(move |c| prepare_job(&*resource, c, &msg, window, now_ms()))
                 .await
             {
                 Ok(v) => v,
@@ -738,7 +746,7 @@ impl<R: Resource> Participant<R> {
             let window = self.window;
             let reply = match self
                 .db
-                .run(move |c| decide_job(&*resource, c, Decide { tx, decision }, window))
+                .run(move |c| decide_job(&*resource, c, Decide { tx, decision }, window, now_ms()))
                 .await
             {
                 Ok(r) => r,

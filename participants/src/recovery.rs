@@ -168,11 +168,23 @@ impl Tracker {
     /// Records the outcome of a query about `tx` made at `now`: resolved
     /// branches are forgotten, the others wait out their next backoff delay.
     pub fn record(&mut self, now: Instant, tx: TxId, resolved: bool) {
+        self.record_with(now, tx, resolved, &mut rand::rng());
+    }
+
+    /// [`Tracker::record`] with the caller's random source for the backoff
+    /// jitter (the simulation's seeded one).
+    pub fn record_with(
+        &mut self,
+        now: Instant,
+        tx: TxId,
+        resolved: bool,
+        rng: &mut impl rand::Rng,
+    ) {
         if resolved {
             self.entries.remove(&tx);
         } else if let Some(e) = self.entries.get_mut(&tx) {
             e.last_asked = Some(now);
-            e.next_due = now + e.backoff.next_delay();
+            e.next_due = now + e.backoff.next_delay_with(rng);
         }
     }
 }

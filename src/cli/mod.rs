@@ -5,6 +5,7 @@ pub mod bench;
 pub mod chaos;
 pub mod ops;
 pub mod seed;
+pub mod sim;
 pub mod up;
 
 use std::path::PathBuf;

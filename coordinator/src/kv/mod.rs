@@ -31,16 +31,21 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv, ErrorCode};
+use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use twopc_common::now_ms;
 use twopc_schemas::api::{AbortReason, PurchaseRequest, VoteSummary};
 use twopc_schemas::protocol::{Decision, TxId};
 use twopc_schemas::{Code, ParticipantName};
 
 use crate::log::{stored, DecisionLog, LogError, Record, Recorded, StoredDecision};
+
+pub mod nats;
+pub mod store;
+
+pub use nats::NatsKv;
+use nats::MARKER_TTL;
+pub use store::{Create, Entry, KvStore, Update};
 
 /// The default bucket name.
 pub const DEFAULT_BUCKET: &str = twopc_schemas::subjects::DECISION_BUCKET;
@@ -50,10 +55,6 @@ pub const DEFAULT_BUCKET: &str = twopc_schemas::subjects::DECISION_BUCKET;
 /// writes its decision right after the claim (one KV write), so this only
 /// needs to outlast a slow write.
 pub const CLAIM_GRACE_MS: i64 = 5_000;
-
-/// How long the marker a deletion leaves behind lives (the smallest
-/// per-message TTL JetStream takes).
-const MARKER_TTL: Duration = Duration::from_secs(1);
 
 /// Largest stored value (a record is well under 2 KiB).
 const MAX_VALUE_BYTES: i32 = 64 * 1024;
@@ -72,16 +73,14 @@ pub struct KvConfig {
     pub timeout: Duration,
 }
 
-/// The JetStream KV decision log.
+/// The KV decision log, over JetStream KV in the service and over the
+/// simulation's stand-in in `twopc-sim` ([`KvStore`]).
 #[derive(Clone)]
-pub struct KvLog {
-    kv: kv::Store,
-    client: async_nats::Client,
+pub struct KvLog<S: KvStore = NatsKv> {
+    store: S,
     /// Bound of one KV request; a write retried after unknown answers gives
     /// up after twice this.
-    timeout: Duration,
-    /// `$KV.<bucket>.` — the stream subject prefix of keys.
-    subject_prefix: String,
+    timeout_ms: u64,
 }
 
 fn tx_key(tx: TxId) -> String {
@@ -186,35 +185,13 @@ fn failed(what: &str, e: impl std::fmt::Display) -> LogError {
     LogError::Failed(format!("{what}: {e}"))
 }
 
-/// The JetStream error code somewhere in `e`'s chain of sources, if any.
-fn js_code(e: &(dyn std::error::Error + 'static)) -> Option<ErrorCode> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(js) = err.downcast_ref::<jetstream::Error>() {
-            return Some(js.error_code());
-        }
-        cur = err.source();
-    }
-    None
-}
-
-/// How a put-if-absent ended.
-enum Create {
-    /// This call's value was written, at this revision.
-    Written,
-    /// Another value is there (the winner's).
-    Lost,
-    /// The server did not say (timeout, connection lost, no quorum).
-    Unknown(String),
-}
-
 /// A value and the revision it was read at.
 struct Versioned<T> {
     value: T,
     revision: u64,
 }
 
-impl KvLog {
+impl KvLog<NatsKv> {
     /// Opens (creating when missing) the bucket.
     pub async fn open(client: async_nats::Client, cfg: KvConfig) -> anyhow::Result<Self> {
         let js = jetstream::ContextBuilder::new()
@@ -261,32 +238,36 @@ impl KvLog {
     }
 
     fn with_store(kv: kv::Store, client: async_nats::Client, cfg: &KvConfig) -> Self {
+        KvLog::new(NatsKv::new(kv, client, &cfg.bucket), cfg.timeout)
+    }
+}
+
+impl<S: KvStore> KvLog<S> {
+    /// The log over `store`, each request bounded by `timeout`.
+    pub fn new(store: S, timeout: Duration) -> Self {
         KvLog {
-            kv,
-            client,
-            timeout: cfg.timeout,
-            subject_prefix: format!("$KV.{}.", cfg.bucket),
+            store,
+            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
         }
+    }
+
+    /// The store under the log.
+    pub fn store(&self) -> &S {
+        &self.store
     }
 
     /// Put-if-absent of `value` at `key`.
     async fn create(&self, key: &str, value: Bytes) -> Create {
-        match self.kv.create(key, value).await {
-            Ok(_) => Create::Written,
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Create::Lost,
-            // A replicated stream refuses a write to a key with another
-            // write to it in flight (10164); async-nats files it as Other.
-            Err(e) if js_code(&e) == Some(ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT) => {
-                Create::Lost
-            }
-            Err(e) => Create::Unknown(e.to_string()),
-        }
+        self.store.create(key, value).await
     }
 
     /// The current value at `key`, read from the stream leader.
     async fn read_raw(&self, key: &str) -> Result<Option<Versioned<Bytes>>, LogError> {
-        match twopc_common::nats::kv_latest(&self.kv, key).await {
-            Ok(v) => Ok(v.map(|(value, revision)| Versioned { value, revision })),
+        match self.store.latest(key).await {
+            Ok(v) => Ok(v.map(|e| Versioned {
+                value: e.value,
+                revision: e.revision,
+            })),
             Err(e) => Err(failed("reading the decision log", e)),
         }
     }
@@ -318,14 +299,14 @@ impl KvLog {
     /// First writer wins for `rec.tx`: `Ok(Ok(rec))` if this call's record
     /// is the one stored, `Ok(Err(winner))` otherwise.
     async fn create_record(&self, rec: Record) -> Result<Result<Record, Record>, LogError> {
-        let writer: u64 = rand::random();
+        let writer: u64 = self.store.random();
         let value = Bytes::from(
             serde_json::to_vec(&StoredRecord::from_record(&rec, writer)).expect("serialises"),
         );
         let key = tx_key(rec.tx);
         let mut last_unknown = String::new();
-        let deadline = tokio::time::Instant::now() + 2 * self.timeout;
-        while tokio::time::Instant::now() < deadline {
+        let deadline = self.store.monotonic_ms() + 2 * self.timeout_ms;
+        while self.store.monotonic_ms() < deadline {
             let why = match self.create(&key, value.clone()).await {
                 Create::Written => return Ok(Ok(rec)),
                 Create::Lost => "refused, yet no value is there".to_owned(),
@@ -338,7 +319,7 @@ impl KvLog {
                 Some(v) => return Ok(Err(v.value.into_record()?)),
                 None => last_unknown = why,
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            self.store.sleep(10).await;
         }
         Err(LogError::Failed(format!(
             "recording the decision of {}: {last_unknown}",
@@ -351,14 +332,14 @@ impl KvLog {
     async fn claim(&self, request_id: &str, tx: TxId) -> Result<Option<StoredClaim>, LogError> {
         let claim = StoredClaim {
             v: STORED_VERSION,
-            writer: rand::random(),
+            writer: self.store.random(),
             tx,
-            claimed_at_ms: now_ms(),
+            claimed_at_ms: self.store.now_ms(),
         };
         let value = Bytes::from(serde_json::to_vec(&claim).expect("serialises"));
         let mut last_unknown = String::new();
-        let deadline = tokio::time::Instant::now() + 2 * self.timeout;
-        while tokio::time::Instant::now() < deadline {
+        let deadline = self.store.monotonic_ms() + 2 * self.timeout_ms;
+        while self.store.monotonic_ms() < deadline {
             let why = match self.create(&rid_key(request_id), value.clone()).await {
                 Create::Written => return Ok(None),
                 Create::Lost => "refused, yet no claim is there".to_owned(),
@@ -369,7 +350,7 @@ impl KvLog {
                 Some(holder) => return Ok(Some(holder)),
                 None => last_unknown = why,
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            self.store.sleep(10).await;
         }
         Err(LogError::Failed(format!(
             "claiming request id {request_id:?}: {last_unknown}"
@@ -388,7 +369,7 @@ impl KvLog {
             if let Some(v) = self.read_record(holder.tx).await? {
                 return v.value.into_record();
             }
-            if now_ms() - holder.claimed_at_ms > CLAIM_GRACE_MS {
+            if self.store.now_ms() - holder.claimed_at_ms > CLAIM_GRACE_MS {
                 let abort = Record {
                     tx: holder.tx,
                     decision: Decision::Abort,
@@ -401,8 +382,8 @@ impl KvLog {
                     }),
                     deliver_to: vec![],
                     pending: vec![],
-                    decided_at_ms: now_ms(),
-                    completed_at_ms: Some(now_ms()),
+                    decided_at_ms: self.store.now_ms(),
+                    completed_at_ms: Some(self.store.now_ms()),
                     votes: vec![],
                     delivery_attempts: 0,
                 };
@@ -410,7 +391,7 @@ impl KvLog {
                     Ok(r) | Err(r) => r,
                 });
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+            self.store.sleep(25).await;
         }
     }
 
@@ -427,15 +408,14 @@ impl KvLog {
             if !change(&mut v.value) {
                 return Ok(());
             }
-            v.value.writer = rand::random();
+            v.value.writer = self.store.random();
             let value = Bytes::from(serde_json::to_vec(&v.value).expect("serialises"));
-            match self.kv.update(tx_key(tx), value, v.revision).await {
-                Ok(_) => return Ok(()),
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
-                Err(e) if js_code(&e) == Some(ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT) => {}
+            match self.store.update(&tx_key(tx), value, v.revision).await {
+                Update::Written => return Ok(()),
+                Update::WrongRevision => {}
                 // Unknown: read again; a change already made is seen then.
-                Err(e) if e.kind() == kv::UpdateErrorKind::TimedOut => {}
-                Err(e) => return Err(failed("updating the decision log", e)),
+                Update::Unknown(_) => {}
+                Update::Failed(e) => return Err(failed("updating the decision log", e)),
             }
         }
         Err(LogError::Failed(format!(
@@ -444,74 +424,24 @@ impl KvLog {
     }
 
     /// The last value of every key under `prefix` (`tx.` or `rid.`), with
-    /// its key and revision, in one pass (an ordered consumer).
+    /// its key and revision, in one pass.
     async fn scan_raw(&self, prefix: &str) -> Result<Vec<(String, Versioned<Bytes>)>, LogError> {
-        let mut out = vec![];
-        self.scan_each(prefix, |key, raw| {
-            out.push((key, raw));
-            Ok(())
-        })
-        .await?;
-        Ok(out)
-    }
-
-    /// Calls `each` with the key and last value of every key under
-    /// `prefix`, in one pass (an ordered consumer), without holding them.
-    async fn scan_each(
-        &self,
-        prefix: &str,
-        mut each: impl FnMut(String, Versioned<Bytes>) -> Result<(), LogError>,
-    ) -> Result<(), LogError> {
-        let consumer = self
-            .kv
-            .stream
-            .create_consumer(jetstream::consumer::push::OrderedConfig {
-                deliver_subject: self.client.new_inbox(),
-                filter_subject: format!("{}{prefix}>", self.subject_prefix),
-                deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
-                replay_policy: jetstream::consumer::ReplayPolicy::Instant,
-                ..Default::default()
-            })
+        Ok(self
+            .store
+            .scan(prefix, &|_| true)
             .await
-            .map_err(|e| failed("listing the decision log", e))?;
-        if consumer.cached_info().num_pending == 0 {
-            return Ok(());
-        }
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| failed("listing the decision log", e))?;
-        while let Some(m) = messages.next().await {
-            let m = m.map_err(|e| failed("listing the decision log", e))?;
-            let info = m
-                .info()
-                .map_err(|e| failed("listing the decision log", e))?;
-            let (pending, revision) = (info.pending, info.stream_sequence);
-            let deleted = m
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("KV-Operation"))
-                .is_some();
-            if !deleted {
-                let key = m
-                    .subject
-                    .as_str()
-                    .strip_prefix(&self.subject_prefix)
-                    .unwrap_or_default()
-                    .to_owned();
-                each(
-                    key,
+            .map_err(|e| failed("listing the decision log", e))?
+            .into_iter()
+            .map(|e| {
+                (
+                    e.key,
                     Versioned {
-                        value: m.payload.clone(),
-                        revision,
+                        value: e.value,
+                        revision: e.revision,
                     },
-                )?;
-            }
-            if pending == 0 {
-                break;
-            }
-        }
-        Ok(())
+                )
+            })
+            .collect())
     }
 
     /// Every record, with its key and revision.
@@ -523,49 +453,48 @@ impl KvLog {
     /// are decoded and dropped as they stream by, not held.
     async fn scan_where(
         &self,
-        keep: impl Fn(&StoredRecord) -> bool,
+        keep: impl Fn(&StoredRecord) -> bool + Sync,
     ) -> Result<Vec<(String, Versioned<Record>)>, LogError> {
+        // A value that does not decode is kept, so that it is reported
+        // below rather than skipped.
+        let entries = self
+            .store
+            .scan("tx.", &|e| {
+                serde_json::from_slice::<StoredRecord>(&e.value)
+                    .map(|v| keep(&v))
+                    .unwrap_or(true)
+            })
+            .await
+            .map_err(|e| failed("listing the decision log", e))?;
         let mut out = vec![];
-        self.scan_each("tx.", |key, raw| {
-            let v: StoredRecord = serde_json::from_slice(&raw.value)
-                .map_err(|e| corrupt(format!("record at {key}: {e}")))?;
-            if keep(&v) {
-                out.push((
-                    key,
-                    Versioned {
-                        value: v.into_record()?,
-                        revision: raw.revision,
-                    },
-                ));
-            }
-            Ok(())
-        })
-        .await?;
+        for e in entries {
+            let v: StoredRecord = serde_json::from_slice(&e.value)
+                .map_err(|err| corrupt(format!("record at {}: {err}", e.key)))?;
+            out.push((
+                e.key,
+                Versioned {
+                    value: v.into_record()?,
+                    revision: e.revision,
+                },
+            ));
+        }
         Ok(out)
     }
 
     /// Deletes `key` if it is still at `revision` (a changed value stays).
     /// The purge marker left behind expires after [`MARKER_TTL`].
     async fn delete_at(&self, key: &str, revision: u64) -> Result<bool, LogError> {
-        match self
-            .kv
-            .purge_expect_revision_with_ttl(key, revision, MARKER_TTL)
+        self.store
+            .delete_at(key, revision)
             .await
-        {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
-            Err(e) if js_code(&e) == Some(ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT) => {
-                Ok(false)
-            }
-            Err(e) => Err(failed("deleting from the decision log", e)),
-        }
+            .map_err(|e| failed("deleting from the decision log", e))
     }
 }
 
-impl DecisionLog for KvLog {
+impl<S: KvStore> DecisionLog for KvLog<S> {
     async fn record(&self, mut rec: Record) -> Result<Recorded, LogError> {
         if rec.pending.is_empty() && rec.completed_at_ms.is_none() {
-            rec.completed_at_ms = Some(now_ms());
+            rec.completed_at_ms = Some(self.store.now_ms());
         }
         if let Some(rid) = rec.request_id.clone() {
             if let Some(holder) = self.claim(&rid, rec.tx).await? {
@@ -637,13 +566,14 @@ impl DecisionLog for KvLog {
         participants: Vec<ParticipantName>,
         attempts: u32,
     ) -> Result<(), LogError> {
+        let now = self.store.now_ms();
         self.update_record(tx, |s| {
             let before = s.pending.len();
             s.pending.retain(|p| !participants.contains(p));
             let grew = attempts > s.delivery_attempts;
             s.delivery_attempts = s.delivery_attempts.max(attempts);
             if s.pending.is_empty() && s.completed_at_ms.is_none() {
-                s.completed_at_ms = Some(now_ms());
+                s.completed_at_ms = Some(now);
             }
             s.pending.len() != before || grew
         })
