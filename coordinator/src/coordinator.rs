@@ -438,7 +438,7 @@ impl<L: DecisionLog> Coordinator<L> {
                     });
                 });
             }
-            Cmd::Record { rec } => {
+            Cmd::Record { rec, write_by_ms } => {
                 let c = self.clone();
                 tokio::spawn(async move {
                     let tx = rec.tx;
@@ -448,7 +448,7 @@ impl<L: DecisionLog> Coordinator<L> {
                     // wins, with the request id bound to it in the same
                     // fsynced write). The core lets nobody hear a decision
                     // before this event.
-                    let result = c.log.record(rec).await;
+                    let result = c.log.record_until(rec, write_by_ms).await;
                     if result.is_ok() {
                         crash_point(CoordinatorCrash::AfterDecision);
                     }

@@ -38,10 +38,16 @@
 //!   (presumed abort), and is answered with whatever the log holds
 //!   (`on_decision_query`, `on_query_recorded`);
 //! * the transaction window: all yes past it records abort (`on_voted`);
-//!   a decision query past it reads the log and writes nothing, no record
-//!   meaning abort (`on_decision_query`, `on_decision_found`). With the
-//!   participants refusing prepares past it, this is what lets old records
-//!   be collected (ARCHITECTURE.md, "The retention rule").
+//!   a commit is written only within half the retention of the start
+//!   (`Cmd::Record::write_by_ms`), and one that the log finds too late
+//!   to write is recorded as abort instead (`on_recorded`);
+//! * a decision query within the retention records abort first like any
+//!   other (a commit write may still land: it is sent up to half the
+//!   retention after the start); one older than the retention reads the
+//!   log and writes nothing, no record meaning abort — no commit can land
+//!   that late (`on_decision_query`, `on_decision_found`). With the
+//!   participants refusing prepares past the window, this is what lets old
+//!   records be collected (ARCHITECTURE.md, "The retention rule").
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -54,7 +60,7 @@ use twopc_schemas::api::{
 };
 use twopc_schemas::participant::{self, ParticipantName};
 use twopc_schemas::protocol::{
-    BranchOp, Decision, DecisionQuery, DecisionReply, TxAge, TxId, TxWindow, Vote,
+    BranchOp, Decision, DecisionQuery, DecisionReply, TxId, TxWindow, Vote,
 };
 use twopc_schemas::Code;
 
@@ -173,8 +179,14 @@ pub enum Cmd {
         trace: TraceContext,
     },
     /// Record the decision durably (first writer wins) →
-    /// [`Event::Recorded`]. Nobody hears it before.
-    Record { rec: Record },
+    /// [`Event::Recorded`]. Nobody hears it before. A commit carries the
+    /// wall-clock time after which the log must not send it any more
+    /// ([`TxWindow::commit_write_by_ms`]); the log answers
+    /// [`LogError::TooLate`] then, having sent nothing new.
+    Record {
+        rec: Record,
+        write_by_ms: Option<i64>,
+    },
     /// Read a transaction's decision, writing nothing →
     /// [`Event::DecisionFound`] (with `participant`, who asked).
     LookUpDecision {
@@ -401,6 +413,10 @@ pub fn log_error(e: &LogError) -> ApiError {
             Code::Unavailable,
             format!("the decision log did not answer ({m}); nothing was started: retry"),
         ),
+        LogError::TooLate => ApiError::new(
+            Code::Unavailable,
+            "the decision log answered too late; nothing was started: retry",
+        ),
     }
 }
 
@@ -445,7 +461,7 @@ impl Core {
                 participant,
                 ballot,
             } => self.on_voted(now_ms, tx, participant, ballot, &mut out),
-            Event::Recorded { tx, result } => self.on_recorded(tx, result, &mut out),
+            Event::Recorded { tx, result } => self.on_recorded(now_ms, tx, result, &mut out),
             Event::Delivered {
                 tx,
                 participant,
@@ -694,25 +710,93 @@ impl Core {
             delivery_attempts: 0,
         };
         let (req, asker) = (v.req.clone(), v.asker.clone());
+        let write_by_ms = match outcome.decision {
+            Decision::Commit => Some(
+                self.config
+                    .window
+                    .commit_write_by_ms(tx)
+                    .unwrap_or(i64::MIN),
+            ),
+            Decision::Abort => None,
+        };
         t.phase = Phase::Recording(Recording {
             req,
             asker,
             outcome,
         });
-        out.push(Cmd::Record { rec });
+        out.push(Cmd::Record { rec, write_by_ms });
     }
 
-    fn on_recorded(&mut self, tx: TxId, result: Result<Recorded, LogError>, out: &mut Vec<Cmd>) {
-        let Some(t) = self.txs.remove(&tx) else {
+    fn on_recorded(
+        &mut self,
+        now_ms: i64,
+        tx: TxId,
+        result: Result<Recorded, LogError>,
+        out: &mut Vec<Cmd>,
+    ) {
+        let Some(mut t) = self.txs.remove(&tx) else {
             return;
         };
-        let Phase::Recording(r) = t.phase else {
+        let Phase::Recording(r) = &mut t.phase else {
             self.txs.insert(tx, t);
             return;
         };
+        if matches!(result, Err(LogError::TooLate)) && r.outcome.decision == Decision::Commit {
+            // The commit was not sent in time (the writer was held up past
+            // `write_by_ms`): record abort instead. Abort is always safe,
+            // and first writer wins if an earlier attempt's commit lands.
+            r.outcome.decision = Decision::Abort;
+            r.outcome.reason = Some(AbortReason {
+                participant: "coordinator".into(),
+                code: Code::Expired,
+                message: "all voted yes, but the commit could not be written within half \
+                          the retention of the transaction's start"
+                    .into(),
+            });
+            let rec = Record {
+                tx,
+                decision: Decision::Abort,
+                request_id: r.req.request_id.clone(),
+                purchase: Some(r.req.clone()),
+                reason: r.outcome.reason.clone(),
+                deliver_to: r.outcome.deliver_to.clone(),
+                pending: r.outcome.deliver_to.clone(),
+                decided_at_ms: now_ms,
+                completed_at_ms: None,
+                votes: vec![],
+                delivery_attempts: 0,
+            };
+            self.txs.insert(tx, t);
+            out.push(Cmd::Record {
+                rec,
+                write_by_ms: None,
+            });
+            return;
+        }
+        let Phase::Recording(r) = t.phase else {
+            unreachable!("checked above");
+        };
         // Whether the reply is about this transaction (not the key's holder).
         let own = !matches!(&result, Ok(Recorded::KeyTaken(_)));
-        let conclusion = conclude(tx, result);
+        // The key is another transaction's: its outcome is this purchase's
+        // only if it is the same purchase (another replica may have served
+        // the first attempt, so the in-flight check missed it).
+        let other_purchase = match &result {
+            Ok(Recorded::KeyTaken(holder)) => holder
+                .purchase
+                .as_ref()
+                .filter(|p| !same_purchase(p, &r.req))
+                .map(|_| holder.tx),
+            _ => None,
+        };
+        let mut conclusion = conclude(tx, result);
+        if let Some(holder) = other_purchase {
+            let key = r.req.request_id.clone().unwrap_or_default();
+            conclusion.reply = Err(ApiError::new(
+                Code::Conflict,
+                format!("request_id {key:?} was used for a different purchase (tx {holder})"),
+            ));
+        }
         let reason = match &conclusion.reply {
             Ok(reply) if own => reply.reason.as_ref().map(|r| r.code),
             Ok(_) => Some(Code::AlreadyExists),
@@ -925,19 +1009,16 @@ impl Core {
         out: &mut Vec<Cmd>,
     ) {
         // The sender, the id and its age: a refused query writes nothing.
-        let age = match msg.check(subject, now_ms, &self.config.window) {
-            Ok(age) => age,
-            Err(refused) => {
-                out.push(Cmd::Answer {
-                    query,
-                    reply: DecisionReply::Rejected {
-                        code: refused.code,
-                        message: refused.message,
-                    },
-                });
-                return;
-            }
-        };
+        if let Err(refused) = msg.check(subject, now_ms, &self.config.window) {
+            out.push(Cmd::Answer {
+                query,
+                reply: DecisionReply::Rejected {
+                    code: refused.code,
+                    message: refused.message,
+                },
+            });
+            return;
+        }
         let DecisionQuery { tx, participant } = msg;
         // A transaction in phase 1 here knows its branches; anyone else
         // asking must not be able to abort it by presumption.
@@ -947,10 +1028,13 @@ impl Core {
                 return;
             }
         }
-        if age == TxAge::Expired {
-            // Past the window no commit can be recorded any more, so no
-            // record means abort, and nothing needs writing (a flood of
-            // queries for old ids writes nothing; see the retention rule).
+        if self.config.window.past_retention(tx, now_ms) {
+            // Older than the retention no commit can land any more (commit
+            // writes are sent within half of it, and land within the other
+            // half less the skew, or never), so no record means abort, and
+            // nothing needs writing (a flood of queries for old ids writes
+            // nothing; see the retention rule). Younger, a commit write may
+            // still be in flight: abort is recorded first, below.
             out.push(Cmd::LookUpDecision {
                 query,
                 tx,
@@ -1178,7 +1262,7 @@ mod tests {
     fn record_of(cmds: &[Cmd]) -> Record {
         cmds.iter()
             .find_map(|c| match c {
-                Cmd::Record { rec } => Some(rec.clone()),
+                Cmd::Record { rec, .. } => Some(rec.clone()),
                 _ => None,
             })
             .expect("a Record command")
@@ -2002,25 +2086,42 @@ mod tests {
         assert_eq!(rec.deliver_to.len(), 2);
     }
 
+    /// Issue 18, finding 1: past the window a commit write may still be in
+    /// flight (sent until half the retention), so a query past the window
+    /// records abort first, as within it; only past the retention does it
+    /// read and take absence for abort.
     #[test]
-    fn a_decision_query_past_the_window_writes_nothing_and_answers_the_log() {
+    fn a_decision_query_past_the_window_records_abort_first_until_the_retention() {
         let mut c = core(ReplyAfter::Decision);
-        let w = TxWindow::DEFAULT.window_ms;
+        let (w, h) = (TxWindow::DEFAULT.window_ms, TxWindow::DEFAULT.retention_ms);
         let tx = tx_at(NOW);
         let cmds = c.step(NOW + w + 1, ask(9, tx, &participant::WALLET));
+        assert!(
+            matches!(&cmds[..], [Cmd::RecordPresumedAbort { query: 9, rec, .. }]
+                if rec.decision == Decision::Abort && rec.tx == tx),
+            "{cmds:?}"
+        );
+        // Just inside the retention: still written first.
+        let cmds = c.step(NOW + h, ask(10, tx, &participant::WALLET));
+        assert!(matches!(
+            &cmds[..],
+            [Cmd::RecordPresumedAbort { query: 10, .. }]
+        ));
+        // Past it: read, nothing written...
+        let cmds = c.step(NOW + h + 1, ask(11, tx, &participant::WALLET));
         assert_eq!(
             cmds,
             vec![Cmd::LookUpDecision {
-                query: 9,
+                query: 11,
                 tx,
                 participant: participant::WALLET
             }]
         );
-        // No record: it can never commit now, so abort, with nothing written.
+        // ...and no record means abort.
         let cmds = c.step(
-            NOW + w + 2,
+            NOW + h + 2,
             Event::DecisionFound {
-                query: 9,
+                query: 11,
                 tx,
                 participant: participant::WALLET,
                 found: Ok(None),
@@ -2029,41 +2130,84 @@ mod tests {
         assert_eq!(
             cmds,
             vec![Cmd::Answer {
-                query: 9,
+                query: 11,
                 reply: DecisionReply::Decided {
                     tx,
                     decision: Decision::Abort
                 }
             }]
         );
-        // A record (say, a commit not yet collected) is answered as it is.
-        let mut rec = record_of(&through_votes(&mut c, tx_at(NOW + 5), yes(), yes()));
-        rec.tx = tx;
+    }
+
+    /// A commit carries the time after which it must not be sent; one the
+    /// log could not send in time is recorded as abort instead.
+    #[test]
+    fn a_commit_too_late_to_write_is_recorded_as_abort() {
+        let mut c = core(ReplyAfter::Decision);
+        let tx = tx_at(NOW);
+        c.step(NOW, purchase(1, book(None), tx));
+        c.step(NOW, voted(tx, "wallet", yes()));
+        let cmds = c.step(NOW, voted(tx, "order", yes()));
+        let by = cmds.iter().find_map(|c| match c {
+            Cmd::Record { write_by_ms, .. } => Some(*write_by_ms),
+            _ => None,
+        });
+        assert_eq!(by, Some(Some(NOW + TxWindow::DEFAULT.retention_ms / 2)));
         let cmds = c.step(
-            NOW + w + 3,
-            Event::DecisionFound {
-                query: 10,
+            NOW + 1,
+            Event::Recorded {
                 tx,
-                participant: participant::WALLET,
-                found: Ok(Some(rec)),
+                result: Err(LogError::TooLate),
             },
         );
-        assert!(matches!(
-            &cmds[..],
-            [Cmd::Answer {
-                query: 10,
-                reply: DecisionReply::Decided {
-                    decision: Decision::Commit,
-                    ..
-                }
-            }]
-        ));
-        // Within the window the query still records a presumed abort first.
-        let fresh = tx_at(NOW + w);
-        let cmds = c.step(NOW + w + 3, ask(11, fresh, &participant::WALLET));
-        assert!(matches!(
-            &cmds[..],
-            [Cmd::RecordPresumedAbort { query: 11, .. }]
-        ));
+        let rec = record_of(&cmds);
+        assert_eq!(rec.decision, Decision::Abort);
+        assert_eq!(rec.reason.unwrap().code, Code::Expired);
+        assert!(
+            replies(&cmds).is_empty(),
+            "nobody hears before it is durable"
+        );
+        assert!(cmds.iter().any(|c| matches!(
+            c,
+            Cmd::Record {
+                write_by_ms: None,
+                ..
+            }
+        )));
+    }
+
+    /// Issue 18, finding 7: a key taken on another replica by a different
+    /// purchase is a conflict, not that purchase's outcome.
+    #[test]
+    fn a_key_taken_elsewhere_by_another_purchase_is_a_conflict() {
+        let mut c = core(ReplyAfter::Decision);
+        let (tx, _) = keyed_through_votes(&mut c);
+        let mut other = book(Some("k"));
+        other.qty = 7;
+        let holder = Record {
+            tx: tx_at(NOW - 5),
+            decision: Decision::Commit,
+            request_id: Some("k".into()),
+            purchase: Some(other),
+            reason: None,
+            deliver_to: vec![],
+            pending: vec![],
+            decided_at_ms: NOW,
+            completed_at_ms: Some(NOW),
+            votes: vec![],
+            delivery_attempts: 0,
+        };
+        let cmds = c.step(
+            NOW + 2,
+            Event::Recorded {
+                tx,
+                result: Ok(Recorded::KeyTaken(holder)),
+            },
+        );
+        let r = replies(&cmds);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].1.as_ref().unwrap_err().code, Code::Conflict);
+        // This attempt is aborted (it must not commit), as before.
+        assert!(decides(&cmds).iter().all(|(_, d)| *d == Decision::Abort));
     }
 }

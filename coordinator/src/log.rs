@@ -64,6 +64,11 @@ pub enum LogError {
     Busy,
     #[error("decision log failed: {0}")]
     Failed(String),
+    /// A commit was not written because its `write_by_ms` had passed when
+    /// it would have been sent (nothing was sent then; an earlier attempt
+    /// of the same call may still land, and first writer wins).
+    #[error("too late to write the commit")]
+    TooLate,
 }
 
 impl From<DbError> for LogError {
@@ -79,8 +84,18 @@ impl From<DbError> for LogError {
 /// SQLite without touching the protocol.
 pub trait DecisionLog: Clone + Send + Sync + 'static {
     /// Records `rec` unless `rec.tx` has a decision already; durable before
-    /// it returns.
-    fn record(&self, rec: Record) -> impl Future<Output = Result<Recorded, LogError>> + Send;
+    /// it returns. With `write_by_ms`, nothing is sent once the writer's
+    /// wall clock is past it ([`LogError::TooLate`]): the bound that lets a
+    /// query older than the retention take absence for abort.
+    fn record_until(
+        &self,
+        rec: Record,
+        write_by_ms: Option<i64>,
+    ) -> impl Future<Output = Result<Recorded, LogError>> + Send;
+    /// [`DecisionLog::record_until`] without a deadline.
+    fn record(&self, rec: Record) -> impl Future<Output = Result<Recorded, LogError>> + Send {
+        self.record_until(rec, None)
+    }
     fn get(&self, tx: TxId) -> impl Future<Output = Result<Option<Record>, LogError>> + Send;
     fn by_request_id(
         &self,
@@ -379,11 +394,17 @@ fn by_request_id(c: &Connection, request_id: &str) -> rusqlite::Result<Option<Re
 /// First writer wins, for the transaction's decision and for the request
 /// id alike; see [`Recorded`]. Runs inside one SQLite transaction, so the
 /// checks and the write are atomic.
-fn record(c: &Connection, mut rec: Record) -> rusqlite::Result<Recorded> {
+/// `None`: nothing written, because `write_by_ms` had passed (checked in the
+/// writer, right before the insert).
+fn record(
+    c: &Connection,
+    mut rec: Record,
+    write_by_ms: Option<i64>,
+) -> rusqlite::Result<Option<Recorded>> {
     if let Some(rid) = rec.request_id.as_deref() {
         if let Some(holder) = by_request_id(c, rid)? {
             if holder.tx != rec.tx {
-                return Ok(Recorded::KeyTaken(holder));
+                return Ok(Some(Recorded::KeyTaken(holder)));
             }
         }
     }
@@ -414,18 +435,29 @@ fn record(c: &Connection, mut rec: Record) -> rusqlite::Result<Recorded> {
                 ],
             )?;
         }
-        return Ok(Recorded::Existing(existing));
+        return Ok(Some(Recorded::Existing(existing)));
+    }
+    let now = now_ms();
+    if write_by_ms.is_some_and(|by| now > by) {
+        return Ok(None);
     }
     if rec.pending.is_empty() && rec.completed_at_ms.is_none() {
-        rec.completed_at_ms = Some(now_ms());
+        rec.completed_at_ms = Some(now);
     }
     insert(c, &rec)?;
-    Ok(Recorded::New(rec))
+    Ok(Some(Recorded::New(rec)))
 }
 
 impl DecisionLog for SqliteLog {
-    async fn record(&self, rec: Record) -> Result<Recorded, LogError> {
-        Ok(self.db.run(move |c| record(c, rec)).await?)
+    async fn record_until(
+        &self,
+        rec: Record,
+        write_by_ms: Option<i64>,
+    ) -> Result<Recorded, LogError> {
+        self.db
+            .run(move |c| record(c, rec, write_by_ms))
+            .await?
+            .ok_or(LogError::TooLate)
     }
 
     async fn get(&self, tx: TxId) -> Result<Option<Record>, LogError> {

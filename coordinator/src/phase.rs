@@ -124,16 +124,14 @@ pub fn conclude(tx: TxId, recorded: Result<Recorded, LogError>) -> Conclusion {
             }
         }
         Ok(Recorded::Existing(r)) => {
-            // Only a decision query writes before the attempt does, and it
-            // writes abort.
-            assert_eq!(r.tx, tx);
-            assert_eq!(
-                r.decision,
-                Decision::Abort,
-                "an earlier decision is a presumed abort"
-            );
+            // Usually a presumed abort that a decision query recorded first.
+            // It may also be this attempt's own commit, written by a create
+            // whose answer was lost, if the store could not say so; or an
+            // abort recorded in its place. Whatever it is, it is the
+            // transaction's one decision: deliver it, never assume which.
+            assert_eq!(r.tx, tx, "the log answers about the transaction asked");
             Conclusion {
-                deliver: Some(Decision::Abort),
+                deliver: Some(r.decision),
                 reply: Ok(reply_from_record(&r, false)),
             }
         }
@@ -165,6 +163,33 @@ pub fn conclude(tx: TxId, recorded: Result<Recorded, LogError>) -> Conclusion {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// Issue 18, finding 2: an existing record may be this attempt's own
+    /// commit (a create whose answer was lost); it is delivered, not
+    /// asserted away.
+    #[test]
+    fn an_existing_commit_is_the_decision_delivered() {
+        let tx = TxId::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0001);
+        let rec = Record {
+            tx,
+            decision: Decision::Commit,
+            request_id: None,
+            purchase: None,
+            reason: None,
+            deliver_to: vec![twopc_schemas::participant::WALLET],
+            pending: vec![twopc_schemas::participant::WALLET],
+            decided_at_ms: 1,
+            completed_at_ms: None,
+            votes: vec![],
+            delivery_attempts: 0,
+        };
+        let c = conclude(tx, Ok(Recorded::Existing(rec)));
+        assert_eq!(c.deliver, Some(Decision::Commit));
+        assert_eq!(
+            c.reply.unwrap().outcome,
+            twopc_schemas::api::Outcome::Committed
+        );
+    }
 
     fn b(name: &str, ballot: Ballot) -> (ParticipantName, Ballot) {
         (ParticipantName::new(name).unwrap(), ballot)
@@ -269,16 +294,6 @@ pub(crate) mod tests {
         assert_eq!(r.outcome, ApiOutcome::Aborted);
         assert_eq!(r.request_id.as_deref(), Some("k"));
         assert_eq!(r.reason.unwrap().code, Code::PresumedAbort);
-    }
-
-    #[test]
-    #[should_panic(expected = "presumed abort")]
-    fn an_earlier_commit_is_impossible() {
-        let tx = TxId::now_v7();
-        conclude(
-            tx,
-            Ok(Recorded::Existing(record(tx, Decision::Commit, None))),
-        );
     }
 
     #[test]

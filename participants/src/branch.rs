@@ -88,12 +88,27 @@ pub enum OnDecide {
 
 /// `expired`: the transaction is past the window; an abort of one never
 /// prepared here needs no tombstone then (a late prepare is refused anyway).
-pub fn on_decide(stored: Option<&Branch>, decision: Decision, expired: bool) -> OnDecide {
+///
+/// `collectable`: the transaction is old enough that its decided branch may
+/// have been collected (older than the retention less the skew). A commit
+/// for a branch not stored is then acknowledged: a commit decision means
+/// this participant voted yes, which it did only with the prepare durable,
+/// and a prepared branch is never collected — so the branch was committed
+/// and collected, and the coordinator lost the acknowledgement (issue 18:
+/// the simulation found such a commit refused forever). Younger, a missing
+/// branch for a commit is a lost store, refused as before.
+pub fn on_decide(
+    stored: Option<&Branch>,
+    decision: Decision,
+    expired: bool,
+    collectable: bool,
+) -> OnDecide {
     match (stored.map(|b| b.state), decision) {
         (Some(BranchState::Prepared), d) => OnDecide::Apply(d),
         (Some(BranchState::Committed), Decision::Commit) => OnDecide::Ack,
         (Some(BranchState::Aborted), Decision::Abort) => OnDecide::Ack,
         (None, Decision::Abort) if expired => OnDecide::Ack,
+        (None, Decision::Commit) if collectable => OnDecide::Ack,
         (None, Decision::Abort) => OnDecide::Tombstone,
         (None, Decision::Commit) => OnDecide::Reject(
             Code::UnknownTx,
@@ -113,6 +128,19 @@ pub fn on_decide(stored: Option<&Branch>, decision: Decision, expired: bool) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 18 (found by the simulation): a committed branch collected
+    /// while its acknowledgement was lost must not make the commit
+    /// undeliverable for ever; within the retention a missing branch for a
+    /// commit is still refused.
+    #[test]
+    fn a_commit_for_a_collected_branch_is_acknowledged() {
+        assert_eq!(on_decide(None, Decision::Commit, true, true), OnDecide::Ack);
+        assert!(matches!(
+            on_decide(None, Decision::Commit, true, false),
+            OnDecide::Reject(Code::UnknownTx, _)
+        ));
+    }
 
     fn op() -> BranchOp {
         BranchOp::Debit {
@@ -179,32 +207,32 @@ mod tests {
         use BranchState::*;
         use Decision::*;
         assert_eq!(
-            on_decide(Some(&branch(Prepared)), Commit, false),
+            on_decide(Some(&branch(Prepared)), Commit, false, false),
             OnDecide::Apply(Commit)
         );
         assert_eq!(
-            on_decide(Some(&branch(Prepared)), Abort, false),
+            on_decide(Some(&branch(Prepared)), Abort, false, false),
             OnDecide::Apply(Abort)
         );
         assert_eq!(
-            on_decide(Some(&branch(Committed)), Commit, false),
+            on_decide(Some(&branch(Committed)), Commit, false, false),
             OnDecide::Ack
         );
         assert_eq!(
-            on_decide(Some(&branch(Aborted)), Abort, false),
+            on_decide(Some(&branch(Aborted)), Abort, false, false),
             OnDecide::Ack
         );
-        assert_eq!(on_decide(None, Abort, false), OnDecide::Tombstone);
+        assert_eq!(on_decide(None, Abort, false, false), OnDecide::Tombstone);
         assert!(matches!(
-            on_decide(None, Commit, false),
+            on_decide(None, Commit, false, false),
             OnDecide::Reject(Code::UnknownTx, _)
         ));
         assert!(matches!(
-            on_decide(Some(&branch(Committed)), Abort, false),
+            on_decide(Some(&branch(Committed)), Abort, false, false),
             OnDecide::Reject(Code::Conflict, _)
         ));
         assert!(matches!(
-            on_decide(Some(&branch(Aborted)), Commit, false),
+            on_decide(Some(&branch(Aborted)), Commit, false, false),
             OnDecide::Reject(Code::Conflict, _)
         ));
     }
@@ -226,13 +254,13 @@ mod tests {
             OnPrepare::Repeat(Vote::Yes)
         );
         assert_eq!(
-            on_decide(Some(&branch(Prepared)), Commit, true),
+            on_decide(Some(&branch(Prepared)), Commit, true, false),
             OnDecide::Apply(Commit)
         );
         // An old abort of something never prepared here writes nothing.
-        assert_eq!(on_decide(None, Abort, true), OnDecide::Ack);
+        assert_eq!(on_decide(None, Abort, true, false), OnDecide::Ack);
         assert!(matches!(
-            on_decide(None, Commit, true),
+            on_decide(None, Commit, true, false),
             OnDecide::Reject(Code::UnknownTx, _)
         ));
     }

@@ -397,7 +397,15 @@ pub fn decide_job<R: Resource>(
             })
         }
     };
-    match on_decide(stored.as_ref(), decision, age == TxAge::Expired) {
+    // Old enough that a decided branch may have been collected (its age by
+    // this clock, allowing for the skew of the clock that stamped the id).
+    let collectable = window.past_retention(tx, now + window.max_skew_ms);
+    match on_decide(
+        stored.as_ref(),
+        decision,
+        age == TxAge::Expired,
+        collectable,
+    ) {
         OnDecide::Ack => Ok(DecideReply::Ack),
         OnDecide::Reject(code, message) => Ok(DecideReply::Rejected { code, message }),
         OnDecide::Tombstone => {

@@ -64,7 +64,9 @@ impl TxWindow {
         max_skew_ms: 60_000,
     };
 
-    /// Checks `retention > window + skew`.
+    /// Checks `retention > window + skew` and `retention >= 2 × window` (a
+    /// commit decided at the end of the window must still be writable:
+    /// [`TxWindow::commit_write_by_ms`]).
     pub fn new(window_ms: i64, retention_ms: i64, max_skew_ms: i64) -> Result<Self, String> {
         if window_ms <= 0 || max_skew_ms < 0 {
             return Err(format!(
@@ -78,11 +80,38 @@ impl TxWindow {
                  ({window_ms} ms) plus the tolerated clock skew ({max_skew_ms} ms)"
             ));
         }
+        if retention_ms < 2 * window_ms {
+            return Err(format!(
+                "retention ({retention_ms} ms) must be at least twice the transaction \
+                 window ({window_ms} ms): a commit write is sent only within half the \
+                 retention of the transaction's start"
+            ));
+        }
         Ok(TxWindow {
             window_ms,
             retention_ms,
             max_skew_ms,
         })
+    }
+
+    /// The wall-clock time after which a commit decision of `tx` must not
+    /// be sent to the decision log any more: half the retention after its
+    /// start (`None`: not a UUIDv7). With the assumption that a write sent
+    /// lands within `retention / 2 − skew` or never, no commit lands later
+    /// than `retention − skew` after the start, so a decision query older
+    /// than the retention may read the log and take absence for abort
+    /// (ARCHITECTURE.md, "The retention rule").
+    pub fn commit_write_by_ms(&self, tx: TxId) -> Option<i64> {
+        started_at_ms(tx).map(|t| t + self.retention_ms / 2)
+    }
+
+    /// Whether `tx` is older than the retention at `now_ms` (an id that is
+    /// not a UUIDv7 always is).
+    pub fn past_retention(&self, tx: TxId, now_ms: i64) -> bool {
+        match started_at_ms(tx) {
+            Some(t) => now_ms - t > self.retention_ms,
+            None => true,
+        }
     }
 
     /// Whether `tx` is past the window at `now_ms` (an id that is not a

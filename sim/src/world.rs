@@ -1028,9 +1028,14 @@ impl World {
                     }
                     let mut l = self.latency_us();
                     if !self.healed && self.chance(self.knobs.p_kv_late) {
-                        // Lands after the caller gave up.
-                        let w = self.window.window_ms as u64;
-                        l = self.rng.random_range(KV_TIMEOUT_MS * 1_000..2 * w * 1_000);
+                        // Lands after the caller gave up, but within the
+                        // bound the retention rule assumes of a write in
+                        // flight: half the retention less the skew.
+                        let bound_ms =
+                            (self.window.retention_ms / 2 - self.window.max_skew_ms) as u64;
+                        l = self
+                            .rng
+                            .random_range(KV_TIMEOUT_MS * 1_000..bound_ms * 1_000);
                     }
                     let lose_answer = !self.healed && self.chance(self.knobs.p_kv_lost_answer);
                     self.at(
@@ -1181,9 +1186,9 @@ impl World {
                 let found = log.by_request_id(key.clone()).await;
                 Done::KeyFound { key, found }
             }),
-            Cmd::Record { rec } => self.spawn_log(r, true, |log| async move {
+            Cmd::Record { rec, write_by_ms } => self.spawn_log(r, true, move |log| async move {
                 let tx = rec.tx;
-                let result = log.record(rec).await;
+                let result = log.record_until(rec, write_by_ms).await;
                 Done::Event(Event::Recorded { tx, result })
             }),
             Cmd::LookUpDecision {

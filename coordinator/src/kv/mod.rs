@@ -13,12 +13,27 @@
 //!   decision, so a transaction records a decision only while holding its
 //!   key (or without one): two attempts with one key can never both commit.
 //!
-//! A claim whose transaction has no decision [`CLAIM_GRACE_MS`] after it
-//! was made belongs to an attempt that died between the two writes; the
-//! next attempt with that key ends it by recording a presumed abort for it
-//! (first writer wins, so this is safe at any timing: if the first attempt
-//! was only slow, its own `create` then finds the abort and its client hears
-//! `aborted` too).
+//! A claim whose transaction still has no decision after another attempt
+//! with the key has waited [`CLAIM_GRACE_MS`] for it (on its own monotonic
+//! clock: no two machines' wall clocks are compared) belongs to an attempt
+//! that died between the two writes, or is slow; the waiting attempt ends it
+//! by recording a presumed abort for it (first writer wins, so this is safe
+//! at any timing: if the first attempt was only slow, its own `create` then
+//! finds the abort and its client hears `aborted` too). The claim carries
+//! its purchase, so that an attempt with the same key and another purchase
+//! hears `conflict` even when the holder's record is a presumed abort.
+//!
+//! A record and its claim are collected together, the claim first
+//! (`collect`): a claim never outlives its record, so a retry never finds a
+//! claim without its decision and presumes abort for a transaction that
+//! committed.
+//!
+//! A commit is sent only until its `write_by_ms` (`record_until`), checked
+//! before every send of the create: see the retention rule.
+//!
+//! Compare-and-set updates keep the record's `writer`: a writer whose
+//! create's answer was lost recognises its own record even after another
+//! replica noted acknowledgements in it.
 //!
 //! Reads that decide something (after a lost `create`, for a compare-and-
 //! set) go to the stream leader (`get_last_raw_message_by_subject`): KV's
@@ -50,10 +65,10 @@ pub use store::{Create, Entry, KvStore, Update};
 /// The default bucket name.
 pub const DEFAULT_BUCKET: &str = twopc_schemas::subjects::DECISION_BUCKET;
 
-/// How long a request-id claim may stay without a decision before another
-/// attempt with the key ends it by presumed abort. The claiming attempt
-/// writes its decision right after the claim (one KV write), so this only
-/// needs to outlast a slow write.
+/// How long an attempt waits, on its own monotonic clock, for the decision
+/// of another transaction that claimed its request id before ending it by
+/// presumed abort. The claiming attempt writes its decision right after the
+/// claim (one KV write), so this only needs to outlast a slow write.
 pub const CLAIM_GRACE_MS: i64 = 5_000;
 
 /// Largest stored value (a record is well under 2 KiB).
@@ -175,6 +190,10 @@ struct StoredClaim {
     writer: u64,
     tx: TxId,
     claimed_at_ms: i64,
+    /// The purchase of the attempt that claimed the key (absent in claims
+    /// written before it was stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    purchase: Option<stored::Purchase>,
 }
 
 fn corrupt(what: String) -> LogError {
@@ -298,7 +317,11 @@ impl<S: KvStore> KvLog<S> {
 
     /// First writer wins for `rec.tx`: `Ok(Ok(rec))` if this call's record
     /// is the one stored, `Ok(Err(winner))` otherwise.
-    async fn create_record(&self, rec: Record) -> Result<Result<Record, Record>, LogError> {
+    async fn create_record(
+        &self,
+        rec: Record,
+        write_by_ms: Option<i64>,
+    ) -> Result<Result<Record, Record>, LogError> {
         let writer: u64 = self.store.random();
         let value = Bytes::from(
             serde_json::to_vec(&StoredRecord::from_record(&rec, writer)).expect("serialises"),
@@ -307,6 +330,11 @@ impl<S: KvStore> KvLog<S> {
         let mut last_unknown = String::new();
         let deadline = self.store.monotonic_ms() + 2 * self.timeout_ms;
         while self.store.monotonic_ms() < deadline {
+            // Checked before every send: a write sent past it could land
+            // after a query older than the retention took absence for abort.
+            if write_by_ms.is_some_and(|by| self.store.now_ms() > by) {
+                return Err(LogError::TooLate);
+            }
             let why = match self.create(&key, value.clone()).await {
                 Create::Written => return Ok(Ok(rec)),
                 Create::Lost => "refused, yet no value is there".to_owned(),
@@ -329,12 +357,18 @@ impl<S: KvStore> KvLog<S> {
 
     /// Claims `request_id` for `tx`; `Ok(None)` when this transaction holds
     /// it (now or already), else the holder's claim.
-    async fn claim(&self, request_id: &str, tx: TxId) -> Result<Option<StoredClaim>, LogError> {
+    async fn claim(
+        &self,
+        request_id: &str,
+        tx: TxId,
+        purchase: Option<&PurchaseRequest>,
+    ) -> Result<Option<StoredClaim>, LogError> {
         let claim = StoredClaim {
             v: STORED_VERSION,
             writer: self.store.random(),
             tx,
             claimed_at_ms: self.store.now_ms(),
+            purchase: purchase.map(stored::Purchase::from),
         };
         let value = Bytes::from(serde_json::to_vec(&claim).expect("serialises"));
         let mut last_unknown = String::new();
@@ -365,16 +399,22 @@ impl<S: KvStore> KvLog<S> {
         request_id: &str,
         holder: StoredClaim,
     ) -> Result<Record, LogError> {
+        let purchase: Option<PurchaseRequest> = holder.purchase.map(PurchaseRequest::from);
+        let waited_from = self.store.monotonic_ms();
         loop {
             if let Some(v) = self.read_record(holder.tx).await? {
-                return v.value.into_record();
+                let mut r = v.value.into_record()?;
+                if r.purchase.is_none() {
+                    r.purchase = purchase;
+                }
+                return Ok(r);
             }
-            if self.store.now_ms() - holder.claimed_at_ms > CLAIM_GRACE_MS {
+            if self.store.monotonic_ms() - waited_from > CLAIM_GRACE_MS as u64 {
                 let abort = Record {
                     tx: holder.tx,
                     decision: Decision::Abort,
                     request_id: Some(request_id.to_owned()),
-                    purchase: None,
+                    purchase: purchase.clone(),
                     reason: Some(AbortReason {
                         participant: "coordinator".into(),
                         code: Code::PresumedAbort,
@@ -387,8 +427,13 @@ impl<S: KvStore> KvLog<S> {
                     votes: vec![],
                     delivery_attempts: 0,
                 };
-                return Ok(match self.create_record(abort).await? {
-                    Ok(r) | Err(r) => r,
+                return Ok(match self.create_record(abort, None).await? {
+                    Ok(mut r) | Err(mut r) => {
+                        if r.purchase.is_none() {
+                            r.purchase = purchase;
+                        }
+                        r
+                    }
                 });
             }
             self.store.sleep(25).await;
@@ -408,7 +453,8 @@ impl<S: KvStore> KvLog<S> {
             if !change(&mut v.value) {
                 return Ok(());
             }
-            v.value.writer = self.store.random();
+            // The writer stays: it says who created the record, which a
+            // creator whose answer was lost reads back to know it won.
             let value = Bytes::from(serde_json::to_vec(&v.value).expect("serialises"));
             match self.store.update(&tx_key(tx), value, v.revision).await {
                 Update::Written => return Ok(()),
@@ -492,12 +538,16 @@ impl<S: KvStore> KvLog<S> {
 }
 
 impl<S: KvStore> DecisionLog for KvLog<S> {
-    async fn record(&self, mut rec: Record) -> Result<Recorded, LogError> {
+    async fn record_until(
+        &self,
+        mut rec: Record,
+        write_by_ms: Option<i64>,
+    ) -> Result<Recorded, LogError> {
         if rec.pending.is_empty() && rec.completed_at_ms.is_none() {
             rec.completed_at_ms = Some(self.store.now_ms());
         }
         if let Some(rid) = rec.request_id.clone() {
-            if let Some(holder) = self.claim(&rid, rec.tx).await? {
+            if let Some(holder) = self.claim(&rid, rec.tx, rec.purchase.as_ref()).await? {
                 // Nothing is written for this transaction: by presumed
                 // abort it is aborted, and the key keeps its first outcome.
                 return Ok(Recorded::KeyTaken(
@@ -505,7 +555,7 @@ impl<S: KvStore> DecisionLog for KvLog<S> {
                 ));
             }
         }
-        match self.create_record(rec.clone()).await? {
+        match self.create_record(rec.clone(), write_by_ms).await? {
             Ok(rec) => Ok(Recorded::New(rec)),
             Err(mut existing) => {
                 if existing.request_id.is_none() && rec.request_id.is_some() {
@@ -554,8 +604,12 @@ impl<S: KvStore> DecisionLog for KvLog<S> {
         };
         // A claim without a decision yet is an attempt in flight (or one
         // that died): the key is not free, but there is no outcome to give.
+        let purchase = claim.purchase.map(PurchaseRequest::from);
         Ok(self.get(claim.tx).await?.map(|mut r| {
             r.request_id.get_or_insert(request_id);
+            if r.purchase.is_none() {
+                r.purchase = purchase;
+            }
             r
         }))
     }
@@ -604,20 +658,42 @@ impl<S: KvStore> DecisionLog for KvLog<S> {
     }
 
     async fn collect(&self, before_ms: i64) -> Result<usize, LogError> {
-        // Claims first: a claim is made before its attempt's record, so deleting claims first never
-        // leaves a claim pointing at a collected record.
+        let mut claims: BTreeMap<String, (StoredClaim, u64)> = BTreeMap::new();
         for (key, raw) in self.scan_raw("rid.").await? {
             let claim: StoredClaim = serde_json::from_slice(&raw.value)
                 .map_err(|e| corrupt(format!("claim at {key}: {e}")))?;
-            if claim.claimed_at_ms < before_ms {
-                self.delete_at(&key, raw.revision).await?;
+            claims.insert(key, (claim, raw.revision));
+        }
+        let records = self.scan().await?;
+        let recorded: std::collections::BTreeSet<TxId> =
+            records.iter().map(|(_, r)| r.value.tx).collect();
+        // A claim goes with its record, first (below), never before it: a
+        // claim is stamped after its record's decision time, so collecting
+        // each by its own time could delete the record and keep the claim,
+        // and a retry would then presume abort for a purchase that
+        // committed. Only a claim whose transaction has no record (an
+        // attempt that died between its two writes) goes by its own time.
+        for (key, (claim, revision)) in &claims {
+            if claim.claimed_at_ms < before_ms && !recorded.contains(&claim.tx) {
+                self.delete_at(key, *revision).await?;
             }
         }
         let mut gone = 0;
-        let old = self
-            .scan_where(|s| s.completed_at_ms.is_some() && s.decided_at_ms < before_ms)
-            .await?;
-        for (key, r) in old {
+        for (key, r) in records {
+            let rec = &r.value;
+            if rec.completed_at_ms.is_none() || rec.decided_at_ms >= before_ms {
+                continue;
+            }
+            if let Some(rid) = &rec.request_id {
+                let ck = rid_key(rid);
+                if let Some((claim, revision)) = claims.get(&ck) {
+                    if claim.tx == rec.tx && !self.delete_at(&ck, *revision).await? {
+                        // The claim changed under us: leave the record for
+                        // the next pass.
+                        continue;
+                    }
+                }
+            }
             if self.delete_at(&key, r.revision).await? {
                 gone += 1;
             }
@@ -731,6 +807,246 @@ pub async fn ensure_owner_bucket(client: async_nats::Client, replicas: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A store in memory for the log's own tests: a wall clock that stands
+    /// still unless told, a monotonic clock that sleeps advance, and hooks
+    /// to lose the next create's answer and to run something before the
+    /// next read.
+    #[derive(Clone, Default)]
+    struct MemKv {
+        inner: Arc<Mutex<Mem>>,
+    }
+
+    type Hook = Box<dyn FnOnce() -> futures::future::BoxFuture<'static, ()> + Send>;
+
+    #[derive(Default)]
+    struct Mem {
+        keys: BTreeMap<String, (Bytes, u64)>,
+        seq: u64,
+        wall_ms: i64,
+        mono_ms: u64,
+        random: u64,
+        lose_next_create_answer: bool,
+        before_next_read: Option<Hook>,
+    }
+
+    impl KvStore for MemKv {
+        async fn create(&self, key: &str, value: Bytes) -> Create {
+            let mut m = self.inner.lock().unwrap();
+            if m.keys.contains_key(key) {
+                return Create::Lost;
+            }
+            m.seq += 1;
+            let seq = m.seq;
+            m.keys.insert(key.to_owned(), (value, seq));
+            if std::mem::take(&mut m.lose_next_create_answer) {
+                return Create::Unknown("answer lost".into());
+            }
+            Create::Written
+        }
+        async fn update(&self, key: &str, value: Bytes, revision: u64) -> Update {
+            let mut m = self.inner.lock().unwrap();
+            match m.keys.get(key) {
+                Some((_, r)) if *r == revision => {
+                    m.seq += 1;
+                    let seq = m.seq;
+                    m.keys.insert(key.to_owned(), (value, seq));
+                    Update::Written
+                }
+                _ => Update::WrongRevision,
+            }
+        }
+        async fn latest(&self, key: &str) -> Result<Option<Entry>, String> {
+            let hook = self.inner.lock().unwrap().before_next_read.take();
+            if let Some(h) = hook {
+                h().await;
+            }
+            let m = self.inner.lock().unwrap();
+            Ok(m.keys.get(key).map(|(v, r)| Entry {
+                key: key.to_owned(),
+                value: v.clone(),
+                revision: *r,
+            }))
+        }
+        async fn delete_at(&self, key: &str, revision: u64) -> Result<bool, String> {
+            let mut m = self.inner.lock().unwrap();
+            match m.keys.get(key) {
+                Some((_, r)) if *r == revision => {
+                    m.keys.remove(key);
+                    Ok(true)
+                }
+                _ => Ok(false),
+            }
+        }
+        async fn scan(
+            &self,
+            prefix: &str,
+            keep: &(dyn Fn(&Entry) -> bool + Sync),
+        ) -> Result<Vec<Entry>, String> {
+            let m = self.inner.lock().unwrap();
+            Ok(m.keys
+                .iter()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .map(|(k, (v, r))| Entry {
+                    key: k.clone(),
+                    value: v.clone(),
+                    revision: *r,
+                })
+                .filter(|e| keep(e))
+                .collect())
+        }
+        fn now_ms(&self) -> i64 {
+            self.inner.lock().unwrap().wall_ms
+        }
+        fn monotonic_ms(&self) -> u64 {
+            self.inner.lock().unwrap().mono_ms
+        }
+        async fn sleep(&self, ms: u64) {
+            self.inner.lock().unwrap().mono_ms += ms;
+            // A real await point, so that a test's timeout can end a wait
+            // that never would.
+            tokio::task::yield_now().await;
+        }
+        fn random(&self) -> u64 {
+            let mut m = self.inner.lock().unwrap();
+            m.random += 1;
+            m.random
+        }
+    }
+
+    fn log_on(store: &MemKv) -> KvLog<MemKv> {
+        KvLog::new(store.clone(), Duration::from_millis(500))
+    }
+
+    fn commit_of(tx: TxId, request_id: Option<&str>, decided_at_ms: i64) -> Record {
+        let mut r = crate::conformance::record(tx, Decision::Commit, request_id);
+        r.decided_at_ms = decided_at_ms;
+        r
+    }
+
+    /// Issue 18, finding 2: replica A's create lands but its answer is
+    /// lost; before A reads back, replica B notes an acknowledgement in
+    /// the record. A must still see its own record (the compare-and-set
+    /// keeps the writer), not "someone else's commit".
+    #[tokio::test]
+    async fn a_creator_whose_answer_was_lost_knows_its_record_after_another_noted_acks() {
+        let store = MemKv::default();
+        let (a, b) = (log_on(&store), log_on(&store));
+        let tx = TxId::now_v7();
+        {
+            let mut m = store.inner.lock().unwrap();
+            m.lose_next_create_answer = true;
+            m.before_next_read = Some(Box::new(move || {
+                Box::pin(async move {
+                    b.acked(tx, vec![twopc_schemas::participant::WALLET], 1)
+                        .await
+                        .unwrap();
+                })
+            }));
+        }
+        match a.record(commit_of(tx, None, 1)).await.unwrap() {
+            Recorded::New(r) => assert_eq!(r.decision, Decision::Commit),
+            other => panic!("A's own create must be New, got {other:?}"),
+        }
+        assert_eq!(
+            a.get(tx).await.unwrap().unwrap().pending,
+            vec![twopc_schemas::participant::ORDER]
+        );
+    }
+
+    /// Issue 18, finding 3: the claim is stamped after the record's
+    /// decision time; a cutoff between the two must not delete the record
+    /// and keep the claim.
+    #[tokio::test]
+    async fn collection_never_keeps_a_claim_whose_record_it_deleted() {
+        let store = MemKv::default();
+        store.inner.lock().unwrap().wall_ms = 10_000;
+        let log = log_on(&store);
+        let tx = TxId::now_v7();
+        // Decided at 9,990, claimed at 10,000 (the store's clock).
+        let mut rec = commit_of(tx, Some("k"), 9_990);
+        rec.pending.clear();
+        assert!(matches!(log.record(rec).await.unwrap(), Recorded::New(_)));
+        assert_eq!(log.collect(9_995).await.unwrap(), 1);
+        assert_eq!(log.get(tx).await.unwrap(), None);
+        assert_eq!(
+            store.latest(&rid_key("k")).await.unwrap(),
+            None,
+            "the claim went with its record"
+        );
+        // A claim whose attempt never recorded goes by its own time.
+        store.inner.lock().unwrap().wall_ms = 20_000;
+        let dead = TxId::now_v7();
+        log.claim("dead", dead, None).await.unwrap();
+        assert_eq!(log.collect(19_999).await.unwrap(), 0);
+        assert!(store.latest(&rid_key("dead")).await.unwrap().is_some());
+        log.collect(20_001).await.unwrap();
+        assert_eq!(store.latest(&rid_key("dead")).await.unwrap(), None);
+    }
+
+    /// Issue 18, finding 8: the wait for another attempt's decision is
+    /// bounded by the waiter's own monotonic clock, whatever the claimer's
+    /// wall clock said (here a day ahead).
+    #[tokio::test]
+    async fn waiting_for_another_claim_is_bounded_by_the_waiters_own_clock() {
+        let store = MemKv::default();
+        store.inner.lock().unwrap().wall_ms = 1_000;
+        let log = log_on(&store);
+        let holder = TxId::now_v7();
+        let claim = StoredClaim {
+            v: STORED_VERSION,
+            writer: 99,
+            tx: holder,
+            claimed_at_ms: 1_000 + 86_400_000,
+            purchase: None,
+        };
+        store
+            .create(
+                &rid_key("k"),
+                Bytes::from(serde_json::to_vec(&claim).unwrap()),
+            )
+            .await;
+        let mine = TxId::now_v7();
+        let got = tokio::time::timeout(
+            Duration::from_secs(10),
+            log.record(commit_of(mine, Some("k"), 1_000)),
+        )
+        .await
+        .expect("bounded wait")
+        .unwrap();
+        match got {
+            Recorded::KeyTaken(r) => {
+                assert_eq!((r.tx, r.decision), (holder, Decision::Abort));
+            }
+            other => panic!("{other:?}"),
+        }
+        let waited = store.monotonic_ms();
+        assert!(
+            (CLAIM_GRACE_MS as u64..CLAIM_GRACE_MS as u64 + 1_000).contains(&waited),
+            "{waited}"
+        );
+    }
+
+    /// A commit is not sent once its deadline has passed.
+    #[tokio::test]
+    async fn a_commit_is_not_sent_past_its_deadline() {
+        let store = MemKv::default();
+        store.inner.lock().unwrap().wall_ms = 5_000;
+        let log = log_on(&store);
+        let tx = TxId::now_v7();
+        assert_eq!(
+            log.record_until(commit_of(tx, None, 1), Some(4_999)).await,
+            Err(LogError::TooLate)
+        );
+        assert_eq!(log.get(tx).await.unwrap(), None);
+        assert!(matches!(
+            log.record_until(commit_of(tx, None, 1), Some(5_000))
+                .await
+                .unwrap(),
+            Recorded::New(_)
+        ));
+    }
 
     #[test]
     fn keys_are_valid_kv_keys_for_every_request_id_the_api_accepts() {
