@@ -88,8 +88,23 @@ CREATE INDEX IF NOT EXISTS branches_decided ON branches (updated_at_ms) WHERE st
 /// Makes the library's own tables (branches, owner) where missing; the
 /// service calls it at open, the simulation on its in-memory databases.
 pub fn library_schema(conn: &Connection) -> rusqlite::Result<()> {
-    conn.execute_batch(BRANCHES_SQL)?;
+    branches_table(conn)?;
     conn.execute_batch(OWNER_SQL)
+}
+
+/// Makes the library's table of branches (and its indexes) if it is
+/// missing.
+pub fn branches_table(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(BRANCHES_SQL)
+}
+
+/// The mark that tells recovery which branches were prepared before this
+/// process started: those whose rowid is at most the mark. Read before the
+/// prepare subject is served.
+pub fn start_mark(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("SELECT coalesce(max(rowid), 0) FROM branches", [], |r| {
+        r.get(0)
+    })
 }
 
 /// Rows deleted per collection job (each job is one short write
@@ -568,14 +583,7 @@ impl<R: Resource> Participant<R> {
         // Rows are only ever added, with growing rowids, so those up to the
         // largest rowid now were prepared before this process: read it
         // before the prepare subject is served.
-        let started_after_rowid = self
-            .db
-            .run(|c| {
-                c.query_row("SELECT coalesce(max(rowid), 0) FROM branches", [], |r| {
-                    r.get::<_, i64>(0)
-                })
-            })
-            .await?;
+        let started_after_rowid = self.db.run(start_mark).await?;
         let recovery = self.clone().recovery_loop(started_after_rowid);
         let collection = self.clone().collection_loop();
         info!(participant = %name, faults = ?twopc_common::fault::armed(), "participant serving");
