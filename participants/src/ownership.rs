@@ -696,6 +696,39 @@ impl Acquire<'_> {
     }
 }
 
+/// The attempts of one renewal of the lease: each writes the next value
+/// by compare-and-set on the revision the last renewal left, so at most one
+/// of them ever lands. A retry follows an attempt whose answer was lost or
+/// that was refused; the attempt may still have landed, or land later.
+#[derive(Debug, Default)]
+pub struct Renewal {
+    /// Each attempt's value and when it was sent, oldest first.
+    attempts: Vec<(Lease, Instant)>,
+}
+
+impl Renewal {
+    /// An attempt writing `value` was sent at `at`.
+    pub fn sent(&mut self, value: Lease, at: Instant) {
+        self.attempts.push((value, at));
+    }
+
+    /// The latest attempt was acknowledged: when to count the lease from.
+    pub fn acked(&self) -> Option<Instant> {
+        self.attempts.last().map(|(_, at)| *at)
+    }
+
+    /// After an attempt that was refused or not answered, the lease read
+    /// back is `seen`: when to count the lease from if an attempt of this
+    /// renewal wrote it; `None` if none did (someone else wrote the lease).
+    pub fn landed(&self, seen: &Lease) -> Option<Instant> {
+        self.attempts
+            .iter()
+            .rev()
+            .find(|(value, _)| value == seen)
+            .map(|(_, at)| *at)
+    }
+}
+
 /// Renews the lease every quarter lease (sooner after a failure) until it
 /// is lost.
 async fn keep(
@@ -707,28 +740,38 @@ async fn keep(
     let every = Duration::from_millis(lease_ms / 4);
     let after_failure = Duration::from_millis((lease_ms / 20).clamp(20, 250));
     let mut wait = every;
+    let mut renewal = Renewal::default();
     loop {
         tokio::time::sleep(wait).await;
         let (mut lease, revision) = current.lock().expect("lease lock").clone();
         if let Some(h) = lease.owner.as_mut() {
             h.renewals += 1;
         }
-        let sent = Instant::now();
+        renewal.sent(lease.clone(), Instant::now());
         let wrote = kv.update(&lease, revision).await;
+        // The landed value's revision and when to count the lease from;
+        // `None`: another writer's value is there.
         let outcome = match wrote {
-            Ok(Wrote::Yes(rev)) => Ok(Some(rev)),
-            // Refused: unless it is this very value (an earlier attempt's
-            // answer was lost), someone else wrote the lease.
-            Ok(Wrote::Lost) => kv.is_mine(&lease).await,
-            Err(e) => match kv.is_mine(&lease).await {
-                Ok(Some(rev)) => Ok(Some(rev)),
+            Ok(Wrote::Yes(rev)) => Ok(renewal.acked().map(|at| (rev, at))),
+            // Refused: unless it is this renewal's value (an earlier
+            // attempt's answer was lost), someone else wrote the lease.
+            Ok(Wrote::Lost) => kv
+                .read()
+                .await
+                .map(|seen| seen.and_then(|(l, rev)| renewal.landed(&l).map(|at| (rev, at)))),
+            Err(e) => match kv.read().await {
+                Ok(Some((l, rev))) => match renewal.landed(&l) {
+                    Some(at) => Ok(Some((rev, at))),
+                    None => Err(e),
+                },
                 _ => Err(e),
             },
         };
         match outcome {
-            Ok(Some(rev)) => {
-                fence.renewed(sent);
+            Ok(Some((rev, at))) => {
+                fence.renewed(at);
                 *current.lock().expect("lease lock") = (lease, rev);
+                renewal = Renewal::default();
                 wait = every;
             }
             Ok(None) => {
