@@ -27,10 +27,13 @@
 //! it when the process dies, and a paused process keeps it.
 //!
 //! **Fencing.** The owner counts its lease valid until the start of its
-//! last successful renewal plus 9/10 of `lease_ms` on the monotonic clock;
-//! a standby waits the full `lease_ms` from when *it* saw the revision,
-//! which is after that start, so the two never overlap while clocks run at
-//! rates within 10% of each other. And the database itself keeps the epoch
+//! last successful renewal plus 9/10 of `lease_ms` on the monotonic clock.
+//! The start is the send of the attempt that landed; when a renewal was
+//! retried and the answer that would say which attempt landed was lost,
+//! it is the send of the renewal's first attempt, the earliest that could
+//! have ([`Renewal`]). A standby waits the full `lease_ms` from when *it*
+//! saw the revision, which is after that start, so the two never overlap
+//! while clocks run at rates within 10% of each other. And the database itself keeps the epoch
 //! of the instance that took it last (table `owner`): every write batch
 //! checks, with the write lock held, that the epoch is still its own and
 //! that its lease has not lapsed ([`Fence::check`], the writer's
@@ -720,10 +723,18 @@ impl Renewal {
     /// After an attempt that was refused or not answered, the lease read
     /// back is `seen`: when to count the lease from if an attempt of this
     /// renewal wrote it; `None` if none did (someone else wrote the lease).
+    ///
+    /// That is the send of the earliest attempt that wrote exactly `seen`.
+    /// Retries write the same value, so the value cannot say which of them
+    /// landed; and any of them may have (an earlier one whose answer was
+    /// lost, or one that landed after its timeout). A standby counts its
+    /// wait from when it saw the revision move, which is after the landed
+    /// attempt was sent, so counting from the earliest possible send never
+    /// lets the owner's lease outlast the standby's wait; counting from a
+    /// later send could.
     pub fn landed(&self, seen: &Lease) -> Option<Instant> {
         self.attempts
             .iter()
-            .rev()
             .find(|(value, _)| value == seen)
             .map(|(_, at)| *at)
     }
@@ -772,7 +783,14 @@ async fn keep(
                 fence.renewed(at);
                 *current.lock().expect("lease lock") = (lease, rev);
                 renewal = Renewal::default();
-                wait = every;
+                // Counted from an early attempt of a long-failing renewal,
+                // the lease may have lapsed already: renew again at once
+                // rather than write nothing for a quarter lease.
+                wait = if fence.valid_at(Instant::now()) {
+                    every
+                } else {
+                    after_failure
+                };
             }
             Ok(None) => {
                 let now = kv.read().await.ok().flatten();
@@ -1168,6 +1186,67 @@ mod tests {
             JetStream::Unsure
         );
         assert_eq!(info_says(b"junk"), JetStream::Unsure);
+    }
+
+    /// Finding 5 of issue 18. A renewal whose first attempt's answer is
+    /// lost is retried with the same value; the first attempt landed (just
+    /// after it was sent) and the retry is refused. A standby saw the
+    /// revision move when the first attempt landed and takes over a full
+    /// lease after that; the owner must count its lease from the first
+    /// attempt's send, so that it stops writing before the standby starts.
+    #[test]
+    fn a_retried_renewal_counts_from_the_earliest_send_that_could_have_landed() {
+        let lease_ms = 1_000;
+        let t0 = Instant::now();
+        let fence = Fence::new(1, lease_ms, t0);
+        let value = held("s", 1, "h1", "/d", true);
+        let first = t0 + Duration::from_millis(250);
+        let retry = first + Duration::from_millis(300);
+        let mut renewal = Renewal::default();
+        renewal.sent(value.clone(), first);
+        renewal.sent(value.clone(), retry);
+        let from = renewal.landed(&value).expect("this renewal's value");
+        assert_eq!(from, first, "counted from the first attempt's send");
+        fence.renewed(from);
+        let landed = first + Duration::from_millis(5);
+        let standby_takes_over = landed + Duration::from_millis(lease_ms);
+        assert!(
+            !fence.valid_at(standby_takes_over),
+            "the owner still counts its lease valid when the standby takes over"
+        );
+        assert!(fence.valid_at(first + Duration::from_millis(899)));
+    }
+
+    /// An acknowledged attempt is the one that landed: no other attempt of
+    /// the renewal can have (they all compare-and-set one revision).
+    #[test]
+    fn an_acknowledged_attempt_counts_from_its_own_send() {
+        let t0 = Instant::now();
+        let value = held("s", 1, "h1", "/d", true);
+        let mut renewal = Renewal::default();
+        assert_eq!(renewal.acked(), None);
+        renewal.sent(value.clone(), t0);
+        renewal.sent(value, t0 + Duration::from_millis(300));
+        assert_eq!(renewal.acked(), Some(t0 + Duration::from_millis(300)));
+    }
+
+    /// A value that no attempt wrote is someone else's: nothing is credited.
+    /// Attempts with different values are told apart exactly.
+    #[test]
+    fn only_a_value_this_renewal_wrote_is_credited() {
+        let t0 = Instant::now();
+        let (a, b) = (
+            held("s", 1, "h1", "/d", true),
+            held("s", 2, "h1", "/d", true),
+        );
+        let mut renewal = Renewal::default();
+        renewal.sent(a.clone(), t0);
+        assert_eq!(renewal.landed(&b), None);
+        renewal.sent(b.clone(), t0 + Duration::from_millis(10));
+        renewal.sent(a.clone(), t0 + Duration::from_millis(20));
+        assert_eq!(renewal.landed(&b), Some(t0 + Duration::from_millis(10)));
+        assert_eq!(renewal.landed(&a), Some(t0));
+        assert_eq!(Renewal::default().landed(&a), None);
     }
 
     #[test]
