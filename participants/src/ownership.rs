@@ -279,6 +279,18 @@ pub fn ask_mode_owner_yields(me: &Me, other: &OwnerPing, lease: Option<&Lease>) 
     (holds_lease && other.store == me.store) || other.instance < me.instance
 }
 
+/// Whether a lease holder may serve without asking, given how long after
+/// sending a request to the owner subject that nobody listened on (the
+/// server answered "no responders") its own claim was up there. An
+/// instance without a lease that subscribes after that request asks a
+/// first time, waits a whole [`ping::ASK_WINDOW`], and only then asks the
+/// ask that would clear it: if the claim was up within half a window of the
+/// request, that ask hears the claim (half a window is left for clocks
+/// and scheduling).
+pub fn claimed_in_time(since_probe: Duration) -> bool {
+    since_probe <= ping::ASK_WINDOW / 2
+}
+
 /// Why an instance does not serve beside `o`, an instance of another store.
 fn foreign_owner(me: &Me, o: &OwnerPing) -> String {
     format!(
@@ -744,7 +756,10 @@ impl Acquire<'_> {
                 asker.clone(),
             ));
             // Claim the name on the owner subject, then look whether an
-            // instance without a lease claims it too (see `ping`).
+            // instance without a lease claims it too (see `ping`), unless
+            // nobody listened there just before the claim went up.
+            let probed = Instant::now();
+            let nobody = ping::nobody_listens(self.client, self.name).await;
             let claim = Arc::new(AtomicBool::new(true));
             let mut owned = Ownership {
                 fence: fence.clone(),
@@ -757,7 +772,10 @@ impl Acquire<'_> {
             owned
                 .tasks
                 .push(ping::answer(self.client, self.name, &self.me, claim).await?);
-            if let Err(o) = self.until_alone(&asker, &fence).await? {
+            let at_once = nobody && claimed_in_time(probed.elapsed());
+            if at_once {
+                info!(participant = %self.name, "nobody listened on the owner subject just before this instance claimed the name: no instance without a lease can serve it");
+            } else if let Err(o) = self.until_alone(&asker, &fence).await? {
                 let why = foreign_owner(&self.me, &o);
                 owned.withdraw(created).await;
                 anyhow::bail!("{}: {why}", self.name);
@@ -1039,11 +1057,14 @@ impl Ownership {
     }
 
     /// Stops claiming the name on the owner subject: answers say "not
-    /// serving" from now on, until the answerer is gone.
-    fn unclaim(&self) {
+    /// serving" from now on, and the answerer is gone when this returns
+    /// (its unsubscribe is queued on the connection before anything sent
+    /// after, such as the release of the lease).
+    async fn unclaim(&mut self) {
         self.claim.store(false, Ordering::SeqCst);
-        for t in &self.tasks {
+        for t in self.tasks.drain(..) {
             t.abort();
+            let _ = t.await;
         }
     }
 
@@ -1052,7 +1073,7 @@ impl Ownership {
     /// would bind it to this store), else releases it.
     async fn withdraw(mut self, created: bool) {
         self.fence.end("withdrawn before serving".into());
-        self.unclaim();
+        self.unclaim().await;
         let Some(k) = self.keeper.take() else { return };
         k.task.abort();
         let (lease, revision) = k.current.lock().expect("lease lock").clone();
@@ -1080,7 +1101,7 @@ impl Ownership {
         self.fence.end("released at shutdown".into());
         // Stop claiming the name on the owner subject first: a standby
         // that takes the released lease must not hear this instance.
-        self.unclaim();
+        self.unclaim().await;
         let Some(k) = self.keeper.take() else { return };
         k.task.abort();
         let (lease, revision) = k.current.lock().expect("lease lock").clone();
@@ -1136,7 +1157,16 @@ impl Drop for Ownership {
 /// the moment its write of the lease lands until it exits or releases the
 /// lease, whatever it is doing meanwhile, then asks ([`hear`]); it serves
 /// only once no other instance claims the name (ignoring the holder it
-/// took the lease from, which the lease fences). Another store's claim
+/// took the lease from, which the lease fences). It need not ask when the
+/// server answered "no responders" to a request it sent on the subject
+/// just before its claim went up, and the claim was up within half a
+/// window of that request ([`claimed_in_time`]): nobody was there then,
+/// and an instance that comes later asks a first time and waits a whole
+/// window before the ask that would clear it, which then hears this claim.
+/// That is the usual case (a first start; a rolling restart, where the
+/// old owner lowers its claim and unsubscribes before it releases the
+/// lease; a dead owner), and it costs a round trip instead of a window.
+/// Another store's claim
 /// makes it withdraw the lease and exit; this store's makes it wait,
 /// holding the lease, until that instance stops, which it does once it
 /// hears that a holder of the lease for its store claims the name. A
@@ -1218,6 +1248,22 @@ pub mod ping {
             }
         }
         Ok(seen)
+    }
+
+    /// Whether nobody subscribes the owner subject of `name` now: the
+    /// server answers a request there with "no responders". Any answer, or
+    /// none within half a window, means somebody might.
+    pub(super) async fn nobody_listens(
+        client: &async_nats::Client,
+        name: &ParticipantName,
+    ) -> bool {
+        let request = async_nats::Request::new()
+            .payload(Bytes::new())
+            .timeout(Some(ASK_WINDOW / 2));
+        matches!(
+            client.send_request(subjects::owner_ping(name), request).await,
+            Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders
+        )
     }
 
     /// Aborts a task when dropped: the answerer of an instance that gives
@@ -1628,6 +1674,18 @@ mod tests {
         assert!(ask_mode_owner_yields(&m, &ping("a", "s", true), None));
         assert!(!ask_mode_owner_yields(&m, &ping("a", "s", false), None));
         assert!(!ask_mode_owner_yields(&m, &ping("me", "s", true), None));
+    }
+
+    /// A lease holder skips the ask only when its claim went up well within
+    /// the window that a later instance waits before its clearing ask.
+    #[test]
+    fn a_claim_counts_as_in_time_only_within_half_an_ask_window() {
+        assert!(claimed_in_time(Duration::from_millis(3)));
+        assert!(claimed_in_time(ping::ASK_WINDOW / 2));
+        assert!(!claimed_in_time(
+            ping::ASK_WINDOW / 2 + Duration::from_millis(1)
+        ));
+        assert!(!claimed_in_time(ping::ASK_WINDOW));
     }
 
     /// Finding 5 of issue 18. A renewal whose first attempt's answer is
