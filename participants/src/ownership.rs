@@ -33,11 +33,12 @@
 //! it is the send of the renewal's first attempt, the earliest that could
 //! have ([`Renewal`]). A standby waits the full `lease_ms` from when *it*
 //! saw the revision, which is after that start, so the two never overlap
-//! while clocks run at rates within 10% of each other. And the database itself keeps the epoch
-//! of the instance that took it last (table `owner`): every write batch
-//! checks, with the write lock held, that the epoch is still its own and
-//! that its lease has not lapsed ([`Fence::check`], the writer's
-//! `db::Guard`), else the batch is rolled back. A paused owner that wakes
+//! while clocks run at rates within 10% of each other. And the database
+//! itself keeps the epoch of the instance that took it last (table
+//! `owner`): every write batch checks, with the write lock held, that the
+//! epoch is still its own and that its lease has not lapsed
+//! ([`Fence::check`], the writer's `db::Guard`), else the batch is rolled
+//! back. A paused owner that wakes
 //! up after a successor took over therefore writes nothing: its lapsed
 //! lease stops it, and if it was paused between that check and its commit
 //! the successor cannot have written its epoch before that commit (the
@@ -49,6 +50,15 @@
 //! ([`crate::ownership::ping`]) and the database epoch still fences
 //! instances on the same folder. That detects a second instance; it cannot
 //! fence a paused owner on another folder. See ARCHITECTURE.md.
+//!
+//! **Both at once.** A server may gain or lose JetStream while instances
+//! run, so an instance that asks and one that holds the lease may meet.
+//! They see each other on the owner subject: whoever serves claims the name
+//! there, a lease holder included, and no instance serves while another
+//! claims it; an owner without a lease gives way to the lease holder of its
+//! store, so the name moves under the lease once JetStream is back. The
+//! rule and why it holds are in [`ping`]; [`hear`] and
+//! [`ask_mode_owner_yields`] are its pure parts.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -774,7 +784,7 @@ impl Acquire<'_> {
                 .push(ping::answer(self.client, self.name, &self.me, claim).await?);
             let at_once = nobody && claimed_in_time(probed.elapsed());
             if at_once {
-                info!(participant = %self.name, "nobody listened on the owner subject just before this instance claimed the name: no instance without a lease can serve it");
+                info!(participant = %self.name, "nobody listened on the owner subject just before this instance claimed the name there: serving without asking");
             } else if let Err(o) = self.until_alone(&asker, &fence).await? {
                 let why = foreign_owner(&self.me, &o);
                 owned.withdraw(created).await;
@@ -1134,8 +1144,9 @@ impl Drop for Ownership {
 /// Every instance that claims the name, or is about to, subscribes
 /// `twopc.<name>.owner` (not in a queue group) and answers every ask there
 /// with what it is; `serving` in the answer is its claim. An ask collects
-/// answers for [`ASK_WINDOW`]. The protocol assumes an answer arrives
-/// within that window; it cannot fence a paused process.
+/// answers for [`ASK_WINDOW`](crate::ownership::ping::ASK_WINDOW). The
+/// protocol assumes that an answer arrives within that window; it cannot
+/// fence a paused process.
 ///
 /// **Without JetStream.** An instance subscribes, then asks without
 /// claiming. If an instance claims the name, it waits as a standby (same
@@ -1150,33 +1161,35 @@ impl Drop for Ownership {
 /// most one serves. The owner asks again every few seconds
 /// ([`ask_mode_owner_yields`] says when it stops).
 ///
-/// **With a lease** the same rule holds for the lease holder, which is
+/// **With a lease** the same rule holds for the lease holder, and that is
 /// what makes the two kinds of owner see each other (a server may lose or
 /// gain JetStream while instances run, and one that found it off asks
-/// while a later one finds no lease). A lease holder claims the name from
-/// the moment its write of the lease lands until it exits or releases the
-/// lease, whatever it is doing meanwhile, then asks ([`hear`]); it serves
-/// only once no other instance claims the name (ignoring the holder it
-/// took the lease from, which the lease fences). It need not ask when the
-/// server answered "no responders" to a request it sent on the subject
-/// just before its claim went up, and the claim was up within half a
-/// window of that request ([`claimed_in_time`]): nobody was there then,
-/// and an instance that comes later asks a first time and waits a whole
-/// window before the ask that would clear it, which then hears this claim.
-/// That is the usual case (a first start; a rolling restart, where the
-/// old owner lowers its claim and unsubscribes before it releases the
-/// lease; a dead owner), and it costs a round trip instead of a window.
-/// Another store's claim
-/// makes it withdraw the lease and exit; this store's makes it wait,
-/// holding the lease, until that instance stops, which it does once it
-/// hears that a holder of the lease for its store claims the name. A
-/// holder whose lease lapsed (paused, or JetStream gone for a while) may
+/// while a later one finds no lease). A lease holder raises its claim as
+/// soon as its write of the lease has landed and keeps it up until it
+/// exits or releases the lease; then it asks ([`hear`]), and serves only
+/// once no other instance claims the name, ignoring the holder it took the
+/// lease from (the lease fences that one). Another store's claim makes it
+/// withdraw the lease and exit; this store's makes it wait, holding the
+/// lease, until that instance stops, which it does once it hears that the
+/// holder of the lease for its store claims the name. Lease standbys
+/// neither claim nor answer: the lease holder claims for the lease.
+///
+/// The holder need not ask when the server answered "no responders" to a
+/// request it sent on the subject just before its claim went up, and the
+/// claim was up within half a window of that request ([`claimed_in_time`]):
+/// nobody was there then, and an instance that comes later asks a first
+/// time and waits a whole window before the ask that would clear it, which
+/// then hears this claim. That is the usual case (a first start; a dead
+/// owner; a rolling restart, where the old owner lowers its claim and
+/// unsubscribes before it releases the lease), and it costs a round trip
+/// instead of a window.
+///
+/// A holder whose lease lapsed (paused, or JetStream gone for a while) may
 /// have missed an ask meanwhile, so it asks again before it writes under a
-/// renewed lease. Before a write that binds the name to its store (the
-/// first lease, or `--replace-store`), a candidate also asks, without
-/// claiming, and exits without writing if another store serves the name.
-/// Lease standbys neither claim nor answer: the lease holder claims for
-/// the lease.
+/// renewed lease. And before a write that binds the name to its store (the
+/// first lease, or `--replace-store`), a candidate asks without claiming,
+/// and exits without writing if another store serves the name: a lease
+/// bound to the wrong store would outlive the refusal.
 pub mod ping {
     use super::*;
     use futures::StreamExt;

@@ -163,7 +163,8 @@ pub fn branches_table(conn: &Connection) -> rusqlite::Result<()> {
 /// The mark that tells recovery which branches were prepared before this
 /// process started: those whose id is at most the mark. Read in the writer
 /// before the prepare subject is served; every row inserted afterwards gets
-/// a larger id ([`BRANCHES_SQL`]), whatever collection deleted meanwhile.
+/// a larger id (an AUTOINCREMENT key), whatever collection deleted
+/// meanwhile.
 pub fn start_mark(conn: &Connection) -> rusqlite::Result<i64> {
     conn.query_row("SELECT coalesce(max(id), 0) FROM branches", [], |r| {
         r.get(0)
