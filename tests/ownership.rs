@@ -511,3 +511,179 @@ async fn without_jetstream_instances_ask_each_other() {
     next.kill().unwrap();
     server.kill().unwrap();
 }
+
+/// A server that starts without JetStream and is then restarted in place
+/// (same port) with it, and a wallet that took its name by asking while
+/// JetStream was off: the situation of finding 4 of issue 18.
+struct JetStreamBack {
+    dir: tempfile::TempDir,
+    url: String,
+    server: twopc_launcher::process::NatsServer,
+    client: async_nats::Client,
+    first: Proc,
+}
+
+impl JetStreamBack {
+    fn wallet(dir: &std::path::Path, url: &str, name: &str, folder: &str) -> Proc {
+        Proc::new(
+            name,
+            &harness::bins().wallet,
+            vec![],
+            vec![
+                ("NATS_URL".into(), url.to_owned()),
+                (
+                    "TWOPC_DATA_DIR".into(),
+                    dir.join(folder).display().to_string(),
+                ),
+            ],
+            dir.join(format!("{name}.log")),
+        )
+    }
+
+    /// Starts the server without JetStream and `first` on folder `a`,
+    /// waits until it serves by asking, restarts the server with JetStream
+    /// (and the owners bucket, which the coordinator makes), and waits
+    /// until `first` answers on the owner subject again.
+    async fn start() -> JetStreamBack {
+        let dir = tempfile::Builder::new()
+            .prefix("twopc-jsback-")
+            .tempdir()
+            .unwrap();
+        let port = twopc_launcher::free_port().unwrap();
+        let mut bare = Proc::new(
+            "nats-bare",
+            &twopc_launcher::find_nats_server().unwrap(),
+            vec![
+                "-a".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                port.to_string(),
+            ],
+            vec![],
+            dir.path().join("nats-bare.log"),
+        );
+        bare.start().unwrap();
+        let url = format!("nats://127.0.0.1:{port}");
+        let mut first = Self::wallet(dir.path(), &url, "first", "a");
+        first.start().unwrap();
+        wait_log(&first, 0, "OWNER (no JetStream", Duration::from_secs(20)).await;
+        wait_log(&first, 0, "participant serving", Duration::from_secs(20)).await;
+        bare.kill().unwrap();
+        let server = twopc_launcher::process::NatsServer::start(&dir.path().join("js"), Some(port))
+            .await
+            .unwrap();
+        let client = async_nats::connect(&url).await.unwrap();
+        twopc_coordinator::kv::ensure_owner_bucket(client.clone(), 1).await;
+        let pid = first.pid().unwrap();
+        poll_until(
+            "the first wallet to answer on the owner subject again",
+            Duration::from_secs(30),
+            || {
+                let client = client.clone();
+                async move {
+                    let m = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        client.request("twopc.wallet.owner", "{}".into()),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                    let a = twopc_schemas::ownership::OwnerPing::parse(&m.payload)?;
+                    if a.pid == pid && a.serving {
+                        Ok(())
+                    } else {
+                        Err(format!("{a:?}"))
+                    }
+                }
+            },
+        )
+        .await;
+        JetStreamBack {
+            dir,
+            url,
+            server,
+            client,
+            first,
+        }
+    }
+}
+
+/// Finding 4 of issue 18: a wallet with its own data started once the
+/// server has JetStream again finds no lease, but the name is served by an
+/// instance that asks (the first, which found JetStream off). It must not
+/// serve beside it, nor bind the name to its own store: it exits naming
+/// the first, and no lease is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_candidate_of_another_store_refuses_a_name_served_without_a_lease() {
+    let mut t = JetStreamBack::start().await;
+    let mut other = JetStreamBack::wallet(t.dir.path(), &t.url, "other", "b");
+    other.start().unwrap();
+    let status = exit_of(&mut other, Duration::from_secs(20)).await;
+    assert!(!status.contains("exit status: 0"), "{status}");
+    let log = other.log();
+    assert!(
+        log.contains("not serving") && log.contains(&format!("pid {} ", t.first.pid().unwrap())),
+        "{log}"
+    );
+    assert!(!log.contains("OWNER"), "{log}");
+    let name = twopc_schemas::ParticipantName::new("wallet").unwrap();
+    let lease = twopc_participants::ownership::read_lease(&t.client, &name)
+        .await
+        .unwrap();
+    assert!(lease.is_none(), "the name was bound to a store: {lease:?}");
+    assert!(t.first.is_running(), "{}", t.first.log());
+    t.first.kill().unwrap();
+    t.server.proc.kill().unwrap();
+}
+
+/// Finding 4 of issue 18: a wallet on the first's folder started once the
+/// server has JetStream again takes the lease but serves nothing while the
+/// first (serving by asking) claims the name; the first gives way to the
+/// lease holder of its store and exits, and only then does the lease
+/// holder serve. At no point do both serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_holder_serves_only_once_the_owner_without_a_lease_gave_way() {
+    let mut t = JetStreamBack::start().await;
+    let mut next = JetStreamBack::wallet(t.dir.path(), &t.url, "next", "a");
+    next.start().unwrap();
+    let first_fenced = poll_until(
+        "the second wallet to own the name",
+        Duration::from_secs(30),
+        || {
+            // Its log first: the first's fencing comes before the second
+            // can own, so reading the first's log after still sees it.
+            let next_owns = next.log().contains("OWNER:");
+            let first_log = t.first.log();
+            async move {
+                if next_owns {
+                    Ok(first_log.contains("FENCED"))
+                } else {
+                    Err("not yet".to_owned())
+                }
+            }
+        },
+    )
+    .await;
+    assert!(
+        first_fenced,
+        "the second wallet owns the name while the first still serves it:\n{}\n---\n{}",
+        t.first.log(),
+        next.log()
+    );
+    let status = exit_of(&mut t.first, Duration::from_secs(20)).await;
+    assert!(!status.contains("exit status: 0"), "{status}");
+    assert!(
+        t.first.log().contains("holds the lease for this store"),
+        "{}",
+        t.first.log()
+    );
+    assert!(next.log().contains("STANDBY:"), "{}", next.log());
+    let name = twopc_schemas::ParticipantName::new("wallet").unwrap();
+    let (lease, _) = twopc_participants::ownership::read_lease(&t.client, &name)
+        .await
+        .unwrap()
+        .expect("a lease");
+    assert_eq!(lease.owner.map(|h| h.pid), next.pid());
+    next.kill().unwrap();
+    t.server.proc.kill().unwrap();
+}

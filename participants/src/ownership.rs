@@ -27,14 +27,18 @@
 //! it when the process dies, and a paused process keeps it.
 //!
 //! **Fencing.** The owner counts its lease valid until the start of its
-//! last successful renewal plus 9/10 of `lease_ms` on the monotonic clock;
-//! a standby waits the full `lease_ms` from when *it* saw the revision,
-//! which is after that start, so the two never overlap while clocks run at
-//! rates within 10% of each other. And the database itself keeps the epoch
-//! of the instance that took it last (table `owner`): every write batch
-//! checks, with the write lock held, that the epoch is still its own and
-//! that its lease has not lapsed ([`Fence::check`], the writer's
-//! `db::Guard`), else the batch is rolled back. A paused owner that wakes
+//! last successful renewal plus 9/10 of `lease_ms` on the monotonic clock.
+//! The start is the send of the attempt that landed; when a renewal was
+//! retried and the answer that would say which attempt landed was lost,
+//! it is the send of the renewal's first attempt, the earliest that could
+//! have ([`Renewal`]). A standby waits the full `lease_ms` from when *it*
+//! saw the revision, which is after that start, so the two never overlap
+//! while clocks run at rates within 10% of each other. And the database
+//! itself keeps the epoch of the instance that took it last (table
+//! `owner`): every write batch checks, with the write lock held, that the
+//! epoch is still its own and that its lease has not lapsed
+//! ([`Fence::check`], the writer's `db::Guard`), else the batch is rolled
+//! back. A paused owner that wakes
 //! up after a successor took over therefore writes nothing: its lapsed
 //! lease stops it, and if it was paused between that check and its commit
 //! the successor cannot have written its epoch before that commit (the
@@ -46,9 +50,18 @@
 //! ([`crate::ownership::ping`]) and the database epoch still fences
 //! instances on the same folder. That detects a second instance; it cannot
 //! fence a paused owner on another folder. See ARCHITECTURE.md.
+//!
+//! **Both at once.** A server may gain or lose JetStream while instances
+//! run, so an instance that asks and one that holds the lease may meet.
+//! They see each other on the owner subject: whoever serves claims the name
+//! there, a lease holder included, and no instance serves while another
+//! claims it; an owner without a lease gives way to the lease holder of its
+//! store, so the name moves under the lease once JetStream is back. The
+//! rule and why it holds are in [`ping`]; [`hear`] and
+//! [`ask_mode_owner_yields`] are its pure parts.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -57,7 +70,7 @@ use bytes::Bytes;
 use rusqlite::{params, Connection};
 use tracing::{error, info, warn};
 use twopc_common::db::Guard;
-use twopc_schemas::ownership::{Holder, Lease};
+use twopc_schemas::ownership::{Holder, Lease, OwnerPing};
 use twopc_schemas::{subjects, ParticipantName};
 
 /// The data folder's lock file, held (`flock`) by the owner for its life.
@@ -218,6 +231,98 @@ pub fn judge(me: &Me, seen: Option<&Lease>, silent: Duration, lock_free: bool) -
     match &lease.owner {
         Some(h) if !gone => Step::Wait(h.clone()),
         _ => Step::TakeOver(me.taking(Some(lease), lock_free)),
+    }
+}
+
+/// What an instance that claims the name heard when it asked on
+/// `twopc.<name>.owner` who else claims it (see [`ping`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Heard {
+    /// Nobody else claims it.
+    Clear,
+    /// An instance of this store claims it: serve nothing while it does.
+    Wait(OwnerPing),
+    /// An instance of another store claims it: never serve under the name
+    /// beside it (two stores would split the participant's data).
+    OtherStore(OwnerPing),
+}
+
+/// The rule of the owner subject, without I/O: what the `answers` to one
+/// ask mean to `me`, which claims the name itself (it answers "serving").
+/// Only answers that claim the name (`serving`) count: an instance that
+/// does not claim it yet asks again after raising its claim, and then
+/// hears this one. `fenced` is the lease holder this instance took the
+/// lease from, if any: the lease fences it (its next renewal fails, and its
+/// lapsed lease stops its writes), so what it still says is not a claim.
+/// Another store's claim comes first, since it means never serving; among
+/// this store's, the earliest started is named.
+pub fn hear(me: &Me, fenced: Option<&str>, answers: &[OwnerPing]) -> Heard {
+    let mut claims: Vec<&OwnerPing> = answers
+        .iter()
+        .filter(|o| o.serving && o.instance != me.instance && Some(o.instance.as_str()) != fenced)
+        .collect();
+    claims.sort_by(|a, b| a.instance.cmp(&b.instance));
+    if let Some(o) = claims.iter().find(|o| o.store != me.store) {
+        return Heard::OtherStore((*o).clone());
+    }
+    match claims.first() {
+        Some(o) => Heard::Wait((*o).clone()),
+        None => Heard::Clear,
+    }
+}
+
+/// Whether an owner that serves without a lease (asking) must stop on
+/// hearing `other` claim the name too; `lease` is the name's lease as read
+/// now, if there is one. It gives way to a holder of the lease for its own
+/// store (that holder serves nothing while this one claims the name, so
+/// without this rule the name would never move under the lease once
+/// JetStream is back), and otherwise to an instance that started before it
+/// (instance ids are UUIDv7): of two that meet, both compute the same
+/// answer, so exactly one goes.
+pub fn ask_mode_owner_yields(me: &Me, other: &OwnerPing, lease: Option<&Lease>) -> bool {
+    if !other.serving || other.instance == me.instance {
+        return false;
+    }
+    let holds_lease = lease
+        .and_then(|l| l.owner.as_ref())
+        .is_some_and(|h| h.instance == other.instance);
+    (holds_lease && other.store == me.store) || other.instance < me.instance
+}
+
+/// Whether a lease holder may serve without asking, given how long after
+/// sending a request to the owner subject that nobody listened on (the
+/// server answered "no responders") its own claim was up there. An
+/// instance without a lease that subscribes after that request asks a
+/// first time, waits a whole [`ping::ASK_WINDOW`], and only then asks the
+/// ask that would clear it: if the claim was up within half a window of the
+/// request, that ask hears the claim (half a window is left for clocks
+/// and scheduling).
+pub fn claimed_in_time(since_probe: Duration) -> bool {
+    since_probe <= ping::ASK_WINDOW / 2
+}
+
+/// Why an instance does not serve beside `o`, an instance of another store.
+fn foreign_owner(me: &Me, o: &OwnerPing) -> String {
+    format!(
+        "not serving: {o} serves the name with store {}, without a lease (it asks on the owner subject, as on a server without JetStream); this data folder {} holds store {}. Two stores under one name would split its data: stop the other instance, or start this one on that store's data folder",
+        o.store, me.data_dir, me.store
+    )
+}
+
+/// How a lease holder asks who else claims its name.
+#[derive(Clone)]
+struct Asker {
+    client: async_nats::Client,
+    subject: String,
+    me: Me,
+    /// The holder the lease was taken from (see [`hear`]).
+    predecessor: Option<String>,
+}
+
+impl Asker {
+    async fn hear(&self) -> anyhow::Result<Heard> {
+        let answers = ping::ask(&self.client, &self.subject, &ping::me_now(&self.me, true)).await?;
+        Ok(hear(&self.me, self.predecessor.as_deref(), &answers))
     }
 }
 
@@ -405,6 +510,15 @@ impl LeaseKv {
         }
     }
 
+    /// Deletes the lease if it is still at `revision`: the name is then
+    /// as if never owned.
+    async fn delete(&self, revision: u64) -> Result<(), String> {
+        self.kv
+            .delete_expect_revision(&self.key, Some(revision))
+            .await
+            .map_err(|e| format!("deleting the lease: {e}"))
+    }
+
     /// After a write whose answer was lost or refused: whether the lease
     /// now is exactly `mine`, and at which revision.
     async fn is_mine(&self, mine: &Lease) -> Result<Option<u64>, String> {
@@ -502,9 +616,11 @@ pub struct Ownership {
     /// Whether writes are fenced (all but `TWOPC_BREAK=no_owner`).
     fenced: bool,
     keeper: Option<Keeper>,
-    /// Tasks that live as long as the ownership (without JetStream: the
-    /// answerer and the checker).
+    /// Tasks that live as long as the ownership (the answerer on the
+    /// owner subject; without JetStream also the checker).
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// What the answerer says: whether this instance claims the name.
+    claim: Arc<AtomicBool>,
 }
 
 struct Keeper {
@@ -557,13 +673,43 @@ impl Acquire<'_> {
                 }
                 (None, _) => Duration::ZERO,
             };
+            // The holder this instance would take the lease from: the
+            // lease fences it (it can never renew again), so what it says
+            // on the owner subject is not a claim to wait for.
+            let predecessor = seen
+                .as_ref()
+                .and_then(|(l, _)| l.owner.as_ref())
+                .map(|h| h.instance.clone());
+            let step = judge(&self.me, seen.as_ref().map(|s| &s.0), silent, lock.held());
+            // A write that binds the name to this store (the first lease,
+            // or --replace-store) is not made while an instance of another
+            // store serves it by asking: it would outlive this refusal.
+            let binds = match &step {
+                Step::Create(_) => true,
+                Step::TakeOver(l) => seen.as_ref().is_some_and(|(s, _)| s.store != l.store),
+                _ => false,
+            };
+            if binds {
+                let asked = ping::ask(
+                    self.client,
+                    &subjects::owner_ping(self.name),
+                    &ping::me_now(&self.me, false),
+                )
+                .await;
+                match asked.map(|a| hear(&self.me, predecessor.as_deref(), &a)) {
+                    Ok(Heard::OtherStore(o)) => {
+                        anyhow::bail!("{}: {}", self.name, foreign_owner(&self.me, &o))
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn!(participant = %self.name, error = %e, "cannot ask who serves the name; retrying");
+                        tokio::time::sleep(poll * 4).await;
+                        continue;
+                    }
+                }
+            }
             let sent = Instant::now();
-            let (lease, wrote) = match judge(
-                &self.me,
-                seen.as_ref().map(|s| &s.0),
-                silent,
-                lock.held(),
-            ) {
+            let (lease, wrote) = match step {
                 Step::Refuse(why) => anyhow::bail!("{}: {why}", self.name),
                 Step::Wait(holder) => {
                     let said = holder.instance.clone();
@@ -588,6 +734,7 @@ impl Acquire<'_> {
                     (lease, w)
                 }
             };
+            let created = seen.is_none();
             let revision = match wrote {
                 Ok(Wrote::Yes(rev)) => rev,
                 Ok(Wrote::Lost) => continue,
@@ -605,28 +752,81 @@ impl Acquire<'_> {
             let epoch = lease.epoch;
             let store = lease.store.clone();
             let current = Arc::new(Mutex::new((lease, revision)));
+            let asker = Asker {
+                client: self.client.clone(),
+                subject: subjects::owner_ping(self.name),
+                me: self.me.clone(),
+                predecessor,
+            };
             let task = tokio::spawn(keep(
                 kv.clone(),
                 current.clone(),
                 fence.clone(),
                 self.me.settings.lease_ms,
+                asker.clone(),
             ));
+            // Claim the name on the owner subject, then look whether an
+            // instance without a lease claims it too (see `ping`), unless
+            // nobody listened there just before the claim went up.
+            let probed = Instant::now();
+            let nobody = ping::nobody_listens(self.client, self.name).await;
+            let claim = Arc::new(AtomicBool::new(true));
             let mut owned = Ownership {
                 fence: fence.clone(),
                 lock,
                 fenced: true,
                 keeper: Some(Keeper { kv, current, task }),
                 tasks: vec![],
+                claim: claim.clone(),
             };
-            self.write_epoch(epoch, &fence).await?;
-            let serving = Arc::new(std::sync::atomic::AtomicBool::new(true));
             owned
                 .tasks
-                .push(ping::answer(self.client, self.name, &self.me, serving).await?);
+                .push(ping::answer(self.client, self.name, &self.me, claim).await?);
+            let at_once = nobody && claimed_in_time(probed.elapsed());
+            if at_once {
+                info!(participant = %self.name, "nobody listened on the owner subject just before this instance claimed the name there: serving without asking");
+            } else if let Err(o) = self.until_alone(&asker, &fence).await? {
+                let why = foreign_owner(&self.me, &o);
+                owned.withdraw(created).await;
+                anyhow::bail!("{}: {why}", self.name);
+            }
+            self.write_epoch(epoch, &fence).await?;
             info!(participant = %self.name, epoch, %store,
                 lease_ms = self.me.settings.lease_ms, folder_lock = owned.lock.held(),
                 "OWNER: this instance owns {}", self.name);
             return Ok(owned);
+        }
+    }
+
+    /// Holding the lease and claiming the name, waits until no instance
+    /// without a lease claims it too ([`hear`]); `Err` with the claimant
+    /// if it is of another store (this instance must then not serve).
+    async fn until_alone(
+        &self,
+        asker: &Asker,
+        fence: &Fence,
+    ) -> anyhow::Result<Result<(), OwnerPing>> {
+        let mut said: Option<String> = None;
+        loop {
+            if let Some(why) = fence.lost() {
+                anyhow::bail!("{}: lost the lease before serving: {why}", self.name);
+            }
+            match asker.hear().await {
+                Err(e) => {
+                    warn!(participant = %self.name, error = %e, "cannot ask who serves the name; retrying");
+                    tokio::time::sleep(ping::ASK_WINDOW).await;
+                }
+                Ok(Heard::Clear) => return Ok(Ok(())),
+                Ok(Heard::OtherStore(o)) => return Ok(Err(o)),
+                Ok(Heard::Wait(o)) => {
+                    if said.as_deref() != Some(o.instance.as_str()) {
+                        info!(participant = %self.name, owner = %o,
+                            "STANDBY: {} is served by {o} without a lease (it asks on {}, as on a server without JetStream); this instance holds the lease and serves nothing until it stops", self.name, asker.subject);
+                        said = Some(o.instance.clone());
+                    }
+                    tokio::time::sleep(ping::ASK_WINDOW).await;
+                }
+            }
         }
     }
 
@@ -696,40 +896,127 @@ impl Acquire<'_> {
     }
 }
 
+/// The attempts of one renewal of the lease: each writes the next value
+/// by compare-and-set on the revision the last renewal left, so at most one
+/// of them ever lands. A retry follows an attempt whose answer was lost or
+/// that was refused; the attempt may still have landed, or land later.
+#[derive(Debug, Default)]
+pub struct Renewal {
+    /// Each attempt's value and when it was sent, oldest first.
+    attempts: Vec<(Lease, Instant)>,
+}
+
+impl Renewal {
+    /// An attempt writing `value` was sent at `at`.
+    pub fn sent(&mut self, value: Lease, at: Instant) {
+        self.attempts.push((value, at));
+    }
+
+    /// The latest attempt was acknowledged: when to count the lease from.
+    pub fn acked(&self) -> Option<Instant> {
+        self.attempts.last().map(|(_, at)| *at)
+    }
+
+    /// After an attempt that was refused or not answered, the lease read
+    /// back is `seen`: when to count the lease from if an attempt of this
+    /// renewal wrote it; `None` if none did (someone else wrote the lease).
+    ///
+    /// That is the send of the earliest attempt that wrote exactly `seen`.
+    /// Retries write the same value, so the value cannot say which of them
+    /// landed; and any of them may have (an earlier one whose answer was
+    /// lost, or one that landed after its timeout). A standby counts its
+    /// wait from when it saw the revision move, which is after the landed
+    /// attempt was sent, so counting from the earliest possible send never
+    /// lets the owner's lease outlast the standby's wait; counting from a
+    /// later send could.
+    pub fn landed(&self, seen: &Lease) -> Option<Instant> {
+        self.attempts
+            .iter()
+            .find(|(value, _)| value == seen)
+            .map(|(_, at)| *at)
+    }
+}
+
 /// Renews the lease every quarter lease (sooner after a failure) until it
-/// is lost.
+/// is lost. A renewal that lands after the lease lapsed is counted only
+/// once `asker` heard nobody else claim the name: while this holder wrote
+/// nothing and, paused, perhaps answered nothing either, an instance
+/// without a lease may have begun to serve (see [`ping`]).
 async fn keep(
     kv: Arc<LeaseKv>,
     current: Arc<Mutex<(Lease, u64)>>,
     fence: Arc<Fence>,
     lease_ms: u64,
+    asker: Asker,
 ) {
     let every = Duration::from_millis(lease_ms / 4);
     let after_failure = Duration::from_millis((lease_ms / 20).clamp(20, 250));
     let mut wait = every;
+    let mut renewal = Renewal::default();
+    // The lease lapsed since the owner subject was last found clear.
+    let mut lapsed = false;
     loop {
         tokio::time::sleep(wait).await;
         let (mut lease, revision) = current.lock().expect("lease lock").clone();
         if let Some(h) = lease.owner.as_mut() {
             h.renewals += 1;
         }
-        let sent = Instant::now();
+        renewal.sent(lease.clone(), Instant::now());
         let wrote = kv.update(&lease, revision).await;
+        // The landed value's revision and when to count the lease from;
+        // `None`: another writer's value is there.
         let outcome = match wrote {
-            Ok(Wrote::Yes(rev)) => Ok(Some(rev)),
-            // Refused: unless it is this very value (an earlier attempt's
-            // answer was lost), someone else wrote the lease.
-            Ok(Wrote::Lost) => kv.is_mine(&lease).await,
-            Err(e) => match kv.is_mine(&lease).await {
-                Ok(Some(rev)) => Ok(Some(rev)),
+            Ok(Wrote::Yes(rev)) => Ok(renewal.acked().map(|at| (rev, at))),
+            // Refused: unless it is this renewal's value (an earlier
+            // attempt's answer was lost), someone else wrote the lease.
+            Ok(Wrote::Lost) => kv
+                .read()
+                .await
+                .map(|seen| seen.and_then(|(l, rev)| renewal.landed(&l).map(|at| (rev, at)))),
+            Err(e) => match kv.read().await {
+                Ok(Some((l, rev))) => match renewal.landed(&l) {
+                    Some(at) => Ok(Some((rev, at))),
+                    None => Err(e),
+                },
                 _ => Err(e),
             },
         };
         match outcome {
-            Ok(Some(rev)) => {
-                fence.renewed(sent);
+            Ok(Some((rev, at))) => {
                 *current.lock().expect("lease lock") = (lease, rev);
-                wait = every;
+                renewal = Renewal::default();
+                lapsed |= !fence.valid_at(Instant::now());
+                if lapsed {
+                    match asker.hear().await {
+                        Ok(Heard::Clear) => lapsed = false,
+                        Ok(Heard::OtherStore(o)) => {
+                            fence.lose(format!("while its lease had lapsed, {o} began to serve the name with another store, without a lease"));
+                            return;
+                        }
+                        // The lease stays lapsed (nothing written) while
+                        // this store's other instance serves: it gives way
+                        // to the lease holder ([`ask_mode_owner_yields`]).
+                        Ok(Heard::Wait(o)) => {
+                            warn!(owner = %o, "lease renewed, but {o} serves the name without a lease: writing nothing until it stops");
+                            wait = ping::ASK_WINDOW;
+                            continue;
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "lease renewed after it lapsed, but asking who else serves failed: writing nothing yet");
+                            wait = after_failure;
+                            continue;
+                        }
+                    }
+                }
+                fence.renewed(at);
+                // Counted from an early attempt of a long-failing renewal,
+                // the lease may have lapsed already: renew again at once
+                // rather than write nothing for a quarter lease.
+                wait = if fence.valid_at(Instant::now()) {
+                    every
+                } else {
+                    after_failure
+                };
             }
             Ok(None) => {
                 let now = kv.read().await.ok().flatten();
@@ -775,6 +1062,46 @@ impl Ownership {
             fenced: false,
             keeper: None,
             tasks: vec![],
+            claim: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Stops claiming the name on the owner subject: answers say "not
+    /// serving" from now on, and the answerer is gone when this returns
+    /// (its unsubscribe is queued on the connection before anything sent
+    /// after, such as the release of the lease).
+    async fn unclaim(&mut self) {
+        self.claim.store(false, Ordering::SeqCst);
+        for t in self.tasks.drain(..) {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+
+    /// Withdraws a lease taken but never served under: deletes it if this
+    /// instance `created` it (the name is then as if never owned; the lease
+    /// would bind it to this store), else releases it.
+    async fn withdraw(mut self, created: bool) {
+        self.fence.end("withdrawn before serving".into());
+        self.unclaim().await;
+        let Some(k) = self.keeper.take() else { return };
+        k.task.abort();
+        let (lease, revision) = k.current.lock().expect("lease lock").clone();
+        let done = if created {
+            k.kv.delete(revision).await
+        } else {
+            k.kv.update(
+                &Lease {
+                    owner: None,
+                    ..lease
+                },
+                revision,
+            )
+            .await
+            .map(|_| ())
+        };
+        if let Err(e) = done {
+            warn!(error = %e, "the lease taken was not withdrawn; it lapses");
         }
     }
 
@@ -782,6 +1109,9 @@ impl Ownership {
     /// over at once. Nothing is written past this (the fence is lost).
     pub async fn release(mut self) {
         self.fence.end("released at shutdown".into());
+        // Stop claiming the name on the owner subject first: a standby
+        // that takes the released lease must not hear this instance.
+        self.unclaim().await;
         let Some(k) = self.keeper.take() else { return };
         k.task.abort();
         let (lease, revision) = k.current.lock().expect("lease lock").clone();
@@ -808,19 +1138,58 @@ impl Drop for Ownership {
     }
 }
 
-/// Ownership on a server without JetStream: detection by asking.
+/// Ownership on a server without JetStream: detection by asking; and how
+/// lease holders and instances that ask see each other.
 ///
-/// Every instance subscribes `twopc.<name>.owner` (not in a queue group)
-/// before it asks there, and answers every ask with what it is. An
-/// instance serves only after an ask that no other instance answered: of
-/// two that ask, the later one's ask reaches the earlier (subscribed
-/// before it asked), so both cannot see nobody — unless an answer takes
-/// longer than [`ASK_WINDOW`]. A candidate that sees another candidate
-/// backs off a random while and asks again; one that sees an instance
-/// serving waits as a standby (same store) or exits (another store). The
-/// owner keeps asking every few seconds and exits if another instance
-/// serves too, the later of the two going. No lease: a paused owner is
-/// not fenced except through the database epoch on the same folder.
+/// Every instance that claims the name, or is about to, subscribes
+/// `twopc.<name>.owner` (not in a queue group) and answers every ask there
+/// with what it is; `serving` in the answer is its claim. An ask collects
+/// answers for [`ASK_WINDOW`](crate::ownership::ping::ASK_WINDOW). The
+/// protocol assumes that an answer arrives within that window; it cannot
+/// fence a paused process.
+///
+/// **Without JetStream.** An instance subscribes, then asks without
+/// claiming. If an instance claims the name, it waits as a standby (same
+/// store) or exits (another store); if only candidates answer, it backs
+/// off a random while and asks again. If nobody answers, it raises its
+/// claim and asks again: it serves only if that second ask hears no other
+/// claim, else it lowers its claim, backs off and starts over. So every
+/// instance raises its claim (answers "serving") *before* the ask that
+/// clears it to serve, and serves only if that ask heard no claim. Of two
+/// such instances, the one whose clearing ask comes second reaches the
+/// other after the other raised its claim, so both cannot be cleared: at
+/// most one serves. The owner asks again every few seconds
+/// ([`ask_mode_owner_yields`] says when it stops).
+///
+/// **With a lease** the same rule holds for the lease holder, and that is
+/// what makes the two kinds of owner see each other (a server may lose or
+/// gain JetStream while instances run, and one that found it off asks
+/// while a later one finds no lease). A lease holder raises its claim as
+/// soon as its write of the lease has landed and keeps it up until it
+/// exits or releases the lease; then it asks ([`hear`]), and serves only
+/// once no other instance claims the name, ignoring the holder it took the
+/// lease from (the lease fences that one). Another store's claim makes it
+/// withdraw the lease and exit; this store's makes it wait, holding the
+/// lease, until that instance stops, which it does once it hears that the
+/// holder of the lease for its store claims the name. Lease standbys
+/// neither claim nor answer: the lease holder claims for the lease.
+///
+/// The holder need not ask when the server answered "no responders" to a
+/// request it sent on the subject just before its claim went up, and the
+/// claim was up within half a window of that request ([`claimed_in_time`]):
+/// nobody was there then, and an instance that comes later asks a first
+/// time and waits a whole window before the ask that would clear it, which
+/// then hears this claim. That is the usual case (a first start; a dead
+/// owner; a rolling restart, where the old owner lowers its claim and
+/// unsubscribes before it releases the lease), and it costs a round trip
+/// instead of a window.
+///
+/// A holder whose lease lapsed (paused, or JetStream gone for a while) may
+/// have missed an ask meanwhile, so it asks again before it writes under a
+/// renewed lease. And before a write that binds the name to its store (the
+/// first lease, or `--replace-store`), a candidate asks without claiming,
+/// and exits without writing if another store serves the name: a lease
+/// bound to the wrong store would outlive the refusal.
 pub mod ping {
     use super::*;
     use futures::StreamExt;
@@ -832,7 +1201,7 @@ pub mod ping {
     /// How often the owner asks again.
     const CHECK_EVERY: Duration = Duration::from_secs(3);
 
-    fn me_now(me: &Me, serving: bool) -> OwnerPing {
+    pub(super) fn me_now(me: &Me, serving: bool) -> OwnerPing {
         OwnerPing {
             instance: me.instance.clone(),
             store: me.store.clone(),
@@ -844,14 +1213,13 @@ pub mod ping {
     }
 
     /// Answers every ask on `twopc.<name>.owner` with what this instance
-    /// is (`serving` says whether it owns the name). Subscribed when this
-    /// returns. A lease holder answers too, so that an instance that
-    /// wrongly believes the server has no JetStream still finds it.
+    /// is (`serving`: whether it claims the name now). Subscribed when this
+    /// returns.
     pub async fn answer(
         client: &async_nats::Client,
         name: &ParticipantName,
         me: &Me,
-        serving: Arc<std::sync::atomic::AtomicBool>,
+        serving: Arc<AtomicBool>,
     ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
         let mut pings = client.subscribe(subjects::owner_ping(name)).await?;
         client.flush().await?;
@@ -867,7 +1235,7 @@ pub mod ping {
     }
 
     /// The other instances' answers to one ask.
-    async fn ask(
+    pub(super) async fn ask(
         client: &async_nats::Client,
         subject: &str,
         me: &OwnerPing,
@@ -881,6 +1249,11 @@ pub mod ping {
         let mut seen = vec![];
         let deadline = tokio::time::Instant::now() + ASK_WINDOW;
         while let Ok(Some(m)) = tokio::time::timeout_at(deadline, answers.next()).await {
+            // The server says nobody subscribes the subject (only when the
+            // asker does not either): nobody can answer.
+            if m.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                break;
+            }
             match OwnerPing::parse(&m.payload) {
                 Ok(a) if a.instance != me.instance => seen.push(a),
                 Ok(_) => {}
@@ -890,56 +1263,129 @@ pub mod ping {
         Ok(seen)
     }
 
+    /// Whether nobody subscribes the owner subject of `name` now: the
+    /// server answers a request there with "no responders". Any answer, or
+    /// none within half a window, means somebody might.
+    pub(super) async fn nobody_listens(
+        client: &async_nats::Client,
+        name: &ParticipantName,
+    ) -> bool {
+        let request = async_nats::Request::new()
+            .payload(Bytes::new())
+            .timeout(Some(ASK_WINDOW / 2));
+        matches!(
+            client.send_request(subjects::owner_ping(name), request).await,
+            Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders
+        )
+    }
+
+    /// Aborts a task when dropped: the answerer of an instance that gives
+    /// up before it owns the name.
+    struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            if let Some(t) = self.0.take() {
+                t.abort();
+            }
+        }
+    }
+
+    fn back_off() -> Duration {
+        Duration::from_millis(rand::rng().random_range(100..600))
+    }
+
     pub(super) async fn acquire(a: Acquire<'_>) -> anyhow::Result<Ownership> {
         warn!(participant = %a.name, "the NATS server has no JetStream: no owner lease; detecting other instances by asking on {} (a paused owner elsewhere is not fenced; see ARCHITECTURE.md)", subjects::owner_ping(a.name));
         let subject = subjects::owner_ping(a.name);
-        let serving = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let answerer = answer(a.client, a.name, &a.me, serving.clone()).await?;
+        let claim = Arc::new(AtomicBool::new(false));
+        let mut answerer = AbortOnDrop(Some(answer(a.client, a.name, &a.me, claim.clone()).await?));
         let lock = FolderLock::try_take(a.data_dir);
         let mut said_wait = None;
         loop {
             let others = ask(a.client, &subject, &me_now(&a.me, false)).await?;
-            if let Some(owner) = others.iter().find(|o| o.serving) {
-                if owner.store != a.me.store {
-                    answerer.abort();
-                    anyhow::bail!(
-                        "{}: not serving: {owner} serves it with store {}; this data folder {} holds store {}. Two stores under one name would split its data",
-                        a.name, owner.store, a.me.data_dir, a.me.store
-                    );
+            match hear(&a.me, None, &others) {
+                Heard::OtherStore(owner) => anyhow::bail!(
+                    "{}: not serving: {owner} serves it with store {}; this data folder {} holds store {}. Two stores under one name would split its data",
+                    a.name, owner.store, a.me.data_dir, a.me.store
+                ),
+                Heard::Wait(owner) => {
+                    if said_wait.as_ref() != Some(&owner.instance) {
+                        info!(participant = %a.name, owner = %owner, "STANDBY: {} is served by {owner}; serving nothing until it stops", a.name);
+                        said_wait = Some(owner.instance.clone());
+                    }
+                    tokio::time::sleep(ASK_WINDOW).await;
+                    continue;
                 }
-                if said_wait.as_ref() != Some(&owner.instance) {
-                    info!(participant = %a.name, owner = %owner, "STANDBY: {} is served by {owner}; serving nothing until it stops", a.name);
-                    said_wait = Some(owner.instance.clone());
+                // Only candidates answered.
+                Heard::Clear if !others.is_empty() => {
+                    tokio::time::sleep(back_off()).await;
+                    continue;
                 }
-                tokio::time::sleep(ASK_WINDOW).await;
-                continue;
+                Heard::Clear => {}
             }
-            if !others.is_empty() {
-                let pause = rand::rng().random_range(100..600);
-                tokio::time::sleep(Duration::from_millis(pause)).await;
-                continue;
+            // Nobody claims the name: claim it, and serve only if an ask
+            // made after the claim hears no other claim (see above).
+            claim.store(true, Ordering::SeqCst);
+            let again = ask(a.client, &subject, &me_now(&a.me, true)).await;
+            match again.map(|o| hear(&a.me, None, &o)) {
+                Ok(Heard::Clear) => {}
+                Ok(_) => {
+                    claim.store(false, Ordering::SeqCst);
+                    tokio::time::sleep(back_off()).await;
+                    continue;
+                }
+                Err(e) => {
+                    claim.store(false, Ordering::SeqCst);
+                    return Err(e);
+                }
             }
             let epoch = a.me.db_epoch + 1;
-            if !take_epoch(&a.conn.lock().expect("conn lock"), epoch)? {
+            match take_epoch(&a.conn.lock().expect("conn lock"), epoch) {
+                Ok(true) => {}
                 // Someone on this folder took it meanwhile: ask again.
-                continue;
+                Ok(false) => {
+                    claim.store(false, Ordering::SeqCst);
+                    continue;
+                }
+                Err(e) => {
+                    claim.store(false, Ordering::SeqCst);
+                    return Err(e.into());
+                }
             }
-            serving.store(true, Ordering::SeqCst);
             let fence = Fence::new(epoch, u64::MAX / 4, Instant::now());
             info!(participant = %a.name, epoch, "OWNER (no JetStream: by asking): this instance serves {}", a.name);
             let checker = {
                 let (client, me, fence) = (a.client.clone(), a.me.clone(), fence.clone());
+                let name = a.name.clone();
                 tokio::spawn(async move {
                     loop {
                         tokio::time::sleep(CHECK_EVERY).await;
                         let Ok(others) = ask(&client, &subject, &me_now(&me, true)).await else {
                             continue;
                         };
+                        if !others.iter().any(|o| o.serving) {
+                            continue;
+                        }
+                        // A claimant may hold the lease (JetStream is back).
+                        let lease = read_lease(&client, &name)
+                            .await
+                            .ok()
+                            .flatten()
+                            .map(|(l, _)| l);
                         if let Some(o) = others
                             .iter()
-                            .find(|o| o.serving && o.instance < me.instance)
+                            .find(|o| ask_mode_owner_yields(&me, o, lease.as_ref()))
                         {
-                            fence.lose(format!("{o} serves this name too and started first"));
+                            let holds = lease
+                                .as_ref()
+                                .and_then(|l| l.owner.as_ref())
+                                .is_some_and(|h| h.instance == o.instance);
+                            fence.lose(if holds {
+                                format!("{o} holds the lease for this store (the server has JetStream again) and claims the name: it serves once this instance is gone")
+                            } else {
+                                format!("{o} serves this name too and started first")
+                            });
                             return;
                         }
                     }
@@ -950,7 +1396,8 @@ pub mod ping {
                 lock,
                 fenced: true,
                 keeper: None,
-                tasks: vec![answerer, checker],
+                tasks: answerer.0.take().into_iter().chain([checker]).collect(),
+                claim,
             });
         }
     }
@@ -1125,6 +1572,194 @@ mod tests {
             JetStream::Unsure
         );
         assert_eq!(info_says(b"junk"), JetStream::Unsure);
+    }
+
+    fn ping(instance: &str, store: &str, serving: bool) -> OwnerPing {
+        OwnerPing {
+            instance: instance.into(),
+            store: store.into(),
+            serving,
+            host: "h2".into(),
+            pid: 30,
+            data_dir: "/x".into(),
+        }
+    }
+
+    /// Finding 4 of issue 18: a lease holder serves nothing while an
+    /// instance without a lease (which found JetStream off) claims the
+    /// name: it waits if that instance is of its store, and never serves
+    /// beside another store.
+    #[test]
+    fn a_lease_holder_does_not_serve_while_an_ask_mode_owner_claims_the_name() {
+        let m = me("s", "/d");
+        assert_eq!(
+            hear(&m, None, &[ping("p", "s", true)]),
+            Heard::Wait(ping("p", "s", true))
+        );
+        assert_eq!(
+            hear(&m, None, &[ping("p", "t", true)]),
+            Heard::OtherStore(ping("p", "t", true))
+        );
+        assert_eq!(hear(&m, None, &[]), Heard::Clear);
+    }
+
+    /// Candidates (not claiming yet) ask again after raising their claim
+    /// and then hear this instance, so they are not waited for; nor is
+    /// this instance's own answer, nor the holder the lease was taken from.
+    #[test]
+    fn only_other_claims_count_and_never_the_fenced_predecessor() {
+        let m = me("s", "/d");
+        let candidates = [ping("p", "s", false), ping("q", "t", false)];
+        assert_eq!(hear(&m, None, &candidates), Heard::Clear);
+        assert_eq!(hear(&m, None, &[ping("me", "s", true)]), Heard::Clear);
+        assert_eq!(
+            hear(&m, Some("old"), &[ping("old", "s", true)]),
+            Heard::Clear
+        );
+        assert_eq!(
+            hear(
+                &m,
+                Some("old"),
+                &[ping("old", "s", true), ping("p", "s", true)]
+            ),
+            Heard::Wait(ping("p", "s", true))
+        );
+    }
+
+    /// Another store's claim means never serving, so it is what is heard
+    /// whatever else claims; among this store's, the earliest started.
+    #[test]
+    fn another_stores_claim_comes_first_then_the_earliest() {
+        let m = me("s", "/d");
+        let answers = [
+            ping("b", "s", true),
+            ping("c", "t", true),
+            ping("a", "s", true),
+        ];
+        assert_eq!(
+            hear(&m, None, &answers),
+            Heard::OtherStore(ping("c", "t", true))
+        );
+        assert_eq!(
+            hear(
+                &m,
+                None,
+                &answers[..1]
+                    .iter()
+                    .chain(&answers[2..])
+                    .cloned()
+                    .collect::<Vec<_>>()
+            ),
+            Heard::Wait(ping("a", "s", true))
+        );
+    }
+
+    /// An owner without a lease gives way to a holder of the lease for its
+    /// store, which waits for it (else the name would never move under the
+    /// lease), whoever started first; otherwise the later started goes.
+    #[test]
+    fn an_ask_mode_owner_gives_way_to_its_stores_lease_holder_and_to_an_earlier_instance() {
+        let m = me("s", "/d");
+        let by = |instance: &str, store: &str| Lease {
+            store: store.into(),
+            epoch: 1,
+            owner: Some(Holder {
+                instance: instance.into(),
+                ..held(store, 1, "h2", "/x", false).owner.unwrap()
+            }),
+        };
+        // "z" started after "me"; "a" before.
+        assert!(ask_mode_owner_yields(
+            &m,
+            &ping("z", "s", true),
+            Some(&by("z", "s"))
+        ));
+        assert!(!ask_mode_owner_yields(&m, &ping("z", "s", true), None));
+        assert!(!ask_mode_owner_yields(
+            &m,
+            &ping("z", "s", true),
+            Some(&by("y", "s"))
+        ));
+        assert!(
+            !ask_mode_owner_yields(&m, &ping("z", "t", true), Some(&by("z", "t"))),
+            "never to another store's later instance"
+        );
+        assert!(ask_mode_owner_yields(&m, &ping("a", "s", true), None));
+        assert!(!ask_mode_owner_yields(&m, &ping("a", "s", false), None));
+        assert!(!ask_mode_owner_yields(&m, &ping("me", "s", true), None));
+    }
+
+    /// A lease holder skips the ask only when its claim went up well within
+    /// the window that a later instance waits before its clearing ask.
+    #[test]
+    fn a_claim_counts_as_in_time_only_within_half_an_ask_window() {
+        assert!(claimed_in_time(Duration::from_millis(3)));
+        assert!(claimed_in_time(ping::ASK_WINDOW / 2));
+        assert!(!claimed_in_time(
+            ping::ASK_WINDOW / 2 + Duration::from_millis(1)
+        ));
+        assert!(!claimed_in_time(ping::ASK_WINDOW));
+    }
+
+    /// Finding 5 of issue 18. A renewal whose first attempt's answer is
+    /// lost is retried with the same value; the first attempt landed (just
+    /// after it was sent) and the retry is refused. A standby saw the
+    /// revision move when the first attempt landed and takes over a full
+    /// lease after that; the owner must count its lease from the first
+    /// attempt's send, so that it stops writing before the standby starts.
+    #[test]
+    fn a_retried_renewal_counts_from_the_earliest_send_that_could_have_landed() {
+        let lease_ms = 1_000;
+        let t0 = Instant::now();
+        let fence = Fence::new(1, lease_ms, t0);
+        let value = held("s", 1, "h1", "/d", true);
+        let first = t0 + Duration::from_millis(250);
+        let retry = first + Duration::from_millis(300);
+        let mut renewal = Renewal::default();
+        renewal.sent(value.clone(), first);
+        renewal.sent(value.clone(), retry);
+        let from = renewal.landed(&value).expect("this renewal's value");
+        assert_eq!(from, first, "counted from the first attempt's send");
+        fence.renewed(from);
+        let landed = first + Duration::from_millis(5);
+        let standby_takes_over = landed + Duration::from_millis(lease_ms);
+        assert!(
+            !fence.valid_at(standby_takes_over),
+            "the owner still counts its lease valid when the standby takes over"
+        );
+        assert!(fence.valid_at(first + Duration::from_millis(899)));
+    }
+
+    /// An acknowledged attempt is the one that landed: no other attempt of
+    /// the renewal can have (they all compare-and-set one revision).
+    #[test]
+    fn an_acknowledged_attempt_counts_from_its_own_send() {
+        let t0 = Instant::now();
+        let value = held("s", 1, "h1", "/d", true);
+        let mut renewal = Renewal::default();
+        assert_eq!(renewal.acked(), None);
+        renewal.sent(value.clone(), t0);
+        renewal.sent(value, t0 + Duration::from_millis(300));
+        assert_eq!(renewal.acked(), Some(t0 + Duration::from_millis(300)));
+    }
+
+    /// A value that no attempt wrote is someone else's: nothing is credited.
+    /// Attempts with different values are told apart exactly.
+    #[test]
+    fn only_a_value_this_renewal_wrote_is_credited() {
+        let t0 = Instant::now();
+        let (a, b) = (
+            held("s", 1, "h1", "/d", true),
+            held("s", 2, "h1", "/d", true),
+        );
+        let mut renewal = Renewal::default();
+        renewal.sent(a.clone(), t0);
+        assert_eq!(renewal.landed(&b), None);
+        renewal.sent(b.clone(), t0 + Duration::from_millis(10));
+        renewal.sent(a.clone(), t0 + Duration::from_millis(20));
+        assert_eq!(renewal.landed(&b), Some(t0 + Duration::from_millis(10)));
+        assert_eq!(renewal.landed(&a), Some(t0));
+        assert_eq!(Renewal::default().landed(&a), None);
     }
 
     #[test]
