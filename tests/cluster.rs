@@ -3,7 +3,9 @@
 //! purchase workload, while one NATS node is killed (and later the meta
 //! leader), and one coordinator replica is killed. Every purchase a client
 //! heard about is as it heard, none is split, every request id keeps one
-//! outcome, and nothing is left in doubt after healing.
+//! outcome, and nothing is left in doubt after healing. And a replica held
+//! (stopped) between its window check and its decision write until past
+//! the window splits no purchase (issue 18, finding 1).
 
 mod harness;
 
@@ -15,6 +17,7 @@ use harness::PURCHASE;
 use twopc_launcher::client::{request, Reply};
 use twopc_launcher::{CoordinatorSettings, Kind, Nats, ParticipantSettings, System, SystemConfig};
 use twopc_schemas::api::{CreateProduct, CreateUser, Outcome, PurchaseReply, PurchaseRequest};
+use twopc_schemas::BranchState;
 use twopc_schemas::Code;
 use twopc_verify::check::{self, Initial, KeyReply, Snapshot, Told};
 
@@ -291,4 +294,274 @@ async fn killing_a_nats_node_or_a_coordinator_replica_under_load_loses_and_split
             && snapshot.debits.len() as u64 >= heard.commits.load(Ordering::Relaxed),
         "every commit a client heard is applied"
     );
+}
+
+// ---------------------------------------------------------------------
+// Issue 18, finding 1: a commit written late, past the window.
+
+/// The short window of [`a_commit_write_held_past_the_window_splits_nothing`].
+const LATE_WINDOW_MS: i64 = 2_000;
+
+/// Whether process `pid` is stopped (state `T` in `/proc/<pid>/stat`).
+fn process_state(pid: u32) -> Result<char, String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
+    // `pid (comm) S ...`: the state follows the last `)`.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next())
+        .ok_or_else(|| format!("unparsable /proc/{pid}/stat: {stat:?}"))
+}
+
+/// Milliseconds since `tx` began (its UUIDv7 timestamp).
+fn tx_age_ms(tx: uuid::Uuid) -> i64 {
+    twopc_common::now_ms()
+        - twopc_schemas::protocol::started_at_ms(tx).expect("transaction ids are UUIDv7")
+}
+
+/// The sequence of issue 18, finding 1, with real processes: replica A
+/// collects the votes of a purchase, passes the window check and is
+/// stopped (SIGSTOP, by its own stop point) before its decision write.
+/// Past the window the wallet, in doubt, asks; replica B answers (A is
+/// stopped), the wallet aborts. A resumes and writes its decision. Both
+/// branches must end the same way: after the wallet's abort, aborted.
+///
+/// To make A the one that collects the votes, B is stopped while the
+/// purchase is sent and started again once A is held. The wallet's
+/// queries go to either replica (a queue group; a NATS server picks a
+/// member at random for a client's message, wherever the members are
+/// connected): one that reaches the stopped A times out and is asked
+/// again, so within a few tries one reaches B. The order service
+/// asks only after a minute, so it hears the outcome from A's delivery, as
+/// in the finding's sequence; the wallet asks from 3 s on (past the 2 s
+/// window, so B never answers it within the window, where B records a
+/// presumed abort that A's write would lose to).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_write_held_past_the_window_splits_nothing() {
+    let began = Instant::now();
+    let dir = tempfile::Builder::new()
+        .prefix("twopc-test-cluster-late-write-")
+        .tempdir()
+        .unwrap();
+    let root = dir.path().to_owned();
+    let mut cfg = SystemConfig::new(&root, harness::bins());
+    cfg.client_name = "twopc-test".into();
+    cfg.nats = Nats::Cluster {
+        nodes: 3,
+        port: None,
+    };
+    cfg.coordinators = 2;
+    let window = [
+        ("TWOPC_TX_WINDOW_MS".to_owned(), LATE_WINDOW_MS.to_string()),
+        // Long enough that nothing is collected while the test looks.
+        ("TWOPC_RETENTION_MS".to_owned(), "60000".to_owned()),
+        ("TWOPC_MAX_SKEW_MS".to_owned(), "500".to_owned()),
+    ];
+    cfg.coordinator = CoordinatorSettings {
+        prepare_timeout_ms: Some(1_000),
+        decide_timeout_ms: Some(500),
+        retry_base_ms: Some(20),
+        retry_cap_ms: Some(500),
+        extra_env: window.to_vec(),
+        ..Default::default()
+    };
+    cfg.wallet = ParticipantSettings {
+        // Asks only past the window.
+        in_doubt_after_ms: Some(LATE_WINDOW_MS as u64 + 1_000),
+        recovery_interval_ms: Some(100),
+        // A query that went to the stopped replica is retried soon.
+        decision_timeout_ms: Some(500),
+        extra_env: window.to_vec(),
+        ..Default::default()
+    };
+    cfg.order = ParticipantSettings {
+        // Hears the outcome only from A's delivery.
+        in_doubt_after_ms: Some(60_000),
+        recovery_interval_ms: Some(100),
+        decision_timeout_ms: Some(500),
+        extra_env: window.to_vec(),
+        ..Default::default()
+    };
+    let mut sys = System::start(cfg).await.unwrap();
+    let users = [CreateUser {
+        user: "alice".into(),
+        balance: 10_000,
+    }];
+    let products = [CreateProduct {
+        sku: "book-1".into(),
+        price: 1_250,
+        stock: 10,
+    }];
+    sys.seed(&users, &products, false).await.unwrap();
+    let mut initial = Initial::default();
+    initial.balances.insert("alice".into(), 10_000);
+    initial.products.insert("book-1".into(), (1_250, 10));
+    let bucket = twopc_coordinator::kv::DEFAULT_BUCKET;
+    let snapshot = |client: async_nats::Client| {
+        let root = root.clone();
+        async move {
+            Snapshot::read_with_kv(&root, client, bucket)
+                .await
+                .map_err(|e| format!("{e:#}"))
+        }
+    };
+
+    say("stop replica B; start replica A again with its stop point armed");
+    sys.coordinator(1).proc.kill().unwrap();
+    let point = twopc_schemas::points::CoordinatorCrash::AfterVotes.name();
+    let a = sys.coordinator(0);
+    a.proc.kill().unwrap();
+    a.proc.set_env(twopc_common::fault::STOP_ENV, Some(point));
+    a.proc.start().unwrap();
+    let admin = sys.client.clone();
+    sys.coordinator(0)
+        .wait_ready(&admin, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let a_pid = sys.coordinator(0).proc.pid().expect("A runs");
+
+    say("purchase through A, the only replica");
+    let shop = sys.shop.client.clone();
+    let purchase = tokio::spawn(async move {
+        let req = PurchaseRequest {
+            user: "alice".into(),
+            sku: "book-1".into(),
+            qty: 1,
+            amount: 1_250,
+            request_id: Some("late-write-1".into()),
+        };
+        request::<_, PurchaseReply>(&shop, PURCHASE.as_str(), &req, Duration::from_secs(60)).await
+    });
+    harness::poll_until(
+        "replica A stopped at its stop point",
+        Duration::from_secs(20),
+        || async {
+            match process_state(a_pid)? {
+                'T' => Ok(()),
+                s => Err(format!("A is in state {s}")),
+            }
+        },
+    )
+    .await;
+    let s = harness::poll_until("both branches prepared", Duration::from_secs(10), || {
+        snapshot(admin.clone())
+    })
+    .await;
+    let tx = match s.wallet_branches.iter().next() {
+        Some((tx, BranchState::Prepared)) if s.wallet_branches.len() == 1 => *tx,
+        _ => panic!("one prepared wallet branch, got {:?}", s.wallet_branches),
+    };
+    assert_eq!(
+        s.order_branches.get(&tx),
+        Some(&BranchState::Prepared),
+        "A stops after both votes"
+    );
+    assert!(!s.decisions.contains_key(&tx), "A stopped before its write");
+    assert!(
+        sys.coordinator(0).proc.log().contains("STOP POINT"),
+        "A stopped at its stop point"
+    );
+    say(&format!(
+        "A stopped between its window check and its write, {} ms into tx {tx}; start B",
+        tx_age_ms(tx)
+    ));
+    sys.coordinator(1).proc.start().unwrap();
+    sys.coordinator(1)
+        .wait_ready(&admin, Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    say("wait until the wallet, in doubt past the window, hears abort (from B)");
+    let s = harness::poll_until(
+        "the wallet's branch aborted",
+        // A few queries to the stopped A may time out first, with backoff.
+        Duration::from_secs(60),
+        || async {
+            let s = snapshot(admin.clone()).await?;
+            match s.wallet_branches.get(&tx) {
+                Some(BranchState::Aborted) => Ok(s),
+                other => Err(format!("wallet branch {other:?}")),
+            }
+        },
+    )
+    .await;
+    // (Past the window by construction: the wallet asks no earlier than
+    // `in_doubt_after_ms` after its prepare, which is past the window.)
+    let aborted_at = tx_age_ms(tx);
+    assert_eq!(
+        s.order_branches.get(&tx),
+        Some(&BranchState::Prepared),
+        "the order service has not heard anything yet"
+    );
+    assert_eq!(process_state(a_pid), Ok('T'), "A is still stopped");
+    say(&format!(
+        "wallet aborted {aborted_at} ms into the transaction; decisions: {:?}; resume A",
+        s.decisions.get(&tx)
+    ));
+    sys.coordinator(0).proc.resume().unwrap();
+
+    let s = harness::poll_until(
+        "the order branch decided and a decision recorded",
+        Duration::from_secs(30),
+        || async {
+            let s = snapshot(admin.clone()).await?;
+            match (s.order_branches.get(&tx), s.decisions.get(&tx)) {
+                (Some(BranchState::Committed | BranchState::Aborted), Some(_)) => Ok(s),
+                other => Err(format!("order branch, decision: {other:?}")),
+            }
+        },
+    )
+    .await;
+    let told = vec![harness::told(&purchase.await.unwrap())];
+    say(&format!(
+        "tx {tx}: wallet {:?}, order {:?}, decision {:?}; the client was told {told:?}",
+        s.wallet_branches.get(&tx),
+        s.order_branches.get(&tx),
+        s.decisions.get(&tx),
+    ));
+    let violations = [check::atomicity(&s), check::client_view(&told, &s)].concat();
+    assert!(
+        violations.is_empty(),
+        "split purchase: {violations:#?}\n{}",
+        logs_of(&sys)
+    );
+    assert_eq!(
+        (s.wallet_branches.get(&tx), s.order_branches.get(&tx)),
+        (Some(&BranchState::Aborted), Some(&BranchState::Aborted)),
+        "the wallet aborted, so the order must abort too"
+    );
+
+    say("wait until quiescent, and check every invariant");
+    let s = harness::poll_until("quiescence", Duration::from_secs(30), || async {
+        let s = snapshot(admin.clone()).await?;
+        if s.quiescent() {
+            Ok(s)
+        } else {
+            Err(format!("{:?}", check::no_holds_left(&s)))
+        }
+    })
+    .await;
+    let violations: Vec<String> = [
+        check::atomicity(&s),
+        check::conservation(&initial, &s),
+        check::no_holds_left(&s),
+        check::client_view(&told, &s),
+    ]
+    .concat();
+    assert!(violations.is_empty(), "violations: {violations:#?}");
+    eprintln!("took {} ms", began.elapsed().as_millis());
+}
+
+/// The last lines of every service's log, for a failure message.
+fn logs_of(sys: &System) -> String {
+    let mut out = String::new();
+    for (name, s) in &sys.services {
+        let log = s.proc.log();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        out.push_str(&format!("===== {name} (last 30 lines)\n"));
+        for l in tail.into_iter().rev() {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
 }

@@ -4,6 +4,16 @@
 //!   no unwinding, no destructors, nothing flushed) the `n`-th time (default
 //!   first) it reaches the crash point `name`. That is as close to a power cut
 //!   between two instructions as a test can get, and it is deterministic.
+//! * `TWOPC_STOP_AT=name[:n][,name[:n]...]` — the process stops itself
+//!   (raises SIGSTOP: every thread freezes, sockets stay open) the `n`-th
+//!   time (default first) it reaches the crash point `name`, and only then:
+//!   after a SIGCONT it goes on from that very point, and later hits pass.
+//!   Every crash point is also a stop point. A test uses this to hold a
+//!   process between two steps for as long as it likes (a replica paused
+//!   after its window check, before its write) where a timed delay would
+//!   race; it waits for the stop on the process state (`T` in
+//!   `/proc/<pid>/stat`). Not in the faults file: a file entry stays armed
+//!   and would stop at every hit.
 //! * `TWOPC_DELAY=name:ms[,name:ms...]` — every time the process reaches the
 //!   delay point `name` it sleeps `ms` milliseconds (a slow participant).
 //!
@@ -26,6 +36,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub const CRASH_ENV: &str = "TWOPC_CRASH_AT";
+pub const STOP_ENV: &str = "TWOPC_STOP_AT";
 pub const DELAY_ENV: &str = "TWOPC_DELAY";
 pub const FILE_ENV: &str = "TWOPC_FAULTS_FILE";
 pub const BREAK_ENV: &str = "TWOPC_BREAK";
@@ -35,6 +46,8 @@ pub const FILE_REFRESH_MS: u64 = 100;
 struct Faults {
     /// Crash point name → hits remaining before the crash.
     crash: HashMap<String, AtomicU64>,
+    /// Stop point name → hits remaining before the stop (0: done).
+    stop: HashMap<String, AtomicU64>,
     /// Delay point name → sleep.
     delay: HashMap<String, Duration>,
     /// Whether `TWOPC_FAULTS_FILE` is set (points may be armed at run time).
@@ -44,7 +57,7 @@ struct Faults {
 impl Faults {
     /// False in a normal deployment: then no point name is even formatted.
     fn any(&self) -> bool {
-        self.file || !self.crash.is_empty() || !self.delay.is_empty()
+        self.file || !self.crash.is_empty() || !self.stop.is_empty() || !self.delay.is_empty()
     }
 }
 
@@ -68,6 +81,10 @@ fn faults() -> &'static Faults {
     static FAULTS: OnceLock<Faults> = OnceLock::new();
     FAULTS.get_or_init(|| Faults {
         crash: parse_list(CRASH_ENV)
+            .into_iter()
+            .map(|(name, n)| (name, AtomicU64::new(n.unwrap_or(1).max(1))))
+            .collect(),
+        stop: parse_list(STOP_ENV)
             .into_iter()
             .map(|(name, n)| (name, AtomicU64::new(n.unwrap_or(1).max(1))))
             .collect(),
@@ -147,15 +164,37 @@ fn die(name: &str) -> ! {
     std::process::abort();
 }
 
-/// Aborts the process here if the crash point `name` is armed and due.
-/// `name` is formatted only when some fault is armed at all, so call sites
-/// may pass `format_args!` on hot paths.
+/// Counts one hit of a stop point with `remaining` hits to go: true for
+/// the hit that brings it to 0; it then stays at 0, so no later hit stops.
+fn this_hit_stops(remaining: &AtomicU64) -> bool {
+    remaining.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |r| r.checked_sub(1)) == Ok(1)
+}
+
+/// Stops the process here (SIGSTOP to itself) and returns once it is
+/// continued (SIGCONT).
+fn stop(name: &str) {
+    // eprintln, not tracing, as for crash points: tests read this line.
+    eprintln!("STOP POINT {name}: stopping the process (SIGSTOP); SIGCONT resumes it");
+    // SAFETY: raise(3) with a valid signal number; no memory is involved.
+    unsafe {
+        libc::raise(libc::SIGSTOP);
+    }
+    eprintln!("STOP POINT {name}: continued");
+}
+
+/// Aborts the process here if the crash point `name` is armed and due, or
+/// stops it here if the point is armed as a stop point (`TWOPC_STOP_AT`)
+/// and due. `name` is formatted only when some fault is armed at all, so
+/// call sites may pass `format_args!` on hot paths.
 pub fn crash_point(name: impl std::fmt::Display) {
     let f = faults();
     if !f.any() {
         return;
     }
     let name = name.to_string();
+    if f.stop.get(&name).is_some_and(this_hit_stops) {
+        stop(&name);
+    }
     if let Some(remaining) = f.crash.get(&name) {
         if remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
             die(&name);
@@ -225,6 +264,7 @@ pub fn armed() -> Vec<String> {
         .crash
         .keys()
         .map(|k| format!("crash:{k}"))
+        .chain(f.stop.keys().map(|k| format!("stop:{k}")))
         .chain(f.delay.keys().map(|k| format!("delay:{k}")))
         .collect();
     if let Some(path) = std::env::var_os(FILE_ENV) {
@@ -237,6 +277,14 @@ pub fn armed() -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stop_point_stops_at_its_nth_hit_only() {
+        let remaining = AtomicU64::new(2);
+        let hits: Vec<bool> = (0..5).map(|_| this_hit_stops(&remaining)).collect();
+        assert_eq!(hits, [false, true, false, false, false]);
+        assert_eq!(remaining.load(Ordering::SeqCst), 0);
+    }
 
     #[test]
     fn faults_file_entries_parse() {

@@ -442,6 +442,9 @@ impl<L: DecisionLog> Coordinator<L> {
                 let c = self.clone();
                 tokio::spawn(async move {
                     let tx = rec.tx;
+                    // Between the window check (made in the core when the
+                    // votes came in) and the write. Also a stop point
+                    // (`TWOPC_STOP_AT`): a test holds a replica here.
                     crash_point(CoordinatorCrash::AfterVotes);
                     // Durable point: `record` returns after the decision is
                     // fsynced (or after finding an earlier decision, which
