@@ -478,11 +478,12 @@ impl<L: DecisionLog> Coordinator<L> {
                 query,
                 rec,
                 participant,
+                write_by_ms,
             } => {
                 let c = self.clone();
                 tokio::spawn(async move {
                     let tx = rec.tx;
-                    let result = c.log.record(rec).await;
+                    let result = c.log.record_until(rec, write_by_ms).await;
                     match &result {
                         Ok(crate::log::Recorded::New(_)) => {
                             info!(%tx, "no decision recorded; recorded abort (presumed abort)")

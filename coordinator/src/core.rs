@@ -38,16 +38,17 @@
 //!   (presumed abort), and is answered with whatever the log holds
 //!   (`on_decision_query`, `on_query_recorded`);
 //! * the transaction window: all yes past it records abort (`on_voted`);
-//!   a commit is written only within half the retention of the start
-//!   (`Cmd::Record::write_by_ms`), and one that the log finds too late
-//!   to write is recorded as abort instead (`on_recorded`);
-//! * a decision query within the retention records abort first like any
-//!   other (a commit write may still land: it is sent up to half the
-//!   retention after the start); one older than the retention reads the
-//!   log and writes nothing, no record meaning abort — no commit can land
-//!   that late (`on_decision_query`, `on_decision_found`). With the
-//!   participants refusing prepares past the window, this is what lets old
-//!   records be collected (ARCHITECTURE.md, "The retention rule").
+//! * no decision of a transaction — its attempt's, or a presumed abort — is
+//!   sent to the log later than half the retention after its start
+//!   (`write_by_ms` on `Cmd::Record` and `Cmd::RecordPresumedAbort`; the
+//!   log answers `TooLate` instead, and the outcome is unknown);
+//! * a decision query up to that point records abort first (a commit
+//!   write may still land); later it reads the log: a record answers, and
+//!   no record means abort only once the transaction is older than the
+//!   retention — no decision can land that late — and "ask again" before
+//!   (`on_decision_query`, `on_decision_found`, `on_query_recorded`). With
+//!   the participants refusing prepares past the window, this is what lets
+//!   old records be collected (ARCHITECTURE.md, "The retention rule").
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -179,9 +180,9 @@ pub enum Cmd {
         trace: TraceContext,
     },
     /// Record the decision durably (first writer wins) →
-    /// [`Event::Recorded`]. Nobody hears it before. A commit carries the
+    /// [`Event::Recorded`]. Nobody hears it before. `write_by_ms` is the
     /// wall-clock time after which the log must not send it any more
-    /// ([`TxWindow::commit_write_by_ms`]); the log answers
+    /// ([`TxWindow::decision_write_by_ms`]); the log answers
     /// [`LogError::TooLate`] then, having sent nothing new.
     Record {
         rec: Record,
@@ -195,11 +196,13 @@ pub enum Cmd {
         participant: ParticipantName,
     },
     /// Record abort unless a decision exists → [`Event::QueryRecorded`]
-    /// (with `participant`, who asked).
+    /// (with `participant`, who asked); not sent after `write_by_ms`, as
+    /// for [`Cmd::Record`].
     RecordPresumedAbort {
         query: QueryId,
         rec: Record,
         participant: ParticipantName,
+        write_by_ms: Option<i64>,
     },
     /// Deliver a decision once → [`Event::Delivered`].
     Decide {
@@ -461,7 +464,7 @@ impl Core {
                 participant,
                 ballot,
             } => self.on_voted(now_ms, tx, participant, ballot, &mut out),
-            Event::Recorded { tx, result } => self.on_recorded(now_ms, tx, result, &mut out),
+            Event::Recorded { tx, result } => self.on_recorded(tx, result, &mut out),
             Event::Delivered {
                 tx,
                 participant,
@@ -485,7 +488,7 @@ impl Core {
                 tx,
                 participant,
                 found,
-            } => self.on_decision_found(query, tx, participant, found, &mut out),
+            } => self.on_decision_found(now_ms, query, tx, participant, found, &mut out),
         }
         self.check_invariants(touched);
         out
@@ -710,15 +713,7 @@ impl Core {
             delivery_attempts: 0,
         };
         let (req, asker) = (v.req.clone(), v.asker.clone());
-        let write_by_ms = match outcome.decision {
-            Decision::Commit => Some(
-                self.config
-                    .window
-                    .commit_write_by_ms(tx)
-                    .unwrap_or(i64::MIN),
-            ),
-            Decision::Abort => None,
-        };
+        let write_by_ms = self.config.window.decision_write_by_ms(tx);
         t.phase = Phase::Recording(Recording {
             req,
             asker,
@@ -727,50 +722,12 @@ impl Core {
         out.push(Cmd::Record { rec, write_by_ms });
     }
 
-    fn on_recorded(
-        &mut self,
-        now_ms: i64,
-        tx: TxId,
-        result: Result<Recorded, LogError>,
-        out: &mut Vec<Cmd>,
-    ) {
-        let Some(mut t) = self.txs.remove(&tx) else {
+    fn on_recorded(&mut self, tx: TxId, result: Result<Recorded, LogError>, out: &mut Vec<Cmd>) {
+        let Some(t) = self.txs.remove(&tx) else {
             return;
         };
-        let Phase::Recording(r) = &mut t.phase else {
+        if !matches!(t.phase, Phase::Recording(_)) {
             self.txs.insert(tx, t);
-            return;
-        };
-        if matches!(result, Err(LogError::TooLate)) && r.outcome.decision == Decision::Commit {
-            // The commit was not sent in time (the writer was held up past
-            // `write_by_ms`): record abort instead. Abort is always safe,
-            // and first writer wins if an earlier attempt's commit lands.
-            r.outcome.decision = Decision::Abort;
-            r.outcome.reason = Some(AbortReason {
-                participant: "coordinator".into(),
-                code: Code::Expired,
-                message: "all voted yes, but the commit could not be written within half \
-                          the retention of the transaction's start"
-                    .into(),
-            });
-            let rec = Record {
-                tx,
-                decision: Decision::Abort,
-                request_id: r.req.request_id.clone(),
-                purchase: Some(r.req.clone()),
-                reason: r.outcome.reason.clone(),
-                deliver_to: r.outcome.deliver_to.clone(),
-                pending: r.outcome.deliver_to.clone(),
-                decided_at_ms: now_ms,
-                completed_at_ms: None,
-                votes: vec![],
-                delivery_attempts: 0,
-            };
-            self.txs.insert(tx, t);
-            out.push(Cmd::Record {
-                rec,
-                write_by_ms: None,
-            });
             return;
         }
         let Phase::Recording(r) = t.phase else {
@@ -1028,13 +985,15 @@ impl Core {
                 return;
             }
         }
-        if self.config.window.past_retention(tx, now_ms) {
-            // Older than the retention no commit can land any more (commit
-            // writes are sent within half of it, and land within the other
-            // half less the skew, or never), so no record means abort, and
-            // nothing needs writing (a flood of queries for old ids writes
-            // nothing; see the retention rule). Younger, a commit write may
-            // still be in flight: abort is recorded first, below.
+        let write_by_ms = self.config.window.decision_write_by_ms(tx);
+        if write_by_ms.is_none_or(|by| now_ms > by) {
+            // Too late to write anything for it: read. What a record says
+            // answers; absence means abort only past the retention, when no
+            // decision write can land any more (they are sent within half
+            // of it, and land within the other half less the skew, or
+            // never); before, the participant asks again (see the
+            // retention rule). A flood of queries for old ids writes
+            // nothing.
             out.push(Cmd::LookUpDecision {
                 query,
                 tx,
@@ -1070,6 +1029,7 @@ impl Core {
             query,
             rec,
             participant,
+            write_by_ms,
         });
     }
 
@@ -1092,8 +1052,15 @@ impl Core {
                 tx,
                 decision: r.decision,
             },
-            Ok(Recorded::KeyTaken(_)) => unreachable!("a decision query carries no request id"),
-            // Unknown: the participant asks again later.
+            // A decision query carries no request id, so no key can be
+            // taken; were one, the participant would learn nothing and ask
+            // again: no assertion a store's answer can reach.
+            Ok(Recorded::KeyTaken(_)) => DecisionReply::Rejected {
+                code: Code::Internal,
+                message: "the decision log answered about a request id".into(),
+            },
+            // Unknown (or too late to write, then it reads next time): the
+            // participant asks again later.
             Err(e) => DecisionReply::Rejected {
                 code: Code::Busy,
                 message: e.to_string(),
@@ -1104,6 +1071,7 @@ impl Core {
 
     fn on_decision_found(
         &mut self,
+        now_ms: i64,
         query: QueryId,
         tx: TxId,
         participant: ParticipantName,
@@ -1119,9 +1087,17 @@ impl Core {
                 tx,
                 decision: r.decision,
             },
-            Ok(None) => DecisionReply::Decided {
+            Ok(None) if self.config.window.past_retention(tx, now_ms) => DecisionReply::Decided {
                 tx,
                 decision: Decision::Abort,
+            },
+            // A decision may still land: neither abort nor commit yet.
+            Ok(None) => DecisionReply::Rejected {
+                code: Code::Busy,
+                message: format!(
+                    "no decision recorded for {tx} yet, and too late to record one: ask again \
+                     once it is older than the retention"
+                ),
             },
             Err(e) => DecisionReply::Rejected {
                 code: Code::Busy,
@@ -1962,6 +1938,7 @@ mod tests {
             query: 1,
             rec,
             participant,
+            ..
         }] = cmds.as_slice()
         else {
             panic!("{cmds:?}")
@@ -2086,49 +2063,60 @@ mod tests {
         assert_eq!(rec.deliver_to.len(), 2);
     }
 
-    /// Issue 18, finding 1: past the window a commit write may still be in
-    /// flight (sent until half the retention), so a query past the window
-    /// records abort first, as within it; only past the retention does it
-    /// read and take absence for abort.
+    /// Issue 18, finding 1: past the window a decision write may still be
+    /// in flight (decisions are sent until half the retention), so a query
+    /// past the window records abort first, as within it; after that it
+    /// reads, and takes absence for abort only past the retention.
     #[test]
-    fn a_decision_query_past_the_window_records_abort_first_until_the_retention() {
+    fn a_decision_query_records_abort_first_until_half_the_retention() {
         let mut c = core(ReplyAfter::Decision);
         let (w, h) = (TxWindow::DEFAULT.window_ms, TxWindow::DEFAULT.retention_ms);
         let tx = tx_at(NOW);
         let cmds = c.step(NOW + w + 1, ask(9, tx, &participant::WALLET));
         assert!(
-            matches!(&cmds[..], [Cmd::RecordPresumedAbort { query: 9, rec, .. }]
-                if rec.decision == Decision::Abort && rec.tx == tx),
+            matches!(&cmds[..], [Cmd::RecordPresumedAbort { query: 9, rec, write_by_ms, .. }]
+                if rec.decision == Decision::Abort && rec.tx == tx
+                    && *write_by_ms == Some(NOW + h / 2)),
             "{cmds:?}"
         );
-        // Just inside the retention: still written first.
-        let cmds = c.step(NOW + h, ask(10, tx, &participant::WALLET));
-        assert!(matches!(
-            &cmds[..],
-            [Cmd::RecordPresumedAbort { query: 10, .. }]
-        ));
-        // Past it: read, nothing written...
-        let cmds = c.step(NOW + h + 1, ask(11, tx, &participant::WALLET));
+        // Past half the retention: read, nothing written...
+        let lookup = |q| Cmd::LookUpDecision {
+            query: q,
+            tx,
+            participant: participant::WALLET,
+        };
         assert_eq!(
-            cmds,
-            vec![Cmd::LookUpDecision {
-                query: 11,
-                tx,
-                participant: participant::WALLET
-            }]
+            c.step(NOW + h / 2 + 1, ask(10, tx, &participant::WALLET)),
+            vec![lookup(10)]
         );
-        // ...and no record means abort.
-        let cmds = c.step(
-            NOW + h + 2,
-            Event::DecisionFound {
-                query: 11,
-                tx,
-                participant: participant::WALLET,
-                found: Ok(None),
-            },
+        let found = |q| Event::DecisionFound {
+            query: q,
+            tx,
+            participant: participant::WALLET,
+            found: Ok(None),
+        };
+        // ...and absence is not yet abort: a decision may still land.
+        let cmds = c.step(NOW + h / 2 + 2, found(10));
+        assert!(
+            matches!(
+                &cmds[..],
+                [Cmd::Answer {
+                    query: 10,
+                    reply: DecisionReply::Rejected {
+                        code: Code::Busy,
+                        ..
+                    }
+                }]
+            ),
+            "{cmds:?}"
+        );
+        // Past the retention no decision can land: absence is abort.
+        assert_eq!(
+            c.step(NOW + h + 1, ask(11, tx, &participant::WALLET)),
+            vec![lookup(11)]
         );
         assert_eq!(
-            cmds,
+            c.step(NOW + h + 2, found(11)),
             vec![Cmd::Answer {
                 query: 11,
                 reply: DecisionReply::Decided {
@@ -2139,10 +2127,10 @@ mod tests {
         );
     }
 
-    /// A commit carries the time after which it must not be sent; one the
-    /// log could not send in time is recorded as abort instead.
+    /// Every decision carries the time after which it must not be sent;
+    /// one the log could not send in time leaves the outcome unknown.
     #[test]
-    fn a_commit_too_late_to_write_is_recorded_as_abort() {
+    fn a_decision_too_late_to_write_is_unknown() {
         let mut c = core(ReplyAfter::Decision);
         let tx = tx_at(NOW);
         c.step(NOW, purchase(1, book(None), tx));
@@ -2160,20 +2148,9 @@ mod tests {
                 result: Err(LogError::TooLate),
             },
         );
-        let rec = record_of(&cmds);
-        assert_eq!(rec.decision, Decision::Abort);
-        assert_eq!(rec.reason.unwrap().code, Code::Expired);
-        assert!(
-            replies(&cmds).is_empty(),
-            "nobody hears before it is durable"
-        );
-        assert!(cmds.iter().any(|c| matches!(
-            c,
-            Cmd::Record {
-                write_by_ms: None,
-                ..
-            }
-        )));
+        let r = replies(&cmds);
+        assert_eq!(r[0].1.as_ref().unwrap_err().code, Code::OutcomeUnknown);
+        assert!(decides(&cmds).is_empty(), "nothing is delivered");
     }
 
     /// Issue 18, finding 7: a key taken on another replica by a different

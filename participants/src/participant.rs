@@ -221,7 +221,7 @@ pub fn branch_states(conn: &Connection) -> rusqlite::Result<BTreeMap<TxId, Branc
 /// Each says whether it was prepared before this process started (its id
 /// is at most `started_after_rowid`, the [`start_mark`]). No wall-clock
 /// value is read: recovery must not depend on it.
-fn list_prepared(
+pub fn list_prepared(
     conn: &Connection,
     after: Option<TxId>,
     started_after_rowid: i64,

@@ -66,7 +66,7 @@ impl TxWindow {
 
     /// Checks `retention > window + skew` and `retention >= 2 × window` (a
     /// commit decided at the end of the window must still be writable:
-    /// [`TxWindow::commit_write_by_ms`]).
+    /// [`TxWindow::decision_write_by_ms`]).
     pub fn new(window_ms: i64, retention_ms: i64, max_skew_ms: i64) -> Result<Self, String> {
         if window_ms <= 0 || max_skew_ms < 0 {
             return Err(format!(
@@ -83,7 +83,7 @@ impl TxWindow {
         if retention_ms < 2 * window_ms {
             return Err(format!(
                 "retention ({retention_ms} ms) must be at least twice the transaction \
-                 window ({window_ms} ms): a commit write is sent only within half the \
+                 window ({window_ms} ms): a decision is sent to the log only within half the \
                  retention of the transaction's start"
             ));
         }
@@ -94,14 +94,16 @@ impl TxWindow {
         })
     }
 
-    /// The wall-clock time after which a commit decision of `tx` must not
-    /// be sent to the decision log any more: half the retention after its
-    /// start (`None`: not a UUIDv7). With the assumption that a write sent
-    /// lands within `retention / 2 − skew` or never, no commit lands later
-    /// than `retention − skew` after the start, so a decision query older
-    /// than the retention may read the log and take absence for abort
-    /// (ARCHITECTURE.md, "The retention rule").
-    pub fn commit_write_by_ms(&self, tx: TxId) -> Option<i64> {
+    /// The wall-clock time after which no decision of `tx` (its attempt's
+    /// commit or abort, or a presumed abort) may be sent to the decision
+    /// log any more: half the retention after its start (`None`: not a
+    /// UUIDv7). With the assumption that a write sent lands within
+    /// `retention / 2 − skew` or never, no decision lands later than
+    /// `retention − skew` after the start: before any record of it can be
+    /// collected, and before a decision query older than the retention
+    /// reads the log and takes absence for abort (ARCHITECTURE.md, "The
+    /// retention rule").
+    pub fn decision_write_by_ms(&self, tx: TxId) -> Option<i64> {
         started_at_ms(tx).map(|t| t + self.retention_ms / 2)
     }
 

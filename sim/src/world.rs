@@ -22,11 +22,11 @@ use twopc_coordinator::log::{DecisionLog, LogError, Record};
 use twopc_coordinator::phase::Ballot;
 use twopc_participants::order::Order;
 use twopc_participants::participant::{
-    collect_branches, decide_job, library_schema, prepare_job, Resource,
+    collect_branches, decide_job, library_schema, list_prepared, prepare_job, start_mark, Resource,
 };
-use twopc_participants::recovery::{Listed, Tracker, MAX_QUERIES_PER_PASS, RECOVERY_PAGE_ROWS};
+use twopc_participants::recovery::{Tracker, MAX_QUERIES_PER_PASS, RECOVERY_PAGE_ROWS};
 use twopc_participants::wallet::Wallet;
-use twopc_schemas::api::{ApiError, Outcome as ApiOutcome, PurchaseReply, PurchaseRequest};
+use twopc_schemas::api::{ApiError, PurchaseReply, PurchaseRequest};
 use twopc_schemas::protocol::{
     Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Prepare, TxId, TxWindow, Vote,
 };
@@ -704,12 +704,7 @@ impl World {
         let p = self.parts.get_mut(&n).expect("participant");
         p.tracker = Tracker::new();
         p.queries.clear();
-        p.started_after_rowid = p
-            .conn
-            .query_row("SELECT coalesce(max(rowid), 0) FROM branches", [], |r| {
-                r.get(0)
-            })
-            .expect("max rowid");
+        p.started_after_rowid = start_mark(&p.conn).expect("start mark");
         self.status.insert(n, Status::Up);
         self.timer(n, RECOVERY_INTERVAL_MS, Timer::Recovery);
         let c = self.rng.random_range(1..self.collect_every_ms());
@@ -876,12 +871,12 @@ impl World {
         }
         match ev {
             Ev::Msg { from, to, msg } => {
-                self.hash = fnv(self.hash, format!("{from}{to}{msg:?}").as_bytes());
+                self.hash = fnv(self.hash, &[from as u8, to as u8, msg_kind(&msg)]);
                 self.on_msg(from, to, msg);
             }
             Ev::Timer { node, inc, t } => {
                 if self.inc.get(&node).copied().unwrap_or(0) == inc {
-                    self.hash = fnv(self.hash, format!("{node}{t:?}").as_bytes());
+                    self.hash = fnv(self.hash, &[node as u8, timer_kind(&t)]);
                     self.on_timer(node, t);
                 }
             }
@@ -892,7 +887,7 @@ impl World {
             } => self.on_kv_arrive(call, op, lose_answer),
             Ev::KvBack { call, result } => {
                 if let Some((n, reply)) = self.calls.remove(&call) {
-                    self.hash = fnv(self.hash, format!("{n}{result:?}").as_bytes());
+                    self.hash = fnv(self.hash, &[n as u8, result_kind(&result)]);
                     let _ = reply.send(result);
                     self.pump(n);
                 }
@@ -1067,7 +1062,8 @@ impl World {
         };
         let now = self.now_us();
         let result = self.kv.apply(op.clone(), now, stale_us);
-        self.hash = fnv(self.hash, format!("kv{call}{op:?}{result:?}").as_bytes());
+        self.hash = fnv(self.hash, &call.to_le_bytes());
+        self.hash = fnv(self.hash, &[result_kind(&result)]);
         if let KvOp::Create { key, value } | KvOp::Update { key, value, .. } = &op {
             if matches!(
                 result,
@@ -1208,9 +1204,10 @@ impl World {
                 query,
                 rec,
                 participant,
+                write_by_ms,
             } => self.spawn_log(r, true, move |log| async move {
                 let tx = rec.tx;
-                let result = log.record(rec).await;
+                let result = log.record_until(rec, write_by_ms).await;
                 Done::Event(Event::QueryRecorded {
                     query,
                     tx,
@@ -1645,7 +1642,13 @@ impl World {
         let threshold = Duration::from_millis(self.knobs.in_doubt_after_ms);
         let (due, name) = {
             let p = self.parts.get_mut(&n).expect("participant");
-            let page = list_prepared(&p.conn, p.tracker.cursor(), p.started_after_rowid);
+            let page = list_prepared(
+                &p.conn,
+                p.tracker.cursor(),
+                p.started_after_rowid,
+                RECOVERY_PAGE_ROWS,
+            )
+            .expect("list prepared branches");
             let asking: BTreeSet<TxId> = p.queries.values().copied().collect();
             let due: Vec<TxId> = p
                 .tracker
@@ -1973,6 +1976,50 @@ impl World {
     }
 }
 
+/// Cheap fingerprints of events for the trace hash (time, ids and kinds,
+/// not whole values: formatting every value was most of a run's time).
+fn msg_kind(m: &Msg) -> u8 {
+    match m {
+        Msg::Purchase { .. } => 1,
+        Msg::PurchaseReply { reply, .. } => 2 + u8::from(reply.is_ok()),
+        Msg::Prepare { .. } => 4,
+        Msg::Vote { vote, .. } => 5 + u8::from(matches!(vote, Vote::Yes)),
+        Msg::Decide { msg, .. } => 7 + u8::from(msg.decision == Decision::Commit),
+        Msg::DecideAck { reply, .. } => 9 + u8::from(matches!(reply, DecideReply::Ack)),
+        Msg::Query { .. } => 11,
+        Msg::Answer { .. } => 12,
+        Msg::NoResponders { .. } => 13,
+    }
+}
+
+fn timer_kind(t: &Timer) -> u8 {
+    match t {
+        Timer::RpcTimeout(_) => 1,
+        Timer::PrepareRetry(_) => 2,
+        Timer::RetryDue(_) => 3,
+        Timer::Sweep => 4,
+        Timer::Collect => 5,
+        Timer::Recovery => 6,
+        Timer::PartCollect => 7,
+        Timer::QueryTimeout(_) => 8,
+        Timer::SendLater { msg, .. } => 16 + msg_kind(msg),
+        Timer::DelayedPrepare { .. } => 9,
+        Timer::ClientSend { .. } => 10,
+        Timer::ClientTimeout { .. } => 11,
+    }
+}
+
+fn result_kind(r: &KvResult) -> u8 {
+    match r {
+        KvResult::Create(c) => 1 + matches!(c, twopc_coordinator::kv::Create::Written) as u8,
+        KvResult::Update(u) => 3 + matches!(u, twopc_coordinator::kv::Update::Written) as u8,
+        KvResult::Latest(e) => 5 + e.is_some() as u8,
+        KvResult::Deleted(d) => 7 + *d as u8,
+        KvResult::Scan(all) => 9u8.wrapping_add(all.len() as u8),
+        KvResult::TimedOut => 0,
+    }
+}
+
 fn describe(ev: &Ev) -> String {
     match ev {
         Ev::Msg { from, to, msg } => format!("msg {from}->{to} {msg:?}"),
@@ -2046,38 +2093,5 @@ fn new_part(kind: Kind) -> Part {
         tracker: Tracker::new(),
         started_after_rowid: 0,
         queries: BTreeMap::new(),
-    }
-}
-
-/// One page of prepared branches, as the service's recovery lists them
-/// (`participant::list_prepared`).
-fn list_prepared(conn: &Connection, after: Option<TxId>, started_after_rowid: i64) -> Vec<Listed> {
-    let after: Vec<u8> = after.map_or(vec![], |tx| tx.as_bytes().to_vec());
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT tx, rowid <= ?2 FROM branches WHERE state = 'prepared' AND tx > ?1
-             ORDER BY tx LIMIT ?3",
-        )
-        .expect("prepare");
-    let rows = stmt
-        .query_map(
-            rusqlite::params![after, started_after_rowid, RECOVERY_PAGE_ROWS as i64],
-            |r| {
-                let tx: Vec<u8> = r.get(0)?;
-                Ok(Listed {
-                    tx: TxId::from_slice(&tx).expect("16 bytes"),
-                    before_start: r.get(1)?,
-                })
-            },
-        )
-        .expect("query");
-    rows.collect::<rusqlite::Result<Vec<_>>>().expect("rows")
-}
-
-#[allow(dead_code)]
-fn outcome_name(o: ApiOutcome) -> &'static str {
-    match o {
-        ApiOutcome::Committed => "committed",
-        ApiOutcome::Aborted => "aborted",
     }
 }

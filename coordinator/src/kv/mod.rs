@@ -50,7 +50,7 @@ use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use twopc_schemas::api::{AbortReason, PurchaseRequest, VoteSummary};
-use twopc_schemas::protocol::{Decision, TxId};
+use twopc_schemas::protocol::{started_at_ms, Decision, TxId};
 use twopc_schemas::{Code, ParticipantName};
 
 use crate::log::{stored, DecisionLog, LogError, Record, Recorded, StoredDecision};
@@ -398,6 +398,7 @@ impl<S: KvStore> KvLog<S> {
         &self,
         request_id: &str,
         holder: StoredClaim,
+        write_by_ms: Option<i64>,
     ) -> Result<Record, LogError> {
         let purchase: Option<PurchaseRequest> = holder.purchase.map(PurchaseRequest::from);
         let waited_from = self.store.monotonic_ms();
@@ -427,7 +428,7 @@ impl<S: KvStore> KvLog<S> {
                     votes: vec![],
                     delivery_attempts: 0,
                 };
-                return Ok(match self.create_record(abort, None).await? {
+                return Ok(match self.create_record(abort, write_by_ms).await? {
                     Ok(mut r) | Err(mut r) => {
                         if r.purchase.is_none() {
                             r.purchase = purchase;
@@ -550,8 +551,14 @@ impl<S: KvStore> DecisionLog for KvLog<S> {
             if let Some(holder) = self.claim(&rid, rec.tx, rec.purchase.as_ref()).await? {
                 // Nothing is written for this transaction: by presumed
                 // abort it is aborted, and the key keeps its first outcome.
+                // A presumed abort for the holder keeps the same deadline
+                // rule, counted from the holder's own start.
+                let holder_by = write_by_ms.and_then(|by| {
+                    let half = by - started_at_ms(rec.tx)?;
+                    Some(started_at_ms(holder.tx)? + half)
+                });
                 return Ok(Recorded::KeyTaken(
-                    self.holder_decision(&rid, holder).await?,
+                    self.holder_decision(&rid, holder, holder_by).await?,
                 ));
             }
         }
