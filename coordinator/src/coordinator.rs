@@ -287,9 +287,7 @@ impl<L: DecisionLog> Coordinator<L> {
     /// are more.
     pub async fn in_doubt(&self) -> Result<CoordinatorInDoubt, ApiError> {
         let mut in_progress: Vec<String> = self
-            .core
-            .lock()
-            .expect("lock")
+            .core()
             .active()
             .into_iter()
             .take(MAX_IN_DOUBT_LISTED + 1)
@@ -305,7 +303,7 @@ impl<L: DecisionLog> Coordinator<L> {
             in_progress.len() > MAX_IN_DOUBT_LISTED || incomplete.len() > MAX_IN_DOUBT_LISTED;
         in_progress.truncate(MAX_IN_DOUBT_LISTED);
         incomplete.truncate(MAX_IN_DOUBT_LISTED);
-        let core = self.core.lock().expect("lock");
+        let core = self.core();
         let undelivered = incomplete
             .into_iter()
             .map(|r| Undelivered {
@@ -339,11 +337,27 @@ impl<L: DecisionLog> Coordinator<L> {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// The protocol core. A replica whose core failed an assertion cannot
+    /// go on (its state is unknown) and must not linger subscribed and
+    /// answering nothing: it exits, and a healthy replica serves (issue 18,
+    /// finding 2).
+    fn core(&self) -> std::sync::MutexGuard<'_, Core> {
+        match self.core.lock() {
+            Ok(core) => core,
+            Err(_) => exit_core_failed("the protocol core's lock is poisoned"),
+        }
+    }
+
     /// Feeds one event to the core and carries out what it asks for.
     fn step(self: &Arc<Self>, event: Event) {
         let cmds = {
-            let mut core = self.core.lock().expect("lock");
-            let cmds = core.step(now_ms(), event);
+            let mut core = self.core();
+            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                core.step(now_ms(), event)
+            }));
+            let Ok(cmds) = stepped else {
+                exit_core_failed("the protocol core failed an assertion");
+            };
             metrics::gauge!("twopc_decisions_undelivered").set(core.delivering() as f64);
             cmds
         };
@@ -834,7 +848,7 @@ impl<L: DecisionLog> Coordinator<L> {
     }
 
     async fn tx_status(&self, tx: TxId) -> Result<TxStatus, ApiError> {
-        let in_phase_1 = self.core.lock().expect("lock").in_phase_1(tx);
+        let in_phase_1 = self.core().in_phase_1(tx);
         if let Some(p) = in_phase_1 {
             return Ok(TxStatus {
                 state: "in_progress".into(),
@@ -907,6 +921,15 @@ fn for_client(mut status: TxStatus, client: &ClientName) -> TxStatus {
         return status;
     }
     TxStatus::unknown(status.tx)
+}
+
+/// Ends the process after the core failed: logs why and exits with 70
+/// (EX_SOFTWARE), so that a supervisor restarts it and the other replicas
+/// serve meanwhile; a replica that stayed subscribed would swallow its share
+/// of purchases and queries.
+fn exit_core_failed(why: &str) -> ! {
+    error!("{why}: exiting (this replica cannot go on; others serve)");
+    std::process::exit(70)
 }
 
 /// The span every log line of one transaction carries.

@@ -14,6 +14,17 @@ pub struct ChaosArgs {
     /// How long to inject faults: `90s`, `10m`, `1h` (or seconds).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub duration: Duration,
+    /// The services' transaction window, ms (`TWOPC_TX_WINDOW_MS`): short,
+    /// so that a run reaches expiry, the decision deadline (half the
+    /// retention) and collection (with --retention-ms and --skew-ms).
+    #[arg(long)]
+    pub window_ms: Option<u64>,
+    /// The services' retention, ms (`TWOPC_RETENTION_MS`).
+    #[arg(long)]
+    pub retention_ms: Option<u64>,
+    /// The services' tolerated clock skew, ms (`TWOPC_MAX_SKEW_MS`).
+    #[arg(long)]
+    pub skew_ms: Option<u64>,
     /// Seed of the fault schedule and workload (random when omitted; printed).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -107,6 +118,17 @@ pub async fn run(a: ChaosArgs) -> anyhow::Result<()> {
         cfg.coordinators = a.coordinators.max(1);
     }
     cfg.data_dir = a.data_dir;
+    for (var, value) in [
+        ("TWOPC_TX_WINDOW_MS", a.window_ms),
+        ("TWOPC_RETENTION_MS", a.retention_ms),
+        ("TWOPC_MAX_SKEW_MS", a.skew_ms),
+    ] {
+        if let Some(v) = value {
+            for kind in twopc_launcher::Kind::ALL {
+                cfg.extra_env.push((kind, var.into(), v.to_string()));
+            }
+        }
+    }
     cfg.verbose = !a.json;
     let report = chaos::run(cfg).await?;
     if a.json {
