@@ -27,6 +27,11 @@ const BALANCE: u64 = 1_000_000_000;
 const STOCK: u64 = 1_000_000;
 const WORKERS: usize = 8;
 
+/// The tests here each start a 3-node cluster; run them one at a time (two
+/// at once compete for free ports between picking and binding them, and
+/// for the two cores).
+static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[derive(Default)]
 struct Heard {
     told: Mutex<Vec<Told>>,
@@ -141,6 +146,7 @@ fn say(s: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_a_nats_node_or_a_coordinator_replica_under_load_loses_and_splits_nothing() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let dir = tempfile::Builder::new()
         .prefix("twopc-test-cluster-faults-")
         .tempdir()
@@ -337,6 +343,7 @@ fn tx_age_ms(tx: uuid::Uuid) -> i64 {
 /// presumed abort that A's write would lose to).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_commit_write_held_past_the_window_splits_nothing() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let began = Instant::now();
     let dir = tempfile::Builder::new()
         .prefix("twopc-test-cluster-late-write-")
