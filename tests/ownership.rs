@@ -127,14 +127,19 @@ async fn without_owning_a_second_wallet_splits_the_purchases() {
     dup.set_env("TWOPC_BREAK", Some("no_owner"));
     dup.start().unwrap();
     wait_log(&dup, 0, "participant serving", Duration::from_secs(20)).await;
+    // "participant serving" is logged as the subscriptions are being made,
+    // not after: buy until the unowned wallet has taken one (at least 20
+    // purchases, at most 200), waiting on that state rather than a guess.
     let mut unknown_user = 0;
-    for i in 0..20 {
+    let mut sent = 0;
+    while sent < 200 && (sent < 20 || unknown_user == 0) {
         let r = sys
             .purchase_with(
-                &request("alice", format!("split-{i}")),
+                &request("alice", format!("split-{sent}")),
                 Duration::from_secs(15),
             )
             .await;
+        sent += 1;
         if let Ok(Reply::Ok(p)) = &r {
             if p.reason
                 .as_ref()
@@ -146,7 +151,8 @@ async fn without_owning_a_second_wallet_splits_the_purchases() {
     }
     assert!(
         unknown_user > 0,
-        "the unowned second wallet took none of 20 purchases"
+        "the unowned second wallet took none of {sent} purchases:\n{}",
+        dup.log()
     );
     dup.kill().unwrap();
 }
