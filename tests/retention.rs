@@ -1,5 +1,5 @@
 //! The retention rule end to end, with a short window (1 s) and retention
-//! (3 s): a committed purchase's records are collected at the coordinator
+//! (4 s): a committed purchase's records are collected at the coordinator
 //! and at both participants, and then every old message replayed — the
 //! prepare, the commit, an abort, a decision query — changes nothing and
 //! writes nothing. Also: a prepare that arrives past the window is refused,
@@ -19,7 +19,9 @@ use twopc_schemas::protocol::{
 use twopc_schemas::{participant, subjects, Code};
 
 const WINDOW_MS: &str = "1000";
-const RETENTION_MS: &str = "3000";
+// At least twice the window, and more than the 1.5 s a late prepare takes
+// below: nothing of a transaction is written later than half of it.
+const RETENTION_MS: &str = "4000";
 const SKEW_MS: &str = "500";
 
 fn options() -> Options {

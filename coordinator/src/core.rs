@@ -38,12 +38,10 @@
 //!   (presumed abort), and is answered with whatever the log holds
 //!   (`on_decision_query`, `on_query_recorded`);
 //! * the transaction window: all yes past it records abort (`on_voted`);
-//! * no commit and no presumed abort of a transaction is sent to the log
-//!   later than half the retention after its start (`write_by_ms` on
-//!   `Cmd::Record` and `Cmd::RecordPresumedAbort`; the log answers
-//!   `TooLate` instead, and the outcome is unknown); an attempt's own abort
-//!   has no deadline (it can contradict only a commit, and only the attempt
-//!   writes one);
+//! * nothing of a transaction — a request-id claim, a decision, a presumed
+//!   abort — is sent to the log later than half the retention after its
+//!   start (`write_by_ms` on `Cmd::Record` and `Cmd::RecordPresumedAbort`;
+//!   the log answers `TooLate` instead, and the outcome is unknown);
 //! * a decision query up to that point records abort first (a commit
 //!   write may still land); later it reads the log: a record answers, and
 //!   no record means abort only once the transaction is older than the
@@ -715,13 +713,11 @@ impl Core {
             delivery_attempts: 0,
         };
         let (req, asker) = (v.req.clone(), v.asker.clone());
-        // A commit has a deadline; the attempt's own abort needs none: the
-        // only decision it could contradict is a commit, and only this
-        // attempt could have written one.
-        let write_by_ms = match outcome.decision {
-            Decision::Commit => self.config.window.decision_write_by_ms(tx),
-            Decision::Abort => None,
-        };
+        // Nothing of this attempt — its request-id claim, its decision — is
+        // sent after the deadline: a claim sent later could land after the
+        // key's first transaction was collected (found by the simulation:
+        // a retry stalled past it bound the key a second time).
+        let write_by_ms = self.config.window.decision_write_by_ms(tx);
         t.phase = Phase::Recording(Recording {
             req,
             asker,

@@ -362,6 +362,7 @@ impl<S: KvStore> KvLog<S> {
         request_id: &str,
         tx: TxId,
         purchase: Option<&PurchaseRequest>,
+        write_by_ms: Option<i64>,
     ) -> Result<Option<StoredClaim>, LogError> {
         let claim = StoredClaim {
             v: STORED_VERSION,
@@ -374,6 +375,10 @@ impl<S: KvStore> KvLog<S> {
         let mut last_unknown = String::new();
         let deadline = self.store.monotonic_ms() + 2 * self.timeout_ms;
         while self.store.monotonic_ms() < deadline {
+            // Checked before every send, as for the decision itself.
+            if write_by_ms.is_some_and(|by| self.store.now_ms() > by) {
+                return Err(LogError::TooLate);
+            }
             let why = match self.create(&rid_key(request_id), value.clone()).await {
                 Create::Written => return Ok(None),
                 Create::Lost => "refused, yet no claim is there".to_owned(),
@@ -548,7 +553,10 @@ impl<S: KvStore> DecisionLog for KvLog<S> {
             rec.completed_at_ms = Some(self.store.now_ms());
         }
         if let Some(rid) = rec.request_id.clone() {
-            if let Some(holder) = self.claim(&rid, rec.tx, rec.purchase.as_ref()).await? {
+            if let Some(holder) = self
+                .claim(&rid, rec.tx, rec.purchase.as_ref(), write_by_ms)
+                .await?
+            {
                 // Nothing is written for this transaction: by presumed
                 // abort it is aborted, and the key keeps its first outcome.
                 // A presumed abort for the holder keeps the same deadline
@@ -985,7 +993,7 @@ mod tests {
         // A claim whose attempt never recorded goes by its own time.
         store.inner.lock().unwrap().wall_ms = 20_000;
         let dead = TxId::now_v7();
-        log.claim("dead", dead, None).await.unwrap();
+        log.claim("dead", dead, None, None).await.unwrap();
         assert_eq!(log.collect(19_999).await.unwrap(), 0);
         assert!(store.latest(&rid_key("dead")).await.unwrap().is_some());
         log.collect(20_001).await.unwrap();
