@@ -14,10 +14,10 @@ use twopc::check::{Snapshot, Told};
 use twopc::launcher::Kind;
 use twopc_schemas::api::{Outcome, MAX_REQUEST_BYTES};
 use twopc_schemas::protocol::{
-    self, BranchOp, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Message, Prepare,
-    TxId, Vote, MAX_MESSAGE_BYTES,
+    self, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Message, Prepare, TxId,
+    Unsupported, Vote, MAX_MESSAGE_BYTES,
 };
-use twopc_schemas::{participant, subjects, BranchState, Code, ParticipantName};
+use twopc_schemas::{participant, subjects, BranchState, ClientName, Code, ParticipantName};
 
 /// Users and products, the part of the state bad input must not touch.
 type Resources = (
@@ -133,12 +133,16 @@ async fn send_decide(
         .unwrap_or_else(|e| panic!("decide reply from {participant} does not decode: {e}"))
 }
 
-async fn send_prepare(sys: &System, participant: impl AsRef<str>, tx: TxId, op: BranchOp) -> Vote {
+async fn send_prepare(sys: &System, participant: impl AsRef<str>, tx: TxId, op: Vec<u8>) -> Vote {
     let participant = ParticipantName::new(participant.as_ref()).unwrap();
     let raw = sys
         .raw(
             &subjects::prepare(&participant),
-            &protocol::encode(&Prepare { tx, op }),
+            &protocol::encode(&Prepare {
+                tx,
+                client: ClientName::new("web").unwrap(),
+                op,
+            }),
         )
         .await
         .unwrap_or_else(|e| panic!("prepare {tx} to {participant}: {e:#}"));
@@ -146,20 +150,14 @@ async fn send_prepare(sys: &System, participant: impl AsRef<str>, tx: TxId, op: 
         .unwrap_or_else(|e| panic!("vote from {participant} does not decode: {e}"))
 }
 
-fn debit(amount: u64) -> BranchOp {
-    BranchOp::Debit {
-        user: "alice".into(),
-        amount,
-    }
+/// A wallet op, as the coordinator sends it (canonical JSON).
+fn debit(amount: u64) -> Vec<u8> {
+    format!(r#"{{"amount":{amount},"user":"alice"}}"#).into_bytes()
 }
 
-fn reserve(qty: u64, amount: u64) -> BranchOp {
-    BranchOp::Reserve {
-        user: "alice".into(),
-        sku: "book-1".into(),
-        qty,
-        amount,
-    }
+/// An order op, as the coordinator sends it.
+fn reserve(qty: u64, amount: u64) -> Vec<u8> {
+    format!(r#"{{"amount":{amount},"qty":{qty},"sku":"book-1","user":"alice"}}"#).into_bytes()
 }
 
 fn purchase_json(user: &str, sku: &str, qty: u64, amount: u64) -> String {
@@ -551,22 +549,42 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
 fn garbage_for<M: Message + std::fmt::Debug>(
     valid: &M,
     other_kind: Vec<u8>,
-) -> Vec<(String, Vec<u8>)> {
+) -> Vec<(String, Vec<u8>, bool)> {
     let good = protocol::encode(valid);
     let mut oversized = good.clone();
     oversized.resize(MAX_MESSAGE_BYTES + 1, 0);
-    // Three per subject, end to end: garbage, a valid envelope of the wrong
-    // kind, and one past the size limit. Every garbled variant is a unit
+    // Four per subject, end to end: garbage, a valid envelope of the wrong
+    // kind, garbage in this kind's envelope, and one past the size limit. Every garbled variant is a unit
     // test in `schemas/tests/bad_input.rs`.
     let cases = vec![
         ("random bytes".to_string(), noise(0x5eed_0001, 48)),
         ("envelope of another kind".into(), other_kind),
+        ("its own envelope around garbage".into(), {
+            let mut v = good[..2].to_vec();
+            v.extend(noise(0x5eed_0002, 40));
+            v
+        }),
         (
             format!("valid message padded past {MAX_MESSAGE_BYTES} bytes"),
             oversized,
         ),
     ];
-    for (case, bytes) in &cases {
+    // Whether the receiver answers `Unsupported` (an envelope of another
+    // kind or version, garbage included when its first bytes read so) or a
+    // no vote / rejection `bad_message`.
+    let cases: Vec<(String, Vec<u8>, bool)> = cases
+        .into_iter()
+        .map(|(case, bytes)| {
+            let unsupported = protocol::decode::<M>(&bytes).is_err_and(|e| e.is_unsupported());
+            (case, bytes, unsupported)
+        })
+        .collect();
+    for (case, bytes, unsupported) in &cases {
+        assert_eq!(
+            *unsupported,
+            case.contains("another kind") || (case.contains("random") && *unsupported),
+            "test bug: {case}"
+        );
         // Keep the table honest: none of these may be a valid `M`.
         assert!(
             protocol::decode::<M>(bytes).is_err(),
@@ -586,12 +604,15 @@ async fn undecodable_protocol_messages_are_rejected_logged_and_change_nothing() 
 
     // Each valid message below would hold, reserve or tombstone something,
     // so if a garbled variant were accepted the snapshot would show it.
+    let web = ClientName::new("web").unwrap();
     let prepare_wallet = Prepare {
         tx,
+        client: web.clone(),
         op: debit(1_250),
     };
     let prepare_order = Prepare {
         tx,
+        client: web,
         op: reserve(1, 1_250),
     };
     let decide = Decide {
@@ -647,13 +668,33 @@ async fn undecodable_protocol_messages_are_rejected_logged_and_change_nothing() 
     ];
 
     for (subject, kind, needle, reply, cases) in &targets {
-        for (case, payload) in cases {
+        for (case, payload, unsupported) in cases {
+            // Another kind is a message this build does not speak: the
+            // answer is `Unsupported`, listing what it speaks.
+            let unsupported = *unsupported;
+            let needle = if unsupported {
+                "does not speak"
+            } else {
+                needle
+            };
             let case = format!("{subject}: {case}");
             let logged = log_count(&mut sys, *kind, needle);
             let raw = sys
                 .raw(subject, payload)
                 .await
                 .unwrap_or_else(|e| panic!("{case}: no reply: {e:#}\n{}", sys.logs()));
+            if unsupported {
+                let u = protocol::decode::<Unsupported>(&raw)
+                    .unwrap_or_else(|e| panic!("{case}: expected Unsupported: {e}"));
+                assert!(!u.message.is_empty(), "{case}: it says why");
+                assert_eq!(
+                    u.speaks,
+                    protocol::speaks(),
+                    "{case}: it says what it speaks"
+                );
+                wait_log_count(&mut sys, *kind, needle, logged + 1, &case).await;
+                continue;
+            }
             let (code, message) = match reply {
                 Reply::Vote => match protocol::decode::<Vote>(&raw) {
                     Ok(Vote::No { code, message }) => (code, message),
@@ -834,13 +875,7 @@ async fn forged_and_replayed_protocol_messages_are_refused_and_change_nothing() 
     let forged_prepares = [
         ("wallet", debit(1)),
         ("wallet", debit(5_000)),
-        (
-            "wallet",
-            BranchOp::Debit {
-                user: "bob".into(),
-                amount: 2_500,
-            },
-        ),
+        ("wallet", br#"{"amount":2500,"user":"bob"}"#.to_vec()),
         ("order", reserve(1, 1_250)),
         ("order", reserve(8, 10_000)),
         // The wrong kind of operation for the participant.
@@ -848,7 +883,10 @@ async fn forged_and_replayed_protocol_messages_are_refused_and_change_nothing() 
         ("order", debit(2_500)),
     ];
     for (p, op) in forged_prepares {
-        let case = format!("(d) forged prepare {op:?} to {p} for the committed tx");
+        let case = format!(
+            "(d) forged prepare {} to {p} for the committed tx",
+            String::from_utf8_lossy(&op)
+        );
         match send_prepare(&sys, p, tx, op).await {
             Vote::No {
                 code: Code::Conflict,
@@ -978,15 +1016,15 @@ async fn prepares_outside_the_public_limits_vote_no_and_change_nothing() {
     .unwrap();
     let before = sys.snapshot();
     let long_id = "a".repeat(MAX_ID_BYTES + 1);
-    let reserve_of = |user: &str, sku: &str, qty: u64, amount: u64| BranchOp::Reserve {
-        user: user.into(),
-        sku: sku.into(),
-        qty,
-        amount,
+    // As the coordinator would send them: canonical JSON.
+    let reserve_of = |user: &str, sku: &str, qty: u64, amount: u64| {
+        serde_json::to_vec(
+            &serde_json::json!({"user": user, "sku": sku, "qty": qty, "amount": amount}),
+        )
+        .unwrap()
     };
-    let debit_of = |user: &str, amount: u64| BranchOp::Debit {
-        user: user.into(),
-        amount,
+    let debit_of = |user: &str, amount: u64| {
+        serde_json::to_vec(&serde_json::json!({"user": user, "amount": amount})).unwrap()
     };
     let over_cap = MAX_QTY + 1;
     let cases = [
@@ -1025,7 +1063,7 @@ async fn prepares_outside_the_public_limits_vote_no_and_change_nothing() {
     let mut failures = vec![];
     for (p, op) in cases {
         let tx = TxId::now_v7();
-        let case = format!("prepare {op:?} at {p}");
+        let case = format!("prepare {} at {p}", String::from_utf8_lossy(&op));
         match send_prepare(&sys, p, tx, op).await {
             Vote::No {
                 code: Code::BadMessage,

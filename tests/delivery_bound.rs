@@ -43,7 +43,7 @@ async fn a_restart_with_many_undelivered_decisions_sends_a_bounded_number_at_onc
             tx,
             decision: Decision::Abort,
             request_id: None,
-            purchase: None,
+            transaction: None,
             reason: None,
             deliver_to: vec![participant::WALLET],
             pending: vec![participant::WALLET],

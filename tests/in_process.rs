@@ -42,6 +42,8 @@ fn coordinator_args(url: &str, dir: &Path) -> CoordinatorArgs {
         metrics_addr: None,
         log_format: LogFormat::Human,
         http_addr: None,
+        participants: twopc_schemas::participant::PURCHASE_PARTICIPANTS.to_vec(),
+        client_grants: None,
     }
 }
 

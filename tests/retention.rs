@@ -13,10 +13,9 @@ use harness::{poll_until, Options, System};
 use twopc_launcher::Kind;
 use twopc_schemas::api::{Outcome, PurchaseRequest};
 use twopc_schemas::protocol::{
-    self, BranchOp, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Prepare, TxId,
-    Vote,
+    self, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Prepare, TxId, Vote,
 };
-use twopc_schemas::{participant, subjects, Code};
+use twopc_schemas::{participant, subjects, ClientName, Code};
 
 const WINDOW_MS: &str = "1000";
 // At least twice the window, and more than the 1.5 s a late prepare takes
@@ -79,10 +78,8 @@ async fn old_messages_replayed_after_collection_change_nothing() {
     // The old prepare: refused as expired, nothing held.
     let prepare = Prepare {
         tx,
-        op: BranchOp::Debit {
-            user: "alice".into(),
-            amount: 1_250,
-        },
+        client: ClientName::new("web").unwrap(),
+        op: br#"{"amount":1250,"user":"alice"}"#.to_vec(),
     };
     let raw = sys
         .raw(

@@ -13,10 +13,8 @@ use harness::{Options, System, PURCHASE};
 use tokio::sync::mpsc;
 use twopc_launcher::client::{request, Reply};
 use twopc_schemas::api::{PurchaseReply, PurchaseRequest};
-use twopc_schemas::protocol::{
-    self, BranchOp, Decide, Decision, DecisionQuery, Prepare, TxId, Vote,
-};
-use twopc_schemas::{participant, subjects};
+use twopc_schemas::protocol::{self, Decide, Decision, DecisionQuery, Prepare, TxId, Vote};
+use twopc_schemas::{participant, subjects, ClientName};
 
 /// A connection as identity `name` that reports the server's errors
 /// (permission violations) on a channel.
@@ -119,10 +117,8 @@ fn a_tx() -> TxId {
 fn wallet_debit(tx: TxId) -> Vec<u8> {
     protocol::encode(&Prepare {
         tx,
-        op: BranchOp::Debit {
-            user: "alice".into(),
-            amount: 9_999,
-        },
+        client: ClientName::new("web").unwrap(),
+        op: br#"{"amount":9999,"user":"alice"}"#.to_vec(),
     })
 }
 

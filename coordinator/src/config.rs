@@ -109,6 +109,26 @@ pub struct CoordinatorArgs {
     /// Serve the status page at http://ADDR/ (e.g. 127.0.0.1:8080).
     #[arg(long, env = "TWOPC_HTTP_ADDR")]
     pub http_addr: Option<std::net::SocketAddr>,
+    /// The participants a transaction may name (comma-separated). A
+    /// transaction naming another is refused `unknown_participant` before
+    /// anything is sent: a prepare to a name nobody serves would only time
+    /// out. Checked in memory, no store read per transaction.
+    #[arg(
+        long,
+        env = "TWOPC_PARTICIPANTS",
+        value_delimiter = ',',
+        default_value = "wallet,order"
+    )]
+    pub participants: Vec<twopc_schemas::ParticipantName>,
+    /// Which participants each client may name, `web=wallet,order;ops=*`
+    /// (`forbidden` otherwise). Unset: every client may name every
+    /// participant of `TWOPC_PARTICIPANTS`.
+    #[arg(long, env = "TWOPC_CLIENT_GRANTS", value_parser = parse_grants)]
+    pub client_grants: Option<twopc_schemas::tx::Grants>,
+}
+
+fn parse_grants(s: &str) -> Result<twopc_schemas::tx::Grants, String> {
+    twopc_schemas::tx::Grants::parse(s)
 }
 
 impl CoordinatorArgs {

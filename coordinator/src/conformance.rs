@@ -25,7 +25,7 @@ pub fn record(tx: TxId, decision: Decision, request_id: Option<&str>) -> Record 
         tx,
         decision,
         request_id: request_id.map(Into::into),
-        purchase: None,
+        transaction: None,
         reason: None,
         deliver_to: vec![WALLET, ORDER],
         pending: vec![WALLET, ORDER],
@@ -123,18 +123,21 @@ pub async fn a_key_binds_to_a_decision_recorded_by_someone_else<L: DecisionLog>(
         Recorded::New(_)
     ));
     let mut attempt = record(tx, Decision::Commit, Some(&k));
-    attempt.purchase = Some(PurchaseRequest {
-        user: "alice".into(),
-        sku: "book-1".into(),
-        qty: 1,
-        amount: 1,
-        request_id: Some(k.clone()),
-    });
+    attempt.transaction = Some(twopc_schemas::tx::purchase(
+        &twopc_schemas::ClientName::new("web").unwrap(),
+        &PurchaseRequest {
+            user: "alice".into(),
+            sku: "book-1".into(),
+            qty: 1,
+            amount: 1,
+            request_id: Some(k.clone()),
+        },
+    ));
     match log.record(attempt.clone()).await.unwrap() {
         Recorded::Existing(r) => {
             assert_eq!(r.decision, Decision::Abort);
             assert_eq!(r.request_id.as_deref(), Some(k.as_str()));
-            assert_eq!(r.purchase, attempt.purchase);
+            assert_eq!(r.transaction, attempt.transaction);
         }
         other => panic!("{other:?}"),
     }

@@ -32,10 +32,13 @@ use twopc_schemas::api::{
 use twopc_schemas::client::{self, ClientName};
 use twopc_schemas::points::CoordinatorCrash;
 use twopc_schemas::protocol::{
-    self, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Prepare, TxId, Vote,
+    self, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Message, Prepare, TxId,
+    Unsupported, Vote,
 };
+use twopc_schemas::tx::{self, Op, Transaction, TxSubmit};
 use twopc_schemas::{subjects, Code, ParticipantName};
 
+use crate::admission::Admission;
 use crate::config::{CoordinatorArgs, Store};
 use crate::core::{log_error, ClientId, Cmd, Core, CoreConfig, Delivery, Event, QueryId};
 use crate::kv::{KvConfig, KvLog};
@@ -91,6 +94,8 @@ pub struct Coordinator<L: DecisionLog> {
     shutdown: Shutdown,
     /// Places for deliveries in flight ([`MAX_DELIVERIES_IN_FLIGHT`]).
     deliveries: tokio::sync::Semaphore,
+    /// Which participants a transaction may name, and which a client may.
+    admission: Admission,
 }
 
 impl<L: DecisionLog> Coordinator<L> {
@@ -111,7 +116,9 @@ impl<L: DecisionLog> Coordinator<L> {
                 .tx_window()
                 .expect("the window settings are checked before the service starts"),
         });
+        let admission = Admission::new(args.participants.clone(), args.client_grants.clone());
         Arc::new(Coordinator {
+            admission,
             log,
             client,
             args,
@@ -149,7 +156,10 @@ impl<L: DecisionLog> Coordinator<L> {
             max_inflight: self.args.max_inflight,
             busy,
         };
-        let busy_json = refusal(&ApiError::new(Code::Busy, "too many purchases in flight"));
+        let busy_json = refusal(&ApiError::new(
+            Code::Busy,
+            "too many transactions in flight",
+        ));
         let busy_decision = Response::error(
             protocol::encode(&DecisionReply::Rejected {
                 code: Code::Busy,
@@ -164,6 +174,14 @@ impl<L: DecisionLog> Coordinator<L> {
             move |m| {
                 let c = c.clone();
                 async move { c.on_purchase(m).await }
+            },
+        );
+        let c = self.clone();
+        let transaction = serve(
+            endpoint("transaction", subjects::TRANSACTIONS, busy_json.clone()),
+            move |m| {
+                let c = c.clone();
+                async move { c.on_transaction(m).await }
             },
         );
         let c = self.clone();
@@ -209,6 +227,7 @@ impl<L: DecisionLog> Coordinator<L> {
         info!(faults = ?twopc_common::fault::armed(), "coordinator serving");
         tokio::try_join!(
             purchase,
+            transaction,
             status,
             client_status,
             decision,
@@ -385,12 +404,13 @@ impl<L: DecisionLog> Coordinator<L> {
             Cmd::Prepare {
                 tx,
                 participant,
+                client,
                 op,
                 trace,
             } => {
                 let span = tx_span(tx, &trace);
                 let ballot = self
-                    .prepare(&participant, tx, op, &trace)
+                    .prepare(&participant, tx, client, op, &trace)
                     .instrument(span.clone())
                     .await;
                 span.in_scope(|| info!(%participant, ?ballot, "vote"));
@@ -565,7 +585,12 @@ impl<L: DecisionLog> Coordinator<L> {
             }
             Cmd::Begun { tx, req, trace } => {
                 let _span = tx_span(tx, &trace).entered();
-                info!(user = %req.user, sku = %req.sku, qty = req.qty, amount = req.amount, request_id = ?req.request_id, "transaction begun");
+                let participants: Vec<&str> = req
+                    .branches
+                    .iter()
+                    .map(|b| b.participant.as_str())
+                    .collect();
+                info!(client = %req.client, participants = ?participants, request_id = ?req.request_id, "transaction begun");
                 self.counts.begun.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("twopc_transactions_begun_total").increment(1);
             }
@@ -631,15 +656,14 @@ impl<L: DecisionLog> Coordinator<L> {
         }
     }
 
+    /// `shop.<client>.purchase`: the purchase, one transaction type, as
+    /// its branches ([`tx::purchase`]).
     async fn on_purchase(self: Arc<Self>, msg: async_nats::Message) -> Response {
-        // Continue the client's trace, or start one for this purchase.
-        let trace =
-            TraceContext::from_headers(msg.headers.as_ref()).unwrap_or_else(TraceContext::root);
         let buyer = match client_of(&msg.subject) {
             Ok(c) => c,
             Err(e) => return refusal(&e),
         };
-        let mut req = match PurchaseRequest::parse(&msg.payload) {
+        let req = match PurchaseRequest::parse(&msg.payload) {
             Ok(r) => r,
             Err(e) => {
                 refused(
@@ -650,23 +674,69 @@ impl<L: DecisionLog> Coordinator<L> {
                 return refusal(&e);
             }
         };
-        // Request ids are the buyer's own namespace: the log keys them as
+        let txn = tx::purchase(&buyer, &req);
+        self.submit(&msg, txn).await
+    }
+
+    /// `shop.<client>.transaction`: any branches at any participants the
+    /// client may name.
+    async fn on_transaction(self: Arc<Self>, msg: async_nats::Message) -> Response {
+        let client = match client_of(&msg.subject) {
+            Ok(c) => c,
+            Err(e) => return refusal(&e),
+        };
+        let req = match TxSubmit::parse(&msg.payload) {
+            Ok(r) => r,
+            Err(e) => {
+                refused(
+                    "transaction",
+                    e.code.as_str(),
+                    || info!(code = %e.code, message = %e.message, "transaction refused"),
+                );
+                return refusal(&e);
+            }
+        };
+        let txn = Transaction {
+            client,
+            branches: req.branches,
+            request_id: req.request_id,
+        };
+        self.submit(&msg, txn).await
+    }
+
+    /// Runs a transaction and answers its client: the participants checked
+    /// ([`Admission`]), the request id scoped to the client.
+    async fn submit(self: Arc<Self>, msg: &async_nats::Message, mut txn: Transaction) -> Response {
+        // Continue the client's trace, or start one for this transaction.
+        let trace =
+            TraceContext::from_headers(msg.headers.as_ref()).unwrap_or_else(TraceContext::root);
+        if let Err(e) = self.admission.check(&txn) {
+            refused(
+                "transaction",
+                e.code.as_str(),
+                || info!(code = %e.code, message = %e.message, "transaction refused"),
+            );
+            return refusal(&e);
+        }
+        // Request ids are the client's own namespace: the log keys them as
         // `<client>/<request_id>` (the subject's client token is the
         // authenticated sender; see launcher::auth).
-        req.request_id = req.request_id.map(|r| client::scope_request_id(&buyer, &r));
+        txn.request_id = txn
+            .request_id
+            .map(|r| client::scope_request_id(&txn.client, &r));
         if twopc_common::fault::broken("forget_request_ids") {
             // DELIBERATELY BROKEN (tests only): ignore the idempotency key,
             // so a re-send runs a new transaction.
-            req.request_id = None;
+            txn.request_id = None;
         }
         let client = self.fresh_id();
         let (sender, reply) = oneshot::channel();
         self.clients.lock().expect("lock").insert(client, sender);
         let tx = TxId::now_v7();
         let started = std::time::Instant::now();
-        self.step(Event::Purchase {
+        self.step(Event::Submit {
             client,
-            req,
+            req: txn,
             tx,
             trace,
         });
@@ -688,10 +758,16 @@ impl<L: DecisionLog> Coordinator<L> {
         &self,
         participant: &ParticipantName,
         tx: TxId,
-        op: protocol::BranchOp,
+        client: ClientName,
+        op: Op,
         trace: &TraceContext,
     ) -> Ballot {
-        let payload: bytes::Bytes = protocol::encode(&Prepare { tx, op }).into();
+        let payload: bytes::Bytes = protocol::encode(&Prepare {
+            tx,
+            client,
+            op: op.as_bytes().to_vec(),
+        })
+        .into();
         let timeout = Duration::from_millis(self.args.prepare_timeout_ms);
         let started = std::time::Instant::now();
         // "No responders" is certain non-delivery (nobody subscribes: a
@@ -717,8 +793,16 @@ impl<L: DecisionLog> Coordinator<L> {
                 Ok(msg) => {
                     break match protocol::decode::<Vote>(&msg.payload) {
                         Ok(vote) => Ballot::Voted(vote),
+                        // It does not speak this prepare: a no vote that
+                        // says so (nothing was held).
+                        Err(_) if is_unsupported(&msg.payload) => Ballot::Voted(Vote::No {
+                            code: Code::Unsupported,
+                            message: protocol::decode::<Unsupported>(&msg.payload)
+                                .map(|u| u.message)
+                                .unwrap_or_default(),
+                        }),
                         Err(e) => Ballot::Garbled(e.to_string()),
-                    }
+                    };
                 }
                 Err(e) if e.kind() == RequestErrorKind::NoResponders => {
                     let left = timeout.saturating_sub(started.elapsed());
@@ -781,6 +865,18 @@ impl<L: DecisionLog> Coordinator<L> {
     async fn on_decision_query(self: Arc<Self>, subject: String, payload: Bytes) -> Response {
         let q = match protocol::decode::<DecisionQuery>(&payload) {
             Ok(q) => q,
+            Err(e) if e.is_unsupported() => {
+                refused(
+                    "decision-query",
+                    Code::Unsupported.as_str(),
+                    || warn!(error = %e, "refused a decision query this build does not speak"),
+                );
+                return Response::error(
+                    protocol::encode(&Unsupported::to(&e)),
+                    Code::Unsupported.status(),
+                    format!("unsupported: {e}"),
+                );
+            }
             Err(e) => {
                 refused(
                     "decision-query",
@@ -853,7 +949,8 @@ impl<L: DecisionLog> Coordinator<L> {
             return Ok(TxStatus {
                 state: "in_progress".into(),
                 request_id: p.request_id.clone(),
-                purchase: Some(p),
+                client: Some(p.client.to_string()),
+                branches: p.branches,
                 ..TxStatus::unknown(tx.to_string())
             });
         }
@@ -869,7 +966,12 @@ impl<L: DecisionLog> Coordinator<L> {
                         }
                         .into(),
                         request_id: r.request_id.clone(),
-                        purchase: r.purchase.clone(),
+                        client: r.transaction.as_ref().map(|t| t.client.to_string()),
+                        branches: r
+                            .transaction
+                            .as_ref()
+                            .map(|t| t.branches.clone())
+                            .unwrap_or_default(),
                         reason: r.reason.clone(),
                         deliveries: r
                             .deliver_to
@@ -899,6 +1001,11 @@ fn client_of(subject: &str) -> Result<ClientName, ApiError> {
         .ok_or_else(|| ApiError::invalid(format!("{subject:?} names no client")))
 }
 
+/// Whether a reply is an [`Unsupported`] answer.
+fn is_unsupported(payload: &[u8]) -> bool {
+    protocol::peek(payload).is_some_and(|(_, kind)| kind == Unsupported::KIND)
+}
+
 /// A client's own request id, from the log's scoped key.
 fn unscoped(key: &str) -> &str {
     client::split_request_id(key).map_or(key, |(_, rid)| rid)
@@ -908,16 +1015,17 @@ fn unscoped(key: &str) -> &str {
 /// it is the client's; else the reply for a transaction that does not
 /// exist.
 fn for_client(mut status: TxStatus, client: &ClientName) -> TxStatus {
-    let owner = status
-        .request_id
-        .as_deref()
-        .and_then(client::split_request_id)
-        .map(|(c, _)| c);
-    if owner == Some(client.as_str()) {
+    // The transaction's client, or (a presumed abort holds no transaction)
+    // its scoped request id's.
+    let owner = status.client.clone().or_else(|| {
+        status
+            .request_id
+            .as_deref()
+            .and_then(client::split_request_id)
+            .map(|(c, _)| c.to_owned())
+    });
+    if owner.as_deref() == Some(client.as_str()) {
         status.request_id = status.request_id.map(|k| unscoped(&k).to_owned());
-        if let Some(p) = status.purchase.as_mut() {
-            p.request_id = p.request_id.take().map(|k| unscoped(&k).to_owned());
-        }
         return status;
     }
     TxStatus::unknown(status.tx)

@@ -10,10 +10,10 @@
 //! Rules, and where they are (one handler per event, reached from
 //! [`Core::step`]):
 //! * a request id in flight here makes a retry wait for the first attempt;
-//!   a new one is looked up in the log first (`on_purchase`,
+//!   a new one is looked up in the log first (`on_submit`,
 //!   `on_key_found`);
-//! * a purchase is two branches, a debit at the wallet and a reservation at
-//!   the order service, prepared in parallel (`start`);
+//! * every branch of a transaction is prepared in parallel, each at its
+//!   participant with its own op, opaque here (`start`);
 //! * commit only if every participant voted yes; who must hear the
 //!   decision (`phase::decide`, called from `on_voted`);
 //! * the decision is recorded before anyone hears it (`on_voted` emits
@@ -56,13 +56,11 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use twopc_common::backoff::Backoff;
 use twopc_common::trace::TraceContext;
-use twopc_schemas::api::{
-    AbortReason, ApiError, PurchaseReply, PurchaseRequest, Refusal, VoteSummary,
-};
-use twopc_schemas::participant::{self, ParticipantName};
-use twopc_schemas::protocol::{
-    BranchOp, Decision, DecisionQuery, DecisionReply, TxId, TxWindow, Vote,
-};
+use twopc_schemas::api::{AbortReason, ApiError, Refusal, TxReply, VoteSummary};
+use twopc_schemas::participant::ParticipantName;
+use twopc_schemas::protocol::{Decision, DecisionQuery, DecisionReply, TxId, TxWindow, Vote};
+use twopc_schemas::tx::{Op, Transaction};
+use twopc_schemas::ClientName;
 use twopc_schemas::Code;
 
 use crate::config::ReplyAfter;
@@ -75,7 +73,7 @@ use crate::phase::{conclude, decide, reply_from_record, Ballot, Outcome};
 /// participant.
 pub const REFUSALS_BEFORE_ALERT: u32 = 5;
 
-/// Names a client waiting for a purchase reply (the driver maps it to the
+/// Names a client waiting for a transaction's reply (the driver maps it to the
 /// NATS reply).
 pub type ClientId = u64;
 /// Names a participant waiting for a decision-query answer.
@@ -107,11 +105,12 @@ pub enum Delivery {
 /// Something that happened, as the driver saw it.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// A valid purchase request. `tx` is a fresh id the driver drew; it is
-    /// used if this purchase starts a transaction at once (no request id).
-    Purchase {
+    /// A valid transaction (the driver checked its participants and the
+    /// client's grant). `tx` is a fresh id the driver drew; it is used if
+    /// this submission starts a transaction at once (no request id).
+    Submit {
         client: ClientId,
-        req: PurchaseRequest,
+        req: Transaction,
         tx: TxId,
         trace: TraceContext,
     },
@@ -176,7 +175,9 @@ pub enum Cmd {
     Prepare {
         tx: TxId,
         participant: ParticipantName,
-        op: BranchOp,
+        /// Who submitted the transaction; the participant learns it.
+        client: ClientName,
+        op: Op,
         trace: TraceContext,
     },
     /// Record the decision durably (first writer wins) →
@@ -218,10 +219,10 @@ pub enum Cmd {
         participants: Vec<ParticipantName>,
         attempts: u32,
     },
-    /// Answer a purchase.
+    /// Answer a transaction's client.
     Reply {
         client: ClientId,
-        reply: Result<PurchaseReply, ApiError>,
+        reply: Result<TxReply, ApiError>,
     },
     /// Answer a decision query.
     Answer {
@@ -233,7 +234,7 @@ pub enum Cmd {
     /// For logs and metrics: a transaction began (phase 1).
     Begun {
         tx: TxId,
-        req: PurchaseRequest,
+        req: Transaction,
         trace: TraceContext,
     },
     /// For logs and metrics: how phase 1 ended (`None`: unknown).
@@ -258,18 +259,18 @@ pub enum Cmd {
     },
 }
 
-/// A request id being served here: the purchase and who waits for it. The
+/// A request id being served here: the transaction and who waits for it. The
 /// first client is the one whose request started the attempt.
 #[derive(Debug)]
 struct KeyInFlight {
-    req: PurchaseRequest,
+    req: Transaction,
     waiting: Vec<ClientId>,
 }
 
 /// Who hears a transaction's outcome.
 #[derive(Debug, Clone)]
 enum Asker {
-    /// A purchase without a request id.
+    /// A transaction without a request id.
     Client(ClientId),
     /// Everyone waiting on this request id.
     Key(String),
@@ -277,7 +278,7 @@ enum Asker {
 
 #[derive(Debug)]
 struct Voting {
-    req: PurchaseRequest,
+    req: Transaction,
     asker: Asker,
     /// Each participant with its ballot, once in.
     ballots: Vec<(ParticipantName, Option<Ballot>)>,
@@ -285,7 +286,7 @@ struct Voting {
 
 #[derive(Debug)]
 struct Recording {
-    req: PurchaseRequest,
+    req: Transaction,
     asker: Asker,
     outcome: Outcome,
 }
@@ -302,7 +303,7 @@ struct Delivering {
     rounds: u32,
     /// A reply held until the first round ends (`ReplyAfter::Delivery`),
     /// and whether it is about this transaction.
-    reply_after_first_round: Option<(Asker, Result<PurchaseReply, ApiError>, bool)>,
+    reply_after_first_round: Option<(Asker, Result<TxReply, ApiError>, bool)>,
     refusals: Vec<Refusal>,
 }
 
@@ -338,41 +339,15 @@ pub struct Core {
 #[derive(Debug, Clone)]
 pub struct Active {
     pub tx: TxId,
-    pub req: PurchaseRequest,
-}
-
-fn same_purchase(a: &PurchaseRequest, b: &PurchaseRequest) -> bool {
-    a.user == b.user && a.sku == b.sku && a.qty == b.qty && a.amount == b.amount
-}
-
-/// A purchase as branches: what each participant must prepare.
-pub fn branches(req: &PurchaseRequest) -> Vec<(ParticipantName, BranchOp)> {
-    vec![
-        (
-            participant::WALLET,
-            BranchOp::Debit {
-                user: req.user.clone(),
-                amount: req.amount,
-            },
-        ),
-        (
-            participant::ORDER,
-            BranchOp::Reserve {
-                user: req.user.clone(),
-                sku: req.sku.clone(),
-                qty: req.qty,
-                amount: req.amount,
-            },
-        ),
-    ]
+    pub req: Transaction,
 }
 
 /// Whether `participant` is a branch of the transaction `rec` decided. A
 /// presumed abort names no branches (nobody said who they were): anyone
 /// asking hears abort, which is every branch's answer.
 pub fn is_branch(rec: &Record, participant: &ParticipantName) -> bool {
-    match &rec.purchase {
-        Some(req) => branches(req).iter().any(|(p, _)| p == participant),
+    match &rec.transaction {
+        Some(req) => req.branches.iter().any(|b| b.participant == *participant),
         None => true,
     }
 }
@@ -440,7 +415,7 @@ impl Core {
     pub fn step(&mut self, now_ms: i64, event: Event) -> Vec<Cmd> {
         let mut out = vec![];
         let touched = match &event {
-            Event::Purchase { tx, .. }
+            Event::Submit { tx, .. }
             | Event::Voted { tx, .. }
             | Event::Recorded { tx, .. }
             | Event::Delivered { tx, .. }
@@ -452,12 +427,12 @@ impl Core {
             Event::Resume { .. } => None,
         };
         match event {
-            Event::Purchase {
+            Event::Submit {
                 client,
                 req,
                 tx,
                 trace,
-            } => self.on_purchase(client, req, tx, trace, &mut out),
+            } => self.on_submit(client, req, tx, trace, &mut out),
             Event::KeyFound { key, found, tx } => self.on_key_found(key, found, tx, &mut out),
             Event::Voted {
                 tx,
@@ -512,8 +487,8 @@ impl Core {
             .collect()
     }
 
-    /// Whether `tx` is in phase 1 here, and its purchase.
-    pub fn in_phase_1(&self, tx: TxId) -> Option<PurchaseRequest> {
+    /// Whether `tx` is in phase 1 here, and its transaction.
+    pub fn in_phase_1(&self, tx: TxId) -> Option<Transaction> {
         match &self.txs.get(&tx)?.phase {
             Phase::Voting(v) => Some(v.req.clone()),
             Phase::Recording(r) => Some(r.req.clone()),
@@ -534,10 +509,10 @@ impl Core {
         }
     }
 
-    fn on_purchase(
+    fn on_submit(
         &mut self,
         client: ClientId,
-        req: PurchaseRequest,
+        req: Transaction,
         tx: TxId,
         trace: TraceContext,
         out: &mut Vec<Cmd>,
@@ -548,14 +523,14 @@ impl Core {
         };
         if let Some(k) = self.keys.get_mut(&key) {
             // The first attempt is still running here: wait for it.
-            if same_purchase(&k.req, &req) {
+            if k.req.same_as(&req) {
                 k.waiting.push(client);
             } else {
                 out.push(Cmd::Reply {
                     client,
                     reply: Err(ApiError::new(
                         Code::Conflict,
-                        format!("request_id {key:?} is in use by a different purchase"),
+                        format!("request_id {key:?} is in use by a different transaction"),
                     )),
                 });
             }
@@ -593,15 +568,11 @@ impl Core {
         match found {
             Ok(None) => self.start(tx, req, Asker::Key(key), trace, out),
             Ok(Some(rec)) => {
-                let reply = if rec
-                    .purchase
-                    .as_ref()
-                    .is_some_and(|p| !same_purchase(p, &req))
-                {
+                let reply = if rec.transaction.as_ref().is_some_and(|p| !p.same_as(&req)) {
                     Err(ApiError::new(
                         Code::Conflict,
                         format!(
-                            "request_id {key:?} was used for a different purchase (tx {})",
+                            "request_id {key:?} was used for a different transaction (tx {})",
                             rec.tx
                         ),
                     ))
@@ -619,7 +590,7 @@ impl Core {
     fn start(
         &mut self,
         tx: TxId,
-        req: PurchaseRequest,
+        req: Transaction,
         asker: Asker,
         trace: TraceContext,
         out: &mut Vec<Cmd>,
@@ -630,15 +601,16 @@ impl Core {
             req: req.clone(),
             trace: trace.clone(),
         });
-        let branches = branches(&req);
-        for (participant, op) in &branches {
+        for b in &req.branches {
             out.push(Cmd::Prepare {
                 tx,
-                participant: participant.clone(),
-                op: op.clone(),
+                participant: b.participant.clone(),
+                client: req.client.clone(),
+                op: b.op.clone(),
                 trace: trace.clone(),
             });
         }
+        let ballots = req.participants().into_iter().map(|p| (p, None)).collect();
         self.txs.insert(
             tx,
             Tx {
@@ -646,7 +618,7 @@ impl Core {
                 phase: Phase::Voting(Voting {
                     req,
                     asker,
-                    ballots: branches.into_iter().map(|(p, _)| (p, None)).collect(),
+                    ballots,
                 }),
             },
         );
@@ -700,7 +672,7 @@ impl Core {
             tx,
             decision: outcome.decision,
             request_id: v.req.request_id.clone(),
-            purchase: Some(v.req.clone()),
+            transaction: Some(v.req.clone()),
             reason: outcome.reason.clone(),
             deliver_to: outcome.deliver_to.clone(),
             pending: outcome.deliver_to.clone(),
@@ -744,9 +716,9 @@ impl Core {
         // the first attempt, so the in-flight check missed it).
         let other_purchase = match &result {
             Ok(Recorded::KeyTaken(holder)) => holder
-                .purchase
+                .transaction
                 .as_ref()
-                .filter(|p| !same_purchase(p, &r.req))
+                .filter(|p| !p.same_as(&r.req))
                 .map(|_| holder.tx),
             _ => None,
         };
@@ -755,7 +727,7 @@ impl Core {
             let key = r.req.request_id.clone().unwrap_or_default();
             conclusion.reply = Err(ApiError::new(
                 Code::Conflict,
-                format!("request_id {key:?} was used for a different purchase (tx {holder})"),
+                format!("request_id {key:?} was used for a different transaction (tx {holder})"),
             ));
         }
         let reason = match &conclusion.reply {
@@ -984,7 +956,7 @@ impl Core {
         // A transaction in phase 1 here knows its branches; anyone else
         // asking must not be able to abort it by presumption.
         if let Some(req) = self.in_phase_1(tx) {
-            if !branches(&req).iter().any(|(p, _)| *p == participant) {
+            if !req.branches.iter().any(|b| b.participant == participant) {
                 out.push(not_a_branch(query, tx, &participant));
                 return;
             }
@@ -1016,7 +988,7 @@ impl Core {
             tx,
             decision: Decision::Abort,
             request_id: None,
-            purchase: None,
+            transaction: None,
             reason: Some(AbortReason {
                 participant: "coordinator".into(),
                 code: Code::PresumedAbort,
@@ -1111,12 +1083,7 @@ impl Core {
         out.push(Cmd::Answer { query, reply });
     }
 
-    fn answer(
-        &mut self,
-        asker: &Asker,
-        reply: Result<PurchaseReply, ApiError>,
-        out: &mut Vec<Cmd>,
-    ) {
+    fn answer(&mut self, asker: &Asker, reply: Result<TxReply, ApiError>, out: &mut Vec<Cmd>) {
         Self::answer_with(&mut self.keys, asker, reply, out);
     }
 
@@ -1126,7 +1093,7 @@ impl Core {
     fn answer_with(
         keys: &mut HashMap<String, KeyInFlight>,
         asker: &Asker,
-        reply: Result<PurchaseReply, ApiError>,
+        reply: Result<TxReply, ApiError>,
         out: &mut Vec<Cmd>,
     ) {
         match asker {
@@ -1179,6 +1146,7 @@ mod tests {
     //! Every coordinator rule, event by event, with explicit time and a
     //! seeded random source: no NATS, no SQLite.
     use super::*;
+    use twopc_schemas::participant;
 
     const NOW: i64 = 1_000;
 
@@ -1199,18 +1167,26 @@ mod tests {
         }
     }
 
-    fn book(key: Option<&str>) -> PurchaseRequest {
-        PurchaseRequest {
-            user: "alice".into(),
-            sku: "book-1".into(),
-            qty: 2,
-            amount: 2_500,
-            request_id: key.map(Into::into),
-        }
+    fn book(key: Option<&str>) -> Transaction {
+        book_of(2, key)
     }
 
-    fn purchase(client: ClientId, req: PurchaseRequest, tx: TxId) -> Event {
-        Event::Purchase {
+    /// A purchase of `qty` books as its transaction.
+    fn book_of(qty: u64, key: Option<&str>) -> Transaction {
+        twopc_schemas::tx::purchase(
+            &ClientName::new("web").unwrap(),
+            &twopc_schemas::api::PurchaseRequest {
+                user: "alice".into(),
+                sku: "book-1".into(),
+                qty,
+                amount: 2_500,
+                request_id: key.map(Into::into),
+            },
+        )
+    }
+
+    fn purchase(client: ClientId, req: Transaction, tx: TxId) -> Event {
+        Event::Submit {
             client,
             req,
             tx,
@@ -1248,7 +1224,7 @@ mod tests {
             .expect("a Record command")
     }
 
-    fn replies(cmds: &[Cmd]) -> Vec<(ClientId, Result<PurchaseReply, ApiError>)> {
+    fn replies(cmds: &[Cmd]) -> Vec<(ClientId, Result<TxReply, ApiError>)> {
         cmds.iter()
             .filter_map(|c| match c {
                 Cmd::Reply { client, reply } => Some((*client, reply.clone())),
@@ -1270,12 +1246,18 @@ mod tests {
             .collect()
     }
 
-    fn prepares(cmds: &[Cmd]) -> Vec<(ParticipantName, BranchOp)> {
+    fn prepares(cmds: &[Cmd]) -> Vec<(ParticipantName, String)> {
         cmds.iter()
             .filter_map(|c| match c {
                 Cmd::Prepare {
-                    participant, op, ..
-                } => Some((participant.clone(), op.clone())),
+                    participant,
+                    op,
+                    client,
+                    ..
+                } => {
+                    assert_eq!(client.as_str(), "web");
+                    Some((participant.clone(), op.to_string()))
+                }
                 _ => None,
             })
             .collect()
@@ -1300,19 +1282,11 @@ mod tests {
             vec![
                 (
                     participant::WALLET,
-                    BranchOp::Debit {
-                        user: "alice".into(),
-                        amount: 2_500
-                    }
+                    r#"{"amount":2500,"user":"alice"}"#.to_owned()
                 ),
                 (
                     participant::ORDER,
-                    BranchOp::Reserve {
-                        user: "alice".into(),
-                        sku: "book-1".into(),
-                        qty: 2,
-                        amount: 2_500
-                    }
+                    r#"{"amount":2500,"qty":2,"sku":"book-1","user":"alice"}"#.to_owned()
                 ),
             ]
         );
@@ -1368,6 +1342,44 @@ mod tests {
         }));
         assert!(matches!(cmds.last(), Some(Cmd::DeliveredAll { .. })));
         assert_eq!(c.delivering(), 0);
+    }
+
+    /// Any number of branches at any participants: each prepared with its
+    /// own op and the client's name; one no vote aborts them all, and the
+    /// abort goes to those that voted yes (or did not answer).
+    #[test]
+    fn every_branch_of_a_transaction_is_prepared_and_one_no_aborts_all() {
+        let mut c = core(ReplyAfter::Decision);
+        let tx = TxId::now_v7();
+        let branch = |p: &str, op: &str| twopc_schemas::tx::Branch {
+            participant: ParticipantName::new(p).unwrap(),
+            op: Op::parse(op.as_bytes()).unwrap(),
+        };
+        let txn = Transaction {
+            client: ClientName::new("web").unwrap(),
+            branches: vec![
+                branch("wallet", r#"{"user":"al","amount":5}"#),
+                branch("order", r#"{"user":"al","sku":"b","qty":1,"amount":5}"#),
+                branch("shipping", r#"{"slot":"mon-9","qty":1}"#),
+            ],
+            request_id: None,
+        };
+        let cmds = c.step(NOW, purchase(1, txn.clone(), tx));
+        let sent = prepares(&cmds);
+        assert_eq!(sent.len(), 3);
+        assert_eq!(sent[2].0.as_str(), "shipping");
+        assert_eq!(sent[2].1, r#"{"qty":1,"slot":"mon-9"}"#);
+        assert!(c.step(NOW, voted(tx, "wallet", yes())).is_empty());
+        assert!(c.step(NOW, voted(tx, "order", Ballot::TimedOut)).is_empty());
+        let no = Ballot::Voted(Vote::No {
+            code: Code::OutOfStock,
+            message: "no slot".into(),
+        });
+        let rec = record_of(&c.step(NOW, voted(tx, "shipping", no)));
+        assert_eq!(rec.decision, Decision::Abort);
+        assert_eq!(rec.deliver_to, vec!["wallet", "order"]);
+        assert_eq!(rec.transaction, Some(txn));
+        assert_eq!(rec.votes.len(), 3);
     }
 
     #[test]
@@ -1504,8 +1516,7 @@ mod tests {
     fn a_key_in_flight_with_another_purchase_is_a_conflict() {
         let mut c = core(ReplyAfter::Decision);
         c.step(NOW, purchase(1, book(Some("k")), TxId::now_v7()));
-        let mut other = book(Some("k"));
-        other.qty = 3;
+        let other = book_of(3, Some("k"));
         let r = replies(&c.step(NOW, purchase(2, other, TxId::now_v7())));
         assert_eq!(r[0].0, 2);
         assert_eq!(r[0].1.as_ref().unwrap_err().code, Code::Conflict);
@@ -1517,7 +1528,7 @@ mod tests {
         c.step(NOW, purchase(1, book(Some("k")), TxId::now_v7()));
         let first = TxId::now_v7();
         let mut rec = record_for(first, Decision::Abort, Some("k"));
-        rec.purchase = Some(book(Some("k")));
+        rec.transaction = Some(book(Some("k")));
         let cmds = c.step(
             NOW,
             Event::KeyFound {
@@ -1531,8 +1542,7 @@ mod tests {
         assert!(prepares(&cmds).is_empty());
 
         // The same key for a different purchase: conflict.
-        let mut other = book(Some("k"));
-        other.amount = 1;
+        let other = book_of(1, Some("k"));
         c.step(NOW, purchase(2, other, TxId::now_v7()));
         let cmds = c.step(
             NOW,
@@ -2163,13 +2173,12 @@ mod tests {
     fn a_key_taken_elsewhere_by_another_purchase_is_a_conflict() {
         let mut c = core(ReplyAfter::Decision);
         let (tx, _) = keyed_through_votes(&mut c);
-        let mut other = book(Some("k"));
-        other.qty = 7;
+        let other = book_of(7, Some("k"));
         let holder = Record {
             tx: tx_at(NOW - 5),
             decision: Decision::Commit,
             request_id: Some("k".into()),
-            purchase: Some(other),
+            transaction: Some(other),
             reason: None,
             deliver_to: vec![],
             pending: vec![],

@@ -8,6 +8,7 @@
 //!   `twopc.decision.*`, runs phase 1 and phase 2 over NATS, resumes delivery
 //!   after a restart.
 
+pub mod admission;
 pub mod config;
 pub mod conformance;
 pub mod coordinator;

@@ -11,8 +11,9 @@ use std::future::Future;
 use rusqlite::{params, Connection, OptionalExtension};
 use twopc_common::db::{self, Db, DbError, ReadDb};
 use twopc_common::now_ms;
-use twopc_schemas::api::{AbortReason, PurchaseRequest, VoteSummary};
+use twopc_schemas::api::{AbortReason, VoteSummary};
 use twopc_schemas::protocol::{Decision, TxId};
+use twopc_schemas::tx::Transaction;
 use twopc_schemas::ParticipantName;
 
 /// One transaction's durable record.
@@ -22,8 +23,10 @@ pub struct Record {
     pub decision: Decision,
     /// The client's idempotency key, unique across records.
     pub request_id: Option<String>,
-    /// The purchase, for status queries and duplicate replies.
-    pub purchase: Option<PurchaseRequest>,
+    /// The transaction (its client and branches), for status queries,
+    /// duplicate replies and telling a retry from another transaction
+    /// under the same key; `None` for a presumed abort.
+    pub transaction: Option<Transaction>,
     /// Why it aborted (abort only).
     pub reason: Option<AbortReason>,
     /// Participants the decision must reach.
@@ -163,6 +166,11 @@ ALTER TABLE decisions ADD COLUMN delivery_attempts INTEGER NOT NULL DEFAULT 0;
     "
 CREATE INDEX decisions_completed ON decisions (decided_at_ms) WHERE completed_at_ms IS NOT NULL;
 ",
+    // Transactions became generic: the column holds a transaction; rows
+    // written before hold a purchase, read back as its two branches.
+    "
+ALTER TABLE decisions RENAME COLUMN purchase TO txn;
+",
 ];
 
 /// The SQLite decision log (WAL, synchronous=FULL, group commit).
@@ -196,9 +204,13 @@ impl SqliteLog {
 pub(crate) mod stored {
     use serde::{Deserialize, Serialize};
     use twopc_schemas::api::{AbortReason, PurchaseRequest, VoteSummary};
-    use twopc_schemas::Code;
+    use twopc_schemas::tx::{self, Op, Transaction};
+    use twopc_schemas::{client, ClientName, Code, ParticipantName};
 
+    /// A purchase, as rows written before transactions were generic
+    /// stored it; read back as its two branches ([`tx::purchase`]).
     #[derive(Debug, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
     pub struct Purchase {
         user: String,
         sku: String,
@@ -208,26 +220,96 @@ pub(crate) mod stored {
         request_id: Option<String>,
     }
 
-    impl From<&PurchaseRequest> for Purchase {
-        fn from(p: &PurchaseRequest) -> Self {
-            Purchase {
-                user: p.user.clone(),
-                sku: p.sku.clone(),
-                qty: p.qty,
-                amount: p.amount,
-                request_id: p.request_id.clone(),
-            }
-        }
-    }
-
-    impl From<Purchase> for PurchaseRequest {
+    impl From<Purchase> for Transaction {
         fn from(p: Purchase) -> Self {
-            PurchaseRequest {
+            // Its client is the scoped request id's, or (keys recorded
+            // before they were scoped, and purchases without one) the
+            // default client, the only one there was.
+            let client = p
+                .request_id
+                .as_deref()
+                .and_then(client::split_request_id)
+                .and_then(|(c, _)| ClientName::new(c).ok())
+                .unwrap_or_else(|| {
+                    ClientName::new(client::DEFAULT_CLIENT).expect("the default client's name")
+                });
+            let req = PurchaseRequest {
                 user: p.user,
                 sku: p.sku,
                 qty: p.qty,
                 amount: p.amount,
                 request_id: p.request_id,
+            };
+            tx::purchase(&client, &req)
+        }
+    }
+
+    /// A transaction: its client, its branches (each op as the JSON value
+    /// it is) and its request id.
+    #[derive(Debug, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Txn {
+        client: ClientName,
+        branches: Vec<Branch>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_id: Option<String>,
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Branch {
+        participant: ParticipantName,
+        op: Op,
+    }
+
+    impl From<&Transaction> for Txn {
+        fn from(t: &Transaction) -> Self {
+            Txn {
+                client: t.client.clone(),
+                branches: t
+                    .branches
+                    .iter()
+                    .map(|b| Branch {
+                        participant: b.participant.clone(),
+                        op: b.op.clone(),
+                    })
+                    .collect(),
+                request_id: t.request_id.clone(),
+            }
+        }
+    }
+
+    /// What a transaction column or field holds: a transaction, or a
+    /// purchase written by an earlier version.
+    #[derive(Debug, Serialize, Deserialize)]
+    #[serde(untagged)]
+    pub enum AnyTxn {
+        Txn(Txn),
+        Purchase(Purchase),
+    }
+
+    impl From<&Transaction> for AnyTxn {
+        fn from(t: &Transaction) -> Self {
+            AnyTxn::Txn(Txn::from(t))
+        }
+    }
+
+    impl From<AnyTxn> for Transaction {
+        fn from(t: AnyTxn) -> Self {
+            match t {
+                AnyTxn::Txn(t) => Transaction {
+                    client: t.client,
+                    branches: t
+                        .branches
+                        .into_iter()
+                        .map(|b| twopc_schemas::tx::Branch {
+                            participant: b.participant,
+                            op: b.op,
+                        })
+                        .collect(),
+                    request_id: t.request_id,
+                },
+                AnyTxn::Purchase(p) => p.into(),
             }
         }
     }
@@ -317,12 +399,12 @@ fn decision_column(stored: &str) -> Decision {
     }
 }
 
-const COLUMNS: &str = "tx, decision, request_id, purchase, reason, deliver_to, pending, decided_at_ms, completed_at_ms, votes, delivery_attempts";
+const COLUMNS: &str = "tx, decision, request_id, txn, reason, deliver_to, pending, decided_at_ms, completed_at_ms, votes, delivery_attempts";
 
 fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
     let tx: Vec<u8> = r.get(0)?;
     let decision: String = r.get(1)?;
-    let purchase: Option<String> = r.get(3)?;
+    let txn: Option<String> = r.get(3)?;
     let reason: Option<String> = r.get(4)?;
     let deliver_to: String = r.get(5)?;
     let pending: String = r.get(6)?;
@@ -331,7 +413,7 @@ fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
         tx: TxId::from_slice(&tx).expect("16-byte tx id"),
         decision: decision_column(&decision),
         request_id: r.get(2)?,
-        purchase: purchase.map(|s| from_json::<stored::Purchase, _>(&s, "purchase")),
+        transaction: txn.map(|s| from_json::<stored::AnyTxn, _>(&s, "transaction")),
         reason: reason.map(|s| from_json::<stored::Reason, _>(&s, "reason")),
         deliver_to: serde_json::from_str(&deliver_to).expect("stored list decodes"),
         pending: serde_json::from_str(&pending).expect("stored list decodes"),
@@ -367,9 +449,9 @@ fn insert(c: &Connection, rec: &Record) -> rusqlite::Result<()> {
         rec.tx.as_bytes().as_slice(),
         rec.decision.as_str(),
         rec.request_id,
-        rec.purchase
+        rec.transaction
             .as_ref()
-            .map(|p| to_json(&stored::Purchase::from(p))),
+            .map(|t| to_json(&stored::AnyTxn::from(t))),
         rec.reason
             .as_ref()
             .map(|r| to_json(&stored::Reason::from(r))),
@@ -414,22 +496,22 @@ fn record(
             // recorded (a presumed abort): bind the key to it, so that the
             // key's first outcome is this one, for good.
             existing.request_id = rec.request_id;
-            if existing.purchase.is_none() {
-                existing.purchase = rec.purchase;
+            if existing.transaction.is_none() {
+                existing.transaction = rec.transaction;
             }
             if existing.votes.is_empty() {
                 existing.votes = rec.votes;
             }
             db::exec(
                 c,
-                "UPDATE decisions SET request_id = ?2, purchase = ?3, votes = ?4 WHERE tx = ?1 AND request_id IS NULL",
+                "UPDATE decisions SET request_id = ?2, txn = ?3, votes = ?4 WHERE tx = ?1 AND request_id IS NULL",
                 params![
                     existing.tx.as_bytes().as_slice(),
                     existing.request_id,
                     existing
-                        .purchase
+                        .transaction
                         .as_ref()
-                        .map(|p| to_json(&stored::Purchase::from(p))),
+                        .map(|t| to_json(&stored::AnyTxn::from(t))),
                     (!existing.votes.is_empty())
                         .then(|| stored_votes(&existing.votes)),
                 ],
@@ -646,12 +728,36 @@ mod tests {
     /// API types look like now.
     #[test]
     fn stored_shapes_read_back() {
-        let p: PurchaseRequest = from_json::<stored::Purchase, _>(
-            r#"{"user":"alice","sku":"book-1","qty":2,"amount":2500,"request_id":"k"}"#,
-            "purchase",
+        // A purchase, as rows written before transactions were generic.
+        let t: Transaction = from_json::<stored::AnyTxn, _>(
+            r#"{"user":"alice","sku":"book-1","qty":2,"amount":2500,"request_id":"web/k"}"#,
+            "transaction",
         );
-        assert_eq!((p.user.as_str(), p.qty, p.amount), ("alice", 2, 2_500));
-        assert_eq!(p.request_id.as_deref(), Some("k"));
+        assert_eq!(t.client.as_str(), "web");
+        assert_eq!(t.request_id.as_deref(), Some("web/k"));
+        assert_eq!(
+            t.branches[0].op.as_str(),
+            r#"{"amount":2500,"user":"alice"}"#
+        );
+        assert_eq!(
+            t.branches[1].op.as_str(),
+            r#"{"amount":2500,"qty":2,"sku":"book-1","user":"alice"}"#
+        );
+        let t: Transaction = from_json::<stored::AnyTxn, _>(
+            r#"{"user":"alice","sku":"book-1","qty":2,"amount":2500}"#,
+            "transaction",
+        );
+        assert_eq!(t.client.as_str(), "web");
+        // A transaction.
+        let t: Transaction = from_json::<stored::AnyTxn, _>(
+            r#"{"client":"ops","branches":[{"participant":"shipping","op":{"slot":"a","qty":1}}],"request_id":"ops/k"}"#,
+            "transaction",
+        );
+        assert_eq!(
+            t.participants(),
+            vec![ParticipantName::new("shipping").unwrap()]
+        );
+        assert_eq!(t.branches[0].op.as_str(), r#"{"qty":1,"slot":"a"}"#);
         let r: AbortReason = from_json::<stored::Reason, _>(
             r#"{"participant":"coordinator","code":"presumed_abort","message":"m"}"#,
             "reason",
@@ -663,10 +769,14 @@ mod tests {
         .unwrap();
         let v: Vec<VoteSummary> = v.into_iter().map(Into::into).collect();
         assert_eq!(v[1].code, Some(twopc_schemas::Code::OutOfStock));
-        // And what is written now has the same shape.
+        // And what is written now has the shape read above.
+        let t: Transaction = from_json::<stored::AnyTxn, _>(
+            r#"{"client":"ops","branches":[{"participant":"shipping","op":{"slot":"a","qty":1}}],"request_id":"ops/k"}"#,
+            "transaction",
+        );
         assert_eq!(
-            to_json(&stored::Purchase::from(&p)),
-            r#"{"user":"alice","sku":"book-1","qty":2,"amount":2500,"request_id":"k"}"#
+            to_json(&stored::AnyTxn::from(&t)),
+            r#"{"client":"ops","branches":[{"participant":"shipping","op":{"qty":1,"slot":"a"}}],"request_id":"ops/k"}"#
         );
     }
 }

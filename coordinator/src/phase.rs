@@ -174,7 +174,7 @@ pub(crate) mod tests {
             tx,
             decision: Decision::Commit,
             request_id: None,
-            purchase: None,
+            transaction: None,
             reason: None,
             deliver_to: vec![twopc_schemas::participant::WALLET],
             pending: vec![twopc_schemas::participant::WALLET],
@@ -251,7 +251,7 @@ pub(crate) mod tests {
             tx,
             decision,
             request_id: rid.map(Into::into),
-            purchase: None,
+            transaction: None,
             reason: (decision == Decision::Abort).then(|| AbortReason {
                 participant: "coordinator".into(),
                 code: Code::PresumedAbort,

@@ -36,10 +36,9 @@ struct Participant {
 struct RecentTx {
     tx: String,
     decision: String,
-    user: String,
-    sku: String,
-    qty: u64,
-    amount: u64,
+    client: String,
+    /// Each branch as `participant op`.
+    branches: Vec<String>,
     reason: String,
     decided_at_ms: i64,
     delivered: bool,
@@ -103,18 +102,21 @@ async fn status<L: DecisionLog>(c: &Coordinator<L>) -> Status {
         .map(|r| RecentTx {
             tx: r.tx.to_string(),
             decision: r.decision.as_str().into(),
-            user: r
-                .purchase
+            client: r
+                .transaction
                 .as_ref()
-                .map(|p| p.user.clone())
+                .map(|t| t.client.to_string())
                 .unwrap_or_default(),
-            sku: r
-                .purchase
+            branches: r
+                .transaction
                 .as_ref()
-                .map(|p| p.sku.clone())
+                .map(|t| {
+                    t.branches
+                        .iter()
+                        .map(|b| format!("{} {}", b.participant, b.op))
+                        .collect()
+                })
                 .unwrap_or_default(),
-            qty: r.purchase.as_ref().map_or(0, |p| p.qty),
-            amount: r.purchase.as_ref().map_or(0, |p| p.amount),
             reason: r
                 .reason
                 .as_ref()
@@ -225,17 +227,15 @@ fn html(s: &Status) -> String {
         h.push_str(&rows.join(""));
         h.push_str("</table>");
     }
-    h.push_str("<h2>Recent transactions</h2><table id=\"recent\"><tr><th>tx</th><th>decision</th><th>user</th><th>sku</th><th>qty</th><th>amount</th><th>reason</th><th>delivered</th></tr>");
+    h.push_str("<h2>Recent transactions</h2><table id=\"recent\"><tr><th>tx</th><th>decision</th><th>client</th><th>branches</th><th>reason</th><th>delivered</th></tr>");
     for r in &s.recent {
         let class = if r.decision == "commit" { "ok" } else { "bad" };
         h.push_str(&format!(
-            "<tr><td><code>{}</code></td><td class=\"{class}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td><code>{}</code></td><td class=\"{class}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             esc(&r.tx),
             esc(&r.decision),
-            esc(&r.user),
-            esc(&r.sku),
-            r.qty,
-            r.amount,
+            esc(&r.client),
+            esc(&r.branches.join("; ")),
             esc(&r.reason),
             if r.delivered { "yes" } else { "not yet" }
         ));

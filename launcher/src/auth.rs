@@ -4,7 +4,7 @@
 //!
 //! | role | publishes | subscribes (queue group) |
 //! |---|---|---|
-//! | coordinator | `twopc.*.prepare`, `twopc.*.decide`, `P.in_doubt` (status page), its KV bucket, creating the owners bucket | `shop.*.purchase`, `shop.*.tx`, `shop.tx`, `shop.in_doubt`, `twopc.decision.*` (`twopc-coordinator`) |
+//! | coordinator | `twopc.*.prepare`, `twopc.*.decide`, `P.in_doubt` (status page), its KV bucket, creating the owners bucket | `shop.*.purchase`, `shop.*.transaction`, `shop.*.tx`, `shop.tx`, `shop.in_doubt`, `twopc.decision.*` (`twopc-coordinator`) |
 //! | participant P | `twopc.decision.P`, `twopc.P.owner`, its own owner lease `$KV.twopc_owners.P` (and reading that bucket) | `twopc.P.prepare`, `twopc.P.decide`, `P.>` (`twopc-P`); `twopc.P.owner` |
 //! | client C | `shop.C.>`, `order.stock` | — |
 //! | admin | every participant's public subjects, `shop.tx`, `shop.in_doubt`, `$SRV.>`, reading the decision and owners buckets | — |
@@ -97,6 +97,7 @@ impl Role {
                 let queue = subjects::queue_group("coordinator");
                 let mut subscribe: Vec<String> = [
                     subjects::PURCHASES,
+                    subjects::TRANSACTIONS,
                     subjects::CLIENT_TXS,
                     subjects::TX_STATUS,
                     subjects::IN_DOUBT,

@@ -9,7 +9,7 @@
 //! the driver in [`crate::participant`] does it inside one SQLite
 //! transaction.
 
-use twopc_schemas::protocol::{BranchOp, Decision, Vote};
+use twopc_schemas::protocol::{Decision, Vote};
 pub use twopc_schemas::BranchState;
 use twopc_schemas::Code;
 
@@ -17,8 +17,9 @@ use twopc_schemas::Code;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Branch {
     pub state: BranchState,
-    /// The operation prepared; `None` for a tombstone.
-    pub op: Option<BranchOp>,
+    /// The operation prepared, as it came (the coordinator's canonical
+    /// JSON); `None` for a tombstone.
+    pub op: Option<String>,
     /// Why it aborted here, if it did.
     pub code: Option<Code>,
     pub message: Option<String>,
@@ -38,7 +39,7 @@ pub enum OnPrepare {
 /// been collected: holding now could apply an old transaction twice).
 ///
 /// [`TxWindow`]: twopc_schemas::protocol::TxWindow
-pub fn on_prepare(stored: Option<&Branch>, op: &BranchOp, expired: bool) -> OnPrepare {
+pub fn on_prepare(stored: Option<&Branch>, op: &str, expired: bool) -> OnPrepare {
     let Some(b) = stored else {
         if expired {
             return OnPrepare::Repeat(Vote::No {
@@ -50,7 +51,7 @@ pub fn on_prepare(stored: Option<&Branch>, op: &BranchOp, expired: bool) -> OnPr
     };
     match b.state {
         BranchState::Prepared | BranchState::Committed => {
-            if b.op.as_ref() == Some(op) {
+            if b.op.as_deref() == Some(op) {
                 OnPrepare::Repeat(Vote::Yes)
             } else {
                 // Same id, other content: forged or corrupt. Never say yes to
@@ -142,11 +143,8 @@ mod tests {
         ));
     }
 
-    fn op() -> BranchOp {
-        BranchOp::Debit {
-            user: "a".into(),
-            amount: 1,
-        }
+    fn op() -> String {
+        r#"{"amount":1,"user":"a"}"#.into()
     }
     fn branch(state: BranchState) -> Branch {
         Branch {
@@ -172,12 +170,9 @@ mod tests {
 
     #[test]
     fn prepare_with_other_op_is_refused() {
-        let other = BranchOp::Debit {
-            user: "a".into(),
-            amount: 2,
-        };
+        let other = r#"{"amount":2,"user":"a"}"#;
         assert!(matches!(
-            on_prepare(Some(&branch(BranchState::Prepared)), &other, false),
+            on_prepare(Some(&branch(BranchState::Prepared)), other, false),
             OnPrepare::Repeat(Vote::No {
                 code: Code::Conflict,
                 ..

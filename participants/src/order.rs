@@ -14,7 +14,9 @@ use twopc_common::db::{self, Db, ReadDb};
 use twopc_common::now_ms;
 use twopc_schemas::api::{ApiError, CreateProduct, Stock, StockQuery};
 use twopc_schemas::participant::{self, BranchState, ParticipantName};
-use twopc_schemas::protocol::{BranchOp, TxId};
+use twopc_schemas::protocol::TxId;
+use twopc_schemas::tx::ReserveOp;
+use twopc_schemas::ClientName;
 use twopc_schemas::{subjects, Code};
 
 use crate::participant::{
@@ -86,19 +88,14 @@ pub fn snapshot(conn: &Connection) -> rusqlite::Result<OrderSnapshot> {
     })
 }
 
-fn reserve(op: &BranchOp) -> Option<(&str, &str, u64, u64)> {
-    match op {
-        BranchOp::Reserve {
-            user,
-            sku,
-            qty,
-            amount,
-        } => Some((user, sku, *qty, *amount)),
-        _ => None,
-    }
+fn reserve(op: &ReserveOp) -> (&str, &str, u64, u64) {
+    (&op.user, &op.sku, op.qty, op.amount)
 }
 
 impl Resource for Order {
+    /// `{"user", "sku", "qty", "amount"}`: reserve stock, then order it.
+    type Op = ReserveOp;
+
     fn name(&self) -> ParticipantName {
         participant::ORDER
     }
@@ -107,18 +104,33 @@ impl Resource for Order {
         MIGRATIONS
     }
 
+    fn parse_op(&self, op: &str) -> Result<ReserveOp, String> {
+        let reserve: ReserveOp =
+            serde_json::from_str(op).map_err(|e| format!("the order service reserves: {e}"))?;
+        reserve.validate()?;
+        Ok(reserve)
+    }
+
+    /// Rows prepared before transactions were generic hold
+    /// `{"Reserve":{"user":...,"sku":...,"qty":...,"amount":...}}`.
+    fn stored_op(&self, op: &str) -> ReserveOp {
+        #[derive(serde::Deserialize)]
+        enum Stored {
+            Reserve(ReserveOp),
+        }
+        serde_json::from_str::<ReserveOp>(op)
+            .or_else(|_| serde_json::from_str::<Stored>(op).map(|Stored::Reserve(r)| r))
+            .expect("a stored order op reads back")
+    }
+
     fn hold(
         &self,
         conn: &Connection,
         tx: TxId,
-        op: &BranchOp,
+        _client: &ClientName,
+        op: &ReserveOp,
     ) -> rusqlite::Result<Result<(), Refusal>> {
-        let Some((_, sku, qty, amount)) = reserve(op) else {
-            return Ok(Err((
-                Code::BadMessage,
-                "the order service only reserves".into(),
-            )));
-        };
+        let (_, sku, qty, amount) = reserve(op);
         let row: Option<(i64, i64, i64)> = conn
             .query_row(
                 "SELECT price, stock, reserved FROM products WHERE sku = ?1",
@@ -159,8 +171,8 @@ impl Resource for Order {
         Ok(Ok(()))
     }
 
-    fn apply(&self, conn: &Connection, tx: TxId, op: &BranchOp) -> rusqlite::Result<()> {
-        let (user, sku, qty, amount) = reserve(op).expect("a prepared order op is a reservation");
+    fn apply(&self, conn: &Connection, tx: TxId, op: &ReserveOp) -> rusqlite::Result<()> {
+        let (user, sku, qty, amount) = reserve(op);
         let n = db::exec(
             conn,
             "DELETE FROM reservations WHERE tx = ?1",
@@ -188,8 +200,8 @@ impl Resource for Order {
         Ok(())
     }
 
-    fn release(&self, conn: &Connection, tx: TxId, op: &BranchOp) -> rusqlite::Result<()> {
-        let (_, sku, qty, _) = reserve(op).expect("a prepared order op is a reservation");
+    fn release(&self, conn: &Connection, tx: TxId, op: &ReserveOp) -> rusqlite::Result<()> {
+        let (_, sku, qty, _) = reserve(op);
         let n = db::exec(
             conn,
             "DELETE FROM reservations WHERE tx = ?1",
@@ -331,13 +343,14 @@ mod tests {
         )
         .unwrap();
         let tx = TxId::now_v7();
-        let op = BranchOp::Reserve {
+        let op = ReserveOp {
             user: "alice".into(),
             sku: "pen-1".into(),
             qty: 2,
             amount: 398,
         };
-        Order.hold(&conn, tx, &op).unwrap().unwrap();
+        let web = ClientName::new("web").unwrap();
+        Order.hold(&conn, tx, &web, &op).unwrap().unwrap();
         let s = snapshot(&conn).unwrap();
         assert_eq!(s.products["pen-1"], (199, 10, 2));
         assert_eq!(s.reservations[&tx], 2);

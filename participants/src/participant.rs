@@ -33,10 +33,10 @@ use twopc_schemas::api::{
 };
 use twopc_schemas::points::{ParticipantCrash, ParticipantDelay};
 use twopc_schemas::protocol::{
-    self, BranchOp, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Prepare, TxAge,
-    TxId, TxWindow, Vote,
+    self, Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Prepare, TxAge, TxId,
+    TxWindow, Vote,
 };
-use twopc_schemas::{subjects, Code, ParticipantName};
+use twopc_schemas::{subjects, ClientName, Code, ParticipantName};
 
 use crate::branch::{on_decide, on_prepare, Branch, BranchState, OnDecide, OnPrepare};
 use crate::config::ParticipantArgs;
@@ -51,22 +51,41 @@ pub type Refusal = (Code, String);
 /// library records the branch state in the same SQLite transaction, so the
 /// resource change and the protocol state are durable together.
 pub trait Resource: Send + Sync + 'static {
+    /// The participant's own operation: what a branch at it asks for, as
+    /// the JSON the client wrote in the branch's `op`.
+    type Op: serde::de::DeserializeOwned + Send + Sync + 'static;
     /// The participant's name (`wallet`, `order`): subjects and logs.
     fn name(&self) -> ParticipantName;
     /// Schema of the resource's own tables, applied in order once each.
     fn migrations(&self) -> &'static [&'static str];
+    /// Reads and checks an operation: the branch's op as the coordinator
+    /// sent it (canonical JSON). `Err` is a no vote (`bad_message`), and
+    /// nothing is written. The default parses the JSON into `Self::Op`;
+    /// add the operation's own limits here.
+    fn parse_op(&self, op: &str) -> Result<Self::Op, String> {
+        serde_json::from_str(op).map_err(|e| format!("{} cannot read the op: {e}", self.name()))
+    }
+    /// Reads back an operation this participant stored when it prepared
+    /// (it parsed then, so it parses now; rows written by an earlier
+    /// version may have another shape, which an override reads).
+    fn stored_op(&self, op: &str) -> Self::Op {
+        self.parse_op(op)
+            .unwrap_or_else(|e| panic!("a stored op reads back: {e}"))
+    }
     /// Checks `op` and holds what it needs. `Ok(Err(refusal))` means a no
-    /// vote, and the resource must have written nothing.
+    /// vote, and the resource must have written nothing. `client` is the
+    /// client that submitted the transaction.
     fn hold(
         &self,
         conn: &Connection,
         tx: TxId,
-        op: &BranchOp,
+        client: &ClientName,
+        op: &Self::Op,
     ) -> rusqlite::Result<Result<(), Refusal>>;
     /// Makes a held operation permanent (decision commit).
-    fn apply(&self, conn: &Connection, tx: TxId, op: &BranchOp) -> rusqlite::Result<()>;
+    fn apply(&self, conn: &Connection, tx: TxId, op: &Self::Op) -> rusqlite::Result<()>;
     /// Releases what `hold` took (decision abort).
-    fn release(&self, conn: &Connection, tx: TxId, op: &BranchOp) -> rusqlite::Result<()>;
+    fn release(&self, conn: &Connection, tx: TxId, op: &Self::Op) -> rusqlite::Result<()>;
 }
 
 /// The library's own table, shared by every participant database.
@@ -278,88 +297,6 @@ pub fn stored_u64(value: i64) -> u64 {
     u64::try_from(value).expect("CHECK constraints keep stored amounts and quantities >= 0")
 }
 
-/// The `branches.op` column's shape, apart from the protocol's `BranchOp`:
-/// the wire type may change (in a new envelope version) while every stored
-/// row must still read back. Changing it means a new shape and a migration,
-/// never an edit; `stored_op_reads_back` holds rows as written so far.
-mod stored {
-    use serde::{Deserialize, Serialize};
-    use twopc_schemas::protocol::BranchOp;
-
-    #[derive(Serialize, Deserialize)]
-    pub enum Op {
-        Debit {
-            user: String,
-            amount: u64,
-        },
-        Reserve {
-            user: String,
-            sku: String,
-            qty: u64,
-            amount: u64,
-        },
-    }
-
-    impl From<&BranchOp> for Op {
-        fn from(op: &BranchOp) -> Self {
-            match op.clone() {
-                BranchOp::Debit { user, amount } => Op::Debit { user, amount },
-                BranchOp::Reserve {
-                    user,
-                    sku,
-                    qty,
-                    amount,
-                } => Op::Reserve {
-                    user,
-                    sku,
-                    qty,
-                    amount,
-                },
-            }
-        }
-    }
-
-    impl From<Op> for BranchOp {
-        fn from(op: Op) -> Self {
-            match op {
-                Op::Debit { user, amount } => BranchOp::Debit { user, amount },
-                Op::Reserve {
-                    user,
-                    sku,
-                    qty,
-                    amount,
-                } => BranchOp::Reserve {
-                    user,
-                    sku,
-                    qty,
-                    amount,
-                },
-            }
-        }
-    }
-
-    pub fn write(op: &BranchOp) -> String {
-        serde_json::to_string(&Op::from(op)).expect("op serialises")
-    }
-
-    /// Paired with `write`: a row that does not read back is not ours.
-    pub fn read(s: &str) -> BranchOp {
-        serde_json::from_str::<Op>(s)
-            .expect("stored op decodes")
-            .into()
-    }
-
-    #[cfg(test)]
-    #[test]
-    fn stored_op_reads_back() {
-        let reserve = r#"{"Reserve":{"user":"alice","sku":"book-1","qty":2,"amount":2500}}"#;
-        let debit = r#"{"Debit":{"user":"alice","amount":2500}}"#;
-        for row in [reserve, debit] {
-            assert_eq!(write(&read(row)), row);
-        }
-    }
-}
-
 /// Reads one branch.
 pub fn load_branch(conn: &Connection, tx: TxId) -> rusqlite::Result<Option<Branch>> {
     db::row(
@@ -374,7 +311,7 @@ pub fn load_branch(conn: &Connection, tx: TxId) -> rusqlite::Result<Option<Branc
                 // Paired with the CHECK constraint on write: a state we do not
                 // know means the file is not ours or is corrupt.
                 state: BranchState::parse(&state).expect("branch state is valid"),
-                op: op.map(|s| stored::read(&s)),
+                op,
                 code: code.and_then(|c| Code::parse(&c)),
                 message: r.get(3)?,
             })
@@ -403,7 +340,15 @@ pub fn prepare_job<R: Resource>(
     window: TxWindow,
     now: i64,
 ) -> rusqlite::Result<Vote> {
-    let (tx, op) = (msg.tx, &msg.op);
+    let tx = msg.tx;
+    // The op as it came; stored as it came, so a repeated prepare is
+    // recognised byte for byte (the coordinator sends canonical JSON).
+    let Ok(op) = std::str::from_utf8(&msg.op) else {
+        return Ok(Vote::No {
+            code: Code::BadMessage,
+            message: "the op is not UTF-8 JSON".into(),
+        });
+    };
     // The handler checked the message already; check again right before
     // writing, so that no path can hold what cannot commit. Its age is
     // taken inside the write transaction, which also serialises with the
@@ -422,8 +367,19 @@ pub fn prepare_job<R: Resource>(
     match on_prepare(stored.as_ref(), op, age == TxAge::Expired) {
         OnPrepare::Repeat(vote) => Ok(vote),
         OnPrepare::Hold => {
-            let op_json = stored::write(op);
-            match resource.hold(conn, tx, op)? {
+            let parsed = match resource.parse_op(op) {
+                Ok(parsed) => parsed,
+                // Refused before anything is held or written: a no vote is
+                // always safe, and a retry gets the same answer.
+                Err(message) => {
+                    return Ok(Vote::No {
+                        code: Code::BadMessage,
+                        message,
+                    })
+                }
+            };
+            let op_json = op;
+            match resource.hold(conn, tx, &msg.client, &parsed)? {
                 Ok(()) => {
                     db::exec(
                         conn,
@@ -502,9 +458,11 @@ pub fn decide_job<R: Resource>(
             Ok(DecideReply::Ack)
         }
         OnDecide::Apply(d) => {
-            let op = stored
-                .and_then(|b| b.op)
-                .expect("a prepared branch has its operation");
+            let op = resource.stored_op(
+                &stored
+                    .and_then(|b| b.op)
+                    .expect("a prepared branch has its operation"),
+            );
             match d {
                 Decision::Commit => {
                     resource.apply(conn, tx, &op)?;
@@ -518,6 +476,21 @@ pub fn decide_job<R: Resource>(
             Ok(DecideReply::Ack)
         }
     }
+}
+
+/// The answer to a message of a kind or version this build does not speak:
+/// [`protocol::Unsupported`], listing what it does; nothing is done.
+fn unsupported(name: &ParticipantName, what: &'static str, e: &protocol::DecodeError) -> Response {
+    refused(
+        what,
+        Code::Unsupported.as_str(),
+        || warn!(participant = %name, error = %e, "refused a message this build does not speak"),
+    );
+    Response::error(
+        protocol::encode(&protocol::Unsupported::to(e)),
+        Code::Unsupported.status(),
+        format!("unsupported: {e}"),
+    )
 }
 
 /// A running participant's shared state.
@@ -671,6 +644,7 @@ impl<R: Resource> Participant<R> {
         let payload = msg.payload;
         let msg = match protocol::decode::<Prepare>(&payload) {
             Ok(m) => m,
+            Err(e) if e.is_unsupported() => return unsupported(&name, "prepare", &e),
             Err(e) => {
                 // Nothing is written for either: the message is refused
                 // before anything is held, so a no vote is always safe.
@@ -772,6 +746,7 @@ impl<R: Resource> Participant<R> {
         let payload = msg.payload;
         let msg = match protocol::decode::<Decide>(&payload) {
             Ok(m) => m,
+            Err(e) if e.is_unsupported() => return unsupported(&name, "decide", &e),
             Err(e) => {
                 refused(
                     "decide",
@@ -901,7 +876,7 @@ impl<R: Resource> Participant<R> {
                     op: b
                         .as_ref()
                         .and_then(|b| b.op.as_ref())
-                        .map(|op| serde_json::to_value(op).expect("op serialises")),
+                        .and_then(|op| serde_json::from_str(op).ok()),
                     updated_at_ms: at,
                 };
                 Response::ok(serde_json::to_vec(&status).expect("status serialises"))

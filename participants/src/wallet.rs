@@ -14,7 +14,9 @@ use twopc_common::db::{self, Db, ReadDb};
 use twopc_common::now_ms;
 use twopc_schemas::api::{ApiError, Balance, BalanceQuery, CreateUser};
 use twopc_schemas::participant::{self, BranchState, ParticipantName};
-use twopc_schemas::protocol::{BranchOp, TxId};
+use twopc_schemas::protocol::TxId;
+use twopc_schemas::tx::DebitOp;
+use twopc_schemas::ClientName;
 use twopc_schemas::{subjects, Code};
 
 use crate::participant::{
@@ -78,14 +80,10 @@ pub fn snapshot(conn: &Connection) -> rusqlite::Result<WalletSnapshot> {
     })
 }
 
-fn debit(op: &BranchOp) -> Option<(&str, u64)> {
-    match op {
-        BranchOp::Debit { user, amount } => Some((user, *amount)),
-        _ => None,
-    }
-}
-
 impl Resource for Wallet {
+    /// `{"user": ..., "amount": ...}`: hold, then debit, part of a balance.
+    type Op = DebitOp;
+
     fn name(&self) -> ParticipantName {
         participant::WALLET
     }
@@ -94,15 +92,33 @@ impl Resource for Wallet {
         MIGRATIONS
     }
 
+    fn parse_op(&self, op: &str) -> Result<DebitOp, String> {
+        let debit: DebitOp =
+            serde_json::from_str(op).map_err(|e| format!("the wallet debits: {e}"))?;
+        debit.validate()?;
+        Ok(debit)
+    }
+
+    /// Rows prepared before transactions were generic hold
+    /// `{"Debit":{"user":...,"amount":...}}`.
+    fn stored_op(&self, op: &str) -> DebitOp {
+        #[derive(serde::Deserialize)]
+        enum Stored {
+            Debit(DebitOp),
+        }
+        serde_json::from_str::<DebitOp>(op)
+            .or_else(|_| serde_json::from_str::<Stored>(op).map(|Stored::Debit(d)| d))
+            .expect("a stored wallet op reads back")
+    }
+
     fn hold(
         &self,
         conn: &Connection,
         tx: TxId,
-        op: &BranchOp,
+        _client: &ClientName,
+        op: &DebitOp,
     ) -> rusqlite::Result<Result<(), Refusal>> {
-        let Some((user, amount)) = debit(op) else {
-            return Ok(Err((Code::BadMessage, "the wallet only debits".into())));
-        };
+        let (user, amount) = (op.user.as_str(), op.amount);
         let row: Option<(i64, i64)> = conn
             .query_row(
                 "SELECT balance, held FROM users WHERE user = ?1",
@@ -133,8 +149,8 @@ impl Resource for Wallet {
         Ok(Ok(()))
     }
 
-    fn apply(&self, conn: &Connection, tx: TxId, op: &BranchOp) -> rusqlite::Result<()> {
-        let (user, amount) = debit(op).expect("a prepared wallet op is a debit");
+    fn apply(&self, conn: &Connection, tx: TxId, op: &DebitOp) -> rusqlite::Result<()> {
+        let (user, amount) = (op.user.as_str(), op.amount);
         let n = db::exec(
             conn,
             "DELETE FROM holds WHERE tx = ?1",
@@ -154,8 +170,8 @@ impl Resource for Wallet {
         Ok(())
     }
 
-    fn release(&self, conn: &Connection, tx: TxId, op: &BranchOp) -> rusqlite::Result<()> {
-        let (user, amount) = debit(op).expect("a prepared wallet op is a debit");
+    fn release(&self, conn: &Connection, tx: TxId, op: &DebitOp) -> rusqlite::Result<()> {
+        let (user, amount) = (op.user.as_str(), op.amount);
         let n = db::exec(
             conn,
             "DELETE FROM holds WHERE tx = ?1",
@@ -290,11 +306,12 @@ mod tests {
         )
         .unwrap();
         let tx = TxId::now_v7();
-        let op = BranchOp::Debit {
+        let op = DebitOp {
             user: "alice".into(),
             amount: 300,
         };
-        Wallet.hold(&conn, tx, &op).unwrap().unwrap();
+        let web = ClientName::new("web").unwrap();
+        Wallet.hold(&conn, tx, &web, &op).unwrap().unwrap();
         let s = snapshot(&conn).unwrap();
         assert_eq!(s.users["alice"], (1000, 300));
         assert_eq!(s.holds[&tx], 300);

@@ -58,13 +58,15 @@ impl ApiError {
 
 /// Parses a JSON request strictly: size limit, syntax, then types.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    if bytes.len() > MAX_REQUEST_BYTES {
+    parse_json_limited(bytes, MAX_REQUEST_BYTES)
+}
+
+/// [`parse_json`] with another size limit.
+pub fn parse_json_limited<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, ApiError> {
+    if bytes.len() > limit {
         return Err(ApiError::new(
             Code::PayloadTooLarge,
-            format!(
-                "request is {} bytes; the limit is {MAX_REQUEST_BYTES}",
-                bytes.len()
-            ),
+            format!("request is {} bytes; the limit is {limit}", bytes.len()),
         ));
     }
     // serde would also accept a struct as a JSON array of its fields in
@@ -170,9 +172,10 @@ pub struct AbortReason {
     pub message: String,
 }
 
-/// `shop.purchase` reply.
+/// The reply to a transaction (`shop.<client>.transaction`) or a purchase
+/// (`shop.<client>.purchase`, which is one transaction type).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PurchaseReply {
+pub struct TxReply {
     pub tx: String,
     pub outcome: Outcome,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -188,6 +191,9 @@ pub struct PurchaseReply {
     #[serde(default)]
     pub duplicate: bool,
 }
+
+/// A purchase's reply is a transaction's.
+pub type PurchaseReply = TxReply;
 
 /// `{"user": ...}` for `wallet.balance`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -331,8 +337,12 @@ pub struct TxStatus {
     pub state: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// The client that submitted it (absent for a presumed abort).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub purchase: Option<PurchaseRequest>,
+    pub client: Option<String>,
+    /// Each participant and its op (empty for a presumed abort).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub branches: Vec<crate::tx::Branch>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<AbortReason>,
     /// Each participant's vote.
@@ -359,7 +369,8 @@ impl TxStatus {
             tx,
             state: "unknown".into(),
             request_id: None,
-            purchase: None,
+            client: None,
+            branches: vec![],
             reason: None,
             votes: vec![],
             deliveries: vec![],

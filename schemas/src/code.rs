@@ -74,6 +74,15 @@ pub enum Code {
     /// lease lapsed and is not renewed yet): it writes nothing. The owner,
     /// or this instance once renewed, will answer a retry.
     NotOwner,
+    /// The client may not name this participant in a transaction (its
+    /// grant, `TWOPC_CLIENT_GRANTS`, does not list it).
+    Forbidden,
+    /// A transaction names a participant the coordinator does not know
+    /// (`TWOPC_PARTICIPANTS`).
+    UnknownParticipant,
+    /// A protocol message of a kind or version the receiver does not speak;
+    /// nothing was done ([`crate::protocol::Unsupported`] says what it speaks).
+    Unsupported,
 }
 
 impl Code {
@@ -106,6 +115,9 @@ impl Code {
             Code::WrongSender => "wrong_sender",
             Code::NotABranch => "not_a_branch",
             Code::NotOwner => "not_owner",
+            Code::Forbidden => "forbidden",
+            Code::UnknownParticipant => "unknown_participant",
+            Code::Unsupported => "unsupported",
         }
     }
 
@@ -113,14 +125,16 @@ impl Code {
     /// protocol's `Nats-Service-Error-Code` header.
     pub fn status(self) -> u16 {
         match self {
-            Code::UnknownUser | Code::UnknownSku | Code::UnknownTx => 404,
+            Code::UnknownUser | Code::UnknownSku | Code::UnknownTx | Code::UnknownParticipant => {
+                404
+            }
             Code::AlreadyExists | Code::Conflict => 409,
             Code::PayloadTooLarge => 413,
             Code::Busy | Code::ShuttingDown | Code::Unavailable | Code::NotOwner => 503,
             Code::Internal => 500,
             Code::Timeout | Code::OutcomeUnknown => 504,
             Code::Expired => 410,
-            Code::WrongSender | Code::NotABranch => 403,
+            Code::WrongSender | Code::NotABranch | Code::Forbidden => 403,
             Code::InsufficientFunds
             | Code::OutOfStock
             | Code::PriceMismatch
@@ -129,6 +143,7 @@ impl Code {
             | Code::MalformedJson
             | Code::InvalidRequest
             | Code::BadMessage
+            | Code::Unsupported
             | Code::BadTxId
             | Code::TxInFuture => 400,
         }

@@ -15,6 +15,7 @@ pub mod participant;
 pub mod points;
 pub mod protocol;
 pub mod subjects;
+pub mod tx;
 
 pub use client::ClientName;
 pub use code::Code;

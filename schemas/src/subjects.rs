@@ -17,8 +17,17 @@ pub fn client_tx(client: &ClientName) -> String {
     format!("shop.{client}.tx")
 }
 
+/// Public: a transaction by `client` (JSON [`crate::tx::TxSubmit`]): any
+/// branches at participants the client may name. Only the client's
+/// credentials may publish it, as for [`purchase`].
+pub fn transaction(client: &ClientName) -> String {
+    format!("shop.{client}.transaction")
+}
+
 /// Every client's purchase subject (the coordinator's subscription).
 pub const PURCHASES: &str = "shop.*.purchase";
+/// Every client's transaction subject.
+pub const TRANSACTIONS: &str = "shop.*.transaction";
 /// Every client's transaction-status subject.
 pub const CLIENT_TXS: &str = "shop.*.tx";
 

@@ -10,6 +10,7 @@ use twopc_participants::order::OrderSnapshot;
 use twopc_participants::wallet::WalletSnapshot;
 use twopc_schemas::api::{ApiError, Outcome, PurchaseRequest};
 use twopc_schemas::protocol::{Decision, TxId};
+use twopc_schemas::tx::{self, Transaction};
 use twopc_schemas::{Code, ParticipantName};
 use twopc_verify::check::{self as inv, Initial, KeyReply, Snapshot, Told};
 
@@ -33,8 +34,8 @@ pub struct Answer {
 pub struct Ground {
     pub balances: BTreeMap<String, u64>,
     pub products: BTreeMap<String, (u64, u64)>,
-    /// Every transaction a coordinator began, with its purchase.
-    pub begun: BTreeMap<TxId, PurchaseRequest>,
+    /// Every transaction a coordinator began.
+    pub begun: BTreeMap<TxId, Transaction>,
     /// When each began (simulated µs).
     pub begun_at_us: BTreeMap<TxId, u64>,
     /// When each request id was first sent.
@@ -118,8 +119,9 @@ impl Ground {
     }
 }
 
-fn same_purchase(a: &PurchaseRequest, b: &PurchaseRequest) -> bool {
-    a.user == b.user && a.sku == b.sku && a.qty == b.qty && a.amount == b.amount
+/// Whether `t` is the transaction of purchase `p` (request ids aside).
+fn same_purchase(t: &Transaction, p: &PurchaseRequest) -> bool {
+    t.branches == tx::purchase(&t.client, p).branches
 }
 
 /// Decisions in the store not yet acknowledged by everyone.

@@ -30,7 +30,8 @@ use twopc_schemas::api::{ApiError, PurchaseReply, PurchaseRequest};
 use twopc_schemas::protocol::{
     Decide, DecideReply, Decision, DecisionQuery, DecisionReply, Prepare, TxId, TxWindow, Vote,
 };
-use twopc_schemas::{participant, subjects, Code, ParticipantName};
+use twopc_schemas::tx;
+use twopc_schemas::{participant, subjects, ClientName, Code, ParticipantName};
 
 use crate::check::{self, Answer, Ground};
 use crate::kv::{KvOp, KvResult, KvState, Outgoing, Shared, SimKv};
@@ -1226,11 +1227,16 @@ impl World {
             Cmd::Prepare {
                 tx,
                 participant,
+                client,
                 op,
                 ..
             } => {
                 let rpc = self.fresh();
-                let msg = Prepare { tx, op };
+                let msg = Prepare {
+                    tx,
+                    client,
+                    op: op.as_bytes().to_vec(),
+                };
                 let started_us = self.now_us();
                 if let Some(rep) = self.replicas[r].as_mut() {
                     rep.rpcs.insert(
@@ -1312,9 +1318,9 @@ impl World {
                 let tx = self.fresh_tx(r);
                 self.step(
                     r,
-                    Event::Purchase {
+                    Event::Submit {
                         client,
-                        req,
+                        req: tx::purchase(&shop_client(), &req),
                         tx,
                         trace: trace(),
                     },
@@ -2049,6 +2055,11 @@ fn describe(ev: &Ev) -> String {
         Ev::Fault(f) => format!("FAULT {f:?}"),
         Ev::CheckDone => "check done".into(),
     }
+}
+
+/// The one shop client of the simulation.
+fn shop_client() -> ClientName {
+    ClientName::new(twopc_schemas::client::DEFAULT_CLIENT).expect("the default client's name")
 }
 
 fn trace() -> TraceContext {

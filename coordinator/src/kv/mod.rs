@@ -20,7 +20,7 @@
 //! by recording a presumed abort for it (first writer wins, so this is safe
 //! at any timing: if the first attempt was only slow, its own `create` then
 //! finds the abort and its client hears `aborted` too). The claim carries
-//! its purchase, so that an attempt with the same key and another purchase
+//! its transaction, so that an attempt with the same key and another transaction
 //! hears `conflict` even when the holder's record is a presumed abort.
 //!
 //! A record and its claim are collected together, the claim first
@@ -49,8 +49,9 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use twopc_schemas::api::{AbortReason, PurchaseRequest, VoteSummary};
+use twopc_schemas::api::{AbortReason, VoteSummary};
 use twopc_schemas::protocol::{started_at_ms, Decision, TxId};
+use twopc_schemas::tx::Transaction;
 use twopc_schemas::{Code, ParticipantName};
 
 use crate::log::{stored, DecisionLog, LogError, Record, Recorded, StoredDecision};
@@ -125,8 +126,9 @@ struct StoredRecord {
     decision: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     request_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    purchase: Option<stored::Purchase>,
+    /// The transaction (a purchase, `purchase`, in records of version 1).
+    #[serde(default, alias = "purchase", skip_serializing_if = "Option::is_none")]
+    txn: Option<stored::AnyTxn>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     reason: Option<stored::Reason>,
     deliver_to: Vec<ParticipantName>,
@@ -140,7 +142,8 @@ struct StoredRecord {
     delivery_attempts: u32,
 }
 
-const STORED_VERSION: u32 = 1;
+/// 2: `txn` holds a transaction (1: `purchase` held a purchase).
+const STORED_VERSION: u32 = 2;
 
 impl StoredRecord {
     fn from_record(r: &Record, writer: u64) -> Self {
@@ -150,7 +153,7 @@ impl StoredRecord {
             tx: r.tx,
             decision: r.decision.as_str().to_owned(),
             request_id: r.request_id.clone(),
-            purchase: r.purchase.as_ref().map(stored::Purchase::from),
+            txn: r.transaction.as_ref().map(stored::AnyTxn::from),
             reason: r.reason.as_ref().map(stored::Reason::from),
             deliver_to: r.deliver_to.clone(),
             pending: r.pending.clone(),
@@ -171,7 +174,7 @@ impl StoredRecord {
             tx: self.tx,
             decision,
             request_id: self.request_id,
-            purchase: self.purchase.map(PurchaseRequest::from),
+            transaction: self.txn.map(Transaction::from),
             reason: self.reason.map(AbortReason::from),
             deliver_to: self.deliver_to,
             pending: self.pending,
@@ -190,10 +193,10 @@ struct StoredClaim {
     writer: u64,
     tx: TxId,
     claimed_at_ms: i64,
-    /// The purchase of the attempt that claimed the key (absent in claims
-    /// written before it was stored).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    purchase: Option<stored::Purchase>,
+    /// The transaction of the attempt that claimed the key (absent in
+    /// claims written before it was stored; a purchase in version 1).
+    #[serde(default, alias = "purchase", skip_serializing_if = "Option::is_none")]
+    txn: Option<stored::AnyTxn>,
 }
 
 fn corrupt(what: String) -> LogError {
@@ -361,7 +364,7 @@ impl<S: KvStore> KvLog<S> {
         &self,
         request_id: &str,
         tx: TxId,
-        purchase: Option<&PurchaseRequest>,
+        txn: Option<&Transaction>,
         write_by_ms: Option<i64>,
     ) -> Result<Option<StoredClaim>, LogError> {
         let claim = StoredClaim {
@@ -369,7 +372,7 @@ impl<S: KvStore> KvLog<S> {
             writer: self.store.random(),
             tx,
             claimed_at_ms: self.store.now_ms(),
-            purchase: purchase.map(stored::Purchase::from),
+            txn: txn.map(stored::AnyTxn::from),
         };
         let value = Bytes::from(serde_json::to_vec(&claim).expect("serialises"));
         let mut last_unknown = String::new();
@@ -405,13 +408,13 @@ impl<S: KvStore> KvLog<S> {
         holder: StoredClaim,
         write_by_ms: Option<i64>,
     ) -> Result<Record, LogError> {
-        let purchase: Option<PurchaseRequest> = holder.purchase.map(PurchaseRequest::from);
+        let txn: Option<Transaction> = holder.txn.map(Transaction::from);
         let waited_from = self.store.monotonic_ms();
         loop {
             if let Some(v) = self.read_record(holder.tx).await? {
                 let mut r = v.value.into_record()?;
-                if r.purchase.is_none() {
-                    r.purchase = purchase;
+                if r.transaction.is_none() {
+                    r.transaction = txn;
                 }
                 return Ok(r);
             }
@@ -420,7 +423,7 @@ impl<S: KvStore> KvLog<S> {
                     tx: holder.tx,
                     decision: Decision::Abort,
                     request_id: Some(request_id.to_owned()),
-                    purchase: purchase.clone(),
+                    transaction: txn.clone(),
                     reason: Some(AbortReason {
                         participant: "coordinator".into(),
                         code: Code::PresumedAbort,
@@ -435,8 +438,8 @@ impl<S: KvStore> KvLog<S> {
                 };
                 return Ok(match self.create_record(abort, write_by_ms).await? {
                     Ok(mut r) | Err(mut r) => {
-                        if r.purchase.is_none() {
-                            r.purchase = purchase;
+                        if r.transaction.is_none() {
+                            r.transaction = txn;
                         }
                         r
                     }
@@ -554,7 +557,7 @@ impl<S: KvStore> DecisionLog for KvLog<S> {
         }
         if let Some(rid) = rec.request_id.clone() {
             if let Some(holder) = self
-                .claim(&rid, rec.tx, rec.purchase.as_ref(), write_by_ms)
+                .claim(&rid, rec.tx, rec.transaction.as_ref(), write_by_ms)
                 .await?
             {
                 // Nothing is written for this transaction: by presumed
@@ -576,9 +579,9 @@ impl<S: KvStore> DecisionLog for KvLog<S> {
                 if existing.request_id.is_none() && rec.request_id.is_some() {
                     // The key is bound to this transaction by the claim; the
                     // record says so too, for status queries.
-                    let (rid, purchase, votes) = (
+                    let (rid, txn, votes) = (
                         rec.request_id.clone(),
-                        rec.purchase.clone(),
+                        rec.transaction.clone(),
                         rec.votes.clone(),
                     );
                     self.update_record(rec.tx, |s| {
@@ -586,8 +589,8 @@ impl<S: KvStore> DecisionLog for KvLog<S> {
                             return false;
                         }
                         s.request_id = rid.clone();
-                        if s.purchase.is_none() {
-                            s.purchase = purchase.as_ref().map(stored::Purchase::from);
+                        if s.txn.is_none() {
+                            s.txn = txn.as_ref().map(stored::AnyTxn::from);
                         }
                         if s.votes.is_empty() {
                             s.votes = votes.iter().map(stored::Vote::from).collect();
@@ -596,7 +599,7 @@ impl<S: KvStore> DecisionLog for KvLog<S> {
                     })
                     .await?;
                     existing.request_id = rec.request_id;
-                    existing.purchase = existing.purchase.or(rec.purchase);
+                    existing.transaction = existing.transaction.or(rec.transaction);
                     if existing.votes.is_empty() {
                         existing.votes = rec.votes;
                     }
@@ -619,11 +622,11 @@ impl<S: KvStore> DecisionLog for KvLog<S> {
         };
         // A claim without a decision yet is an attempt in flight (or one
         // that died): the key is not free, but there is no outcome to give.
-        let purchase = claim.purchase.map(PurchaseRequest::from);
+        let txn = claim.txn.map(Transaction::from);
         Ok(self.get(claim.tx).await?.map(|mut r| {
             r.request_id.get_or_insert(request_id);
-            if r.purchase.is_none() {
-                r.purchase = purchase;
+            if r.transaction.is_none() {
+                r.transaction = txn;
             }
             r
         }))
@@ -1014,7 +1017,7 @@ mod tests {
             writer: 99,
             tx: holder,
             claimed_at_ms: 1_000 + 86_400_000,
-            purchase: None,
+            txn: None,
         };
         store
             .create(
@@ -1082,7 +1085,40 @@ mod tests {
         let r = s.into_record().unwrap();
         assert_eq!(r.decision, Decision::Commit);
         assert_eq!(r.pending, vec![twopc_schemas::participant::ORDER]);
-        assert_eq!(r.purchase.unwrap().qty, 2);
+        let t = r.transaction.unwrap();
+        assert_eq!(t.client.as_str(), "web");
+        assert_eq!(
+            t.branches[1].op.as_str(),
+            r#"{"amount":2500,"qty":2,"sku":"book-1","user":"alice"}"#
+        );
         assert_eq!(r.votes[0].vote, "yes");
+        // Version 2 writes the transaction, and reads it back.
+        let s = StoredRecord::from_record(&r_with(t.clone()), 8);
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(
+            json.contains(r#""v":2"#) && json.contains(r#""txn":{"client":"web""#),
+            "{json}"
+        );
+        let back: StoredRecord = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.into_record().unwrap().transaction, Some(t));
+        let claim_v1 = r#"{"v":1,"writer":7,"tx":"01930000-0000-7000-8000-00000000002a","claimed_at_ms":1,"purchase":{"user":"a","sku":"b","qty":1,"amount":1}}"#;
+        let c: StoredClaim = serde_json::from_str(claim_v1).unwrap();
+        assert_eq!(Transaction::from(c.txn.unwrap()).participants().len(), 2);
+    }
+
+    fn r_with(t: Transaction) -> Record {
+        Record {
+            tx: TxId::from_u128(0x0193_0000_0000_7000_8000_0000_0000_002a),
+            decision: Decision::Commit,
+            request_id: None,
+            transaction: Some(t),
+            reason: None,
+            deliver_to: vec![],
+            pending: vec![],
+            decided_at_ms: 1,
+            completed_at_ms: Some(1),
+            votes: vec![],
+            delivery_attempts: 1,
+        }
     }
 }
