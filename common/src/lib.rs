@@ -3,6 +3,7 @@
 //! backoff and logging. Nothing here knows the protocol.
 
 pub mod backoff;
+pub mod contain;
 pub mod db;
 pub mod fault;
 pub mod http;

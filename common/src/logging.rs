@@ -135,10 +135,16 @@ pub fn escape_event(event: &str, style: Style) -> String {
 /// Makes any panic abort the whole process after printing it. A panic
 /// means a broken invariant (or a dead writer thread); a service that lost
 /// a thread or a task must not keep answering. The process restarts and
-/// recovers from its durable log instead.
+/// recovers from its durable log instead. Except a panic in code run by
+/// [`crate::contain::contained`] (a participant's own operation code):
+/// that one is logged and returned as an error.
 pub fn abort_on_panic() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        if crate::contain::is_contained() {
+            tracing::error!(%info, "panic in the service's own code: that request fails, the service goes on");
+            return;
+        }
         default(info);
         tracing::error!(%info, "panic: aborting the process");
         std::process::abort();

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension};
 use tracing::{error, info, warn, Instrument};
+use twopc_common::contain::{contained, Panicked};
 use twopc_common::db::{self, Db, DbError, ReadDb};
 use twopc_common::fault::{crash_point, delay_for};
 use twopc_common::micro::Registry;
@@ -367,7 +368,12 @@ pub fn prepare_job<R: Resource>(
     match on_prepare(stored.as_ref(), op, age == TxAge::Expired) {
         OnPrepare::Repeat(vote) => Ok(vote),
         OnPrepare::Hold => {
-            let parsed = match resource.parse_op(op) {
+            // The service's own code runs contained: a panic there fails
+            // this job (rolled back to its savepoint: nothing it wrote
+            // stays), and the writer thread and the service go on.
+            let parsed = match contained("parse_op", || resource.parse_op(op))
+                .map_err(Panicked::into_sqlite)?
+            {
                 Ok(parsed) => parsed,
                 // Refused before anything is held or written: a no vote is
                 // always safe, and a retry gets the same answer.
@@ -379,7 +385,9 @@ pub fn prepare_job<R: Resource>(
                 }
             };
             let op_json = op;
-            match resource.hold(conn, tx, &msg.client, &parsed)? {
+            match contained("hold", || resource.hold(conn, tx, &msg.client, &parsed))
+                .map_err(Panicked::into_sqlite)??
+            {
                 Ok(()) => {
                     db::exec(
                         conn,
@@ -458,18 +466,22 @@ pub fn decide_job<R: Resource>(
             Ok(DecideReply::Ack)
         }
         OnDecide::Apply(d) => {
-            let op = resource.stored_op(
-                &stored
-                    .and_then(|b| b.op)
-                    .expect("a prepared branch has its operation"),
-            );
+            let stored_op = stored
+                .and_then(|b| b.op)
+                .expect("a prepared branch has its operation");
+            let op = contained("stored_op", || resource.stored_op(&stored_op))
+                .map_err(Panicked::into_sqlite)?;
+            // A panic or an error in apply or release rolls this job back:
+            // the branch stays prepared and the coordinator delivers again.
             match d {
                 Decision::Commit => {
-                    resource.apply(conn, tx, &op)?;
+                    contained("apply", || resource.apply(conn, tx, &op))
+                        .map_err(Panicked::into_sqlite)??;
                     set_state(conn, tx, BranchState::Committed, now)?;
                 }
                 Decision::Abort => {
-                    resource.release(conn, tx, &op)?;
+                    contained("release", || resource.release(conn, tx, &op))
+                        .map_err(Panicked::into_sqlite)??;
                     set_state(conn, tx, BranchState::Aborted, now)?;
                 }
             }
