@@ -135,7 +135,23 @@ impl<L: DecisionLog> Coordinator<L> {
 
     /// Serves until the NATS client closes or a task fails.
     pub async fn serve(self: Arc<Self>) -> anyhow::Result<()> {
-        let incomplete = self.log.incomplete().await?;
+        // Undelivered decisions to resume. A store electing a leader (a
+        // node just died, as this replica restarted) refuses for a few
+        // seconds: keep asking rather than exit and be restarted into the
+        // same election.
+        let mut backoff = Backoff::new(200, 5_000);
+        let incomplete = loop {
+            match self.log.incomplete().await {
+                Ok(records) => break records,
+                Err(e) => {
+                    warn!(error = %e, "reading undelivered decisions failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                        _ = self.shutdown.begun() => return Ok(()),
+                    }
+                }
+            }
+        };
         if !incomplete.is_empty() {
             info!(
                 count = incomplete.len(),
