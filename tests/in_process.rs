@@ -12,7 +12,7 @@ use twopc_coordinator::config::{CoordinatorArgs, ReplyAfter, Store};
 use twopc_launcher::client::{request, Reply};
 use twopc_launcher::process::NatsServer;
 use twopc_launcher::Kind;
-use twopc_participants::ParticipantArgs;
+use twopc_participant::ParticipantArgs;
 use twopc_schemas::api::{
     Balance, BalanceQuery, CreateProduct, CreateUser, Outcome, PurchaseReply, PurchaseRequest,
 };

@@ -633,7 +633,7 @@ async fn a_lease_candidate_of_another_store_refuses_a_name_served_without_a_leas
     );
     assert!(!log.contains("OWNER"), "{log}");
     let name = twopc_schemas::ParticipantName::new("wallet").unwrap();
-    let lease = twopc_participants::ownership::read_lease(&t.client, &name)
+    let lease = twopc_participant::ownership::read_lease(&t.client, &name)
         .await
         .unwrap();
     assert!(lease.is_none(), "the name was bound to a store: {lease:?}");
@@ -685,7 +685,7 @@ async fn a_lease_holder_serves_only_once_the_owner_without_a_lease_gave_way() {
     );
     assert!(next.log().contains("STANDBY:"), "{}", next.log());
     let name = twopc_schemas::ParticipantName::new("wallet").unwrap();
-    let (lease, _) = twopc_participants::ownership::read_lease(&t.client, &name)
+    let (lease, _) = twopc_participant::ownership::read_lease(&t.client, &name)
         .await
         .unwrap()
         .expect("a lease");

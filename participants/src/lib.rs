@@ -1,14 +1,7 @@
-//! The participant side of twopc: one library ([`participant`]) that owns
-//! the protocol — the durable prepare log, idempotent decisions, tombstones
-//! and in-doubt recovery — and two services built on it, [`wallet`] and
-//! [`order`], which only say how to hold, apply and release their resources.
+//! The wallet and the order service: two participants written on the SDK
+//! (`twopc-participant`), which only say how to hold, apply and release
+//! their resources. They are the SDK's examples, and the two branches of a
+//! purchase.
 
-pub mod branch;
-pub mod config;
 pub mod order;
-pub mod ownership;
-pub mod participant;
-pub mod recovery;
 pub mod wallet;
-
-pub use config::ParticipantArgs;

@@ -19,7 +19,7 @@ use twopc_schemas::tx::ReserveOp;
 use twopc_schemas::ClientName;
 use twopc_schemas::{subjects, Code};
 
-use crate::participant::{
+use twopc_participant::{
     branch_states, db_error, serve_json, sql_int, stored_u64, tx_column, Refusal, Resource,
 };
 
@@ -311,11 +311,11 @@ pub async fn serve_public(
 
 /// Runs the order service until SIGTERM/SIGINT (then drains).
 pub async fn run(
-    args: crate::ParticipantArgs,
+    args: twopc_participant::ParticipantArgs,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let max = args.max_inflight;
-    crate::participant::run_service(
+    twopc_participant::run_service(
         args,
         Order,
         "twopc order service: products, prices, stock and reservations",
@@ -328,7 +328,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::participant::BRANCHES_SQL;
+    use twopc_participant::library_schema;
 
     /// The snapshot reader and the resource agree on the tables: what a
     /// hold and an apply write is what the checker reads back.
@@ -336,7 +336,7 @@ mod tests {
     fn the_snapshot_reads_back_a_reservation_and_then_its_order() {
         let dir = tempfile::tempdir().unwrap();
         let conn = db::open(&dir.path().join("order.db"), MIGRATIONS).unwrap();
-        conn.execute_batch(BRANCHES_SQL).unwrap();
+        library_schema(&conn).unwrap();
         conn.execute(
             "INSERT INTO products (sku, price, stock) VALUES ('pen-1', 199, 10)",
             [],

@@ -19,7 +19,7 @@ use twopc_schemas::tx::DebitOp;
 use twopc_schemas::ClientName;
 use twopc_schemas::{subjects, Code};
 
-use crate::participant::{
+use twopc_participant::{
     branch_states, db_error, serve_json, sql_int, stored_u64, tx_column, Refusal, Resource,
 };
 
@@ -274,11 +274,11 @@ pub async fn serve_public(
 
 /// Runs the wallet service until SIGTERM/SIGINT (then drains).
 pub async fn run(
-    args: crate::ParticipantArgs,
+    args: twopc_participant::ParticipantArgs,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let max = args.max_inflight;
-    crate::participant::run_service(
+    twopc_participant::run_service(
         args,
         Wallet,
         "twopc wallet: user balances, holds while a purchase is prepared",
@@ -291,7 +291,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::participant::BRANCHES_SQL;
+    use twopc_participant::library_schema;
 
     /// The snapshot reader and the resource agree on the tables: what a
     /// hold and an apply write is what the checker reads back.
@@ -299,7 +299,7 @@ mod tests {
     fn the_snapshot_reads_back_a_hold_and_then_its_debit() {
         let dir = tempfile::tempdir().unwrap();
         let conn = db::open(&dir.path().join("wallet.db"), MIGRATIONS).unwrap();
-        conn.execute_batch(BRANCHES_SQL).unwrap();
+        library_schema(&conn).unwrap();
         conn.execute(
             "INSERT INTO users (user, balance) VALUES ('alice', 1000)",
             [],

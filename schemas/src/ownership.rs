@@ -3,7 +3,7 @@
 //! key = the participant's name (`wallet`, `order`).
 //!
 //! JSON, so that an operator can read it with `nats kv get twopc_owners
-//! wallet`. The participant library (`twopc_participants::ownership`) holds
+//! wallet`. The participant library (`twopc_participant::ownership`) holds
 //! the rules; this is only the value's shape and its limits.
 
 use serde::{Deserialize, Serialize};

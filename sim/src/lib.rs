@@ -14,7 +14,7 @@
 //! * the participants' prepare and decide jobs (`participant::prepare_job`,
 //!   `decide_job`) with the wallet's and the order service's real SQL on
 //!   real (in-memory) SQLite databases, their recovery selection
-//!   ([`Tracker`](twopc_participants::recovery::Tracker)) and collection.
+//!   ([`Tracker`](twopc_participant::recovery::Tracker)) and collection.
 //!
 //! Around it, simulated: the network (latency, loss, duplication,
 //! reordering, partitions, "no responders" for a process that is down),

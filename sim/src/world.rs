@@ -20,11 +20,11 @@ use twopc_coordinator::core::{ClientId, Cmd, Core, CoreConfig, Delivery, Event, 
 use twopc_coordinator::kv::KvLog;
 use twopc_coordinator::log::{DecisionLog, LogError, Record};
 use twopc_coordinator::phase::Ballot;
-use twopc_participants::order::Order;
-use twopc_participants::participant::{
+use twopc_participant::recovery::{Tracker, MAX_QUERIES_PER_PASS, RECOVERY_PAGE_ROWS};
+use twopc_participant::{
     collect_branches, decide_job, library_schema, list_prepared, prepare_job, start_mark, Resource,
 };
-use twopc_participants::recovery::{Tracker, MAX_QUERIES_PER_PASS, RECOVERY_PAGE_ROWS};
+use twopc_participants::order::Order;
 use twopc_participants::wallet::Wallet;
 use twopc_schemas::api::{ApiError, PurchaseReply, PurchaseRequest};
 use twopc_schemas::protocol::{

@@ -6,7 +6,7 @@ use clap::Parser;
 #[command(version)]
 struct Cli {
     #[command(flatten)]
-    args: twopc_participants::ParticipantArgs,
+    args: twopc_participant::ParticipantArgs,
 }
 
 #[tokio::main(flavor = "current_thread")]

@@ -116,7 +116,7 @@ pub async fn in_doubt(client: &async_nats::Client, timeout: Duration) -> anyhow:
 pub async fn owners(client: &async_nats::Client) -> anyhow::Result<()> {
     let mut out = serde_json::Map::new();
     for p in participant::PURCHASE_PARTICIPANTS {
-        let v = match twopc_participants::ownership::read_lease(client, &p).await {
+        let v = match twopc_participant::ownership::read_lease(client, &p).await {
             Ok(Some((lease, revision))) => {
                 let mut v = serde_json::to_value(&lease)?;
                 v["revision"] = revision.into();

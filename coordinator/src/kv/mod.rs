@@ -768,7 +768,7 @@ pub async fn snapshot(
 }
 
 /// Makes the participants' owner bucket ([`subjects::OWNER_BUCKET`], see
-/// `twopc_participants::ownership`) when it is missing, retrying while the
+/// `twopc_participant::ownership`) when it is missing, retrying while the
 /// server does not answer. The coordinator makes it, not the participants:
 /// a participant may then not create streams at all, so it cannot make a
 /// stream over someone else's subjects. Returns once the bucket exists, or

@@ -452,7 +452,7 @@ impl Side {
     }
 }
 
-/// What the services log (see `twopc_participants::ownership`).
+/// What the services log (see `twopc_participant::ownership`).
 const STANDBY: &str = "STANDBY:";
 const FENCED: &str = "FENCED:";
 const NOT_SERVING: &str = "not serving";

@@ -7,9 +7,7 @@
 
 use rusqlite::Connection;
 use twopc_common::db::{self, Db, DbError};
-use twopc_participants::participant::{
-    decide_job, library_schema, load_branch, prepare_job, Refusal, Resource,
-};
+use twopc_participant::{decide_job, library_schema, load_branch, prepare_job, Refusal, Resource};
 use twopc_schemas::protocol::{Decide, DecideReply, Decision, Prepare, TxId, TxWindow, Vote};
 use twopc_schemas::{BranchState, ClientName, ParticipantName};
 
