@@ -62,6 +62,19 @@ async fn services_answer_the_nats_micro_protocol_with_counts() {
     assert!(pings
         .iter()
         .all(|p| p.kind == "io.nats.micro.v1.ping_response" && !p.id.is_empty()));
+    // Each says which protocol layouts it speaks (kind:version).
+    for p in &pings {
+        assert_eq!(
+            p.metadata.get("twopc_speaks").map(String::as_str),
+            Some(twopc_schemas::protocol::speaks_text().as_str()),
+            "{}",
+            p.name
+        );
+    }
+    assert_eq!(
+        twopc_schemas::protocol::speaks_text(),
+        "1:2,2:1,3:1,4:1,5:1,6:1,7:1"
+    );
 
     // $SRV.INFO.wallet: its endpoints and subjects.
     let info: Info =

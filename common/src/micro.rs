@@ -41,6 +41,8 @@ pub struct Registry {
     pub description: String,
     started: String,
     endpoints: Mutex<Vec<Endpoint>>,
+    /// The service's metadata in every ping, info and stats answer.
+    metadata: BTreeMap<String, String>,
 }
 
 /// `io.nats.micro.v1.ping_response`
@@ -152,7 +154,15 @@ impl Registry {
             description: description.into(),
             started: rfc3339_now(),
             endpoints: Mutex::new(vec![]),
+            metadata: BTreeMap::new(),
         }
+    }
+
+    /// Adds one metadata entry (a twopc service says which protocol
+    /// layouts it speaks: `twopc_speaks`).
+    pub fn with_metadata(mut self, key: &str, value: impl Into<String>) -> Registry {
+        self.metadata.insert(key.into(), value.into());
+        self
     }
 
     /// Adds an endpoint; returns its index for [`Registry::record`].
@@ -185,7 +195,7 @@ impl Registry {
             name: self.name.clone(),
             id: self.id.clone(),
             version: self.version.clone(),
-            metadata: BTreeMap::new(),
+            metadata: self.metadata.clone(),
         }
     }
 
@@ -217,7 +227,7 @@ impl Registry {
             name: self.name.clone(),
             id: self.id.clone(),
             version: self.version.clone(),
-            metadata: BTreeMap::new(),
+            metadata: self.metadata.clone(),
             started: self.started.clone(),
             endpoints: e
                 .iter()

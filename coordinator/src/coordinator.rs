@@ -1195,11 +1195,14 @@ async fn run_with<L: DecisionLog>(
     args: CoordinatorArgs,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let registry = Arc::new(Registry::new(
-        SERVICE,
-        env!("CARGO_PKG_VERSION"),
-        "twopc coordinator: purchases as two-phase-commit transactions",
-    ));
+    let registry = Arc::new(
+        Registry::new(
+            SERVICE,
+            env!("CARGO_PKG_VERSION"),
+            "twopc coordinator: purchases as two-phase-commit transactions",
+        )
+        .with_metadata("twopc_speaks", twopc_schemas::protocol::speaks_text()),
+    );
     let shutdown = Shutdown::new();
     let discovery = registry
         .clone()

@@ -15,7 +15,7 @@ pub const MAX_REQUEST_BYTES: usize = 4 * 1024;
 pub const MAX_QTY: u64 = 1_000_000;
 /// Largest amount (minor units) in one purchase, balance or price. Well
 /// inside i64 so that sums in SQLite cannot overflow. Protocol messages get
-/// the same limits ([`crate::protocol::BranchOp::validate`]).
+/// the same limits ([`crate::tx::DebitOp::validate`], [`crate::tx::ReserveOp::validate`]).
 pub const MAX_AMOUNT: u64 = 1_000_000_000_000_000;
 /// Largest stock of one product.
 pub const MAX_STOCK: u64 = 1_000_000_000;

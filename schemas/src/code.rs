@@ -56,7 +56,7 @@ pub enum Code {
     /// `shop.tx` about the transaction named in the message.
     OutcomeUnknown,
     /// The transaction is older than the protocol's window (see
-    /// `protocol::TX_WINDOW`): too old to prepare or to commit.
+    /// `protocol::TxWindow`): too old to prepare or to commit.
     Expired,
     /// A protocol message's transaction id is not a UUIDv7, so its age
     /// cannot be known (`protocol::TxWindow::check_tx`).
@@ -194,6 +194,9 @@ mod tests {
             Code::WrongSender,
             Code::NotABranch,
             Code::NotOwner,
+            Code::Forbidden,
+            Code::UnknownParticipant,
+            Code::Unsupported,
         ];
         for code in all {
             let json = serde_json::to_string(&code).unwrap();
@@ -215,6 +218,9 @@ mod tests {
             (Code::WrongSender, 23),
             (Code::NotABranch, 24),
             (Code::NotOwner, 25),
+            (Code::Forbidden, 26),
+            (Code::UnknownParticipant, 27),
+            (Code::Unsupported, 28),
         ] {
             assert_eq!(postcard::to_allocvec(&code).unwrap(), vec![index]);
         }

@@ -369,6 +369,16 @@ pub fn speaks() -> Vec<Speaks> {
     ]
 }
 
+/// [`speaks`] as text, `kind:version` comma-separated (`1:2,2:1,...`): what
+/// a service publishes as `twopc_speaks` in its `$SRV` metadata.
+pub fn speaks_text() -> String {
+    speaks()
+        .iter()
+        .map(|s| format!("{}:{}", s.kind, s.version))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 impl Unsupported {
     /// The answer to a message that did not decode as [`DecodeError::Kind`]
     /// or [`DecodeError::Version`].

@@ -237,11 +237,10 @@ where
     let db = Db::start_guarded(conn, name.as_str(), owned.guard());
     let reads = db.reader(name.as_str())?;
     info!(participant = %name, db = %db.path().display(), epoch = fence.epoch(), "database open (WAL, synchronous=FULL; reads on their own connections; writes fenced by the owner epoch)");
-    let registry = Arc::new(Registry::new(
-        name.as_str(),
-        env!("CARGO_PKG_VERSION"),
-        description,
-    ));
+    let registry = Arc::new(
+        Registry::new(name.as_str(), env!("CARGO_PKG_VERSION"), description)
+            .with_metadata("twopc_speaks", twopc_schemas::protocol::speaks_text()),
+    );
     let shutdown = Shutdown::new();
     let discovery = registry
         .clone()

@@ -242,6 +242,13 @@ pub struct Gaps {
     pub windows: Vec<Window>,
 }
 
+/// A token of this bench process, so that request ids of separate runs
+/// against one system never meet.
+fn run_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| uuid::Uuid::now_v7().simple().to_string()[..16].to_owned())
+}
+
 async fn one_purchase(
     client: &Shop,
     cfg: &Config,
@@ -260,7 +267,9 @@ async fn one_purchase(
         sku: sku.clone(),
         qty,
         amount: price * qty + u64::from(bad),
-        request_id: None,
+        // As real clients send them: every purchase has its own key (the
+        // coordinator looks each up before starting the transaction).
+        request_id: Some(format!("bench-{}-{n}", run_token())),
     };
     let t0 = Instant::now();
     let subject = client.purchase_subject();
