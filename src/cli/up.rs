@@ -38,6 +38,12 @@ pub struct UpArgs {
     /// connect with them.
     #[arg(long, value_name = "DIR")]
     pub tls: Option<PathBuf>,
+    /// A participant of your own to make room for (repeatable): an NKey
+    /// identity `<creds>/<NAME>.nk` with a participant's permissions, and
+    /// the coordinator told the name (`TWOPC_PARTICIPANTS`). You start it
+    /// (e.g. `target/go/twopc-shipping`, or one written on the SDK).
+    #[arg(long = "participant", value_name = "NAME")]
+    pub participants: Vec<twopc_schemas::ParticipantName>,
 }
 
 pub async fn run(args: UpArgs, nats_url_env: Option<String>) -> anyhow::Result<()> {
@@ -48,6 +54,7 @@ pub async fn run(args: UpArgs, nats_url_env: Option<String>) -> anyhow::Result<(
         cluster,
         coordinators,
         tls,
+        participants,
     } = args;
     std::fs::create_dir_all(&data_dir)?;
     let data_dir = data_dir.canonicalize()?;
@@ -64,6 +71,17 @@ pub async fn run(args: UpArgs, nats_url_env: Option<String>) -> anyhow::Result<(
     cfg.ready_timeout = Duration::from_secs(20);
     cfg.tls = tls.clone();
     cfg.coordinators = coordinators.unwrap_or(if cluster.is_some() { 2 } else { 1 });
+    if !participants.is_empty() {
+        let known: Vec<String> = twopc_schemas::participant::PURCHASE_PARTICIPANTS
+            .iter()
+            .chain(&participants)
+            .map(|p| p.to_string())
+            .collect();
+        cfg.coordinator
+            .extra_env
+            .push(("TWOPC_PARTICIPANTS".into(), known.join(",")));
+        cfg.more_participants = participants.clone();
+    }
     cfg.nats = match (cluster, nats_url_env) {
         (Some(_), Some(url)) => {
             bail!("--cluster starts its own nats-servers, but NATS_URL is set ({url}): unset it")
@@ -190,6 +208,14 @@ pub async fn run(args: UpArgs, nats_url_env: Option<String>) -> anyhow::Result<(
         data_dir.display(),
         creds = creds.display(),
     );
+    for p in &participants {
+        println!(
+            "\nParticipant {p}: the coordinator knows it; start it yourself with             \n  NATS_URL={url} NATS_NKEY={creds}/{p}.nk TWOPC_DATA_DIR={data}/{p} <its binary>             \n(e.g. target/go/twopc-shipping for shipping, built by scripts/test-go.sh)",
+            url = sys.url,
+            creds = creds.display(),
+            data = data_dir.display(),
+        );
+    }
     twopc_common::nats::shutdown_signal().await;
     println!("stopping");
     sys.stop(Duration::from_secs(5)).await
