@@ -65,6 +65,10 @@ enum Cmd {
         #[arg(long)]
         request_id: Option<String>,
     },
+    /// Any transaction: its JSON as on `shop.<client>.transaction`,
+    /// `{"branches":[{"participant","op"},...],"request_id"?}`. Retries by
+    /// request id until the reply timeout; "unknown" is not an abort.
+    Transaction { json: String },
     /// A user's balance.
     Balance { user: String },
     /// A product's price and stock.
@@ -158,7 +162,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     // Who this command is: the shop client buys; everything else is admin.
     let identity = match &cli.cmd {
-        Cmd::Purchase { .. } => cli.client.as_str().to_owned(),
+        Cmd::Purchase { .. } | Cmd::Transaction { .. } => cli.client.as_str().to_owned(),
         _ => "admin".to_owned(),
     };
     let client = match cli.cmd {
@@ -200,6 +204,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             cli::ops::purchase(&shop, timeout, user, sku, qty, amount, request_id).await
         }
+        Cmd::Transaction { json } => cli::ops::transaction(client, cli.client, timeout, json).await,
         Cmd::Balance { user } => cli::ops::balance(&client, timeout, user).await,
         Cmd::Stock { sku } => cli::ops::stock(&client, timeout, sku).await,
         Cmd::Tx { id } => cli::ops::tx(&client, timeout, id).await,

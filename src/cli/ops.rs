@@ -5,10 +5,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde_json::Value;
+use twopc_client::{ClientError, Submitted, TxClient};
 use twopc_launcher::client::{request, request_raw, Reply, Shop};
 use twopc_schemas::api::{
-    CreateProduct, CreateUser, PurchaseReply, PurchaseRequest, Stock, StockQuery,
+    CreateProduct, CreateUser, ErrorReply, PurchaseRequest, Stock, StockQuery,
 };
+use twopc_schemas::tx::TxSubmit;
+use twopc_schemas::ClientName;
 use twopc_schemas::{participant, subjects};
 
 use super::{print_json, print_reply};
@@ -37,20 +40,48 @@ pub async fn purchase(
             Reply::Err(e) => return print_reply::<Value>(Reply::Err(e)),
         },
     };
-    // Without a request id of its own, one of ours: a retry after a timeout
-    // (the same command with --request-id) is then safe, and the client
-    // can read the transaction back on its own subject.
+    // Without a request id of its own, one of ours: the client library
+    // retries with it, and the user can ask again with it (the same command
+    // with --request-id) or read the transaction back on its own subject.
     let request_id = request_id.unwrap_or_else(|| format!("cli-{}", uuid::Uuid::now_v7()));
     let req = PurchaseRequest {
         user,
         sku,
         qty,
         amount,
-        request_id: Some(request_id.clone()),
+        request_id: Some(request_id),
     };
-    match request::<_, PurchaseReply>(&shop.client, &shop.purchase_subject(), &req, timeout).await {
-        Ok(r) => print_reply(r),
-        Err(e) => bail!("{e:#}\nno reply in time: the purchase may or may not have happened; retry with --request-id {request_id}, or check `twopc tx`"),
+    let client = TxClient::new(shop.client.clone(), shop.name.clone())
+        .with_deadline(timeout, Duration::from_secs(5));
+    print_submitted(client.purchase(req).await)
+}
+
+/// Submits a transaction given as its JSON (`shop.<client>.transaction`).
+pub async fn transaction(
+    nats: async_nats::Client,
+    name: ClientName,
+    timeout: Duration,
+    json: String,
+) -> anyhow::Result<()> {
+    let req = TxSubmit::parse(json.as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let client = TxClient::new(nats, name).with_deadline(timeout, Duration::from_secs(5));
+    print_submitted(client.submit(req.branches, req.request_id).await)
+}
+
+fn print_submitted(r: Result<Submitted, ClientError>) -> anyhow::Result<()> {
+    match r {
+        Ok(Submitted::Decided(reply)) => {
+            print_json(&reply);
+            Ok(())
+        }
+        Err(ClientError::Refused(e)) => print_reply::<Value>(Reply::Err(ErrorReply { error: e })),
+        Err(ClientError::Unknown {
+            request_id, last, ..
+        }) => bail!(
+            "no answer in time ({last}): the transaction may or may not have happened; \
+             send it again with request id {request_id} (--request-id), or check `twopc tx`"
+        ),
+        Err(e) => bail!("{e}"),
     }
 }
 
