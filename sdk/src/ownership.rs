@@ -1295,6 +1295,14 @@ pub mod ping {
         Duration::from_millis(rand::rng().random_range(100..600))
     }
 
+    /// Among candidates that all hear each other, whether `me` goes ahead
+    /// to claim: the one with the smallest instance id (a UUIDv7: the one
+    /// started first). Safety does not rest on it — a claimant serves only
+    /// if an ask made after its claim hears no other claim — only progress.
+    pub(super) fn goes_ahead(me: &str, others: &[OwnerPing]) -> bool {
+        others.iter().all(|o| me < o.instance.as_str())
+    }
+
     pub(super) async fn acquire(a: Acquire<'_>) -> anyhow::Result<Ownership> {
         warn!(participant = %a.name, "the NATS server has no JetStream: no owner lease; detecting other instances by asking on {} (a paused owner elsewhere is not fenced; see ARCHITECTURE.md)", subjects::owner_ping(a.name));
         let subject = subjects::owner_ping(a.name);
@@ -1317,8 +1325,10 @@ pub mod ping {
                     tokio::time::sleep(ASK_WINDOW).await;
                     continue;
                 }
-                // Only candidates answered.
-                Heard::Clear if !others.is_empty() => {
+                // Only candidates answered: the first of them goes ahead
+                // and the others wait (all back off alike would hear each
+                // other for ever: two standbys of an owner that stopped).
+                Heard::Clear if !goes_ahead(&a.me.instance, &others) => {
                     tokio::time::sleep(back_off()).await;
                     continue;
                 }
@@ -1572,6 +1582,32 @@ mod tests {
             JetStream::Unsure
         );
         assert_eq!(info_says(b"junk"), JetStream::Unsure);
+    }
+
+    /// Found by the Go participant's author (its test of two standbys):
+    /// candidates that all back off alike hear each other for ever. The
+    /// first of them goes ahead, exactly one, whatever order they ask in.
+    #[test]
+    fn among_candidates_exactly_the_first_goes_ahead() {
+        let ids = [
+            uuid::Uuid::now_v7().to_string(),
+            uuid::Uuid::now_v7().to_string(),
+            uuid::Uuid::now_v7().to_string(),
+        ];
+        let ahead: Vec<&String> = ids
+            .iter()
+            .filter(|me| {
+                let others: Vec<OwnerPing> = ids
+                    .iter()
+                    .filter(|o| o != me)
+                    .map(|o| ping(o, "s", false))
+                    .collect();
+                ping::goes_ahead(me, &others)
+            })
+            .collect();
+        let first = ids.iter().min().unwrap();
+        assert_eq!(ahead, vec![first], "the one started first");
+        assert!(ping::goes_ahead(&ids[2], &[]), "alone, it goes ahead");
     }
 
     fn ping(instance: &str, store: &str, serving: bool) -> OwnerPing {
