@@ -504,17 +504,49 @@ async fn without_jetstream_instances_ask_each_other() {
     );
     assert!(!log.contains("OWNER"), "{log}");
 
+    // Two standbys of the same store: when the owner stops, exactly one
+    // takes over (before, both kept hearing each other and backing off).
     let mut next = wallet("next", "a");
     next.start().unwrap();
     wait_log(&next, 0, "STANDBY", Duration::from_secs(20)).await;
-    assert!(!next.log().contains("OWNER"));
+    let mut second = wallet("second", "a");
+    second.start().unwrap();
+    wait_log(&second, 0, "STANDBY", Duration::from_secs(20)).await;
+    assert!(!next.log().contains("OWNER") && !second.log().contains("OWNER"));
     let status = first
         .sigterm_and_wait(Duration::from_secs(30))
         .await
         .unwrap();
     assert!(status.success(), "{status:?}");
-    wait_log(&next, 0, "OWNER (no JetStream", Duration::from_secs(20)).await;
-    next.kill().unwrap();
+    let owner_line = "OWNER (no JetStream";
+    poll_until("one standby to take over", Duration::from_secs(20), || {
+        let (a, b) = (next.log(), second.log());
+        async move {
+            if a.contains(owner_line) || b.contains(owner_line) {
+                Ok(())
+            } else {
+                Err("neither owns the name".to_owned())
+            }
+        }
+    })
+    .await;
+    // The other hears the new owner and keeps waiting; it never serves.
+    let (new_owner, standby) = if next.log().contains(owner_line) {
+        (&mut next, &mut second)
+    } else {
+        (&mut second, &mut next)
+    };
+    let new_pid = new_owner.pid().expect("running");
+    wait_log(
+        standby,
+        0,
+        &format!("(pid {new_pid} on"),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(!standby.log().contains(owner_line), "{}", standby.log());
+    new_owner.kill().unwrap();
+    standby.kill().unwrap();
     server.kill().unwrap();
 }
 
