@@ -438,6 +438,36 @@ enum Kind {
     Order,
 }
 
+impl Kind {
+    /// Phase 1 at this participant, with its real resource and SQL.
+    fn prepare(
+        self,
+        t: &Connection,
+        msg: &Prepare,
+        w: TxWindow,
+        now: i64,
+    ) -> rusqlite::Result<Vote> {
+        match self {
+            Kind::Wallet => prepare_job(&Wallet, t, msg, w, now),
+            Kind::Order => prepare_job(&Order, t, msg, w, now),
+        }
+    }
+
+    /// Phase 2 at this participant.
+    fn decide(
+        self,
+        t: &Connection,
+        msg: Decide,
+        w: TxWindow,
+        now: i64,
+    ) -> rusqlite::Result<DecideReply> {
+        match self {
+            Kind::Wallet => decide_job(&Wallet, t, msg, w, now),
+            Kind::Order => decide_job(&Order, t, msg, w, now),
+        }
+    }
+}
+
 struct Part {
     kind: Kind,
     name: ParticipantName,
@@ -1537,10 +1567,7 @@ impl World {
                     self.timer(n, d, Timer::DelayedPrepare { msg });
                     return;
                 }
-                let vote = self.job(n, |kind, t, w, now| match kind {
-                    Kind::Wallet => prepare_job(&Wallet, t, &msg, w, now),
-                    Kind::Order => prepare_job(&Order, t, &msg, w, now),
-                });
+                let vote = self.job(n, |kind, t, w, now| kind.prepare(t, &msg, w, now));
                 // Durable point: the vote goes out after the fsync.
                 let d = self.fsync_us();
                 let inc = self.inc.get(&n).copied().unwrap_or(0);
@@ -1557,10 +1584,7 @@ impl World {
                 );
             }
             Msg::Decide { rpc, msg } => {
-                let reply = self.job(n, |kind, t, w, now| match kind {
-                    Kind::Wallet => decide_job(&Wallet, t, msg, w, now),
-                    Kind::Order => decide_job(&Order, t, msg, w, now),
-                });
+                let reply = self.job(n, |kind, t, w, now| kind.decide(t, msg, w, now));
                 let d = self.fsync_us();
                 let inc = self.inc.get(&n).copied().unwrap_or(0);
                 self.at(
@@ -1598,11 +1622,7 @@ impl World {
 
     fn apply_decision(&mut self, n: usize, tx: TxId, decision: Decision) -> bool {
         let reply = self.job(n, |kind, t, w, now| {
-            let msg = Decide { tx, decision };
-            match kind {
-                Kind::Wallet => decide_job(&Wallet, t, msg, w, now),
-                Kind::Order => decide_job(&Order, t, msg, w, now),
-            }
+            kind.decide(t, Decide { tx, decision }, w, now)
         });
         matches!(reply, DecideReply::Ack)
     }
@@ -1617,10 +1637,7 @@ impl World {
         match t {
             Timer::SendLater { to, msg } => self.send(n, to, msg),
             Timer::DelayedPrepare { msg } => {
-                self.job(n, |kind, t, w, now| match kind {
-                    Kind::Wallet => prepare_job(&Wallet, t, &msg, w, now),
-                    Kind::Order => prepare_job(&Order, t, &msg, w, now),
-                });
+                self.job(n, |kind, t, w, now| kind.prepare(t, &msg, w, now));
             }
             Timer::Recovery => {
                 self.recovery_pass(n);
