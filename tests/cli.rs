@@ -119,6 +119,21 @@ fn twopc_up_starts_everything_and_the_cli_buys() {
         assert_eq!(story[part]["state"], "committed", "{part}: {out}");
     }
 
+    // Any transaction, through the client library; its story names the
+    // participants of its branches.
+    let one = r#"{"branches":[{"participant":"wallet","op":{"user":"alice","amount":100}}],"request_id":"cli-t"}"#;
+    let (ok, out, err) = twopc(&url, &creds, &["transaction", one]);
+    assert!(ok, "{out}{err}");
+    let reply: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(reply["outcome"], "committed", "{out}");
+    let (ok, out, _) = twopc(&url, &creds, &["tx", reply["tx"].as_str().unwrap()]);
+    assert!(ok);
+    let story: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(story["wallet"]["state"], "committed", "{out}");
+    assert!(story.get("order").is_none(), "{out}");
+    let (ok, out, _) = twopc(&url, &creds, &["transaction", r#"{"branches":[]}"#]);
+    assert!(!ok, "{out}");
+
     // Accounts from a seed file, then a refusal shown as an aborted reply.
     let seed = dir.path().join("seed.json");
     std::fs::write(&seed, r#"{"users":[{"user":"zed","balance":100}],"products":[{"sku":"mug-1","price":300,"stock":5}]}"#).unwrap();

@@ -118,14 +118,34 @@ pub async fn stock(
 }
 
 /// A transaction's story: the coordinator's record and each participant's.
+/// A transaction's story: the coordinator's record, then each participant
+/// it names (the wallet and the order service when it names none: a
+/// presumed abort, or no record).
 pub async fn tx(client: &async_nats::Client, timeout: Duration, id: String) -> anyhow::Result<()> {
     let body = serde_json::to_vec(&serde_json::json!({ "tx": id }))?;
-    let parts = [
-        ("coordinator", subjects::TX_STATUS.to_owned()),
-        ("wallet", subjects::participant_tx(&participant::WALLET)),
-        ("order", subjects::participant_tx(&participant::ORDER)),
-    ];
-    print_json(&ask_each(client, &parts, body, timeout).await);
+    let coordinator = [("coordinator", subjects::TX_STATUS.to_owned())];
+    let mut all = ask_each(client, &coordinator, body.clone(), timeout).await;
+    let mut names: Vec<String> = all["coordinator"]["branches"]
+        .as_array()
+        .map(|bs| {
+            bs.iter()
+                .filter_map(|b| b["participant"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    if names.is_empty() {
+        names = participant::PURCHASE_PARTICIPANTS
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+    }
+    let mut parts = vec![];
+    for n in &names {
+        let p = twopc_schemas::ParticipantName::new(n.as_str())?;
+        parts.push((n.as_str(), subjects::participant_tx(&p)));
+    }
+    all.extend(ask_each(client, &parts, body, timeout).await);
+    print_json(&all);
     Ok(())
 }
 
