@@ -711,10 +711,10 @@ impl Core {
         };
         // Whether the reply is about this transaction (not the key's holder).
         let own = !matches!(&result, Ok(Recorded::KeyTaken(_)));
-        // The key is another transaction's: its outcome is this purchase's
-        // only if it is the same purchase (another replica may have served
+        // The key is another transaction's: its outcome is this transaction's
+        // only if it is the same transaction (another replica may have served
         // the first attempt, so the in-flight check missed it).
-        let other_purchase = match &result {
+        let other_txn = match &result {
             Ok(Recorded::KeyTaken(holder)) => holder
                 .transaction
                 .as_ref()
@@ -723,7 +723,7 @@ impl Core {
             _ => None,
         };
         let mut conclusion = conclude(tx, result);
-        if let Some(holder) = other_purchase {
+        if let Some(holder) = other_txn {
             let key = r.req.request_id.clone().unwrap_or_default();
             conclusion.reply = Err(ApiError::new(
                 Code::Conflict,

@@ -1,7 +1,7 @@
 //! From votes to a decision, and from the log's answer to what happens
 //! next, without I/O.
 
-use twopc_schemas::api::{AbortReason, ApiError, Outcome as ApiOutcome, PurchaseReply};
+use twopc_schemas::api::{AbortReason, ApiError, Outcome as ApiOutcome, TxReply};
 use twopc_schemas::protocol::{Decision, TxId, Vote};
 use twopc_schemas::{Code, ParticipantName};
 
@@ -79,8 +79,8 @@ pub fn decide(ballots: &[(ParticipantName, Ballot)]) -> Outcome {
 }
 
 /// The client's view of a durable record.
-pub fn reply_from_record(rec: &Record, duplicate: bool) -> PurchaseReply {
-    PurchaseReply {
+pub fn reply_from_record(rec: &Record, duplicate: bool) -> TxReply {
+    TxReply {
         tx: rec.tx.to_string(),
         outcome: match rec.decision {
             Decision::Commit => ApiOutcome::Committed,
@@ -102,11 +102,11 @@ pub struct Conclusion {
     /// then nothing is delivered, and participants in doubt ask, learning
     /// whatever the log holds, or abort by presumption.
     pub deliver: Option<Decision>,
-    /// The client's answer. For a purchase with a request id it is always
+    /// The client's answer. For a transaction with a request id it is always
     /// the outcome of the transaction durably bound to that id (the key's
     /// first outcome), or an `outcome_unknown` error: never an `aborted`
     /// that a retry could contradict.
-    pub reply: Result<PurchaseReply, ApiError>,
+    pub reply: Result<TxReply, ApiError>,
 }
 
 /// The one place that turns the log's answer into a delivery and a reply.
