@@ -548,7 +548,7 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<Report> {
                 "shipping_conservation",
                 check_shipping::conservation(&slot_capacity, sh),
             ),
-            result("shipping_no_holds_or_in_doubt", left),
+            result("shipping_no_holds_in_doubt", left),
             result(
                 "shipping_client_view",
                 check_shipping::client_view(&told_three, &replies, &snapshot, sh, &keys),
