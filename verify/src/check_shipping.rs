@@ -283,14 +283,18 @@ pub fn client_view(
                 }
             }
             Outcome::Aborted => {
-                let carriers = std::iter::once(r.tx).chain(
-                    bound
-                        .get(r.request_id.as_str())
-                        .into_iter()
-                        .flatten()
-                        .copied(),
-                );
-                for tx in carriers.filter(|tx| sh.bookings.contains_key(tx)) {
+                // The told transaction and those the log binds the key
+                // to, each once.
+                let carriers: BTreeSet<Uuid> = std::iter::once(r.tx)
+                    .chain(
+                        bound
+                            .get(r.request_id.as_str())
+                            .into_iter()
+                            .flatten()
+                            .copied(),
+                    )
+                    .collect();
+                for tx in carriers.iter().filter(|tx| sh.bookings.contains_key(tx)) {
                     v.push(format!(
                         "request_id {} told aborted, but tx {tx} carrying it is booked at shipping",
                         r.request_id
