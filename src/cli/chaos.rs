@@ -67,6 +67,18 @@ pub struct ChaosArgs {
     /// Coordinator replicas on a cluster.
     #[arg(long, default_value_t = 2)]
     pub coordinators: usize,
+    /// Run the Go shipping participant too, from this binary (built by
+    /// `scripts/test-go.sh` at `target/go/twopc-shipping`): the coordinator
+    /// knows `shipping`, a share of the purchases (--transaction-share)
+    /// become three-branch transactions (wallet, order, shipping) on
+    /// `shop.<client>.transaction`, the faults kill, pause, partition and
+    /// crash_point may hit it, and its database is checked too.
+    #[arg(long, value_name = "PATH")]
+    pub with_shipping: Option<PathBuf>,
+    /// With --with-shipping: share of requests sent as three-branch
+    /// transactions, 0 to 1.
+    #[arg(long, default_value_t = 0.5)]
+    pub transaction_share: f64,
     /// Keep databases and logs here (default: a temporary folder, removed).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -118,6 +130,15 @@ pub async fn run(a: ChaosArgs) -> anyhow::Result<()> {
         cfg.coordinators = a.coordinators.max(1);
     }
     cfg.data_dir = a.data_dir;
+    if let Some(bin) = a.with_shipping {
+        anyhow::ensure!(
+            bin.is_file(),
+            "{} is not a file: scripts/test-go.sh builds the shipping participant at target/go/twopc-shipping",
+            bin.display()
+        );
+        cfg.shipping = Some(bin.canonicalize()?);
+        cfg.transaction_share = a.transaction_share.clamp(0.0, 1.0);
+    }
     for (var, value) in [
         ("TWOPC_TX_WINDOW_MS", a.window_ms),
         ("TWOPC_RETENTION_MS", a.retention_ms),
@@ -127,6 +148,7 @@ pub async fn run(a: ChaosArgs) -> anyhow::Result<()> {
             for kind in twopc_launcher::Kind::ALL {
                 cfg.extra_env.push((kind, var.into(), v.to_string()));
             }
+            cfg.shipping_env.push((var.into(), v.to_string()));
         }
     }
     cfg.verbose = !a.json;

@@ -2,6 +2,8 @@
 //!
 //! * [`check`] — the invariants, over a [`check::Snapshot`] assembled from
 //!   each service's own snapshot reader;
+//! * [`check_shipping`] — the same for the Go shipping participant, over
+//!   its own SQLite file;
 //! * [`chaos`] — the chaos runner: a purchase workload, a seeded nemesis,
 //!   heal, quiescence and a report;
 //! * [`bench`] — `twopc bench`: throughput and latency with same-run
@@ -14,4 +16,5 @@
 pub mod bench;
 pub mod chaos;
 pub mod check;
+pub mod check_shipping;
 pub mod proxy;

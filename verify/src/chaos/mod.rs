@@ -21,6 +21,14 @@
 //!   the name back); what each instance does is checked from its log
 //!   (`duplicate_instances`).
 //!
+//! With [`Config::shipping`] (`twopc chaos --with-shipping PATH`), the Go
+//! shipping participant (`go/shipping`) runs beside them as a supervised
+//! process, a share of the purchases become three-branch transactions
+//! (wallet, order, shipping), the faults `kill`, `pause`, `partition` and
+//! `crash_point` may hit it (never `slow` or `duplicate`: it reads no faults
+//! file and keeps no owner lease), and its SQLite file is checked too
+//! ([`crate::check_shipping`]).
+//!
 //! The fault schedule (kinds, targets, durations) comes from the seed; the
 //! interleaving with the workload depends on timing, as in any real run.
 
@@ -46,8 +54,9 @@ pub use nemesis::{crash_points, FaultKind};
 pub use report::{InvariantResult, Report};
 
 use crate::check::{self, Initial, Snapshot};
+use crate::check_shipping::{self, ShippingSnapshot};
 use crate::proxy::Proxy;
-use nemesis::{heal_all, nemesis, supervise, TARGETS};
+use nemesis::{heal_all, nemesis, supervise, SHIPPING, TARGETS};
 use report::result;
 use workload::{worker, Heard, Stats};
 
@@ -101,6 +110,19 @@ pub struct Config {
     pub cluster: Option<usize>,
     /// Coordinator replicas (on a cluster).
     pub coordinators: usize,
+    /// The Go shipping participant's binary (`target/go/twopc-shipping`):
+    /// when set, it runs as a third participant, and a share of the
+    /// purchases are three-branch transactions. `None`: the purchase
+    /// workload alone, as before.
+    pub shipping: Option<PathBuf>,
+    /// With shipping: share of requests sent as three-branch transactions.
+    pub transaction_share: f64,
+    /// With shipping: delivery slots created, and each one's capacity.
+    pub slots: usize,
+    pub slot_capacity: u64,
+    /// With shipping: extra environment of the shipping service (the
+    /// window settings).
+    pub shipping_env: Vec<(String, String)>,
 }
 
 impl Config {
@@ -128,6 +150,11 @@ impl Config {
             verbose: true,
             cluster: None,
             coordinators: 1,
+            shipping: None,
+            transaction_share: 0.5,
+            slots: 4,
+            slot_capacity: 1_000_000_000,
+            shipping_env: vec![],
         }
     }
 
@@ -163,6 +190,9 @@ impl Config {
 /// The processes under test.
 struct Cluster {
     sys: System,
+    /// Processes beside the system's services, by name: the shipping
+    /// service. Supervised, healed and hit by faults like the services.
+    extra: BTreeMap<&'static str, twopc_launcher::Proc>,
     /// Targets a fault is working on; the supervisor leaves them alone.
     busy: BTreeSet<&'static str>,
 }
@@ -194,8 +224,14 @@ impl Shared {
     /// coordinator replica has its own), under the cluster lock.
     fn with_proc<T>(&self, target: &str, f: impl FnOnce(&mut twopc_launcher::Proc) -> T) -> T {
         let mut c = self.cluster.lock().expect("lock");
-        let s: &mut Service = c.sys.services.get_mut(target).expect("a service");
-        f(&mut s.proc)
+        let c = &mut *c;
+        match c.extra.get_mut(target) {
+            Some(p) => f(p),
+            None => {
+                let s: &mut Service = c.sys.services.get_mut(target).expect("a service");
+                f(&mut s.proc)
+            }
+        }
     }
 
     fn count_variant(&self, variant: &str) {
@@ -256,6 +292,10 @@ fn system_config(
             .get(&FaultKind::NodePartition)
             .is_some_and(|w| *w > 0);
     sc.client_name = "twopc-chaos".into();
+    if cfg.shipping.is_some() {
+        sc.more_participants =
+            vec![twopc_schemas::ParticipantName::new(SHIPPING).expect("a participant name")];
+    }
     sc.coordinator = CoordinatorSettings {
         prepare_timeout_ms: Some(1_000),
         decide_timeout_ms: Some(500),
@@ -280,6 +320,12 @@ fn system_config(
             // Undelivered decisions of a replica that stays down are taken
             // over within the quiescence wait.
             extra.push(("TWOPC_SWEEP_INTERVAL_MS".to_owned(), "2000".to_owned()));
+            if cfg.shipping.is_some() {
+                extra.push((
+                    "TWOPC_PARTICIPANTS".to_owned(),
+                    format!("wallet,order,{SHIPPING}"),
+                ));
+            }
         }
         extra.extend(
             cfg.extra_env
@@ -353,6 +399,9 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<Report> {
         std::fs::write(&file, "")?;
         faults_files.insert(kind.name(), file);
     }
+    if cfg.cluster.is_none() && cfg.shipping.is_some() {
+        proxies.insert(SHIPPING, Proxy::start(nats_port).await?);
+    }
     let sys = System::start(system_config(
         &cfg,
         &root,
@@ -363,9 +412,26 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<Report> {
     .await?;
     let client = sys.client.clone();
     let shop = sys.shop.clone();
+    let mut extra = BTreeMap::new();
+    let mut slot_capacity = BTreeMap::new();
+    if let Some(bin) = &cfg.shipping {
+        let url = proxies
+            .get(SHIPPING)
+            .map_or_else(|| sys.url.clone(), |p| p.url());
+        extra.insert(
+            SHIPPING,
+            start_shipping(&cfg, bin, &sys, &root, url, &client).await?,
+        );
+        for i in 0..cfg.slots.max(1) {
+            let slot = format!("slot-{i}");
+            create_slot(&client, &slot, cfg.slot_capacity).await?;
+            slot_capacity.insert(slot, cfg.slot_capacity);
+        }
+    }
     let shared = Arc::new(Shared {
         cluster: Mutex::new(Cluster {
             sys,
+            extra,
             busy: BTreeSet::new(),
         }),
         client: client.clone(),
@@ -435,9 +501,16 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<Report> {
         w.await?;
     }
     let read = || snapshot(&root, cfg.cluster.is_some(), client.clone());
+    let shipping_db = root.join(SHIPPING).join("shipping.db");
+    let read_shipping = || {
+        cfg.shipping
+            .as_ref()
+            .map(|_| ShippingSnapshot::read(&shipping_db))
+            .transpose()
+    };
     let quiescent_at = loop {
-        if let Ok(s) = read().await {
-            if s.quiescent() {
+        if let (Ok(s), Ok(sh)) = (read().await, read_shipping()) {
+            if s.quiescent() && sh.as_ref().is_none_or(ShippingSnapshot::quiescent) {
                 break Some(Instant::now());
             }
         }
@@ -448,6 +521,7 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<Report> {
     };
     supervisor.abort();
     let snapshot = read().await?;
+    let shipping = read_shipping()?;
     let told = heard.told.lock().expect("lock").clone();
     let replies = heard.replies.lock().expect("lock").clone();
     let mut invariants = vec![
@@ -460,6 +534,27 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<Report> {
             check::request_id_client_view(&replies, &snapshot),
         ),
     ];
+    if let Some(sh) = &shipping {
+        let keys = heard.three_keys.lock().expect("lock").clone();
+        let told_three = heard.told_three.lock().expect("lock").clone();
+        let mut left = check_shipping::no_holds_left(sh);
+        left.extend(shipping_in_doubt(&client).await);
+        invariants.extend([
+            result(
+                "shipping_atomicity",
+                check_shipping::atomicity(&snapshot, sh, &keys),
+            ),
+            result(
+                "shipping_conservation",
+                check_shipping::conservation(&slot_capacity, sh),
+            ),
+            result("shipping_no_holds_in_doubt", left),
+            result(
+                "shipping_client_view",
+                check_shipping::client_view(&told_three, &replies, &snapshot, sh, &keys),
+            ),
+        ]);
+    }
     if cfg
         .weights
         .get(&FaultKind::Duplicate)
@@ -490,6 +585,13 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<Report> {
         resends: stats.resends.load(Ordering::Relaxed),
         resends_different_tx: stats.resends_different_tx.load(Ordering::Relaxed),
         abort_codes: stats.abort_codes.lock().expect("lock").clone(),
+        transactions: cfg.shipping.as_ref().map(|_| report::TxCounts {
+            attempted: stats.tx.attempted.load(Ordering::Relaxed),
+            committed: stats.tx.committed.load(Ordering::Relaxed),
+            aborted: stats.tx.aborted.load(Ordering::Relaxed),
+            unknown_to_client: stats.tx.unknown.load(Ordering::Relaxed),
+            abort_codes: stats.tx.abort_codes.lock().expect("lock").clone(),
+        }),
         faults: shared.faults.lock().expect("lock").clone(),
         fault_variants: shared.fault_variants.lock().expect("lock").clone(),
         ownership_ms: shared.ownership_ms.lock().expect("lock").clone(),
@@ -502,4 +604,112 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<Report> {
     // Stop everything (dropping the cluster kills the processes).
     drop(shared);
     Ok(report)
+}
+
+/// Starts the Go shipping participant beside the system (its identity
+/// made by the launcher, its data in `<root>/shipping`, its log
+/// `<root>/shipping.log`), and waits until it answers `shipping.slot`.
+async fn start_shipping(
+    cfg: &Config,
+    bin: &Path,
+    sys: &System,
+    root: &Path,
+    url: String,
+    client: &async_nats::Client,
+) -> anyhow::Result<twopc_launcher::Proc> {
+    let dir = root.join(SHIPPING);
+    std::fs::create_dir_all(&dir)?;
+    let mut env = vec![
+        ("NATS_URL".to_owned(), url),
+        ("TWOPC_DATA_DIR".to_owned(), dir.display().to_string()),
+        // As the Rust participants in a chaos run.
+        ("TWOPC_IN_DOUBT_AFTER_MS".to_owned(), "2000".to_owned()),
+        ("TWOPC_RECOVERY_INTERVAL_MS".to_owned(), "250".to_owned()),
+        ("TWOPC_DECISION_TIMEOUT_MS".to_owned(), "500".to_owned()),
+    ];
+    if let Some(c) = &sys.creds {
+        env.push((
+            "NATS_NKEY".to_owned(),
+            c.seed_file(SHIPPING).display().to_string(),
+        ));
+    }
+    env.extend(cfg.shipping_env.iter().cloned());
+    let mut p = twopc_launcher::Proc::new(
+        SHIPPING,
+        bin,
+        vec![],
+        env,
+        root.join(format!("{SHIPPING}.log")),
+    );
+    p.start()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // Any answer will do, a refusal (no such slot) too.
+        let probe = serde_json::json!({"slot": "probe"});
+        if twopc_launcher::client::request::<_, serde_json::Value>(
+            client,
+            "shipping.slot",
+            &probe,
+            Duration::from_secs(1),
+        )
+        .await
+        .is_ok()
+        {
+            return Ok(p);
+        }
+        if !p.is_running() {
+            anyhow::bail!("shipping exited during start; log:\n{}", p.log());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("shipping not ready after 30 s; log:\n{}", p.log());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One JSON request to the shipping service's public subjects: its answer,
+/// or its refusal (an error reply) as an `Err` too.
+async fn shipping_json(
+    client: &async_nats::Client,
+    subject: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    use twopc_launcher::client::{request, Reply};
+    match request::<_, serde_json::Value>(client, subject, body, Duration::from_secs(2)).await? {
+        Reply::Ok(v) => Ok(v),
+        Reply::Err(e) => anyhow::bail!("{subject} refused: {e:?}"),
+    }
+}
+
+async fn create_slot(client: &async_nats::Client, slot: &str, capacity: u64) -> anyhow::Result<()> {
+    let body = serde_json::json!({"slot": slot, "capacity": capacity});
+    let v = shipping_json(client, "shipping.slots.create", &body).await?;
+    anyhow::ensure!(
+        v["capacity"].as_u64() == Some(capacity),
+        "shipping.slots.create answered {v}"
+    );
+    Ok(())
+}
+
+/// `shipping.in_doubt` after healing: its prepared list must be empty (a
+/// few tries: the service may just have been restarted by the heal).
+async fn shipping_in_doubt(client: &async_nats::Client) -> Vec<String> {
+    let mut last = String::new();
+    for _ in 0..20 {
+        match shipping_json(client, "shipping.in_doubt", &serde_json::json!({})).await {
+            Ok(v) => {
+                return match v["prepared"].as_array() {
+                    Some(a) if a.is_empty() => vec![],
+                    Some(a) => a
+                        .iter()
+                        .map(|b| format!("shipping.in_doubt lists {b}"))
+                        .collect(),
+                    None => vec![format!("shipping.in_doubt answered {v}")],
+                };
+            }
+            Err(e) => last = format!("{e:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    vec![format!("shipping.in_doubt did not answer: {last}")]
 }

@@ -108,7 +108,12 @@ impl FaultKind {
 /// Crash points the nemesis may arm at `target` (a service name), from the
 /// one vocabulary in `twopc_schemas::points`.
 pub fn crash_points(target: &str) -> Vec<String> {
-    if target.starts_with(Kind::Coordinator.name()) {
+    if target == SHIPPING {
+        SHIPPING_CRASH_POINTS
+            .iter()
+            .map(|p| (*p).to_owned())
+            .collect()
+    } else if target.starts_with(Kind::Coordinator.name()) {
         CoordinatorCrash::ALL
             .iter()
             .map(|c| c.name().to_owned())
@@ -135,12 +140,19 @@ pub(super) async fn supervise(shared: Arc<Shared>) {
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let mut c = shared.cluster.lock().expect("lock");
+        let c = &mut *c;
         let busy = c.busy.clone();
-        for (name, s) in c.sys.services.iter_mut() {
-            if !busy.contains(name) && !s.proc.is_running() {
+        let procs = c
+            .sys
+            .services
+            .iter_mut()
+            .map(|(name, s)| (name, &mut s.proc))
+            .chain(c.extra.iter_mut());
+        for (name, p) in procs {
+            if !busy.contains(name) && !p.is_running() {
                 shared.unexpected_exits.fetch_add(1, Ordering::Relaxed);
-                let _ = s.proc.kill();
-                let _ = s.proc.start();
+                let _ = p.kill();
+                let _ = p.start();
                 if shared.verbose {
                     eprintln!("supervisor: {name} had exited; restarted");
                 }
@@ -150,6 +162,21 @@ pub(super) async fn supervise(shared: Arc<Shared>) {
 }
 
 pub(super) const TARGETS: [Kind; 3] = [Kind::Coordinator, Kind::Wallet, Kind::Order];
+
+/// The Go shipping participant (`go/shipping`), when the run has it: a
+/// process of its own beside the system's services.
+pub(super) const SHIPPING: &str = "shipping";
+
+/// The shipping service's crash points (go/shipping/faults.go), armed by
+/// `TWOPC_CRASH_AT` at its start (it reads no faults file).
+const SHIPPING_CRASH_POINTS: [&str; 6] = [
+    "shipping.prepare.before_durable",
+    "shipping.prepare.after_durable",
+    "shipping.decide.before_apply",
+    "shipping.decide.before_durable",
+    "shipping.decide.after_durable",
+    "shipping.recover.before_apply",
+];
 const NATS: &str = "nats";
 
 /// Draws a fault kind by weight.
@@ -203,7 +230,7 @@ fn pick_target(
             })
             .collect()
     };
-    let eligible: Vec<&'static str> = match kind {
+    let mut eligible: Vec<&'static str> = match kind {
         FaultKind::NatsRestart
         | FaultKind::NodeKill
         | FaultKind::NodePause
@@ -215,6 +242,18 @@ fn pick_target(
         FaultKind::CrashPoint if cfg.cluster.is_some() => services(&|k| k != Kind::Coordinator),
         _ => services(&|_| true),
     };
+    // The shipping service: killed, paused, cut off and crashed like the
+    // others; no `slow` (no faults file) and no `duplicate` (no owner
+    // lease: one instance only).
+    if c.extra.contains_key(SHIPPING)
+        && matches!(
+            kind,
+            FaultKind::Kill | FaultKind::Pause | FaultKind::CrashPoint | FaultKind::Partition
+        )
+        && (kind != FaultKind::Partition || shared.proxies.contains_key(SHIPPING))
+    {
+        eligible.push(SHIPPING);
+    }
     if eligible.is_empty() {
         return None;
     }
@@ -433,6 +472,9 @@ async fn fault(shared: Arc<Shared>, kind: FaultKind, target: &'static str, draw:
             let variant = duplicate.expect("drawn for a duplicate fault");
             duplicate::duplicate(&shared, target, seq, variant).await;
         }
+        FaultKind::CrashPoint if target == SHIPPING => {
+            shipping_crash_point(&shared, hold, &point).await;
+        }
         FaultKind::CrashPoint => {
             shared.say(&format!("nemesis: arm crash point {point}"));
             let _ = std::fs::write(&shared.faults_files[target], format!("crash:{point}\n"));
@@ -454,6 +496,51 @@ async fn fault(shared: Arc<Shared>, kind: FaultKind, target: &'static str, draw:
         }
     }
     shared.cluster.lock().expect("lock").busy.remove(target);
+}
+
+/// A crash point at the shipping service, which arms them from its
+/// environment only: stop it (SIGTERM, drained), start it with
+/// `TWOPC_CRASH_AT=<point>`, wait for the crash (exit 86) or the hold,
+/// then start it disarmed.
+async fn shipping_crash_point(shared: &Shared, hold: Duration, point: &str) {
+    shared.say(&format!(
+        "nemesis: arm crash point {point} (restart {SHIPPING} with TWOPC_CRASH_AT)"
+    ));
+    if let Some(pid) = shared.with_proc(SHIPPING, |p| p.pid()) {
+        let _ = twopc_launcher::process::signal(pid, libc::SIGTERM);
+    }
+    let stop_by = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < stop_by && shared.with_proc(SHIPPING, |p| p.is_running()) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = shared.with_proc(SHIPPING, |p| {
+        p.kill()?;
+        p.set_env("TWOPC_CRASH_AT", Some(point));
+        p.start()
+    });
+    let deadline = Instant::now() + hold.max(Duration::from_secs(2));
+    let mut crashed = false;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if !shared.with_proc(SHIPPING, |p| p.is_running()) {
+            crashed = true;
+            break;
+        }
+    }
+    if crashed {
+        shared.say(&format!(
+            "nemesis: {SHIPPING} crashed at {point}; restarting"
+        ));
+    } else {
+        shared.say(&format!(
+            "nemesis: {SHIPPING} did not reach {point}; restarting it disarmed"
+        ));
+    }
+    let _ = shared.with_proc(SHIPPING, |p| {
+        p.set_env("TWOPC_CRASH_AT", None);
+        p.kill()?;
+        p.start()
+    });
 }
 
 /// Runs `f` on NATS node `i`'s process, under the cluster lock.
@@ -520,12 +607,19 @@ pub(super) fn heal_all(shared: &Shared) {
         let _ = c.sys.nats_server().proc.kill();
         let _ = c.sys.nats_server().proc.start();
     }
-    for s in c.sys.services.values_mut() {
-        if s.proc.is_running() {
-            let _ = s.proc.resume();
+    let c = &mut *c;
+    let procs = c
+        .sys
+        .services
+        .values_mut()
+        .map(|s| &mut s.proc)
+        .chain(c.extra.values_mut());
+    for p in procs {
+        if p.is_running() {
+            let _ = p.resume();
         } else {
-            let _ = s.proc.kill();
-            let _ = s.proc.start();
+            let _ = p.kill();
+            let _ = p.start();
         }
     }
     c.busy.clear();

@@ -36,6 +36,9 @@ pub struct Report {
     pub resends_different_tx: u64,
     /// Abort reasons seen by clients.
     pub abort_codes: BTreeMap<String, u64>,
+    /// The three-branch transactions (wallet, order, shipping), in a run
+    /// with the shipping participant; the figures above are the purchases.
+    pub transactions: Option<TxCounts>,
     pub faults: BTreeMap<String, u64>,
     /// Faults of a kind with variants, by variant (`duplicate_fresh`,
     /// `duplicate_rolling_sigterm`, `duplicate_rolling_sigkill`).
@@ -55,6 +58,16 @@ pub struct Report {
     pub ok: bool,
 }
 
+/// What clients were told of their three-branch transactions.
+#[derive(Debug, Clone, Serialize)]
+pub struct TxCounts {
+    pub attempted: u64,
+    pub committed: u64,
+    pub aborted: u64,
+    pub unknown_to_client: u64,
+    pub abort_codes: BTreeMap<String, u64>,
+}
+
 impl Report {
     /// A human-readable report.
     pub fn text(&self) -> String {
@@ -67,9 +80,26 @@ impl Report {
             "purchases: {} attempted, {} committed, {} aborted, {} unknown to the client ({} retries, {} error replies)\n",
             self.attempted, self.committed, self.aborted, self.unknown_to_client, self.retries, self.error_replies
         ));
+        if let Some(t) = &self.transactions {
+            let codes: Vec<String> = t
+                .abort_codes
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            s.push_str(&format!(
+                "three-branch transactions (wallet, order, shipping): {} attempted, {} committed, {} aborted, {} unknown to the client (abort reasons: {})\n",
+                t.attempted, t.committed, t.aborted, t.unknown_to_client, codes.join(", ")
+            ));
+        }
         s.push_str(&format!(
-            "re-sends of answered purchases: {} ({} answered with a different tx)\n",
-            self.resends, self.resends_different_tx
+            "re-sends of answered {}: {} ({} answered with a different tx)\n",
+            if self.transactions.is_some() {
+                "purchases and transactions"
+            } else {
+                "purchases"
+            },
+            self.resends,
+            self.resends_different_tx
         ));
         let codes: Vec<String> = self
             .abort_codes

@@ -1,14 +1,18 @@
 //! The chaos workload: concurrent clients buying, retrying timed-out
 //! purchases with the same request id, and re-sending answered ones; what
-//! they were told is collected for the client-view invariants.
+//! they were told is collected for the client-view invariants. With the
+//! shipping participant in the run, a share of the purchases go as
+//! three-branch transactions (wallet, order, shipping) on
+//! `shop.<client>.transaction`, retried and re-sent the same way.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
 use twopc_launcher::client::{request, Reply, Shop};
 use twopc_schemas::api::{Outcome, PurchaseReply, PurchaseRequest};
 use uuid::Uuid;
@@ -27,6 +31,18 @@ pub(super) struct Stats {
     pub(super) resends: AtomicU64,
     pub(super) resends_different_tx: AtomicU64,
     pub(super) abort_codes: Mutex<BTreeMap<String, u64>>,
+    /// The same for the three-branch transactions (with shipping).
+    pub(super) tx: TxStats,
+}
+
+/// Counts of the three-branch transactions.
+#[derive(Default)]
+pub(super) struct TxStats {
+    pub(super) attempted: AtomicU64,
+    pub(super) committed: AtomicU64,
+    pub(super) aborted: AtomicU64,
+    pub(super) unknown: AtomicU64,
+    pub(super) abort_codes: Mutex<BTreeMap<String, u64>>,
 }
 
 /// What clients were told, collected from every worker.
@@ -38,6 +54,21 @@ pub(super) struct Heard {
     /// Every answer to every send of every request id: first sends,
     /// retries after a timeout, re-sends of answered purchases.
     pub(super) replies: Mutex<Vec<KeyReply>>,
+    /// What clients were told of their three-branch transactions (also in
+    /// `told`).
+    pub(super) told_three: Mutex<Vec<Told>>,
+    /// Every key (as the decision log keys it) sent as a three-branch
+    /// transaction, answered or not.
+    pub(super) three_keys: Mutex<BTreeSet<String>>,
+}
+
+/// One request as sent, every time alike: a purchase on
+/// `shop.<client>.purchase` or a three-branch transaction on
+/// `shop.<client>.transaction`.
+#[derive(Clone)]
+struct Request {
+    subject: String,
+    body: Value,
 }
 
 /// Most answered purchases one worker keeps waiting for their re-send.
@@ -50,7 +81,7 @@ pub(super) const RESEND_DELAY_MAX_MS: u64 = 5_000;
 
 /// An answered purchase waiting to be sent again.
 struct Resend {
-    req: PurchaseRequest,
+    req: Request,
     /// The key sent; the reply's `request_id` is not trusted for it.
     key: String,
     /// The transaction of the key's first answer.
@@ -96,14 +127,40 @@ pub(super) async fn worker(
             price * qty
         };
         let key = format!("chaos-{}-{id}-{n}", cfg.seed);
-        let req = PurchaseRequest {
-            user,
-            sku,
-            qty,
-            amount,
-            request_id: Some(key.clone()),
+        // Drawn only with shipping in the run, so that the purchases of a
+        // seed without it stay as they were.
+        let three = cfg.shipping.is_some() && rng.random_bool(cfg.transaction_share);
+        let req = if three {
+            let slot = format!("slot-{}", rng.random_range(0..cfg.slots.max(1)));
+            let ship_qty = rng.random_range(1..=3u64);
+            heard
+                .three_keys
+                .lock()
+                .expect("lock")
+                .insert(shop.log_key(&key));
+            Request {
+                subject: twopc_schemas::subjects::transaction(&shop.name),
+                body: json!({"branches": [
+                    {"participant": "wallet", "op": {"user": user, "amount": amount}},
+                    {"participant": "order", "op": {"user": user, "sku": sku, "qty": qty, "amount": amount}},
+                    {"participant": "shipping", "op": {"user": user, "slot": slot, "qty": ship_qty}},
+                ], "request_id": key}),
+            }
+        } else {
+            let purchase = PurchaseRequest {
+                user,
+                sku,
+                qty,
+                amount,
+                request_id: Some(key.clone()),
+            };
+            Request {
+                subject: shop.purchase_subject(),
+                body: serde_json::to_value(&purchase).expect("a purchase is JSON"),
+            }
         };
-        stats.attempted.fetch_add(1, Ordering::Relaxed);
+        let counts = Counts::of(&stats, three);
+        counts.attempted.fetch_add(1, Ordering::Relaxed);
         let answer = send_until_answered(&cfg, &shop, &req, &key, &stats, &heard).await;
         let outcome = match &answer {
             Some(r) => {
@@ -112,7 +169,7 @@ pub(super) async fn worker(
                     Outcome::Committed => Told::Committed(tx),
                     Outcome::Aborted => {
                         let code = r.reason.as_ref().map_or("none", |r| r.code.as_str());
-                        *stats
+                        *counts
                             .abort_codes
                             .lock()
                             .expect("lock")
@@ -125,9 +182,9 @@ pub(super) async fn worker(
             None => Told::Unknown,
         };
         match outcome {
-            Told::Committed(_) => stats.committed.fetch_add(1, Ordering::Relaxed),
-            Told::Aborted(_) => stats.aborted.fetch_add(1, Ordering::Relaxed),
-            Told::Unknown => stats.unknown.fetch_add(1, Ordering::Relaxed),
+            Told::Committed(_) => counts.committed.fetch_add(1, Ordering::Relaxed),
+            Told::Aborted(_) => counts.aborted.fetch_add(1, Ordering::Relaxed),
+            Told::Unknown => counts.unknown.fetch_add(1, Ordering::Relaxed),
         };
         if let (Told::Committed(tx) | Told::Aborted(tx), true) =
             (&outcome, rng.random_bool(cfg.resend_share))
@@ -140,6 +197,9 @@ pub(super) async fn worker(
                 due: Instant::now() + delay,
             });
         }
+        if three {
+            heard.told_three.lock().expect("lock").push(outcome.clone());
+        }
         heard.told.lock().expect("lock").push(outcome);
     }
     // Keys answered shortly before the deadline are re-sent too, now, while
@@ -148,6 +208,37 @@ pub(super) async fn worker(
     queue.sort_by_key(|r| r.due);
     for r in queue {
         resend(&cfg, &shop, r, &stats, &heard).await;
+    }
+}
+
+/// The counters of one kind of request.
+struct Counts<'a> {
+    attempted: &'a AtomicU64,
+    committed: &'a AtomicU64,
+    aborted: &'a AtomicU64,
+    unknown: &'a AtomicU64,
+    abort_codes: &'a Mutex<BTreeMap<String, u64>>,
+}
+
+impl Counts<'_> {
+    fn of(stats: &Stats, three: bool) -> Counts<'_> {
+        if three {
+            Counts {
+                attempted: &stats.tx.attempted,
+                committed: &stats.tx.committed,
+                aborted: &stats.tx.aborted,
+                unknown: &stats.tx.unknown,
+                abort_codes: &stats.tx.abort_codes,
+            }
+        } else {
+            Counts {
+                attempted: &stats.attempted,
+                committed: &stats.committed,
+                aborted: &stats.aborted,
+                unknown: &stats.unknown,
+                abort_codes: &stats.abort_codes,
+            }
+        }
     }
 }
 
@@ -172,7 +263,7 @@ async fn resend(cfg: &Config, shop: &Shop, r: Resend, stats: &Stats, heard: &Hea
 async fn send_until_answered(
     cfg: &Config,
     shop: &Shop,
-    req: &PurchaseRequest,
+    req: &Request,
     key: &str,
     stats: &Stats,
     heard: &Heard,
@@ -182,8 +273,9 @@ async fn send_until_answered(
             stats.retries.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
         }
-        let subject = shop.purchase_subject();
-        match request::<_, PurchaseReply>(&shop.client, &subject, req, cfg.client_timeout).await {
+        match request::<_, PurchaseReply>(&shop.client, &req.subject, &req.body, cfg.client_timeout)
+            .await
+        {
             Ok(Reply::Ok(r)) => {
                 heard.replies.lock().expect("lock").push(KeyReply {
                     // As the decision log keys it (the checker reads it).
