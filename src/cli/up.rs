@@ -210,7 +210,9 @@ pub async fn run(args: UpArgs, nats_url_env: Option<String>) -> anyhow::Result<(
     );
     for p in &participants {
         println!(
-            "\nParticipant {p}: the coordinator knows it; start it yourself with             \n  NATS_URL={url} NATS_NKEY={creds}/{p}.nk TWOPC_DATA_DIR={data}/{p} <its binary>             \n(e.g. target/go/twopc-shipping for shipping, built by scripts/test-go.sh)",
+            "\nParticipant {p}: the coordinator knows it; start it yourself with\n  \
+             NATS_URL={url} NATS_NKEY={creds}/{p}.nk TWOPC_DATA_DIR={data}/{p} <its binary>\n\
+             (e.g. target/go/twopc-shipping for shipping, built by scripts/test-go.sh)",
             url = sys.url,
             creds = creds.display(),
             data = data_dir.display(),
